@@ -1,0 +1,71 @@
+"""Loading HF tokenizers and turning chats into prompt token ids.
+
+The rollout works token-in, token-out: the prompt is encoded once here (through the model's
+own chat template) and everything after it is appended as ids, never re-encoded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+class TokenizerLoadError(ValueError):
+    """A tokenizer directory is missing or unusable; the message is one line."""
+
+
+def load_tokenizer(path: str | Path, **kwargs: Any):
+    """Loads an HF tokenizer directory (tokenizer.json / tokenizer_config.json) offline."""
+    p = Path(path)
+    if not p.is_dir():
+        raise TokenizerLoadError(f"tokenizer directory not found: {str(p)!r}")
+    if not any((p / f).is_file() for f in _TOKENIZER_FILES):
+        raise TokenizerLoadError(
+            f"no tokenizer files in {str(p)!r}: expected one of {', '.join(_TOKENIZER_FILES)}")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True, **kwargs)
+    except Exception as e:  # transformers raises many types; collapse to one readable line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TokenizerLoadError(f"cannot load tokenizer from {str(p)!r}: {first}") from e
+
+
+def encode_chat(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
+    """Prompt ids for `messages` rendered by the tokenizer's own chat template.
+
+    The template already writes BOS where the family wants it, so no special tokens are
+    added on top (transformers' apply_chat_template does the same).
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat_template")
+    out = tokenizer.apply_chat_template(
+        list(messages), tools=list(tools) if tools else None, tokenize=True,
+        add_generation_prompt=add_generation_prompt, return_dict=False, **template_kwargs)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return [int(i) for i in out]
+
+
+def render_chat(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
+    """The prompt text `encode_chat` tokenises (for logs and debugging only)."""
+    return tokenizer.apply_chat_template(
+        list(messages), tools=list(tools) if tools else None, tokenize=False,
+        add_generation_prompt=add_generation_prompt, **template_kwargs)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end an assistant turn: eos plus the family's end-of-turn markers if present."""
+    ids = []
+    for tok in (tokenizer.eos_token, "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>",
+                "<|end_of_text|>"):
+        if tok is None:
+            continue
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids \
+                and tokenizer.convert_ids_to_tokens(tid) == tok:
+            ids.append(tid)
+    return ids
