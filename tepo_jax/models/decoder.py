@@ -1,0 +1,244 @@
+"""Flax NNX decoder for the Qwen2 / Qwen2.5 and Llama 3 / 3.1 families.
+
+One implementation: GQA attention with rotary embeddings, RMSNorm, SwiGLU MLP. The family
+differences (qkv bias, llama3 rope scaling, tied embeddings) come from `ModelConfig`.
+
+Every parameter carries its logical PartitionSpec (`out_sharding`, mesh axes `data`, `fsdp`,
+`tensor`) from the moment it is created; `tepo_jax.sharding` turns those into NamedShardings
+for a concrete mesh. Activations are constrained at block boundaries when a mesh is given.
+
+Two call paths share all the code:
+- full forward: `model(tokens, positions, segment_ids=...)` — padding and packed sequences via
+  segment ids (0 = padding), causal within a segment;
+- KV-cache forward: `model(tokens, positions, cache=cache, valid=...)` — the new tokens' keys and
+  values are written into the cache at their positions, and each query attends to every cache
+  slot at a position <= its own. Prefill and one-token decode are the same function.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from tepo_jax.models.config import ModelConfig
+from tepo_jax.models.rope import apply_rope, inverse_frequencies
+
+# Mesh axes the batch dimension of activations is split over.
+BATCH_AXES = ("data", "fsdp")
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class LayerCache(NamedTuple):
+    """Keys and values of one layer: [B, S, K, H] each, indexed by token position."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+KVCache = tuple  # tuple[LayerCache, ...], one per layer
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                 for _ in range(cfg.num_layers))
+
+
+def _param(rngs: nnx.Rngs, shape, sharding, dtype, init="normal") -> nnx.Param:
+    if init == "normal":
+        value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = jnp.zeros(shape, dtype)
+    # Metadata only: tepo_jax.sharding places values on a concrete mesh (see its docstring).
+    return nnx.Param(value, out_sharding=sharding, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.scale = _param(rngs, (dim,), (None,), cfg.param_dtype, init="ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalise in fp32 like the reference implementation, then scale in the input dtype.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, n, k, h, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+        self.cfg = cfg
+        self.q_proj = _param(rngs, (d, n, h), ("fsdp", "tensor", None), pd)
+        self.k_proj = _param(rngs, (d, k, h), ("fsdp", "tensor", None), pd)
+        self.v_proj = _param(rngs, (d, k, h), ("fsdp", "tensor", None), pd)
+        self.o_proj = _param(rngs, (n, h, d), ("tensor", None, "fsdp"), pd)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (n, h), ("tensor", None), pd, init="zeros")
+            self.k_bias = _param(rngs, (k, h), ("tensor", None), pd, init="zeros")
+            self.v_bias = _param(rngs, (k, h), ("tensor", None), pd, init="zeros")
+        if cfg.o_bias:
+            self.o_bias = _param(rngs, (d,), (None,), pd, init="zeros")
+        self.inv_freq = inverse_frequencies(h, cfg.rope_theta, cfg.rope_scaling)
+
+    def _project(self, x, kernel, bias_name):
+        y = jnp.einsum("BTD,DNH->BTNH", x, kernel[...].astype(x.dtype))
+        if self.cfg.qkv_bias:
+            y = y + getattr(self, bias_name)[...].astype(x.dtype)
+        return y
+
+    def __call__(self, x, positions, mask, cache: Optional[LayerCache], write_index):
+        cfg = self.cfg
+        q = apply_rope(self._project(x, self.q_proj, "q_bias"), positions, self.inv_freq)
+        k = apply_rope(self._project(x, self.k_proj, "k_bias"), positions, self.inv_freq)
+        v = self._project(x, self.v_proj, "v_bias")
+        if cache is not None:
+            k, v, cache = _write_cache(cache, k, v, write_index)
+        b, t = x.shape[:2]
+        groups = cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+        scores = scores * cfg.head_dim ** -0.5
+        scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(x.dtype))
+        if cfg.o_bias:
+            out = out + self.o_bias[...].astype(x.dtype)
+        return out, cache
+
+
+def _write_cache(cache: LayerCache, k, v, write_index):
+    """Scatter k/v [B, T, K, H] into the cache at write_index [B, T]; out-of-range is dropped."""
+    b = jnp.arange(k.shape[0])[:, None]
+    new_k = cache.k.at[b, write_index].set(k.astype(cache.k.dtype), mode="drop")
+    new_v = cache.v.at[b, write_index].set(v.astype(cache.v.dtype), mode="drop")
+    return new_k.astype(k.dtype), new_v.astype(v.dtype), LayerCache(new_k, new_v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
+        self.gate_proj = _param(rngs, (d, f), ("fsdp", "tensor"), pd)
+        self.up_proj = _param(rngs, (d, f), ("fsdp", "tensor"), pd)
+        self.down_proj = _param(rngs, (f, d), ("tensor", "fsdp"), pd)
+        self.bias = cfg.mlp_bias
+        if cfg.mlp_bias:
+            self.gate_bias = _param(rngs, (f,), ("tensor",), pd, init="zeros")
+            self.up_bias = _param(rngs, (f,), ("tensor",), pd, init="zeros")
+            self.down_bias = _param(rngs, (d,), (None,), pd, init="zeros")
+
+    def __call__(self, x):
+        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...].astype(x.dtype))
+        up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(x.dtype))
+        if self.bias:
+            gate, up = gate + self.gate_bias[...].astype(x.dtype), up + self.up_bias[...].astype(x.dtype)
+        out = jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj[...].astype(x.dtype))
+        return out + self.down_bias[...].astype(x.dtype) if self.bias else out
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, mask, cache, write_index):
+        attn_out, cache = self.attn(self.input_norm(x), positions, mask, cache, write_index)
+        x = x + attn_out
+        return x + self.mlp(self.post_attn_norm(x)), cache
+
+
+class Decoder(nnx.Module):
+    """Decoder-only LM. `mesh` (optional) enables activation sharding constraints."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Optional[jax.sharding.Mesh] = None,
+                 remat: bool = False):
+        self.cfg = cfg
+        self.mesh = mesh
+        self.remat = remat
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("tensor", "fsdp"), cfg.param_dtype)
+        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("fsdp", "tensor"), cfg.param_dtype)
+
+    def _constrain(self, x):
+        if self.mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(BATCH_AXES)))
+
+    def hidden_states(self, tokens, positions, *, segment_ids=None, cache: Optional[KVCache] = None,
+                      valid=None):
+        """Final-norm hidden states [B, T, D] (and the updated cache, or None).
+
+        tokens, positions: int[B, T]. Full forward: `segment_ids` int[B, T] (0 = padding;
+        defaults to all ones). Cache forward: `cache` from `init_cache`, `valid` bool[B, T]
+        marks the tokens to write (padding is neither written nor attended to).
+        """
+        if cache is None:
+            mask, write_index = _segment_mask(tokens, segment_ids), None
+        else:
+            cache_len = cache[0].k.shape[1]
+            mask = _cache_mask(positions, cache_len)
+            # Padding is written out of range, which the scatter drops.
+            write_index = positions if valid is None else jnp.where(valid, positions, cache_len)
+        x = self._constrain(jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype))
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache[i]
+            step = nnx.remat(Block.__call__) if self.remat else Block.__call__
+            x, layer_cache = step(layer, x, positions, mask, layer_cache, write_index)
+            x = self._constrain(x)
+            new_cache.append(layer_cache)
+        return self.final_norm(x), (None if cache is None else tuple(new_cache))
+
+    def unembed_kernel(self) -> jax.Array:
+        """[D, V] output projection (the embedding, transposed, when tied)."""
+        return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits [..., V]; fp32 accumulation even for bf16 compute."""
+        kernel = self.unembed_kernel().astype(hidden.dtype)
+        return jnp.einsum("BTD,DV->BTV", hidden, kernel, preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, positions, *, segment_ids=None, cache=None, valid=None):
+        hidden, cache = self.hidden_states(tokens, positions, segment_ids=segment_ids, cache=cache,
+                                           valid=valid)
+        return self.logits(hidden), cache
+
+
+def _segment_mask(tokens, segment_ids):
+    """bool[B, T, T]: same non-padding segment and causal by index (packed sequences)."""
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(tokens)
+    t = tokens.shape[1]
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal & same & (segment_ids[:, None, :] != 0)
+
+
+def _cache_mask(positions, cache_len: int):
+    """bool[B, T, S]: a query attends to cache slots at positions <= its own.
+
+    Every slot at a position <= p was written by this sequence before (or with) the token at p,
+    so stale entries of an earlier request in a reused slot are never visible.
+    """
+    return jnp.arange(cache_len)[None, None, :] <= positions[:, :, None]
+
+
+def count_params(model_or_state) -> int:
+    state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
+    return sum(x.size for x in jax.tree.leaves(state))
+
+
+def build_abstract(cfg: ModelConfig, mesh=None) -> Decoder:
+    """The model with ShapeDtypeStruct leaves: no memory allocated (for sizing and loading)."""
+    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), mesh=mesh))
