@@ -1,0 +1,227 @@
+"""Trajectory: layout, segment entropies, validation errors, JSONL round trip, ResT roles."""
+import dataclasses
+import math
+import random
+
+import numpy as np
+import pytest
+
+from tepo_jax.rollout.trajectory import (SCHEMA_VERSION, TagFormat, TokenKind, TokenRole,
+                                         ToolCallRecord, Trajectory, TrajectoryError,
+                                         entropy_deltas, entropy_reducing, from_jsonl_line,
+                                         kinds_from_char_spans, read_jsonl,
+                                         roles_from_char_spans, segment_entropies,
+                                         to_jsonl_line, write_jsonl)
+
+K, R = TokenKind, TokenRole
+
+
+def build(segments, prompt_len=2, **meta):
+    """Hand layout: segments in order, ('r', [H..]), ('call', name, [H..]), ('obs', length),
+    ('ans', [H..]). The turn increases at each call, as the schema says."""
+    ids, kinds, turns, roles, ents, calls = [], [], [], [], [], []
+    turn = 0
+
+    def add(kind, role, entropy):
+        ids.append(100 + len(ids))
+        kinds.append(kind)
+        turns.append(turn)
+        roles.append(role)
+        ents.append(entropy)
+
+    for _ in range(prompt_len):
+        add(K.PROMPT, R.NONE, 0.0)
+    for seg in segments:
+        if seg[0] == "r":
+            for h in seg[1]:
+                add(K.REASONING, R.REASONING, h)
+        elif seg[0] == "ans":
+            for h in seg[1]:
+                add(K.ANSWER, R.ANSWER_CONTENT, h)
+        elif seg[0] == "call":
+            turn += 1
+            start = len(ids)
+            for h in seg[2]:
+                add(K.TOOL_CALL, R.TOOL_ARGS, h)
+            calls.append(ToolCallRecord(seg[1], "args", "", "ok", (start, len(ids)), (0, 0), turn))
+        elif seg[0] == "obs":
+            start = len(ids)
+            for _ in range(seg[1]):
+                add(K.TOOL_RESULT, R.NONE, 0.0)
+            calls[-1].result_span = (start, len(ids))
+    logprobs = [-0.5 if k in (K.REASONING, K.TOOL_CALL, K.ANSWER) else 0.0 for k in kinds]
+    defaults = dict(prompt_id="p0", group_id=0, sample_index=0, gold=["Paris"], task="qa",
+                    finish_reason="answer")
+    defaults.update(meta)
+    return Trajectory(ids, kinds, turns, roles, logprobs, ents, calls, **defaults)
+
+
+TWO_CALLS = [("r", [2.0, 4.0]), ("call", "python", [1.0]), ("obs", 2), ("r", [1.0, 2.0]),
+             ("call", "search", [0.5, 0.5]), ("obs", 1), ("r", [3.0]), ("ans", [5.0])]
+
+
+def test_layout_and_segment_entropies():
+    t = build(TWO_CALLS).validate()
+    assert t.token_ids.dtype == np.int32 and t.kinds.dtype == np.int8
+    assert t.turns.dtype == np.int16 and t.entropies.dtype == np.float32
+    # r_0 = mean(2,4) = 3 ; r_1 = mean(1,2) = 1.5 ; r_2 = mean(3,5) = 4 (answer in r_2)
+    assert segment_entropies(t) == pytest.approx([3.0, 1.5, 4.0])
+    assert entropy_deltas(t) == pytest.approx([-1.5, 2.5])
+    assert entropy_reducing(t) == [1, 0]
+    assert t.model_mask().sum() == 2 + 1 + 2 + 2 + 1 + 1
+
+
+def test_empty_segments_give_nan_and_no_reduction():
+    t = build([("call", "python", [1.0]), ("obs", 1), ("call", "python", [1.0]), ("obs", 1),
+               ("ans", [0.1])]).validate()
+    h = segment_entropies(t)
+    assert math.isnan(h[0]) and math.isnan(h[1]) and h[2] == pytest.approx(0.1)
+    assert all(math.isnan(d) for d in entropy_deltas(t))
+    assert entropy_reducing(t) == [0, 0]
+
+
+def test_no_call_trajectory():
+    t = build([("r", [1.0]), ("ans", [2.0])]).validate()
+    assert segment_entropies(t) == pytest.approx([1.5])
+    assert entropy_deltas(t) == [] and t.num_calls == 0
+
+
+def test_jsonl_round_trip(tmp_path):
+    a = build(TWO_CALLS, gold="1/2", task="math", finish_reason="eos", final_text="<answer>")
+    b = dataclasses.replace(build([("r", [0.3]), ("ans", [0.7])], sample_index=1), reward=0.5,
+                            f1=0.5, em=0.0, malformed=False, extracted="paris france")
+    a.entropies[3] = np.float32(1.2345678)   # a float32 value with no short decimal form
+    path = tmp_path / "trajs.jsonl"
+    write_jsonl(path, [a, b])
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and f'"schema_version": {SCHEMA_VERSION}' in lines[0]
+    for orig, back in zip([a, b], read_jsonl(path)):
+        back.validate()
+        for name in ("token_ids", "kinds", "turns", "roles", "logprobs", "entropies"):
+            assert getattr(back, name).dtype == getattr(orig, name).dtype
+            np.testing.assert_array_equal(getattr(back, name), getattr(orig, name))
+        assert back.tool_calls == orig.tool_calls
+        for name in ("prompt_id", "group_id", "sample_index", "gold", "task", "finish_reason",
+                     "final_text", "reward", "f1", "em", "malformed", "extracted"):
+            assert getattr(back, name) == getattr(orig, name)
+
+
+def test_unknown_schema_version_is_rejected():
+    line = to_jsonl_line(build(TWO_CALLS)).replace(f'"schema_version": {SCHEMA_VERSION}',
+                                                   '"schema_version": 999')
+    with pytest.raises(TrajectoryError, match="schema_version"):
+        from_jsonl_line(line)
+
+
+def _broken(mutate):
+    t = build(TWO_CALLS)
+    mutate(t)
+    return t
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda t: setattr(t, "kinds", t.kinds[:-1]), "kinds has shape"),
+    (lambda t: t.roles.__setitem__(0, R.FORMAT), "role must be NONE"),
+    (lambda t: t.roles.__setitem__(2, R.NONE), "role must be NONE"),
+    (lambda t: t.kinds.__setitem__(0, 9), "outside TokenKind"),
+    (lambda t: t.entropies.__setitem__(0, 0.5), "entropies must be 0"),
+    (lambda t: t.logprobs.__setitem__(2, np.nan), "non-finite"),
+    (lambda t: t.turns.__setitem__(2, 1), "non-decreasing"),
+    (lambda t: t.turns.__setitem__(3, 1), "order call, tool result"),
+    (lambda t: t.kinds.__setitem__(2, K.ANSWER), "ANSWER tokens must belong"),
+    (lambda t: setattr(t.tool_calls[0], "call_span", (4, 6)), "do not match span"),
+    (lambda t: setattr(t.tool_calls[1], "turn", 3), "expected 2"),
+    (lambda t: t.tool_calls.pop(), "turns must lie in"),
+    (lambda t: setattr(t, "finish_reason", "done"), "finish_reason"),
+    (lambda t: (t.kinds.__setitem__(1, K.REASONING), t.roles.__setitem__(1, R.REASONING),
+                t.logprobs.__setitem__(1, -1.0)), None),   # still valid: prompt prefix of 1
+])
+def test_validate_errors(mutate, message):
+    t = _broken(mutate)
+    if message is None:
+        t.validate()
+    else:
+        with pytest.raises(TrajectoryError, match=message):
+            t.validate()
+
+
+def test_tool_result_after_reasoning_in_same_turn_is_rejected():
+    t = build(TWO_CALLS)
+    # Swap an obs_1 token and an r_1 token: the order within turn 1 breaks.
+    t.kinds[5], t.kinds[6] = K.REASONING, K.TOOL_RESULT
+    with pytest.raises(TrajectoryError):
+        t.validate()
+
+
+# ------------------------------------------------------------------ roles from char spans
+
+def _labelled(pieces):
+    """text and its per-character (role, kind), written by hand from labelled pieces."""
+    text = "".join(p for p, _, _ in pieces)
+    char_roles = [r for p, r, _ in pieces for _ in p]
+    char_kinds = [k for p, _, k in pieces for _ in p]
+    return text, char_roles, char_kinds
+
+
+PYTHON_TURN = [("Let me compute.\n", R.REASONING, K.REASONING),
+               ("<python>", R.TOOL_NAME, K.TOOL_CALL),
+               ("print(2 + 2)", R.TOOL_ARGS, K.TOOL_CALL),
+               ("</python>", R.FORMAT, K.TOOL_CALL)]
+ANSWER_TURN = [("<think>", R.FORMAT, K.REASONING), ("It is 4.", R.REASONING, K.REASONING),
+               ("</think>", R.FORMAT, K.REASONING), (" So ", R.REASONING, K.REASONING),
+               ("<answer>", R.FORMAT, K.ANSWER), ("\\boxed{4}", R.ANSWER_CONTENT, K.ANSWER),
+               ("</answer>", R.FORMAT, K.ANSWER)]
+JSON_TURN = [("Search it.", R.REASONING, K.REASONING), ("<tool_call>", R.FORMAT, K.TOOL_CALL),
+             ('{"name": "', R.FORMAT, K.TOOL_CALL), ("search", R.TOOL_NAME, K.TOOL_CALL),
+             ('", "arguments": ', R.FORMAT, K.TOOL_CALL),
+             ('{"query": "capital of France"}', R.TOOL_ARGS, K.TOOL_CALL),
+             ("}", R.FORMAT, K.TOOL_CALL), ("</tool_call>", R.FORMAT, K.TOOL_CALL)]
+
+
+def _random_spans(n_chars, rng, max_len=5):
+    spans, start = [], 0
+    while start < n_chars:
+        end = min(n_chars, start + rng.randint(1, max_len))
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+@pytest.mark.parametrize("pieces", [PYTHON_TURN, ANSWER_TURN, JSON_TURN])
+def test_roles_and_kinds_follow_first_character(pieces):
+    text, char_roles, char_kinds = _labelled(pieces)
+    rng = random.Random(0)
+    for _ in range(20):
+        spans = _random_spans(len(text), rng)
+        roles = roles_from_char_spans(spans, text)
+        kinds = kinds_from_char_spans(spans, text)
+        assert roles.tolist() == [char_roles[s] for s, _ in spans]
+        assert kinds.tolist() == [char_kinds[s] for s, _ in spans]
+
+
+def test_roles_cover_every_model_token_exactly_once():
+    text, _, _ = _labelled(PYTHON_TURN + ANSWER_TURN)
+    spans = _random_spans(len(text), random.Random(1)) + [(len(text), len(text))]  # + EOS
+    kinds = kinds_from_char_spans(spans, text)
+    roles = roles_from_char_spans(spans, text, kinds=kinds)
+    assert roles.shape == (len(spans),)
+    assert set(roles.tolist()) <= {int(r) for r in TokenRole if r != R.NONE}
+    assert roles[-1] == R.FORMAT           # zero-width special token
+
+
+def test_straddling_token_takes_first_character_role():
+    text = "ok.<python>x</python>"
+    spans = [(0, 2), (2, 5), (5, 11), (11, 12), (12, 21)]   # "ok", ".<p", "ython>", "x", ...
+    assert roles_from_char_spans(spans, text).tolist() == [
+        R.REASONING, R.REASONING, R.TOOL_NAME, R.TOOL_ARGS, R.FORMAT]
+
+
+def test_non_model_tokens_get_none_and_unclosed_call_runs_to_end():
+    text = "a<python>print("
+    spans = [(0, 1), (1, 9), (9, 15)]
+    kinds = [K.PROMPT, K.TOOL_CALL, K.TOOL_CALL]
+    assert roles_from_char_spans(spans, text, kinds=kinds).tolist() == [
+        R.NONE, R.TOOL_NAME, R.TOOL_ARGS]
+    fmt = TagFormat(tool_tags=("calc",))
+    assert roles_from_char_spans([(0, 1), (1, 9)], text, fmt=fmt).tolist() == [
+        R.REASONING, R.REASONING]
