@@ -1,0 +1,285 @@
+"""The python tool: runs model-written code in a sandbox and returns what it printed.
+
+See `sandbox.py` for the isolation layers. This module runs one confined process: it feeds
+the program on stdin, reads stdout/stderr in bounded chunks until exit, the wall-clock
+deadline, or the output cap, then kills whatever is left and turns the outcome into a
+ToolResult. No call can hang the caller: every wait in here is bounded by the deadline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import selectors
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from typing import Optional
+
+from tepo_jax.tools import sandbox
+from tepo_jax.tools.base import ToolResult, ToolStatus, truncate
+from tepo_jax.tools.sandbox import SandboxConfig
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 64 << 10        # bytes per read/write syscall
+_STDERR_KEEP = 64 << 10  # only the tail of stderr matters (the last error line)
+_EXIT_GRACE_S = 0.2      # after exit, how long grandchildren may hold the pipes open
+
+
+class SandboxUnavailable(RuntimeError):
+    """`require_sandbox=True` and no working bubblewrap was found."""
+
+
+@dataclasses.dataclass
+class RawRun:
+    """What came back from one process, before it is turned into model-facing text."""
+
+    stdout: bytes
+    stderr_tail: bytes
+    returncode: Optional[int]
+    timed_out: bool
+    flooded: bool
+
+
+class PythonTool:
+    """`run(code, timeout)` executes `code` in a fresh sandboxed interpreter."""
+
+    def __init__(self, config: SandboxConfig = SandboxConfig(), name: str = "python"):
+        self.name = name
+        self.config = config
+        self.bwrap = sandbox.find_bwrap() if config.use_bwrap else None
+        if self.bwrap is None:
+            self._no_sandbox()
+        self._uids = self._uid_pool()
+        self.mode = ("bwrap" if self.bwrap else "limits-only") + \
+            (f"+uid{config.uid_base}.." if self._uids else "")
+
+    def _no_sandbox(self):
+        why = "disabled by config (use_bwrap=False)" if not self.config.use_bwrap \
+            else "bubblewrap (bwrap) not found; install it with `apt-get install bubblewrap`"
+        if self.config.require_sandbox:
+            raise SandboxUnavailable(f"python tool needs a sandbox: {why}")
+        log.warning("python tool runs WITHOUT a filesystem/network sandbox: %s. Only "
+                    "resource limits apply; model code can read host files and use the "
+                    "network.", why)
+
+    def _uid_pool(self) -> Optional["queue.Queue[int]"]:
+        """One uid per concurrent run, so RLIMIT_NPROC is per run (see sandbox.py)."""
+        cfg = self.config
+        if os.geteuid() != 0 or not cfg.drop_privileges:
+            return None
+        if not self.bwrap and not sandbox.path_traversable_by_others(cfg.python):
+            log.warning("python tool: %s is not reachable by an unprivileged uid without "
+                        "bubblewrap; running as root with limits only", cfg.python)
+            return None
+        pool: "queue.Queue[int]" = queue.Queue()
+        for uid in range(cfg.uid_base, cfg.uid_base + cfg.uid_pool):
+            pool.put(uid)
+        return pool
+
+    # ---- public --------------------------------------------------------------------------
+    def run(self, argument: str, timeout: Optional[float] = None) -> ToolResult:
+        """Run `argument` as a Python program; never raises, never outlives `timeout`
+        (plus process start-up and kill time, a few tens of milliseconds)."""
+        t0 = time.monotonic()
+        timeout = self.config.timeout_s if timeout is None else timeout
+        deadline = t0 + timeout
+        try:
+            raw = self._run_confined(argument.encode("utf-8", "replace"), deadline)
+        except Exception as exc:  # the sandbox itself failed: say so, keep the batch going
+            log.exception("python tool: sandbox failure")
+            return ToolResult(f"sandbox error: {type(exc).__name__}: {exc}", ToolStatus.ERROR,
+                              time.monotonic() - t0, self.name)
+        if raw is None:
+            return ToolResult("sandbox busy: no free slot before the deadline",
+                              ToolStatus.TIMEOUT, time.monotonic() - t0, self.name)
+        text, status = render(raw, self.config, timeout)
+        return ToolResult(text, status, time.monotonic() - t0, self.name)
+
+    # ---- one confined process ------------------------------------------------------------
+    def _run_confined(self, program: bytes, deadline: float) -> Optional[RawRun]:
+        uid = None
+        if self._uids is not None:
+            try:
+                uid = self._uids.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+        workdir = None
+        try:
+            argv = sandbox.command(self.config, self.bwrap, uid)
+            kwargs = dict(env=dict(self.config.env), start_new_session=True)
+            if not self.bwrap:
+                workdir = tempfile.mkdtemp(prefix="tepo_py_")
+                argv, kwargs = self._unsandboxed(argv, kwargs, uid, workdir)
+            return run_process(argv, program, deadline, self.config.max_capture_bytes,
+                               **kwargs)
+        finally:
+            if uid is not None:
+                if not self.bwrap:
+                    _kill_uid(uid)  # daemonised leftovers; bwrap's PID namespace does this
+                self._uids.put(uid)
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    @staticmethod
+    def _unsandboxed(argv, kwargs, uid, workdir):
+        """Without bwrap: a private working dir, and either a dropped uid or, failing that,
+        a shell in between so the code's parent is not the host process."""
+        kwargs["cwd"] = workdir
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+            kwargs.update(user=uid, group=uid, extra_groups=[])
+        else:
+            argv = ["/bin/sh", "-c", '"$@"; exit $?', "sh"] + argv
+        return argv, kwargs
+
+
+def run_process(argv, stdin_data: bytes, deadline: float, cap: int, **popen_kwargs) -> RawRun:
+    """Start `argv` in its own process group, feed stdin, collect bounded output until exit,
+    deadline or `cap` stdout bytes; then kill the group. Every wait is deadline-bounded."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0, **popen_kwargs)
+    try:
+        out, err, timed_out, flooded = _pump(proc, stdin_data, deadline, cap)
+    finally:
+        _kill_group(proc)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+    return RawRun(bytes(out), bytes(err), proc.returncode, timed_out, flooded)
+
+
+def _pump(proc, data: bytes, deadline: float, cap: int):
+    """Selector loop over the three pipes. Returns (stdout, stderr tail, timed_out, flooded)."""
+    sel = selectors.DefaultSelector()
+    for pipe, tag in ((proc.stdout, "out"), (proc.stderr, "err")):
+        os.set_blocking(pipe.fileno(), False)
+        sel.register(pipe.fileno(), selectors.EVENT_READ, tag)
+    os.set_blocking(proc.stdin.fileno(), False)
+    sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE, "in")
+    pending = memoryview(data)
+    out, err = bytearray(), bytearray()
+    exited_at = None
+    try:
+        while sel.get_map():
+            now = time.monotonic()
+            if now >= deadline:
+                return out, err, True, False
+            if exited_at is None and _exited(proc):
+                exited_at = now
+            if exited_at is not None and now - exited_at > _EXIT_GRACE_S:
+                break  # a leftover child holds the pipes; the group kill ends it
+            for key, _ in sel.select(timeout=min(deadline - now, 0.05)):
+                if key.data == "in":
+                    pending = _feed(sel, proc, pending)
+                    continue
+                chunk = _read(key.fd)
+                if chunk is None:
+                    continue
+                if not chunk:
+                    sel.unregister(key.fd)
+                elif key.data == "out":
+                    out += chunk
+                    if len(out) > cap:
+                        return out, err, False, True
+                else:
+                    err += chunk
+                    del err[:-_STDERR_KEEP]
+        return out, err, False, False
+    finally:
+        sel.close()
+
+
+def _feed(sel, proc, pending: memoryview) -> memoryview:
+    """Write the next slice of the program; close stdin when done or when the child has
+    closed its end (then the rest is moot)."""
+    try:
+        pending = pending[os.write(proc.stdin.fileno(), pending[:_CHUNK]):]
+    except BlockingIOError:
+        return pending
+    except OSError:
+        pending = pending[:0]
+    if not len(pending):
+        sel.unregister(proc.stdin.fileno())
+        proc.stdin.close()  # EOF tells `python -` the program is complete
+    return pending
+
+
+def _read(fd: int) -> Optional[bytes]:
+    """One bounded read: bytes, b'' at EOF, None when nothing is ready after all."""
+    try:
+        return os.read(fd, _CHUNK)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
+def _exited(proc) -> bool:
+    """Has the child exited? Checked without reaping it, so its pid (and process group id)
+    stays reserved until we have killed the group: no risk of signalling a reused pid."""
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _kill_group(proc) -> None:
+    """SIGKILL the child's process group (the child is not yet reaped, see _exited), then
+    reap. Under bwrap killing bwrap tears down the PID namespace and everything in it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # unkillable (D state); do not block the caller
+        log.error("python tool: pid %d did not die after SIGKILL", proc.pid)
+
+
+def _kill_uid(uid: int) -> None:
+    """Kill every process of a sandbox uid (catches daemons that left the process group).
+    `kill -9 -1` run as that uid signals exactly the processes it owns."""
+    try:
+        subprocess.run(["kill", "-9", "-1"], user=uid, group=uid, extra_groups=[],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        pass
+
+
+def render(raw: RawRun, cfg: SandboxConfig, timeout: float):
+    """Turn a RawRun into (model-facing text, status)."""
+    text = truncate(raw.stdout.decode("utf-8", "replace"), cfg.max_output_chars)
+    if raw.timed_out:
+        return _join(text, f"[timed out after {timeout:g} s]"), ToolStatus.TIMEOUT
+    if raw.flooded:
+        return _join(text, f"[output exceeded {cfg.max_capture_bytes} bytes; run stopped]"), \
+            ToolStatus.ERROR
+    if raw.returncode == 0:
+        return text, ToolStatus.OK
+    return _join(text, _failure_line(raw)), ToolStatus.ERROR
+
+
+def _failure_line(raw: RawRun) -> str:
+    """The last error line (e.g. 'ZeroDivisionError: division by zero'), or the exit cause."""
+    lines = [ln for ln in raw.stderr_tail.decode("utf-8", "replace").splitlines() if ln.strip()]
+    if lines:
+        return truncate(lines[-1].strip(), 500)
+    rc = raw.returncode
+    sig = -rc if rc is not None and rc < 0 else (rc - 128 if rc and rc > 128 else 0)
+    if sig:
+        try:
+            return f"[process killed by {signal.Signals(sig).name}]"
+        except ValueError:
+            pass
+    return f"[exit status {rc}]"
+
+
+def _join(text: str, note: str) -> str:
+    return f"{text}\n{note}" if text else note

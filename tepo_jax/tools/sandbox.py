@@ -1,0 +1,156 @@
+"""Sandbox configuration and the command line that confines one untrusted Python run.
+
+Layers (outermost first), each there because the one inside it has a gap:
+
+1. bubblewrap (when present): no network, a minimal read-only view of the filesystem (system
+   dirs, the interpreter, its venv; not /root, not the repo, not /home), a private size-capped
+   tmpfs /tmp, new PID/IPC/UTS namespaces (killing bwrap kills everything inside), dies with
+   its parent, new session (no terminal injection).
+2. `prlimit`: CPU seconds, address space, processes, file size, set before anything runs.
+   Done with the util-linux binary rather than `preexec_fn`, which is unsafe in the
+   multi-threaded bridge.
+3. A fresh unprivileged uid per concurrent run (when the host runs as root, as CI does):
+   root ignores RLIMIT_NPROC, so without this a fork bomb is bounded only by the deadline.
+   Unprivileged, the code also cannot read root-only files (/etc/shadow) or signal the host.
+   Under bwrap the switch is done by `setpriv` inside the sandbox, so bwrap itself keeps the
+   privileges it needs to set up mounts; without bwrap, Popen's `user=`/`group=` does it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+# System directories the interpreter and its shared libraries need inside the sandbox.
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc", "/opt")
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxConfig:
+    """Limits and isolation for the python tool. Defaults suit short model-written scripts."""
+
+    python: str = sys.executable
+    python_flags: Tuple[str, ...] = ("-I", "-u")  # isolated (no cwd/env paths), unbuffered
+    timeout_s: float = 10.0          # wall-clock deadline; the whole sandbox is killed at it
+    cpu_s: int = 10                  # RLIMIT_CPU per process
+    memory_bytes: int = 1 << 30      # RLIMIT_AS per process
+    max_processes: int = 32          # RLIMIT_NPROC for the sandbox uid
+    max_file_bytes: int = 16 << 20   # RLIMIT_FSIZE: largest file the code may write
+    tmpfs_bytes: int = 64 << 20      # size of the private /tmp under bwrap
+    max_output_chars: int = 4000     # what the model sees; the rest is cut with a marker
+    max_capture_bytes: int = 1 << 20  # bytes read before the run is stopped as a flood
+    use_bwrap: bool = True
+    require_sandbox: bool = False    # True: refuse to run at all without bubblewrap
+    drop_privileges: bool = True     # run as an unprivileged uid when we are root
+    uid_base: int = 61000            # uids uid_base .. uid_base+uid_pool-1 are used
+    uid_pool: int = 64               # concurrent runs beyond this wait for a free uid
+    extra_ro_binds: Tuple[str, ...] = ()  # more host paths visible read-only (e.g. data)
+    env: Tuple[Tuple[str, str], ...] = (("PATH", "/usr/local/bin:/usr/bin:/bin"),
+                                        ("HOME", "/tmp"), ("LANG", "C.UTF-8"),
+                                        ("PYTHONDONTWRITEBYTECODE", "1"),
+                                        ("MPLBACKEND", "Agg"))
+
+
+def find_bwrap() -> Optional[str]:
+    """Path of a working bubblewrap binary, or None."""
+    return shutil.which("bwrap")
+
+
+def prlimit_args(cfg: SandboxConfig) -> List[str]:
+    """The `prlimit` prefix applying the resource limits (soft = hard, so code cannot raise
+    them back)."""
+    limits = {"cpu": cfg.cpu_s, "as": cfg.memory_bytes, "fsize": cfg.max_file_bytes,
+              "core": 0}
+    if os.geteuid() == 0 and cfg.drop_privileges:
+        # Only meaningful for a dedicated uid: for a shared uid the count would include
+        # every other process of that user on the host.
+        limits["nproc"] = cfg.max_processes
+    return ["prlimit"] + [f"--{k}={v}:{v}" for k, v in limits.items()] + ["--"]
+
+
+def setpriv_args(uid: int) -> List[str]:
+    """Drop to `uid` with no groups, no capabilities and no way to regain privileges."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+
+
+def python_argv(cfg: SandboxConfig) -> List[str]:
+    """The interpreter reading the program from stdin (no host file to bind or clean up)."""
+    return [cfg.python, *cfg.python_flags, "-"]
+
+
+def visible_paths(cfg: SandboxConfig) -> List[str]:
+    """Host paths bound read-only into the sandbox: system dirs plus what the interpreter
+    needs (its venv and its base installation, wherever they live)."""
+    interp = os.path.realpath(cfg.python)
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix,
+                os.path.dirname(os.path.dirname(interp)),
+                os.path.dirname(os.path.dirname(os.path.abspath(cfg.python)))}
+    paths = [p for p in _SYSTEM_DIRS if os.path.lexists(p)]
+    extra = sorted(p for p in prefixes | set(cfg.extra_ro_binds) if p and p != "/")
+    return paths + [p for p in extra if not any(_is_under(p, s) for s in _SYSTEM_DIRS)]
+
+
+def bwrap_args(cfg: SandboxConfig, bwrap: str) -> List[str]:
+    """The bubblewrap command prefix (everything before the confined command)."""
+    args = [bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--die-with-parent", "--new-session"]
+    if os.geteuid() == 0 and cfg.drop_privileges:
+        args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]  # setpriv drops them
+    else:  # unprivileged bwrap: a user namespace, nobody inside
+        args += ["--unshare-user", "--disable-userns", "--uid", "65534", "--gid", "65534"]
+    created = {"/"}
+    for path in visible_paths(cfg):
+        args += _bind_args(path, created)
+    args += ["--proc", "/proc", "--dev", "/dev",
+             "--size", str(cfg.tmpfs_bytes), "--perms", "1777", "--tmpfs", "/tmp",
+             "--chdir", "/tmp", "--clearenv"]
+    for key, value in cfg.env:
+        args += ["--setenv", key, value]
+    return args + ["--"]
+
+
+def _bind_args(path: str, created: set) -> List[str]:
+    """Bind one host path read-only. Symlinked dirs (merged /usr: /bin -> usr/bin) become
+    symlinks; parents are created 0755 explicitly, since bwrap would make them 0700 and the
+    unprivileged uid could not traverse them."""
+    if os.path.islink(path):
+        return ["--symlink", os.readlink(path), path]
+    args = []
+    for parent in _ancestors(path):
+        if parent not in created:
+            created.add(parent)
+            args += ["--perms", "0755", "--dir", parent]
+    return args + ["--ro-bind", path, path]
+
+
+def _ancestors(path: str) -> List[str]:
+    parts = path.strip("/").split("/")[:-1]
+    return ["/" + "/".join(parts[:i + 1]) for i in range(len(parts))]
+
+
+def _is_under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def path_traversable_by_others(path: str) -> bool:
+    """True when every directory on the way to `path` is world-executable, i.e. an
+    unprivileged uid could exec the interpreter without bubblewrap re-binding it."""
+    real = os.path.realpath(path)
+    return all(os.stat(d).st_mode & 0o001 for d in ["/"] + _ancestors(real)) and \
+        bool(os.stat(real).st_mode & 0o001)
+
+
+def command(cfg: SandboxConfig, bwrap: Optional[str], uid: Optional[int]) -> List[str]:
+    """The full argv: [bwrap …] prlimit … [setpriv …] python -I -u -."""
+    inner = prlimit_args(cfg)
+    if bwrap and uid is not None:
+        inner += setpriv_args(uid)
+    argv = inner + python_argv(cfg)
+    return (bwrap_args(cfg, bwrap) + argv) if bwrap else argv
+
+
+def describe(parts: Sequence[str]) -> str:
+    return " ".join(parts)
