@@ -1,0 +1,84 @@
+"""Outcome rewards per task, chosen once through a registry (never by string tests later).
+
+A reward function maps (model text, gold) -> RewardResult. `score` is the outcome signal the
+advantages use: token F1 for QA (TEPO's F1_i), 1/0 correctness for math. A malformed answer
+(no closed <answer> tag, or an empty one) scores 0 with malformed=True so it can be counted.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+from tepo_jax.rewards.extract import extract_answer
+from tepo_jax.rewards.math_equiv import math_equivalent
+from tepo_jax.rewards.qa import exact_match, token_f1
+from tepo_jax.rollout.trajectory import Trajectory
+
+Gold = Sequence[str] | str
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardResult:
+    score: float            # the outcome reward used for advantages
+    f1: float               # token F1 (QA) or correctness (math)
+    em: float               # normalised exact match (QA) or correctness (math)
+    malformed: bool
+    extracted: str | None   # the answer string compared with the gold
+
+
+RewardFn = Callable[[str, Gold], RewardResult]
+MALFORMED = RewardResult(score=0.0, f1=0.0, em=0.0, malformed=True, extracted=None)
+
+
+def qa_f1_reward(text: str, gold: Gold) -> RewardResult:
+    answer = extract_answer(text)
+    if answer is None:
+        return MALFORMED
+    f1 = token_f1(answer, gold)
+    return RewardResult(score=f1, f1=f1, em=exact_match(answer, gold), malformed=False,
+                        extracted=answer)
+
+
+def qa_em_reward(text: str, gold: Gold) -> RewardResult:
+    result = qa_f1_reward(text, gold)
+    return dataclasses.replace(result, score=result.em)
+
+
+def math_reward(text: str, gold: Gold) -> RewardResult:
+    answer = extract_answer(text)
+    if answer is None:
+        return MALFORMED
+    correct = float(math_equivalent(answer, gold))
+    return RewardResult(score=correct, f1=correct, em=correct, malformed=False, extracted=answer)
+
+
+REWARD_FNS: dict[str, RewardFn] = {
+    "qa": qa_f1_reward,
+    "qa_em": qa_em_reward,
+    "math": math_reward,
+}
+
+
+def get_reward_fn(task: str) -> RewardFn:
+    try:
+        return REWARD_FNS[task]
+    except KeyError:
+        raise ValueError(f"unknown reward task {task!r}; known: {sorted(REWARD_FNS)}") from None
+
+
+def compute_reward(text_or_traj: str | Trajectory, gold: Gold | None = None,
+                   task: str | None = None) -> RewardResult:
+    """Score a model text (or a Trajectory's final_text, gold and task) for `task`."""
+    if isinstance(text_or_traj, Trajectory):
+        traj = text_or_traj
+        return get_reward_fn(task or traj.task)(traj.final_text,
+                                                traj.gold if gold is None else gold)
+    if gold is None or task is None:
+        raise ValueError("compute_reward(text, gold, task): gold and task are required for text")
+    return get_reward_fn(task)(text_or_traj, gold)
+
+
+def attach_reward(traj: Trajectory, result: RewardResult) -> Trajectory:
+    """A copy of `traj` with its reward fields filled from `result` (arrays are shared)."""
+    return dataclasses.replace(traj, reward=result.score, f1=result.f1, em=result.em,
+                               malformed=result.malformed, extracted=result.extracted)
