@@ -1,0 +1,194 @@
+"""Experiment configuration: the defaults every `configs/*.py` starts from, and validation.
+
+A config file's `get_config()` returns `defaults()` with some fields changed and no logic.
+`validate(config)` runs at start-up, before anything compiles: an unknown field, a wrong type
+or an inconsistent combination is a one-line `ConfigError` naming the field.
+
+Defaults marked "paper" follow TEPO (arXiv 2602.02050); "ours" are our choices where the
+paper is silent (see shared DESIGN.md).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+ADVANTAGES = ("grpo", "tepo_sparse", "tepo_dense")
+MODES = ("sft", "rl", "sft_then_rl")
+TASKS = ("synthetic", "math", "qa", "function_calling")
+
+
+class ConfigError(ValueError):
+    """An invalid experiment config; the message names the field."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mode = "sft_then_rl"            # sft | rl | sft_then_rl
+    c.workdir = "runs/default"        # checkpoints, metrics, trajectories, plots
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = ""               # an HF model name, e.g. "Qwen2.5-0.5B" (random init)
+    c.model.hf_checkpoint = ""        # or an HF checkpoint directory (config.json + safetensors)
+    c.model.tiny = False              # or the tiny random model the CPU demo uses
+    c.model.tiny_hidden = 64
+    c.model.tiny_layers = 2
+    c.model.tiny_heads = 4
+    c.model.tiny_kv_heads = 2
+    c.model.dtype = "float32"         # compute dtype (bfloat16 on accelerators)
+    c.model.param_dtype = "float32"
+    c.model.remat = False
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""             # HF tokenizer directory; empty: built offline (below)
+    c.tokenizer.builtin = "qwen2.5"   # qwen2.5 | llama3, built from the quicktok vocabularies
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1                  # -1: all remaining devices
+    c.mesh.tensor = 1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.task = "synthetic"         # synthetic | math | qa | function_calling
+    c.data.train_path = ""            # JSONL file or tfds data dir for math/qa
+    c.data.eval_path = ""
+    c.data.layout = "auto"            # JSONL field layout (gsm8k, hotpotqa, musique, ...)
+    c.data.n_train = 512              # synthetic task sizes
+    c.data.n_eval = 64
+    c.data.prompts_per_step = 4       # prompts per RL step (each sampled group_size times)
+
+    c.tools = ml_collections.ConfigDict()
+    c.tools.python = True
+    c.tools.search = True
+    c.tools.python_timeout_s = 5.0
+    c.tools.require_sandbox = False   # refuse to run python without bubblewrap
+    c.tools.search_backend = "local"  # local | remote
+    c.tools.search_url = ""           # retrieval server for the remote backend
+    c.tools.search_top_k = 3
+    c.tools.max_workers = 8
+    c.tools.max_result_chars = 600
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.group_size = 4          # G samples per prompt
+    c.rollout.max_calls = 3           # tool calls per trajectory
+    c.rollout.max_tokens = 384        # model tokens per trajectory
+    c.rollout.max_turn_tokens = 96    # model tokens per turn
+    c.rollout.cache_len = 1024        # KV cache length per slot
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0               # 0: off
+
+    c.algo = ml_collections.ConfigDict()
+    c.algo.advantage = "tepo_sparse"  # grpo | tepo_sparse | tepo_dense
+    c.algo.alpha = 0.5                # dense bonus weight α (paper: a hyper-parameter)
+    c.algo.no_call_scale = 1.0        # sparse reward for n = 0 calls: F1·c (ours)
+    c.algo.adv_eps = 1e-6
+    c.algo.rest = False               # ResT token re-weighting (combinable with any advantage)
+    c.algo.rest_entropy_roles = False # ResT roles from token entropy instead of spans
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.eps_low = 0.2
+    c.loss.eps_high = 0.28            # clip-higher (ours; DAPO's default)
+    c.loss.kl_coef = 0.0              # β for k3 KL to the frozen initial policy
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-6
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"     # constant | cosine
+    c.optim.weight_decay = 0.01
+    c.optim.clip_norm = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100               # RL steps
+    c.train.micro_batches = 1
+    c.train.eval_every = 25
+    c.train.checkpoint_every = 25
+    c.train.keep_checkpoints = 3
+    c.train.log_every = 1
+    c.train.save_trajectories = True
+
+    c.sft = ml_collections.ConfigDict()
+    c.sft.steps = 100
+    c.sft.batch_size = 8
+    c.sft.lr = 1e-3
+    c.sft.redundant_call_rate = 0.3   # share of SFT examples with a redundant/useless call
+    c.sft.seq_len = 256
+    return c
+
+
+# Field -> (predicate, message). Checked in order; the first failure is the error.
+_RULES: list[tuple[str, Any, str]] = [
+    ("mode", lambda v: v in MODES, f"must be one of {MODES}"),
+    ("algo.advantage", lambda v: v in ADVANTAGES, f"must be one of {ADVANTAGES}"),
+    ("data.task", lambda v: v in TASKS, f"must be one of {TASKS}"),
+    ("model.dtype", lambda v: v in ("float32", "bfloat16", "float16"), "must be float32, bfloat16 or float16"),
+    ("model.param_dtype", lambda v: v in ("float32", "bfloat16"), "must be float32 or bfloat16"),
+    ("rollout.group_size", lambda v: v >= 2, "must be >= 2: group normalisation needs 2+ samples"),
+    ("rollout.max_calls", lambda v: v >= 0, "must be >= 0"),
+    ("rollout.temperature", lambda v: v >= 0, "must be >= 0"),
+    ("rollout.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("loss.eps_low", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("loss.eps_high", lambda v: v >= 0, "must be >= 0"),
+    ("loss.kl_coef", lambda v: v >= 0, "must be >= 0"),
+    ("optim.lr", lambda v: v > 0, "must be > 0"),
+    ("optim.schedule", lambda v: v in ("constant", "cosine"), "must be constant or cosine"),
+    ("train.steps", lambda v: v >= 0, "must be >= 0"),
+    ("train.micro_batches", lambda v: v >= 1, "must be >= 1"),
+    ("train.keep_checkpoints", lambda v: v >= 1, "must be >= 1"),
+    ("tools.search_backend", lambda v: v in ("local", "remote"), "must be local or remote"),
+    ("tokenizer.builtin", lambda v: v in ("qwen2.5", "llama3"), "must be qwen2.5 or llama3"),
+]
+
+
+def _get(c, dotted: str):
+    for part in dotted.split("."):
+        c = c[part]
+    return c
+
+
+def _check_known_fields(config, reference, prefix="") -> None:
+    for key in config.keys():
+        name = prefix + key
+        if key not in reference:
+            raise ConfigError(f"config.{name}: unknown field")
+        value, default = config[key], reference[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f"config.{name}: expected a group of fields, got {value!r}")
+            _check_known_fields(value, default, name + ".")
+        elif isinstance(default, bool) != isinstance(value, bool) or (
+                not isinstance(value, type(default)) and not (isinstance(default, float) and isinstance(value, int))):
+            raise ConfigError(f"config.{name}: expected {type(default).__name__}, got {value!r}")
+
+
+def _check_consistency(c) -> None:
+    sources = [bool(c.model.preset), bool(c.model.hf_checkpoint), bool(c.model.tiny)]
+    if sum(sources) != 1:
+        raise ConfigError("config.model: set exactly one of preset, hf_checkpoint, tiny")
+    if c.rollout.max_turn_tokens > c.rollout.max_tokens:
+        raise ConfigError("config.rollout.max_turn_tokens: larger than rollout.max_tokens")
+    if c.rollout.max_tokens >= c.rollout.cache_len:
+        raise ConfigError("config.rollout.max_tokens: must be smaller than rollout.cache_len "
+                          "(the prompt and tool results also live in the cache)")
+    if c.data.task in ("math", "qa") and not c.data.train_path:
+        raise ConfigError(f"config.data.train_path: required for data.task={c.data.task!r}")
+    if c.tools.search_backend == "remote" and c.tools.search and not c.tools.search_url:
+        raise ConfigError("config.tools.search_url: required for the remote search backend")
+    batch = c.data.prompts_per_step * c.rollout.group_size
+    if batch % c.train.micro_batches:
+        raise ConfigError(f"config.train.micro_batches={c.train.micro_batches}: does not divide the "
+                          f"{batch} trajectories of a step (prompts_per_step × group_size)")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Raise ConfigError (one line, naming the field) unless `config` is usable."""
+    _check_known_fields(config, defaults())
+    for field, ok, message in _RULES:
+        value = _get(config, field)
+        if not ok(value):
+            raise ConfigError(f"config.{field}={value!r}: {message}")
+    _check_consistency(config)
+    return config
