@@ -1,0 +1,280 @@
+"""The search tool: BM25 over a local corpus, or a client for a shared retrieval server.
+
+Local backend: `build_index` reads a JSONL corpus (`{"id", "title", "text"}` per line),
+indexes "title + text" with bm25s and saves index and corpus to a directory; `BM25Index.load`
+memory-maps both, so many processes on one host share the pages.
+Remote backend: `RemoteSearch` POSTs `{"queries": [...], "top_k": k}` to `/retrieve` (see
+server.py) with timeouts, retries with exponential backoff and a bounded LRU cache. Both are
+Tools (`name = "search"`), so the bridge cannot tell them apart.
+
+CLI:  python -m tepo_jax.tools.search build --corpus X.jsonl --out DIR
+      python -m tepo_jax.tools.search query --index DIR "some question"
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+from tepo_jax.tools.base import ToolResult, ToolStatus, truncate
+
+log = logging.getLogger(__name__)
+
+
+def _import_bm25s():
+    """Import bm25s without letting it import JAX: its top-k module imports `jax.lax` and runs
+    it once at import time, which would initialise (and on a TPU host, claim) the accelerator
+    from the host-side tools. A None entry in sys.modules makes that import fail cleanly, and
+    bm25s falls back to numpy."""
+    saved = sys.modules.get("jax.lax", _MISSING)
+    sys.modules["jax.lax"] = None  # type: ignore[assignment]
+    try:
+        import bm25s  # noqa: PLC0415
+    finally:
+        if saved is _MISSING:
+            del sys.modules["jax.lax"]
+        else:
+            sys.modules["jax.lax"] = saved
+    return bm25s
+
+
+_MISSING = object()
+_TOKENIZE = dict(lower=True, stopwords="en", show_progress=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Passage:
+    id: str
+    title: str
+    text: str
+    score: float = 0.0
+
+    def as_dict(self) -> Dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+# ---- corpus and index ---------------------------------------------------------------------
+def read_corpus(path: str) -> Iterator[Dict[str, str]]:
+    """Yield `{"id","title","text"}` records; a malformed line is an error naming it."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                yield {"id": str(rec["id"]), "title": str(rec.get("title", "")),
+                       "text": str(rec["text"])}
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'id', "
+                                 f"'title', 'text' ({type(exc).__name__}: {exc})") from None
+
+
+def build_index(records: Iterable[Dict[str, str]], out_dir: str) -> int:
+    """Index the records with BM25 and save index + corpus to `out_dir`. Returns the count."""
+    bm25s = _import_bm25s()
+    corpus = list(records)
+    if not corpus:
+        raise ValueError("cannot build an index from an empty corpus")
+    tokens = bm25s.tokenize([f"{r['title']}\n{r['text']}" for r in corpus], **_TOKENIZE)
+    retriever = bm25s.BM25()
+    retriever.index(tokens, show_progress=False)
+    os.makedirs(out_dir, exist_ok=True)
+    retriever.save(out_dir, corpus=corpus, show_progress=False)
+    return len(corpus)
+
+
+class BM25Index:
+    """A saved bm25s index, memory-mapped. `search_many` is thread-safe (read-only arrays)."""
+
+    def __init__(self, retriever):
+        self._retriever = retriever
+        self.num_docs = int(retriever.scores["num_docs"])
+
+    @classmethod
+    def load(cls, index_dir: str, mmap: bool = True) -> "BM25Index":
+        if not os.path.isfile(os.path.join(index_dir, "params.index.json")):
+            raise FileNotFoundError(f"no BM25 index in {index_dir!r}; build one with "
+                                    "`python -m tepo_jax.tools.search build`")
+        bm25s = _import_bm25s()
+        retriever = bm25s.BM25.load(index_dir, mmap=mmap, load_corpus=True,
+                                    show_progress=False)
+        return cls(retriever)
+
+    def search_many(self, queries: Sequence[str], k: int) -> List[List[Passage]]:
+        """Top-k passages per query, best first; queries with no indexed word get []."""
+        if not queries:
+            return []
+        bm25s = _import_bm25s()
+        k = max(1, min(int(k), self.num_docs))
+        toks = bm25s.tokenize(list(queries), return_ids=False, **_TOKENIZE)
+        known = [[t for t in q if t in self._retriever.vocab_dict] for q in toks]
+        live = [i for i, q in enumerate(known) if q]
+        out: List[List[Passage]] = [[] for _ in queries]
+        if not live:
+            return out
+        docs, scores = self._retriever.retrieve(
+            [known[i] for i in live], k=k, show_progress=False, n_threads=0,
+            backend_selection="numpy")
+        for row, i in enumerate(live):
+            out[i] = [Passage(str(d["id"]), d.get("title", ""), d["text"], float(s))
+                      for d, s in zip(docs[row], scores[row]) if s > 0]
+        return out
+
+    def search(self, query: str, k: int) -> List[Passage]:
+        return self.search_many([query], k)[0]
+
+
+def format_passages(passages: Sequence[Passage], max_chars: int = 600) -> str:
+    """Numbered passages as the model sees them: `Doc 1 (Title: …) text`, each truncated."""
+    if not passages:
+        return "No results found."
+    return "\n".join(f"Doc {i} (Title: {p.title}) {truncate(p.text.strip(), max_chars)}"
+                     for i, p in enumerate(passages, 1))
+
+
+# ---- tools ----------------------------------------------------------------------------------
+class LocalSearch:
+    """Search tool over an in-process BM25Index."""
+
+    def __init__(self, index: BM25Index, top_k: int = 3, max_chars: int = 600,
+                 name: str = "search"):
+        self.index, self.top_k, self.max_chars, self.name = index, top_k, max_chars, name
+
+    def search_many(self, queries: Sequence[str], k: Optional[int] = None):
+        return self.index.search_many(queries, k or self.top_k)
+
+    def run(self, argument: str, timeout: Optional[float] = None) -> ToolResult:
+        t0 = time.monotonic()
+        text = format_passages(self.index.search(argument, self.top_k), self.max_chars)
+        return ToolResult(text, ToolStatus.OK, time.monotonic() - t0, self.name)
+
+
+class RemoteSearchError(RuntimeError):
+    """The retrieval server could not be reached or answered badly within the retry budget."""
+
+
+class RemoteSearch:
+    """Client for `POST {url}/retrieve`. Failures become ERROR results after `retries`
+    retries; the total time is bounded by the call's timeout, never a hang."""
+
+    def __init__(self, url: str, top_k: int = 3, max_chars: int = 600, timeout: float = 5.0,
+                 retries: int = 2, backoff_s: float = 0.1, cache_size: int = 4096,
+                 name: str = "search"):
+        import httpx  # noqa: PLC0415  (only the remote backend needs it)
+
+        self.url = url.rstrip("/") + "/retrieve"
+        self.top_k, self.max_chars, self.name = top_k, max_chars, name
+        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+        self._client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=64))
+        self._httpx = httpx
+        self._cache: "collections.OrderedDict[tuple, List[Passage]]" = collections.OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self.cache_hits = self.cache_misses = 0
+
+    # -- cache --
+    def _cache_get(self, key):
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.cache_hits += 1
+            else:
+                self.cache_misses += 1
+            return hit
+
+    def _cache_put(self, key, value):
+        with self._lock:
+            self._cache[key] = value
+            self._cache.move_to_end(key)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+    # -- requests --
+    def search_many(self, queries: Sequence[str], k: Optional[int] = None,
+                    timeout: Optional[float] = None) -> List[List[Passage]]:
+        """Top-k passages per query; cached queries are not sent. Raises RemoteSearchError."""
+        k = k or self.top_k
+        results: List[Optional[List[Passage]]] = [self._cache_get((q, k)) for q in queries]
+        missing = sorted({q for q, r in zip(queries, results) if r is None})
+        if missing:
+            fetched = dict(zip(missing, self._post(missing, k, timeout or self.timeout)))
+            for q, passages in fetched.items():
+                self._cache_put((q, k), passages)
+            results = [r if r is not None else fetched[q] for q, r in zip(queries, results)]
+        return results  # type: ignore[return-value]
+
+    def _post(self, queries: List[str], k: int, budget: float) -> List[List[Passage]]:
+        """POST with retries and exponential backoff, all inside `budget` seconds."""
+        deadline = time.monotonic() + budget
+        error = "no attempt"
+        for attempt in range(self.retries + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                resp = self._client.post(self.url, json={"queries": queries, "top_k": k},
+                                         timeout=min(self.timeout, left))
+                resp.raise_for_status()
+                return _parse_response(resp.json(), len(queries))
+            except (self._httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            pause = self.backoff_s * (2 ** attempt)
+            if attempt < self.retries and time.monotonic() + pause < deadline:
+                time.sleep(pause)
+        raise RemoteSearchError(f"retrieval server {self.url} failed after "
+                                f"{self.retries + 1} attempts: {error}")
+
+    def run(self, argument: str, timeout: Optional[float] = None) -> ToolResult:
+        t0 = time.monotonic()
+        try:
+            passages = self.search_many([argument], self.top_k, timeout)[0]
+        except RemoteSearchError as exc:
+            return ToolResult(f"search error: {exc}", ToolStatus.ERROR,
+                              time.monotonic() - t0, self.name)
+        return ToolResult(format_passages(passages, self.max_chars), ToolStatus.OK,
+                          time.monotonic() - t0, self.name)
+
+    def close(self):
+        self._client.close()
+
+
+def _parse_response(payload, n: int) -> List[List[Passage]]:
+    rows = payload["results"]
+    if len(rows) != n:
+        raise ValueError(f"server returned {len(rows)} result lists for {n} queries")
+    return [[Passage(str(p["id"]), p.get("title", ""), p["text"], float(p.get("score", 0)))
+             for p in row] for row in rows]
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tepo_jax.tools.search")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build a BM25 index from a JSONL corpus")
+    b.add_argument("--corpus", required=True, help='JSONL with {"id","title","text"}')
+    b.add_argument("--out", required=True, help="index directory to write")
+    q = sub.add_parser("query", help="query a saved index")
+    q.add_argument("--index", required=True)
+    q.add_argument("--top-k", type=int, default=3)
+    q.add_argument("query", nargs="+")
+    args = parser.parse_args(argv)
+    if args.cmd == "build":
+        t0 = time.monotonic()
+        n = build_index(read_corpus(args.corpus), args.out)
+        print(f"indexed {n} passages into {args.out} in {time.monotonic() - t0:.1f} s")
+    else:
+        index = BM25Index.load(args.index)
+        print(format_passages(index.search(" ".join(args.query), args.top_k)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
