@@ -1,0 +1,51 @@
+"""The system prompt that teaches the tag tool format, and example -> chat messages.
+
+The format matches `tepo_jax.tools.format.ToolFormat`: calls `<python>code</python>` and
+`<search>query</search>`, results inserted as `<result>...</result>`, the final answer in
+`<answer>...</answer>`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from tepo_jax.data.records import MATH, Example
+
+TOOL_DESCRIPTIONS = {
+    "python": ("<python>code</python>", "runs Python 3 code and returns what it prints "
+               "(use print); use it for any calculation"),
+    "search": ("<search>query</search>", "searches a knowledge base and returns the most "
+               "relevant passages; search again with a new query if a passage is missing"),
+}
+
+_HEADER = ("You are a helpful assistant that solves problems step by step and can use tools. "
+           "Think before each step.")
+_FOOTER = ("Each call gets its result back inside <result>...</result>, written by the tool, "
+           "not by you; never write <result> yourself. Make one call at a time and wait for "
+           "its result. When you are done, give only the final answer inside "
+           "<answer>...</answer>, for example <answer>42</answer>.")
+_NO_TOOLS = ("Give only the final answer inside <answer>...</answer>, for example "
+             "<answer>42</answer>.")
+
+
+def system_prompt(tools: Sequence[str] = ("python", "search")) -> str:
+    """The system prompt for the enabled `tools` (a subset of TOOL_DESCRIPTIONS, in order)."""
+    unknown = [t for t in tools if t not in TOOL_DESCRIPTIONS]
+    if unknown:
+        raise ValueError(f"unknown tools {unknown}; known: {sorted(TOOL_DESCRIPTIONS)}")
+    if not tools:
+        return f"{_HEADER}\n\n{_NO_TOOLS}"
+    lines = [f"- {TOOL_DESCRIPTIONS[t][0]}: {TOOL_DESCRIPTIONS[t][1]}." for t in tools]
+    return f"{_HEADER}\n\nTools:\n" + "\n".join(lines) + f"\n\n{_FOOTER}"
+
+
+def user_prompt(example: Example) -> str:
+    if example.task == MATH:
+        return f"Solve the problem. Put the final number or expression in the answer tag.\n\n" \
+               f"Problem: {example.question}"
+    return f"Answer the question with a short phrase.\n\nQuestion: {example.question}"
+
+
+def to_messages(example: Example, tools: Sequence[str] = ("python", "search")) -> list[dict]:
+    """Chat messages (system + user) for `example`, ready for `tokenizer.encode_chat`."""
+    return [{"role": "system", "content": system_prompt(tools)},
+            {"role": "user", "content": user_prompt(example)}]
