@@ -6,8 +6,7 @@ import pytest
 
 from tepo_jax.rl.rest import (EntropyWeights, RestConfig, RoleSource, RoleWeights, Schedule,
                               rest_weights, rest_weights_for_trajectories, schedule_progress)
-from tepo_jax.rollout.trajectory import (TokenKind, TokenRole, ToolCallRecord, Trajectory,
-                                         roles_from_char_spans)
+from tepo_jax.rollout.trajectory import TokenKind, TokenRole, Trajectory, roles_from_char_spans
 
 R, K = TokenRole, TokenKind
 START = RoleWeights(reasoning=1.0, format=3.0, tool_name=2.0, tool_args=1.0, answer_content=0.5)
@@ -67,6 +66,7 @@ def test_entropy_variant():
     cfg = RestConfig(source="entropy", total_steps=10, entropy_quantile=0.75,
                      entropy_start=EntropyWeights(low=2.0, high=1.0),
                      entropy_end=EntropyWeights(low=1.0, high=3.0))
+    assert cfg.source is RoleSource.ENTROPY
     model_h = np.sort(ENTROPIES[MASK])
     threshold = np.quantile(model_h, 0.75)
     n_high = int((model_h > threshold).sum())
