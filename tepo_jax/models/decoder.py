@@ -85,7 +85,6 @@ class Attention(nnx.Module):
             self.v_bias = _param(rngs, (k, h), ("tensor", None), pd, init="zeros")
         if cfg.o_bias:
             self.o_bias = _param(rngs, (d,), (None,), pd, init="zeros")
-        self.inv_freq = inverse_frequencies(h, cfg.rope_theta, cfg.rope_scaling)
 
     def _project(self, x, kernel, bias_name):
         y = jnp.einsum("BTD,DNH->BTNH", x, kernel[...].astype(x.dtype))
@@ -95,8 +94,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, mask, cache: Optional[LayerCache], write_index):
         cfg = self.cfg
-        q = apply_rope(self._project(x, self.q_proj, "q_bias"), positions, self.inv_freq)
-        k = apply_rope(self._project(x, self.k_proj, "k_bias"), positions, self.inv_freq)
+        # A trace-time numpy constant, not module state (a numpy attribute would become a leaf).
+        inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        q = apply_rope(self._project(x, self.q_proj, "q_bias"), positions, inv_freq)
+        k = apply_rope(self._project(x, self.k_proj, "k_bias"), positions, inv_freq)
         v = self._project(x, self.v_proj, "v_bias")
         if cache is not None:
             k, v, cache = _write_cache(cache, k, v, write_index)

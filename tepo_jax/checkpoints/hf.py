@@ -1,0 +1,240 @@
+"""Hugging Face checkpoints (config.json + safetensors) <-> our NNX Decoder, both directions.
+
+Loading goes in one fixed order:
+  1. config.json (old or new form) -> ModelConfig;
+  2. abstract model (nnx.eval_shape: shapes only, no memory);
+  3. target sharding per parameter (the mesh's rules, or one device);
+  4. the name map (`name_map.py`): HF name <-> our path with its transpose/reshape;
+  5. for each tensor: read it from its shard, check the shape, convert, place it directly on its
+     target sharding (each device gets only its slice; the whole model never sits on one device);
+  6. merge into the module.
+Export reads the same table backwards. Missing, unexpected or misshaped tensors are a
+`CheckpointError` naming the tensor and the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from tepo_jax.checkpoints.name_map import Rule, name_map
+from tepo_jax.checkpoints.safetensors_io import (SafetensorsFormatError, SafetensorsReader,
+                                                 shard_groups, write_safetensors)
+from tepo_jax.models.config import ModelConfig, UnsupportedConfigError, from_hf_config, to_hf_config
+from tepo_jax.models.decoder import Decoder
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file and tensor."""
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def _read_json(file: str) -> dict:
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: not found") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable JSON ({e})") from None
+
+
+def _check_dir(path) -> str:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    return path
+
+
+def load_hf_config(path, *, dtype=None, param_dtype=None) -> ModelConfig:
+    """ModelConfig from `path/config.json` (old `rope_scaling`/`torch_dtype` or new form)."""
+    file = os.path.join(_check_dir(path), CONFIG_FILE)
+    try:
+        return from_hf_config(_read_json(file), dtype=dtype, param_dtype=param_dtype)
+    except UnsupportedConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _open_shards(path: str) -> dict[str, SafetensorsReader]:
+    """tensor name -> reader of the file that holds it (single file or index.json shards)."""
+    index_file = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index_file):
+        weight_map = _read_json(index_file).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_file}: no 'weight_map'")
+        files = sorted(set(weight_map.values()))
+    elif os.path.exists(os.path.join(path, SINGLE_FILE)):
+        weight_map, files = None, [SINGLE_FILE]
+    else:
+        raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+    readers = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            raise CheckpointError(f"{file}: listed in {INDEX_FILE} but missing")
+        try:
+            readers[name] = SafetensorsReader(file)
+        except SafetensorsFormatError as e:
+            raise CheckpointError(str(e)) from None
+    by_tensor = {}
+    for name, reader in readers.items():
+        for key in reader.keys():
+            if weight_map is not None and weight_map.get(key) != name:
+                raise CheckpointError(f"{reader.path}: tensor {key!r} not listed for this file in {INDEX_FILE}")
+            by_tensor[key] = reader
+    return by_tensor
+
+
+def _check_keys(rules: list[Rule], by_tensor: dict[str, SafetensorsReader], cfg: ModelConfig) -> None:
+    expected = {r.hf_name for r in rules}
+    missing = [r.hf_name for r in rules if r.hf_name not in by_tensor]
+    if missing:
+        raise CheckpointError(f"missing tensor {missing[0]!r} in the checkpoint"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(k for k in by_tensor if k not in expected)
+    if cfg.tie_word_embeddings and unexpected == ["lm_head.weight"]:
+        # Some exporters write the tied head anyway; accept it only if it is the embedding.
+        head, embed = by_tensor["lm_head.weight"], by_tensor["model.embed_tokens.weight"]
+        if head.shape("lm_head.weight") == embed.shape("model.embed_tokens.weight") and np.array_equal(
+                head.get("lm_head.weight"), embed.get("model.embed_tokens.weight")):
+            return
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in {by_tensor[unexpected[0]].path}"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+
+
+def _read_tensor(rule: Rule, reader: SafetensorsReader, target: jax.ShapeDtypeStruct) -> np.ndarray:
+    want = rule.kind.hf_shape(tuple(target.shape))
+    got = reader.shape(rule.hf_name)
+    if got != want:
+        raise CheckpointError(f"tensor {rule.hf_name!r} in {reader.path} has shape {list(got)}, "
+                              f"expected {list(want)} from config.json")
+    if not np.issubdtype(reader.dtype(rule.hf_name), np.floating) and reader.dtype(rule.hf_name).name != "bfloat16":
+        raise CheckpointError(f"tensor {rule.hf_name!r} in {reader.path} has non-float dtype "
+                              f"{reader.dtype(rule.hf_name)}")
+    value = rule.kind.to_ours(reader.get(rule.hf_name), tuple(target.shape))
+    return np.ascontiguousarray(value.astype(target.dtype, copy=False))
+
+
+def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Put a host array on `sharding`: each addressable device receives only its own slice."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _target_shardings(abstract_state, mesh: Optional[Mesh]):
+    if mesh is None:
+        device = SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda _: device, abstract_state)
+    from tepo_jax.sharding import param_shardings  # sharding imports the decoder; keep it lazy
+
+    return param_shardings(abstract_state, mesh)
+
+
+def load_hf(path, *, mesh: Optional[Mesh] = None, dtype=None, param_dtype=None,
+            remat: bool = False) -> Decoder:
+    """Load an HF Qwen2 / Llama checkpoint directory into a Decoder.
+
+    `param_dtype` defaults to the stored dtype, `dtype` (compute) to `param_dtype`. With `mesh`,
+    each parameter is placed on the mesh's sharding for it (and activations are constrained).
+    """
+    path = _check_dir(path)
+    cfg = load_hf_config(path, dtype=dtype, param_dtype=param_dtype)
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), mesh=mesh, remat=remat))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = nnx.to_pure_dict(_target_shardings(abstract_state, mesh))
+    targets = nnx.to_pure_dict(abstract_state)
+    rules = name_map(cfg)
+    by_tensor = _open_shards(path)
+    _check_keys(rules, by_tensor, cfg)
+    values = {}
+    for rule in rules:
+        target, sharding = _get(targets, rule.path), _get(shardings, rule.path)
+        values[rule.path] = _place(_read_tensor(rule, by_tensor[rule.hf_name], target), sharding)
+    if len(values) != len(jax.tree.leaves(targets)):
+        raise CheckpointError(f"internal: name map covers {len(values)} of "
+                              f"{len(jax.tree.leaves(targets))} parameters")
+    for p, v in values.items():
+        _set(targets, p, v)
+    nnx.replace_by_pure_dict(abstract_state, targets)
+    return nnx.merge(graphdef, abstract_state)
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree, path, value):
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def save_hf(model: Decoder, path, *, dtype=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write `model` as an HF checkpoint directory transformers' `from_pretrained` can load.
+
+    `dtype` (e.g. jnp.bfloat16) is the stored dtype; default: the parameters' dtype.
+    Shards of at most `max_shard_bytes` (one tensor may exceed it) plus an index when more
+    than one. Only process 0 writes; every process must call it (arrays are gathered).
+    """
+    cfg: ModelConfig = model.cfg
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    out_dtype = np.dtype(dtype or cfg.param_dtype)
+    rules = name_map(cfg)
+    tensors = {}
+    for rule in rules:
+        value = _to_host(_get(state, rule.path)).astype(out_dtype, copy=False)
+        tensors[rule.hf_name] = np.ascontiguousarray(rule.kind.to_hf(value))
+    if jax.process_index() != 0:
+        return
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(to_hf_config(cfg, dtype=out_dtype), f, indent=2, sort_keys=True)
+    groups = shard_groups(((r.hf_name, tensors[r.hf_name].nbytes) for r in rules), max_shard_bytes)
+    _remove_stale(path)
+    if len(groups) == 1:
+        write_safetensors(os.path.join(path, SINGLE_FILE), tensors)
+        return
+    weight_map = {}
+    for i, names in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        write_safetensors(os.path.join(path, file), {n: tensors[n] for n in names})
+        weight_map.update({n: file for n in names})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(path, INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2)
+
+
+def _remove_stale(path: str) -> None:
+    """Old weights in the target directory would be mixed with the new ones by a loader."""
+    for name in os.listdir(path):
+        if name.endswith(".safetensors") or name == INDEX_FILE:
+            os.remove(os.path.join(path, name))
