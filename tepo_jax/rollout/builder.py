@@ -1,0 +1,126 @@
+"""Assemble a Trajectory turn by turn from exact token ids (token-in, token-out).
+
+Both the RL rollout (sampled turns) and the SFT data generator (reference turns) build their
+trajectories here, so the two agree on kinds, turn indices and roles.
+
+A model turn is given as the token ids the policy produced; its text is only *decoded* (to
+find the call and to label tokens), never re-encoded. Each token's character span in the turn
+text comes from decoding growing prefixes of the turn, so labels follow the real token
+boundaries. A tool result is given as the ids the rollout inserted (the encoded wrapped result).
+
+Turn indices follow DESIGN.md: r_j (reasoning/answer of model turn j) has turn j; the call
+that ends model turn j is call_{j+1}, its tokens and its result obs_{j+1} have turn j+1.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from tepo_jax.rollout.trajectory import (TagFormat, TokenKind, TokenRole, ToolCallRecord,
+                                         Trajectory, kinds_from_char_spans,
+                                         roles_from_char_spans)
+
+
+def token_char_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """(turn text, [start, end) of each token in it), by decoding growing prefixes.
+
+    Quadratic in the turn length, which is bounded by the per-turn budget. A token that ends
+    inside a multi-byte character gets the characters decoded once the character completes.
+    """
+    spans, prev = [], 0
+    text = ""
+    for i in range(len(ids)):
+        text = tokenizer.decode(list(ids[: i + 1]), skip_special_tokens=False)
+        # A partial UTF-8 sequence decodes to U+FFFD; it is counted when the character completes.
+        end = len(text.rstrip("\ufffd")) if i + 1 < len(ids) else len(text)
+        spans.append((prev, max(prev, end)))
+        prev = max(prev, end)
+    return text, spans
+
+
+class TrajectoryBuilder:
+    """Accumulates one trajectory: prompt, then alternating model turns and tool results."""
+
+    def __init__(self, prompt_ids: Sequence[int], *, tokenizer, fmt: TagFormat = TagFormat(), **meta):
+        self.tokenizer, self.fmt, self.meta = tokenizer, fmt, meta
+        n = len(prompt_ids)
+        self._ids = list(map(int, prompt_ids))
+        self._kinds = [int(TokenKind.PROMPT)] * n
+        self._turns = [0] * n
+        self._roles = [int(TokenRole.NONE)] * n
+        self._logprobs = [0.0] * n
+        self._entropies = [0.0] * n
+        self.calls: list[ToolCallRecord] = []
+        self.last_text = ""
+        self.model_tokens = 0
+
+    @property
+    def num_calls(self) -> int:
+        return len(self.calls)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def add_model_turn(self, ids: Sequence[int], logprobs: Optional[Sequence[float]] = None,
+                       entropies: Optional[Sequence[float]] = None, *, is_call: bool) -> str:
+        """Append one model turn; `is_call` says it ends in a tool call. Returns its text."""
+        text, spans = token_char_spans(self.tokenizer, ids)
+        kinds = kinds_from_char_spans(spans, text, self.fmt)
+        kinds = _normalise_turn_kinds(kinds, is_call)
+        roles = roles_from_char_spans(spans, text, kinds, self.fmt)
+        j = self.num_calls
+        turns = np.where(kinds == TokenKind.TOOL_CALL, j + 1, j)
+        n = len(ids)
+        self._ids += list(map(int, ids))
+        self._kinds += kinds.tolist()
+        self._turns += turns.tolist()
+        self._roles += roles.tolist()
+        self._logprobs += list(logprobs) if logprobs is not None else [0.0] * n
+        self._entropies += list(entropies) if entropies is not None else [0.0] * n
+        self.model_tokens += n
+        self.last_text = text
+        if is_call:
+            self._pending_call_start = len(self._ids) - int(np.sum(kinds == TokenKind.TOOL_CALL))
+        return text
+
+    def add_tool_result(self, name: str, arguments: str, result_text: str, status: str,
+                        result_ids: Sequence[int]) -> None:
+        """Append the result of the call that ended the last model turn."""
+        call_end = len(self._ids)
+        k = self.num_calls + 1
+        n = len(result_ids)
+        self._ids += list(map(int, result_ids))
+        self._kinds += [int(TokenKind.TOOL_RESULT)] * n
+        self._turns += [k] * n
+        self._roles += [int(TokenRole.NONE)] * n
+        self._logprobs += [0.0] * n
+        self._entropies += [0.0] * n
+        self.calls.append(ToolCallRecord(name=name, arguments=arguments, result=result_text,
+                                         status=status, call_span=(self._pending_call_start, call_end),
+                                         result_span=(call_end, call_end + n), turn=k))
+
+    def finish(self, finish_reason: str) -> Trajectory:
+        traj = Trajectory(token_ids=self._ids, kinds=self._kinds, turns=self._turns, roles=self._roles,
+                          logprobs=self._logprobs, entropies=self._entropies, tool_calls=list(self.calls),
+                          finish_reason=finish_reason, final_text=self.last_text, **self.meta)
+        return traj.validate()
+
+
+def _normalise_turn_kinds(kinds: np.ndarray, is_call: bool) -> np.ndarray:
+    """One call per turn, at its end: everything from the first call token on is the call.
+
+    A call turn holds no answer (ANSWER -> REASONING); an answer turn holds no call
+    (TOOL_CALL -> REASONING). A call turn whose text has no call tokens (possible only with
+    an unusual tokenisation) marks its last token as the call, so the call span is non-empty.
+    """
+    kinds = kinds.copy()
+    if not is_call:
+        kinds[kinds == TokenKind.TOOL_CALL] = TokenKind.REASONING
+        return kinds
+    kinds[kinds == TokenKind.ANSWER] = TokenKind.REASONING
+    call = np.flatnonzero(kinds == TokenKind.TOOL_CALL)
+    start = call[0] if call.size else len(kinds) - 1
+    kinds[start:] = TokenKind.TOOL_CALL
+    return kinds
