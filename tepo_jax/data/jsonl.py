@@ -69,7 +69,7 @@ def last_boxed(text: str) -> str | None:
 
 def _math(row, sid, source):
     return MathExample(sid, str(_get(row, "question", "problem")), str(_get(row, "answer")),
-                       source)
+                       str(row.get("source") or source))
 
 
 def _gsm8k(row, sid, source):
@@ -103,7 +103,8 @@ def _answers(row) -> list[str]:
 
 def _qa(row, sid, source):
     return QAExample(sid, str(_get(row, "question")), tuple(_answers(row)),
-                     tuple(row.get("supporting_passages") or ()), source)
+                     tuple(row.get("supporting_passages") or ()),
+                     str(row.get("source") or source))
 
 
 def _hotpot(row, sid, source):

@@ -1,0 +1,248 @@
+"""Data: JSONL layouts and errors, synthetic tasks, tfds builders, grain pipelines."""
+import json
+import re
+
+import pytest
+
+from tepo_jax.data import jsonl, prompts, synthetic
+from tepo_jax.data.pipeline import make_dataset, shard_indices
+from tepo_jax.data.records import MathExample, QAExample, from_dict
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------ JSONL
+
+def test_layouts_map_fields(tmp_path):
+    g = jsonl.read_jsonl(_write(tmp_path / "g.jsonl", [
+        {"question": "q?", "answer": "6 * 7 = <<6*7=42>>42\n#### 1,042"}]), "gsm8k")
+    assert g == [MathExample("gsm8k-1", "q?", "1042", "gsm8k")]
+    m = jsonl.read_jsonl(_write(tmp_path / "m.jsonl", [
+        {"problem": "p", "solution": r"so \boxed{\frac{1}{2}} then \boxed{\sqrt{2}}"}]), "math500")
+    assert m[0].answer == r"\sqrt{2}"
+    a = jsonl.read_jsonl(_write(tmp_path / "a.jsonl", [{"ID": "2024-I-1", "Problem": "p",
+                                                        "Answer": 204}]), "aime")
+    assert (a[0].id, a[0].answer) == ("2024-I-1", "204")
+    h = jsonl.read_jsonl(_write(tmp_path / "h.jsonl", [{
+        "_id": "x", "question": "q", "answer": "Paris",
+        "context": [["A", ["a1. ", "a2."]], ["B", ["b1."]], ["C", ["c."]]],
+        "supporting_facts": [["A", 0], ["C", 0]]}]), "hotpotqa")
+    assert h == [QAExample("x", "q", ("Paris",), ("A: a1. a2.", "C: c."), "hotpotqa")]
+    mu = jsonl.read_jsonl(_write(tmp_path / "mu.jsonl", [{
+        "id": "2hop_1", "question": "q", "answer": "USA", "answer_aliases": ["US", "USA"],
+        "paragraphs": [{"title": "T", "paragraph_text": "gold", "is_supporting": True},
+                       {"title": "D", "paragraph_text": "noise", "is_supporting": False}]}]),
+        "musique")
+    assert mu[0].answers == ("USA", "US") and mu[0].supporting_passages == ("T: gold",)
+
+
+@pytest.mark.parametrize("line, layout, message", [
+    ('{"question": "q", "answer": ', "math", r"bad\.jsonl:3: invalid JSON"),
+    ('{"question": "q"}', "math", r"bad\.jsonl:3: missing field 'answer'"),
+    ('{"question": "q", "answer": "no hashes"}', "gsm8k", r"bad\.jsonl:3: GSM8K answer"),
+    ('{"question": "q", "answers": "x"}', "qa", r"bad\.jsonl:3: field 'answers' must be"),
+    ('[1, 2]', "qa", r"bad\.jsonl:3: expected a JSON object"),
+    ('{"answer": "a"}', "hotpotqa", r"bad\.jsonl:3: missing field 'question'"),
+])
+def test_errors_name_file_and_line(tmp_path, line, layout, message):
+    good = {"question": "q", "answer": "1\n#### 1", "answers": ["a"]}
+    path = _write(tmp_path / "bad.jsonl", [good, "", line, good])  # line 2 is blank
+    with pytest.raises(jsonl.JsonlError, match=message):
+        jsonl.read_jsonl(path, layout)
+
+
+def test_corpus_and_records_round_trip(tmp_path):
+    exs, corpus = synthetic.make_multihop(5, seed=1)
+    jsonl.write_jsonl(tmp_path / "r.jsonl", exs + synthetic.make_arithmetic(3, 1))
+    assert jsonl.read_records(tmp_path / "r.jsonl")[:5] == exs
+    jsonl.write_jsonl(tmp_path / "c.jsonl", corpus)
+    assert jsonl.read_corpus(tmp_path / "c.jsonl") == corpus
+    _write(tmp_path / "c2.jsonl", [{"id": "1", "title": "t", "text": "x"}, {"id": "2", "text": "y"}])
+    with pytest.raises(jsonl.JsonlError, match=r"c2\.jsonl:2: missing field 'title'"):
+        jsonl.read_corpus(tmp_path / "c2.jsonl")
+    with pytest.raises(jsonl.JsonlError, match="no such file"):
+        jsonl.read_jsonl(tmp_path / "nope.jsonl")
+
+
+# ------------------------------------------------------------------ prompts
+
+def test_system_prompt_lists_only_enabled_tools():
+    both = prompts.system_prompt(("python", "search"))
+    assert "<python>code</python>" in both and "<search>query</search>" in both
+    assert "<result>" in both and "<answer>" in both
+    only_py = prompts.system_prompt(("python",))
+    assert "<python>" in only_py and "<search>" not in only_py
+    assert "<python>" not in prompts.system_prompt(())
+    with pytest.raises(ValueError, match="unknown tools"):
+        prompts.system_prompt(("browser",))
+    msgs = prompts.to_messages(synthetic.make_arithmetic(1, 0)[0], tools=("python",))
+    assert [m["role"] for m in msgs] == ["system", "user"] and "`" in msgs[1]["content"]
+
+
+# ------------------------------------------------------------------ synthetic
+
+def test_synthetic_is_deterministic_in_seed():
+    assert synthetic.make_arithmetic(20, 7) == synthetic.make_arithmetic(20, 7)
+    assert synthetic.make_arithmetic(20, 7) != synthetic.make_arithmetic(20, 8)
+    assert synthetic.make_multihop(20, 7) == synthetic.make_multihop(20, 7)
+    assert synthetic.make_multihop(20, 7)[0] != synthetic.make_multihop(20, 8)[0]
+
+
+def _independent_eval(expr):
+    """Our own tiny evaluator: a * b, (a * b) % m, pow(a, e, m), (a + b) * c - d, a // b."""
+    n = [int(x) for x in re.findall(r"\d+", expr)]
+    if expr.startswith("pow("):
+        return pow(n[0], n[1], n[2])
+    if "%" in expr:
+        return (n[0] * n[1]) % n[2]
+    if "+" in expr:
+        return (n[0] + n[1]) * n[2] - n[3]
+    if "//" in expr:
+        return n[0] // n[1]
+    return n[0] * n[1]
+
+
+def test_arithmetic_gold_is_correct_and_needs_a_tool():
+    exs = synthetic.make_arithmetic(200, 0)
+    assert len({e.question for e in exs}) == 200
+    forms = set()
+    for e in exs:
+        expr = re.search(r"`([^`]+)`", e.question).group(1)
+        assert int(e.answer) == _independent_eval(expr), e
+        assert max(len(x) for x in re.findall(r"\d+", expr)) >= 6
+        forms.add(re.sub(r"\d+", "N", expr))
+    assert len(forms) == 5
+
+
+def test_multihop_answers_are_retrievable():
+    import bm25s
+
+    exs, corpus = synthetic.make_multihop(60, seed=2)
+    texts = {p["text"] for p in corpus}
+    assert len({p["id"] for p in corpus}) == len(corpus) > 5 * 60
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([p["title"] + " " + p["text"] for p in corpus],
+                                   show_progress=False), show_progress=False)
+    hits = 0
+    for e in exs:
+        hop1, hop2 = e.supporting_passages
+        assert hop1 in texts and hop2 in texts and e.answers[0] in hop2
+        bridge_words = set(hop1.rstrip(".").split()) & set(hop2.split())
+        assert bridge_words, e                 # hop 2 is about the entity hop 1 found
+        turns = synthetic.reference_solution(e)
+        assert [t["role"] for t in turns] == ["model", "tool", "model", "tool", "model"]
+        assert turns[1]["text"] == hop1 and turns[3]["text"] == hop2
+        assert turns[-1]["text"] == f"<answer>{e.answers[0]}</answer>"
+        for query, gold in ((turns[0]["text"], hop1), (turns[2]["text"], hop2)):
+            q = re.search(r"<search>(.*)</search>", query).group(1)
+            docs, _ = retriever.retrieve(bm25s.tokenize([q], show_progress=False), k=3,
+                                         show_progress=False)
+            hits += gold in {corpus[int(i)]["text"] for i in docs[0]}
+    assert hits >= 0.9 * 2 * len(exs)          # the reference queries find the gold passages
+
+
+def test_reference_solution_for_arithmetic():
+    e = MathExample("x", "Compute the exact value of `123 * 456`.", "56088")
+    turns = synthetic.reference_solution(e)
+    assert turns[0]["text"].endswith("<python>print(123 * 456)</python>")
+    assert turns[1] == {"role": "tool", "tool": "python", "text": "56088"}
+    assert turns[2]["text"] == "<answer>56088</answer>"
+
+
+def test_write_synthetic_splits_are_disjoint(tmp_path):
+    paths = synthetic.write_synthetic(tmp_path, seed=0, n_train=30, n_eval=10)
+    for task in ("arithmetic", "multihop"):
+        train = jsonl.read_records(paths[f"{task}_train"])
+        ev = jsonl.read_records(paths[f"{task}_eval"])
+        assert (len(train), len(ev)) == (30, 10)
+        assert not {e.question for e in train} & {e.question for e in ev}
+    assert len(jsonl.read_corpus(paths["corpus"])) > 100
+
+
+# ------------------------------------------------------------------ tfds
+
+def test_tfds_builders_round_trip_without_tensorflow(tmp_path):
+    import sys
+
+    import tensorflow_datasets as tfds
+
+    from tepo_jax.data import tfds_builders as tb
+
+    tfds.disable_progress_bar()
+    qa = [QAExample(f"q{i}", f"question {i} é?", tuple(f"a{j}" for j in range(i % 3 + 1)),
+                    ("p",) * (i % 2), source="mine") for i in range(7)]
+    jsonl.write_jsonl(tmp_path / "qa.jsonl", qa)
+    _write(tmp_path / "gsm.jsonl", [{"question": f"q{i}", "answer": f"x\n#### {i}"}
+                                    for i in range(4)])
+    src = tb.build(tb.QaJsonl, tmp_path / "tfds", splits={"train": tmp_path / "qa.jsonl"})
+    assert sorted((from_dict(r) for r in src["train"]), key=lambda e: e.id) == qa
+    src = tb.build(tb.MathJsonl, tmp_path / "tfds", splits={"test": tmp_path / "gsm.jsonl"},
+                   layout="gsm8k")
+    assert sorted(from_dict(r).answer for r in src["test"]) == ["0", "1", "2", "3"]
+    syn = tb.build(tb.SyntheticArithmetic, tmp_path / "tfds", seed=5, n_train=12, n_eval=4)
+    want = synthetic.make_arithmetic(16, 5)
+    got = tfds.data_source("synthetic_arithmetic", data_dir=str(tmp_path / "tfds"))
+    assert {k: len(v) for k, v in got.items()} == {"train": 12, "eval": 4}
+    assert sorted((from_dict(r) for r in syn["eval"]), key=lambda e: e.id) == \
+        sorted(want[12:], key=lambda e: e.id)
+    assert list(tmp_path.glob("tfds/synthetic_arithmetic/1.0.0/*.array_record*"))
+    assert "tensorflow" not in sys.modules
+
+
+# ------------------------------------------------------------------ grain
+
+def test_checkpoint_restore_gives_the_same_batches():
+    data = [{"i": i} for i in range(37)]
+    ds = make_dataset(data, seed=3, batch_size=4)
+    it = iter(ds)
+    first = [next(it) for _ in range(5)]
+    state = it.get_state()
+    following = [next(it) for _ in range(5)]
+    fresh = iter(make_dataset(data, seed=3, batch_size=4))
+    fresh.set_state(state)
+    assert [next(fresh) for _ in range(5)] == following
+    again = iter(make_dataset(data, seed=3, batch_size=4))
+    assert [next(again) for _ in range(5)] == first        # same seed, same order
+    other = iter(make_dataset(data, seed=4, batch_size=4))
+    assert [next(other) for _ in range(5)] != first
+    assert all(len(b) == 4 for b in first + following)
+    # the state is plain data that survives JSON (it goes into the checkpoint)
+    fresh2 = iter(make_dataset(data, seed=3, batch_size=4))
+    fresh2.set_state(json.loads(json.dumps(state)))
+    assert [next(fresh2) for _ in range(5)] == following
+
+
+def test_epochs_cover_every_record_once():
+    batches = list(make_dataset(list(range(12)), seed=0, batch_size=3, num_epochs=2))
+    flat = [x for b in batches for x in b]
+    assert sorted(flat[:12]) == list(range(12)) and sorted(flat[12:]) == list(range(12))
+    assert flat[:12] != flat[12:]                           # reshuffled per epoch
+
+
+def test_host_shards_partition_the_data():
+    n, hosts = 50, 4
+    seen = []
+    for h in range(hosts):
+        ds = make_dataset(list(range(n)), seed=0, batch_size=2, num_epochs=1,
+                          shard_index=h, shard_count=hosts)
+        seen.append([x for b in ds for x in b])
+        assert set(seen[-1]) == set(shard_indices(n, h, hosts))
+    flat = [x for s in seen for x in s]
+    assert len(flat) == len(set(flat)) == 48                # disjoint, 2 dropped for balance
+    assert len({len(s) for s in seen}) == 1
+    with pytest.raises(ValueError, match="bad shard"):
+        shard_indices(n, 4, 4)
+
+
+def test_pipeline_reads_a_tfds_source(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from tepo_jax.data import tfds_builders as tb
+
+    tfds.disable_progress_bar()
+    src = tb.build(tb.SyntheticMultihop, tmp_path, seed=1, n_train=10, n_eval=2)["train"]
+    batch = next(iter(make_dataset(src, seed=0, batch_size=5, transform=from_dict)))
+    assert len(batch) == 5 and all(isinstance(e, QAExample) for e in batch)
