@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 64 << 10        # bytes per read/write syscall
 _STDERR_KEEP = 64 << 10  # only the tail of stderr matters (the last error line)
+_SIGNAL_CAUSES = {"SIGXCPU": ": CPU time limit exceeded",
+                  "SIGXFSZ": ": file size limit exceeded"}
 _EXIT_GRACE_S = 0.2      # after exit, how long grandchildren may hold the pipes open
 
 
@@ -275,11 +277,13 @@ def _failure_line(raw: RawRun) -> str:
     sig = -rc if rc is not None and rc < 0 else (rc - 128 if rc and rc > 128 else 0)
     if sig:
         try:
-            return f"[process killed by {signal.Signals(sig).name}]"
+            name = signal.Signals(sig).name
         except ValueError:
-            pass
+            name = f"signal {sig}"
+        return f"[process killed by {name}{_SIGNAL_CAUSES.get(name, '')}]"
     return f"[exit status {rc}]"
 
 
 def _join(text: str, note: str) -> str:
+    text = text.rstrip("\n")
     return f"{text}\n{note}" if text else note

@@ -59,15 +59,17 @@ def find_bwrap() -> Optional[str]:
 
 
 def prlimit_args(cfg: SandboxConfig) -> List[str]:
-    """The `prlimit` prefix applying the resource limits (soft = hard, so code cannot raise
-    them back)."""
+    """The `prlimit` prefix applying the resource limits. Hard limits equal soft ones so code
+    cannot raise them, except CPU: soft < hard gives SIGXCPU first (a clear "CPU limit" cause
+    in the result) and SIGKILL a second later if the code ignores it."""
     limits = {"cpu": cfg.cpu_s, "as": cfg.memory_bytes, "fsize": cfg.max_file_bytes,
               "core": 0}
     if os.geteuid() == 0 and cfg.drop_privileges:
         # Only meaningful for a dedicated uid: for a shared uid the count would include
         # every other process of that user on the host.
         limits["nproc"] = cfg.max_processes
-    return ["prlimit"] + [f"--{k}={v}:{v}" for k, v in limits.items()] + ["--"]
+    hard = dict(limits, cpu=cfg.cpu_s + 1)
+    return ["prlimit"] + [f"--{k}={v}:{hard[k]}" for k, v in limits.items()] + ["--"]
 
 
 def setpriv_args(uid: int) -> List[str]:
