@@ -1,0 +1,200 @@
+"""The RL train step: `train_step(state, batch) -> (state, metrics)`, one pure function jitted
+once with explicit in/out shardings and the state donated.
+
+Usage (the driver):
+
+    model = create_sharded_model(cfg, mesh, remat=True)          # or load_hf(...)
+    optimizer = build_optimizer(OptimConfig(...))
+    model_def, state, shardings = create_train_state(model, optimizer, mesh, seed=0)
+    step_fn = make_train_step(model_def, optimizer, LossConfig(...), mesh, shardings,
+                              batch_sharding(mesh), micro_batches=2)
+    logprob_fn = make_compute_logprobs(model_def, LossConfig(...), mesh, shardings.params,
+                                       batch_sharding(mesh))
+    packed = pack_sequences(seqs, row_multiple=batch_shards * micro_batches)
+    batch = jax.device_put(packed.batch, batch_sharding(mesh))
+    state, metrics = step_fn(state, batch)       # `state` passed in is donated: do not reuse it
+
+The parameters live in `TrainState` as a plain nested dict (`nnx.to_pure_dict`), so the state is
+an nnx-free pytree that jit and orbax handle directly; `ModelDef.merge(params)` rebuilds the
+NNX model inside the jitted function.
+
+Gradient accumulation: the batch is split along B into `micro_batches` interleaved micro-batches
+(rows i·M + m form micro-batch m, so every batch shard holds a slice of each micro-batch) and a
+`lax.scan` sums their gradients. Each micro-batch loss is divided by the model-token count N of
+the *whole* batch, so the summed gradient is exactly the full-batch token-mean gradient.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tepo_jax.models.decoder import BATCH_AXES
+from tepo_jax.rl.batch import TrainBatch
+from tepo_jax.rl.loss import SUM_METRICS, LossConfig, finalize_metrics, loss_and_metric_sums, loss_token_mask
+from tepo_jax.seqlogprob import token_logprob_entropy
+from tepo_jax.sharding import param_shardings, replicated
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class ModelDef:
+    """The static part of a model: NNX graphdef plus its non-parameter constants (e.g. rope
+    inverse frequencies), which are not trained and not checkpointed."""
+
+    graphdef: Any = flax.struct.field(pytree_node=False)
+    constants: Any = flax.struct.field(pytree_node=False)
+
+    def merge(self, params: PyTree) -> nnx.Module:
+        return nnx.merge(self.graphdef, params, self.constants)
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: PyTree       # nested dict of arrays (nnx.to_pure_dict of the nnx.Param state)
+    opt_state: PyTree    # optax state
+    step: jax.Array      # int32 [], number of optimizer updates done
+    rng: jax.Array       # uint32 [2], raw PRNG key, advanced every step
+
+
+def split_model(model: nnx.Module) -> tuple[ModelDef, PyTree]:
+    """(ModelDef, params as a pure dict)."""
+    graphdef, params, constants = nnx.split(model, nnx.Param, ...)
+    return ModelDef(graphdef, nnx.to_pure_dict(constants)), nnx.to_pure_dict(params)
+
+
+def model_param_shardings(model: nnx.Module, mesh: Mesh) -> PyTree:
+    """NamedSharding per parameter (pure-dict tree) from the specs declared in the model."""
+    return nnx.to_pure_dict(param_shardings(nnx.state(model, nnx.Param), mesh))
+
+
+def train_state_shardings(params_sharding: PyTree, abstract_params: PyTree,
+                          optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """Shardings of every TrainState leaf: optimizer moments follow their parameter, the rest
+    (counts, step, rng) is replicated."""
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, params_sharding,
+                                transform_non_params=lambda _: replicated(mesh))
+    return TrainState(params=params_sharding, opt_state=opt, step=replicated(mesh), rng=replicated(mesh))
+
+
+def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
+                       seed: int = 0) -> tuple[ModelDef, TrainState, TrainState]:
+    """(model_def, state, state_shardings), every array placed on its sharding.
+
+    The parameters are copied, so the step donating `state` never invalidates `model`.
+    """
+    model_def, params = split_model(model)
+    p_shard = model_param_shardings(model, mesh)
+    shardings = train_state_shardings(p_shard, jax.eval_shape(lambda: params), optimizer, mesh)
+    params = jax.tree.map(lambda x, s: jax.device_put(x, s, may_alias=False), params, p_shard)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    state = TrainState(params=params, opt_state=opt_state,
+                       step=jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh)),
+                       rng=jax.device_put(jax.random.PRNGKey(seed), replicated(mesh)))
+    return model_def, state, shardings
+
+
+def forward_logprobs(model_def: ModelDef, params: PyTree, batch: TrainBatch,
+                     cfg: LossConfig) -> tuple[jax.Array, jax.Array]:
+    """(logprob, entropy) [B, T] of every token under `params`, batch convention (rl/batch.py)."""
+    model = model_def.merge(params)
+    hidden, _ = model.hidden_states(batch.tokens, batch.positions, segment_ids=batch.segment_ids)
+    return token_logprob_entropy(hidden, model.unembed_kernel(), batch.tokens, batch.segment_ids,
+                                 cfg.seq_chunk, cfg.vocab_chunk)
+
+
+def split_micro_batches(batch: TrainBatch, micro_batches: int) -> TrainBatch:
+    """[B, T] -> [M, B/M, T]; micro-batch m = rows m, m + M, m + 2M, … (interleaved)."""
+    b = batch.tokens.shape[0]
+    if b % micro_batches:
+        raise ValueError(f"batch size {b} is not divisible by micro_batches={micro_batches}")
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(b // micro_batches, micro_batches, -1), 0, 1),
+                        batch)
+
+
+def accumulate_gradients(model_def: ModelDef, params: PyTree, batch: TrainBatch, cfg: LossConfig,
+                         micro_batches: int = 1, mesh: Optional[Mesh] = None,
+                         grad_shardings: Optional[PyTree] = None) -> tuple[PyTree, dict, jax.Array]:
+    """(grads, metric sums, N): the full-batch token-mean loss gradient, over micro-batches."""
+    num_tokens = jnp.maximum(jnp.sum(loss_token_mask(batch)), 1.0)
+
+    def micro_loss(p, mb):
+        logp, entropy = forward_logprobs(model_def, p, mb, cfg)
+        return loss_and_metric_sums(logp, entropy, mb, cfg, num_tokens)
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+    if micro_batches == 1:
+        grads, sums = grad_fn(params, batch)
+        return grads, sums, num_tokens
+    micro = split_micro_batches(batch, micro_batches)
+    if mesh is not None:
+        micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, BATCH_AXES, None)))
+    constrain = (lambda g: g) if grad_shardings is None else (
+        lambda g: jax.lax.with_sharding_constraint(g, grad_shardings))
+
+    def body(carry, mb):
+        grads, sums = grad_fn(params, mb)
+        acc_g, acc_s = carry
+        return (constrain(jax.tree.map(jnp.add, acc_g, grads)), jax.tree.map(jnp.add, acc_s, sums)), None
+
+    zero_g = constrain(jax.tree.map(jnp.zeros_like, params))
+    zero_s = {k: jnp.zeros((), jnp.float32) for k in SUM_METRICS}
+    (grads, sums), _ = jax.lax.scan(body, (zero_g, zero_s), micro)
+    return grads, sums, num_tokens
+
+
+def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
+                    mesh: Mesh, state_shardings: TrainState, batch_sharding: NamedSharding,
+                    micro_batches: int = 1,
+                    schedule: Optional[optax.Schedule] = None) -> Callable[[TrainState, TrainBatch],
+                                                                          tuple[TrainState, dict]]:
+    """The jitted `train_step(state, batch) -> (state, metrics)`; build it once per run.
+
+    Metrics (replicated scalars): the loss metrics of `rl/loss.py` (token means over the batch's
+    model tokens), `num_model_tokens`, `grad_norm` (before clipping) and, with `schedule`,
+    `learning_rate` (the one used for this update).
+    """
+    batch_shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+    def train_step(state: TrainState, batch: TrainBatch):
+        b = batch.tokens.shape[0]
+        if b % (micro_batches * batch_shards):
+            raise ValueError(f"batch size {b} must be a multiple of micro_batches × batch shards "
+                             f"= {micro_batches} × {batch_shards} (use pack_sequences(row_multiple=...))")
+        grads, sums, n = accumulate_gradients(model_def, state.params, batch, loss_cfg, micro_batches,
+                                              mesh, state_shardings.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = finalize_metrics(sums, n)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        if schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1,
+                               rng=jax.random.split(state.rng)[0])
+        return new_state, metrics
+
+    batch_shardings = TrainBatch(*([batch_sharding] * len(TrainBatch._fields)))
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+
+
+def make_compute_logprobs(model_def: ModelDef, loss_cfg: LossConfig, mesh: Mesh, params_sharding: PyTree,
+                          batch_sharding: NamedSharding) -> Callable[[PyTree, TrainBatch],
+                                                                     tuple[jax.Array, jax.Array]]:
+    """Jitted `compute_logprobs(params, batch) -> (logprobs, entropies)` [B, T] with the same
+    chunked function the loss uses: recomputed old logprobs, or reference-model logprobs (pass
+    the reference params; same ModelDef). Only tokens/positions/segment_ids are read."""
+    def compute(params, batch):
+        return forward_logprobs(model_def, params, batch, loss_cfg)
+
+    batch_shardings = TrainBatch(*([batch_sharding] * len(TrainBatch._fields)))
+    return jax.jit(compute, in_shardings=(params_sharding, batch_shardings),
+                   out_shardings=(batch_sharding, batch_sharding))
