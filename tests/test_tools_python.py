@@ -22,7 +22,7 @@ HAVE_BWRAP = find_bwrap() is not None
 needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap (bwrap) not installed: "
                                  "`apt-get install bubblewrap` to run the sandbox-only cases")
 START_SLACK_S = 3.0  # process start + kill on a loaded 2-core machine
-CFG = SandboxConfig(timeout_s=5.0, cpu_s=5, memory_bytes=1 << 30, max_output_chars=2000,
+CFG = SandboxConfig(timeout_s=5.0, cpu_s=5, memory_bytes=512 << 20, max_output_chars=2000,
                     max_capture_bytes=1 << 20)
 
 
@@ -84,8 +84,10 @@ COMMON = [
      {ToolStatus.TIMEOUT}, "before"),
     ("fork_bomb", "import os\nwhile True:\n    try:\n        os.fork()\n"
      "    except OSError:\n        pass", 2.0, {ToolStatus.TIMEOUT, ToolStatus.ERROR}, None),
-    ("memory_bomb", "a = []\nwhile True:\n    a.append(bytearray(64 << 20))", 5.0,
+    # Touches every page it gets, so it is slow on a loaded machine: a generous deadline.
+    ("memory_bomb", "a = []\nwhile True:\n    a.append(bytearray(32 << 20))", 8.0,
      {ToolStatus.ERROR}, "MemoryError"),
+    ("huge_allocation", "x = bytearray(1 << 40)", 5.0, {ToolStatus.ERROR}, "MemoryError"),
     ("huge_output", "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", 5.0,
      {ToolStatus.ERROR}, "output exceeded"),
     ("os_exit", "import os\nprint('partial', flush=True)\nos._exit(3)", 5.0,

@@ -1,0 +1,138 @@
+"""The bridge: concurrency, per-call deadlines, isolation of failures, order, counters."""
+import threading
+import time
+
+import pytest
+
+from tepo_jax.tools import (ParseError, PythonTool, SandboxConfig, ToolBridge, ToolCall,
+                            ToolFormat, ToolResult, ToolStatus)
+
+
+class Echo:
+    name = "echo"
+
+    def run(self, argument, timeout):
+        return ToolResult(argument.upper(), ToolStatus.OK)
+
+
+class Crash:
+    name = "crash"
+
+    def run(self, argument, timeout):
+        raise RuntimeError(f"boom on {argument}")
+
+
+class Hang:
+    """Ignores its deadline until released: the bridge must abandon it, not wait."""
+    name = "hang"
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def run(self, argument, timeout):
+        self.release.wait(30)
+        return ToolResult("late", ToolStatus.OK)
+
+
+class Barrier:
+    """Each call waits until `n` calls are running at once: proves real concurrency without
+    timing assertions (a sequential executor would time out instead)."""
+    name = "barrier"
+
+    def __init__(self, n):
+        self.barrier = threading.Barrier(n, timeout=10)
+
+    def run(self, argument, timeout):
+        self.barrier.wait()
+        return ToolResult(argument, ToolStatus.OK)
+
+
+def test_mixed_batch_order_and_counters():
+    hang = Hang()
+    bridge = ToolBridge({"echo": Echo(), "crash": Crash(), "hang": hang},
+                        max_workers=4, default_timeout=5.0, grace_s=0.2)
+    calls = [ToolCall("echo", "a"), ToolCall("hang", "x", timeout=0.3),
+             ToolCall("crash", "c"), ParseError("unclosed tag <python>", tool="python"),
+             ToolCall("nope", "z"), ToolCall("echo", "b")]
+    t0 = time.monotonic()
+    results = bridge.run_batch(calls)
+    assert time.monotonic() - t0 < 3.0  # the hung call did not stall the batch
+    hang.release.set()
+    assert [r.status for r in results] == [
+        ToolStatus.OK, ToolStatus.TIMEOUT, ToolStatus.ERROR, ToolStatus.PARSE_ERROR,
+        ToolStatus.PARSE_ERROR, ToolStatus.OK]
+    assert results[0].text == "A" and results[5].text == "B"
+    assert "RuntimeError: boom on c" in results[2].text
+    assert "unknown tool 'nope'" in results[4].text and "echo" in results[4].text
+    assert results[3].text == "unclosed tag <python>"
+    stats = bridge.stats()
+    assert stats["all"]["calls"] == 6
+    assert stats["all"]["failures"] == 3 and stats["all"]["timeouts"] == 1
+    assert stats["all"]["abandoned"] == 1
+    assert stats["echo"]["calls"] == 2 and stats["echo"]["failures"] == 0
+    assert stats["hang"]["latency_max_s"] >= 0.3
+    assert stats["all"]["latency_total_s"] >= stats["all"]["latency_max_s"]
+    bridge.close()
+
+
+def test_calls_run_concurrently():
+    bridge = ToolBridge({"barrier": Barrier(4)}, max_workers=4, default_timeout=10)
+    results = bridge.run_batch([ToolCall("barrier", str(i)) for i in range(4)])
+    assert [r.text for r in results] == ["0", "1", "2", "3"]
+    bridge.close()
+
+
+def test_deadline_counts_from_start_not_from_queueing():
+    """With one worker, a queued call is not timed out for time spent waiting in the queue."""
+    class Slowish:
+        name = "slow"
+
+        def run(self, argument, timeout):
+            time.sleep(0.3)
+            return ToolResult("done", ToolStatus.OK)
+    bridge = ToolBridge({"slow": Slowish()}, max_workers=1, default_timeout=0.5, grace_s=0.1)
+    results = bridge.run_batch([ToolCall("slow", str(i)) for i in range(3)])
+    assert [r.status for r in results] == [ToolStatus.OK] * 3
+    bridge.close()
+
+
+def test_submit_returns_future_and_overlaps():
+    bridge = ToolBridge({"barrier": Barrier(3)}, max_workers=3, default_timeout=10)
+    fut = bridge.submit([ToolCall("barrier", "x"), ToolCall("barrier", "y")])
+    # The caller keeps working while the batch runs; here it supplies the third party.
+    third = bridge.submit([ToolCall("barrier", "z")])
+    assert [r.text for r in fut.result(timeout=10)] == ["x", "y"]
+    assert third.result(timeout=10)[0].text == "z"
+    bridge.close()
+
+
+def test_empty_batch():
+    with ToolBridge({}, max_workers=1) as bridge:
+        assert bridge.run_batch([]) == []
+        assert bridge.stats()["all"]["calls"] == 0
+
+
+def test_end_to_end_with_python_tool_and_parser():
+    """Parse model turns, run them through the bridge with the real sandboxed python tool."""
+    fmt = ToolFormat()
+    turns = ["<python>print(sum(range(10)))</python>",
+             "<python>while True: pass</python>",
+             "<python>import os; os._exit(7)</python>",
+             "<python>print(1)",
+             "<python>print('ok')</python>"]
+    calls = [fmt.parse(t) for t in turns]
+    tool = PythonTool(SandboxConfig(timeout_s=1.5))
+    with ToolBridge({"python": tool}, max_workers=4, default_timeout=1.5) as bridge:
+        t0 = time.monotonic()
+        results = bridge.run_batch(calls)
+        assert time.monotonic() - t0 < 1.5 + 4.0
+    assert [r.status for r in results] == [ToolStatus.OK, ToolStatus.TIMEOUT,
+                                           ToolStatus.ERROR, ToolStatus.PARSE_ERROR,
+                                           ToolStatus.OK]
+    assert results[0].text.strip() == "45" and "exit status 7" in results[2].text
+    assert fmt.wrap_result(results[4].text).startswith("\n<result>\nok")
+
+
+def test_invalid_pool_size():
+    with pytest.raises(ValueError, match="max_workers"):
+        ToolBridge({}, max_workers=0)
