@@ -1,0 +1,15 @@
+"""Jitted batched sampler with a KV cache; emits per-token logprob and entropy (temperature 1).
+
+See docs/sampler.md. Public API:
+    Sampler(model, SamplerConfig(...), tokenizer=None)
+    .generate(prompts, params) -> list[TurnOutput]
+    .submit(prompt_ids, params, request_id) -> slot ; .step() -> list[TurnOutput]
+    .append(slot, token_ids, params) ; .release(slot) ; .update_params(model_or_state)
+"""
+from tepo_jax.sampling.config import (FINISH_EOS, FINISH_LENGTH, FINISH_MAX_TOKENS, FINISH_REASONS,
+                                      FINISH_STOP_STRING, SamplerConfig, SamplingParams)
+from tepo_jax.sampling.sampler import Sampler, TurnOutput
+from tepo_jax.sampling.stops import StopMatcher, token_bytes_fn
+
+__all__ = ["Sampler", "SamplerConfig", "SamplingParams", "TurnOutput", "StopMatcher", "token_bytes_fn",
+           "FINISH_EOS", "FINISH_LENGTH", "FINISH_MAX_TOKENS", "FINISH_REASONS", "FINISH_STOP_STRING"]

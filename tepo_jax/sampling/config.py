@@ -1,0 +1,154 @@
+"""Sampler configuration (fixed per compiled sampler) and per-request sampling parameters.
+
+`SamplerConfig` fixes every shape the jitted functions see: the number of slots, the cache
+length, the attention-window buckets, the prefill chunk buckets and the number of decode
+steps run per device call. `SamplingParams` travels with each request and only changes array
+values, never shapes, so a new request never recompiles anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+# Finish reasons reported by `Sampler.step()`.
+FINISH_EOS = "eos"                  # sampled one of the stop token ids (kept as the last token)
+FINISH_STOP_STRING = "stop_string"  # the token that completes a stop string (kept)
+FINISH_MAX_TOKENS = "max_tokens"    # the turn reached its max_tokens
+FINISH_LENGTH = "length"            # the sequence filled the KV cache (max_len tokens)
+FINISH_REASONS = (FINISH_EOS, FINISH_STOP_STRING, FINISH_MAX_TOKENS, FINISH_LENGTH)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Shapes and defaults of one compiled sampler.
+
+    max_slots: sequences decoded together (the compiled batch); requests fill free slots.
+    cache_buckets: attention-window lengths, ascending; the KV cache holds `cache_buckets[-1]`
+        positions, and each device call attends over (and writes) only the smallest bucket that
+        covers every active sequence, so early tokens do not pay for the whole cache.
+    prefill_buckets: token-chunk lengths prefill is compiled for; longer inputs are prefilled
+        in several chunks of the largest bucket.
+    steps_per_call: decode steps run inside one device loop before returning to the host
+        (the loop also exits early once every slot has stopped). Stop strings are checked on
+        the host after each call, so a sequence can overshoot a stop string by up to this
+        many tokens of wasted (discarded) compute.
+    vocab_chunk: if set, entropy/logprob statistics and sampling scan the vocabulary in chunks
+        of this size (bounded temporaries); None = one fused pass.
+    max_stop_token_ids: width of the per-slot stop-token table (eos ids + request stop ids).
+    """
+
+    max_slots: int = 8
+    cache_buckets: tuple[int, ...] = (256, 512, 1024, 2048)
+    prefill_buckets: tuple[int, ...] = (32, 128, 512)
+    steps_per_call: int = 32
+    eos_ids: tuple[int, ...] = ()
+    max_stop_token_ids: int = 8
+    vocab_chunk: Optional[int] = None
+    # Defaults for SamplingParams fields left as None.
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
+        for name in ("cache_buckets", "prefill_buckets"):
+            b = tuple(getattr(self, name))
+            if not b or any(x < 1 for x in b) or list(b) != sorted(set(b)):
+                raise ValueError(f"{name} must be non-empty, positive and strictly ascending, got {b}")
+            object.__setattr__(self, name, b)
+        if self.steps_per_call < 1:
+            raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
+        if len(self.eos_ids) > self.max_stop_token_ids:
+            raise ValueError(f"{len(self.eos_ids)} eos_ids exceed max_stop_token_ids={self.max_stop_token_ids}")
+        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+        object.__setattr__(self, "stop", normalize_stop(self.stop))
+
+    @property
+    def max_len(self) -> int:
+        """Positions one sequence can hold (prompt + all turns), = the largest cache bucket."""
+        return self.cache_buckets[-1]
+
+    def replace(self, **changes) -> "SamplerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; None fields take the SamplerConfig default.
+
+    temperature 0 (or greedy=True) picks the argmax. top_k 0 and top_p 1 disable truncation.
+    seed: the request's random stream; token i of the sequence uses fold_in(key(seed), i), so
+    the same seed gives the same tokens whatever else is in the batch. None = config seed plus
+    the request's submission counter.
+    stop: stop strings for this request (replaces the config's). stop_token_ids: extra ids
+    that end a turn, on top of the config's eos_ids.
+    """
+
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    greedy: bool = False
+    max_tokens: Optional[int] = None
+    stop: Optional[Union[str, Sequence[str]]] = None
+    stop_token_ids: Sequence[int] = ()
+    seed: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedParams:
+    """SamplingParams with every default filled in and validated (host side)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    greedy: bool
+    max_tokens: int
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+    seed: int
+
+
+def normalize_stop(stop) -> tuple[str, ...]:
+    """A stop spec (None, str, or a sequence of str) as a tuple of non-empty strings."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if isinstance(stop, (bytes, bytearray)) or not isinstance(stop, (list, tuple)):
+        raise ValueError(f"stop must be a str or a list/tuple of str, got {type(stop).__name__}: {stop!r}")
+    for s in stop:
+        if not isinstance(s, str):
+            raise ValueError(f"stop strings must be str, got {type(s).__name__}: {s!r}")
+        if not s:
+            raise ValueError("stop strings must be non-empty")
+    return tuple(stop)
+
+
+def resolve(params: Optional[SamplingParams], cfg: SamplerConfig, default_seed: int) -> ResolvedParams:
+    p = params or SamplingParams()
+    if not isinstance(p, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(p).__name__}")
+    temperature = cfg.temperature if p.temperature is None else float(p.temperature)
+    top_p = cfg.top_p if p.top_p is None else float(p.top_p)
+    top_k = cfg.top_k if p.top_k is None else int(p.top_k)
+    max_tokens = cfg.max_new_tokens if p.max_tokens is None else int(p.max_tokens)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    stop_ids = tuple(dict.fromkeys(cfg.eos_ids + tuple(int(i) for i in p.stop_token_ids)))
+    if len(stop_ids) > cfg.max_stop_token_ids:
+        raise ValueError(f"{len(stop_ids)} stop token ids exceed max_stop_token_ids={cfg.max_stop_token_ids}")
+    seed = default_seed if p.seed is None else int(p.seed)
+    return ResolvedParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                          greedy=bool(p.greedy or temperature == 0.0), max_tokens=max_tokens,
+                          stop=cfg.stop if p.stop is None else normalize_stop(p.stop),
+                          stop_token_ids=stop_ids, seed=seed)
