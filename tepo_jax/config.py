@@ -65,6 +65,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.tools.require_sandbox = False   # refuse to run python without bubblewrap
     c.tools.search_backend = "local"  # local | remote
     c.tools.search_url = ""           # retrieval server for the remote backend
+    c.tools.search_index = ""         # bm25s index directory for the local backend
+    c.tools.search_corpus = ""        # or a JSONL corpus to index at start-up
     c.tools.search_top_k = 3
     c.tools.max_workers = 8
     c.tools.max_result_chars = 600

@@ -1,0 +1,170 @@
+"""Everything a run needs, built once from a validated config: mesh, tokenizer, data, tools, model.
+
+Kept apart from the loops (sft/trainer.py, rl/loop.py) so that `train`, `evaluate` and the
+demo build their parts the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from tepo_jax.checkpoints.hf import load_hf
+from tepo_jax.data import jsonl, synthetic
+from tepo_jax.data.prompts import system_prompt
+from tepo_jax.models.config import ModelConfig
+from tepo_jax.models.decoder import Decoder
+from tepo_jax.models.presets import preset
+from tepo_jax.sharding import MeshConfig, create_sharded_model, make_mesh
+from tepo_jax.tokenizer import load_tokenizer
+from tepo_jax.tools import PythonTool, SandboxConfig, ToolBridge, ToolFormat
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Experiment:
+    config: ml_collections.ConfigDict
+    workdir: Path
+    mesh: jax.sharding.Mesh
+    tokenizer: object
+    fmt: ToolFormat
+    tools: tuple[str, ...]
+    train_examples: list
+    eval_examples: list
+    bridge: Optional[ToolBridge] = None
+
+    def close(self) -> None:
+        if self.bridge is not None:
+            self.bridge.close()
+
+
+# ----------------------------------------------------------------------------- data
+
+def synthetic_data_dir(config) -> Path:
+    return Path(config.workdir) / "data"
+
+
+def _interleave(a: list, b: list) -> list:
+    out = []
+    for x, y in zip(a, b):
+        out += [x, y]
+    return out + a[len(b):] + b[len(a):]
+
+
+def load_examples(config) -> tuple[list, list, Optional[str]]:
+    """(train, eval, corpus JSONL path or None) for the configured task."""
+    if config.data.task == "synthetic":
+        paths = synthetic.write_synthetic(synthetic_data_dir(config), seed=config.seed,
+                                          n_train=config.data.n_train, n_eval=config.data.n_eval)
+        read = lambda name, layout: jsonl.read_jsonl(paths[name], layout=layout)  # noqa: E731
+        train = _interleave(read("arithmetic_train", "math"), read("multihop_train", "qa"))
+        evals = _interleave(read("arithmetic_eval", "math"), read("multihop_eval", "qa"))
+        return train[: config.data.n_train], evals[: config.data.n_eval], str(paths["corpus"])
+    layout = config.data.task if config.data.layout == "auto" else config.data.layout
+    train = jsonl.read_jsonl(config.data.train_path, layout=layout)
+    evals = jsonl.read_jsonl(config.data.eval_path, layout=layout) if config.data.eval_path else []
+    return train, evals, config.tools.search_corpus or None
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def tokenizer_texts(examples, corpus_path: Optional[str]) -> list[str]:
+    """Text the demo's tiny BPE is trained on: prompts, reference solutions, the corpus."""
+    texts = [system_prompt()]
+    for ex in examples:
+        texts.append(ex.question)
+        texts += [t["text"] for t in synthetic.reference_solution(ex) if "text" in t]
+    if corpus_path:
+        texts += [p["text"] for p in jsonl.read_corpus(corpus_path)]
+    return texts
+
+
+def build_tokenizer(config, examples, corpus_path):
+    from tepo_jax.testing.tokenizers import cached_tokenizer_dir  # offline builders
+    from tepo_jax.tiny_tokenizer import build_tiny_tokenizer
+
+    if config.tokenizer.path:
+        return load_tokenizer(config.tokenizer.path)
+    if config.model.tiny:
+        out = Path(config.workdir) / "tokenizer"
+        if not (out / "tokenizer.json").exists():
+            build_tiny_tokenizer(tokenizer_texts(examples, corpus_path), out)
+        return load_tokenizer(out)
+    name = {"qwen2.5": "qwen2.5", "llama3": "llama3.1"}[config.tokenizer.builtin]
+    return load_tokenizer(cached_tokenizer_dir(name))
+
+
+# ----------------------------------------------------------------------------- tools
+
+def build_bridge(config, corpus_path: Optional[str]) -> ToolBridge:
+    tools = {}
+    if config.tools.python:
+        tools["python"] = PythonTool(SandboxConfig(timeout_s=config.tools.python_timeout_s,
+                                                   require_sandbox=config.tools.require_sandbox,
+                                                   max_output_chars=config.tools.max_result_chars))
+    if config.tools.search:
+        tools["search"] = _search_tool(config, corpus_path)
+    return ToolBridge(tools, max_workers=config.tools.max_workers,
+                      default_timeout=config.tools.python_timeout_s + 1)
+
+
+def _search_tool(config, corpus_path):
+    from tepo_jax.tools.search import BM25Index, LocalSearch, RemoteSearch, build_index
+
+    kw = dict(top_k=config.tools.search_top_k, max_chars=config.tools.max_result_chars)
+    if config.tools.search_backend == "remote":
+        return RemoteSearch(config.tools.search_url, **kw)
+    index_dir = config.tools.search_index or str(Path(config.workdir) / "search_index")
+    if not os.path.exists(os.path.join(index_dir, "params.index.json")) and not config.tools.search_index:
+        if not corpus_path:
+            raise ValueError("config.tools.search_corpus: the local search backend needs a corpus or an index")
+        build_index(jsonl.read_corpus(corpus_path), index_dir)
+    return LocalSearch(BM25Index.load(index_dir), **kw)
+
+
+# ----------------------------------------------------------------------------- model
+
+def model_config(config, vocab_size: int) -> ModelConfig:
+    dtype, param_dtype = _DTYPES[config.model.dtype], _DTYPES[config.model.param_dtype]
+    if config.model.preset:
+        return preset(config.model.preset, dtype=dtype, param_dtype=param_dtype)
+    m = config.model
+    return ModelConfig(family="qwen2", vocab_size=vocab_size, hidden_size=m.tiny_hidden,
+                       intermediate_size=4 * m.tiny_hidden, num_layers=m.tiny_layers,
+                       num_heads=m.tiny_heads, num_kv_heads=m.tiny_kv_heads,
+                       head_dim=m.tiny_hidden // m.tiny_heads, qkv_bias=True,
+                       tie_word_embeddings=True, rope_theta=10_000.0,
+                       max_position_embeddings=config.rollout.cache_len, dtype=dtype,
+                       param_dtype=param_dtype)
+
+
+def build_model(config, mesh, tokenizer) -> Decoder:
+    """The initial policy: an HF checkpoint, or a random preset / tiny model, on `mesh`."""
+    if config.model.hf_checkpoint:
+        return load_hf(config.model.hf_checkpoint, mesh=mesh, dtype=_DTYPES[config.model.dtype],
+                       param_dtype=_DTYPES[config.model.param_dtype], remat=config.model.remat)
+    cfg = model_config(config, len(tokenizer))
+    return create_sharded_model(cfg, mesh, seed=config.seed, remat=config.model.remat)
+
+
+# ----------------------------------------------------------------------------- all together
+
+def setup(config) -> Experiment:
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+    train, evals, corpus = load_examples(config)
+    tokenizer = build_tokenizer(config, train, corpus)
+    tools = tuple(t for t in ("python", "search") if config.tools[t])
+    bridge = build_bridge(config, corpus)
+    return Experiment(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
+                      fmt=ToolFormat(tools=tools), tools=tools, train_examples=train,
+                      eval_examples=evals, bridge=bridge)
