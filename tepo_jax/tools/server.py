@@ -12,6 +12,8 @@ import argparse
 import logging
 from typing import List, Optional, Sequence
 
+from pydantic import BaseModel, Field
+
 from tepo_jax.tools.search import BM25Index
 
 log = logging.getLogger(__name__)
@@ -19,15 +21,15 @@ MAX_QUERIES = 1024  # per request: bounds one request's work and response size
 MAX_TOP_K = 100
 
 
+class RetrieveRequest(BaseModel):
+    queries: List[str] = Field(..., max_length=MAX_QUERIES)
+    top_k: int = Field(3, ge=1, le=MAX_TOP_K)
+
+
 def create_app(index: BM25Index):
     """The FastAPI app over `index`. Search runs in FastAPI's thread pool (sync endpoint), so
     one slow request does not block the event loop."""
     from fastapi import FastAPI  # noqa: PLC0415
-    from pydantic import BaseModel, Field  # noqa: PLC0415
-
-    class RetrieveRequest(BaseModel):
-        queries: List[str] = Field(..., max_length=MAX_QUERIES)
-        top_k: int = Field(3, ge=1, le=MAX_TOP_K)
 
     app = FastAPI(title="tepo_jax retrieval")
 

@@ -1,0 +1,222 @@
+"""Search: BM25 index over a generated 100k-passage corpus, the retrieval server and its
+client (roundtrip, cache, dead and silent servers)."""
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tepo_jax.tools import ToolStatus
+from tepo_jax.tools.search import (BM25Index, LocalSearch, Passage, RemoteSearch,
+                                   build_index, format_passages, read_corpus)
+
+N_DOCS = 100_000
+NEEDLES = [
+    {"id": "eiffel", "title": "Eiffel Tower", "text": "The Eiffel Tower is a wrought-iron "
+     "lattice tower in Paris, completed in 1889."},
+    {"id": "danube", "title": "Danube", "text": "The Danube flows through Vienna, Budapest "
+     "and Belgrade into the Black Sea."},
+]
+
+
+def _corpus_lines(n):
+    """Deterministic filler passages over a synthetic vocabulary, plus the needles."""
+    rng = random.Random(0)
+    vocab = [f"tok{i}" for i in range(20_000)]
+    for i in range(n - len(NEEDLES)):
+        yield {"id": str(i), "title": f"Filler {i}",
+               "text": " ".join(rng.choices(vocab, k=16))}
+    yield from NEEDLES
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    with open(path, "w") as f:
+        for rec in _corpus_lines(N_DOCS):
+            f.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def index_dir(corpus_file, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("index"))
+    t0 = time.monotonic()
+    assert build_index(read_corpus(corpus_file), out) == N_DOCS
+    assert time.monotonic() - t0 < 60, "building 100k passages must take well under a minute"
+    return out
+
+
+@pytest.fixture(scope="module")
+def index(index_dir):
+    return BM25Index.load(index_dir, mmap=True)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(index_dir):
+    """The retrieval server started with its one command, on a free local port."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tepo_jax.tools.server", "--index",
+                             index_dir, "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up within 60 s"
+        time.sleep(0.1)
+    yield url, proc
+    proc.kill()
+    proc.wait()
+
+
+# ---- local index --------------------------------------------------------------------------
+def test_index_is_memory_mapped(index):
+    assert index.num_docs == N_DOCS
+    assert isinstance(index._retriever.scores["data"], np.memmap)
+
+
+@pytest.mark.parametrize("query, first", [
+    ("Where is the Eiffel Tower?", "eiffel"),
+    ("river through Vienna and Budapest", "danube"),
+])
+def test_local_search_finds_needles(index, query, first):
+    hits = index.search(query, k=3)
+    assert hits[0].id == first and len(hits) <= 3
+    assert hits[0].score >= hits[-1].score
+
+
+def test_batched_equals_single(index):
+    queries = ["Eiffel Tower", "tok1 tok2 tok3", "Danube Black Sea", "zzzunknownzzz"]
+    batched = index.search_many(queries, k=5)
+    assert batched == [index.search(q, k=5) for q in queries]
+    assert batched[3] == []  # no indexed word: no results rather than arbitrary ones
+
+
+def test_local_tool_output_is_formatted(index):
+    tool = LocalSearch(index, top_k=2, max_chars=30)
+    r = tool.run("Eiffel Tower Paris and the Danube", timeout=5)
+    assert r.status is ToolStatus.OK and r.tool == "search"
+    lines = r.text.splitlines()
+    assert lines[0].startswith("Doc 1 (Title: Eiffel Tower) The Eiffel Tower")
+    assert "…[truncated" in lines[0] and len(lines) == 2
+    assert lines[1].startswith("Doc 2 (Title: Danube) ")
+    assert tool.run("qqqq", timeout=5).text == "No results found."
+
+
+def test_format_passages():
+    ps = [Passage("1", "A", "alpha"), Passage("2", "B", "beta")]
+    assert format_passages(ps) == "Doc 1 (Title: A) alpha\nDoc 2 (Title: B) beta"
+    assert format_passages([]) == "No results found."
+
+
+def test_bad_corpus_line_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": 1, "title": "t", "text": "x"}\n{"id": 2}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        list(read_corpus(str(path)))
+
+
+def test_load_missing_index_says_how_to_build(tmp_path):
+    with pytest.raises(FileNotFoundError, match="search build"):
+        BM25Index.load(str(tmp_path))
+
+
+def test_cli_build_and_query(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in NEEDLES))
+    out = tmp_path / "idx"
+    env = dict(os.environ)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "tepo_jax.tools.search", *a],
+                                    capture_output=True, text=True, timeout=120, env=env)
+    built = run("build", "--corpus", str(corpus), "--out", str(out))
+    assert built.returncode == 0 and "indexed 2 passages" in built.stdout, built.stderr
+    found = run("query", "--index", str(out), "--top-k", "1", "Vienna")
+    assert found.returncode == 0 and found.stdout.startswith("Doc 1 (Title: Danube)")
+
+
+def test_search_does_not_import_jax():
+    code = ("import sys, tempfile; from tepo_jax.tools.search import build_index, BM25Index\n"
+            "d = tempfile.mkdtemp(); build_index([{'id': '1', 'title': 'tt', 'text': 'alpha beta'}]"
+            " * 3, d)\nBM25Index.load(d).search('alpha', 2); print('jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+# ---- server and client --------------------------------------------------------------------
+def test_server_roundtrip_matches_local(server, index):
+    url, _ = server
+    client = RemoteSearch(url, top_k=3, timeout=10)
+    queries = ["Eiffel Tower", "Vienna Budapest", "tok5 tok6"]
+    remote = client.search_many(queries)
+    local = index.search_many(queries, 3)
+    assert [[p.id for p in row] for row in remote] == [[p.id for p in row] for row in local]
+    r = client.run("Where is the Eiffel Tower?")
+    assert r.status is ToolStatus.OK and r.text.startswith("Doc 1 (Title: Eiffel Tower)")
+    client.close()
+
+
+def test_client_cache_counts_and_serves_hits(server):
+    url, _ = server
+    client = RemoteSearch(url, top_k=2, timeout=10, cache_size=2)
+    client.search_many(["Danube", "Eiffel"])
+    assert (client.cache_hits, client.cache_misses) == (0, 2)
+    client.search_many(["Danube", "Eiffel", "Danube"])
+    assert (client.cache_hits, client.cache_misses) == (3, 2)
+    client.search_many(["Paris"])  # evicts the least recently used entry ("Eiffel")
+    client.search_many(["Danube"])
+    assert (client.cache_hits, client.cache_misses) == (4, 3)
+    client.search_many(["Eiffel"])
+    assert (client.cache_hits, client.cache_misses) == (4, 4)
+    client.close()
+
+
+def test_server_validates_requests(server):
+    import httpx
+    url, _ = server
+    bad = httpx.post(url + "/retrieve", json={"queries": "not a list"}, timeout=10)
+    assert bad.status_code == 422
+    zero = httpx.post(url + "/retrieve", json={"queries": ["x"], "top_k": 0}, timeout=10)
+    assert zero.status_code == 422
+    ok = httpx.post(url + "/retrieve", json={"queries": [], "top_k": 2}, timeout=10)
+    assert ok.json() == {"results": []}
+
+
+def test_dead_server_errors_after_retries():
+    client = RemoteSearch(f"http://127.0.0.1:{_free_port()}", timeout=1.0, retries=2,
+                          backoff_s=0.05)
+    t0 = time.monotonic()
+    r = client.run("anything", timeout=5.0)
+    assert time.monotonic() - t0 < 5.0
+    assert r.status is ToolStatus.ERROR and "failed after 3 attempts" in r.text
+
+
+def test_silent_server_is_bounded_by_the_call_timeout():
+    """A server that accepts connections but never answers must not hang the call."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(16)
+        client = RemoteSearch(f"http://127.0.0.1:{srv.getsockname()[1]}", timeout=0.5,
+                              retries=5, backoff_s=0.05)
+        t0 = time.monotonic()
+        r = client.run("anything", timeout=1.2)
+        assert time.monotonic() - t0 < 1.2 + 1.0
+    assert r.status is ToolStatus.ERROR and "search error" in r.text
