@@ -129,6 +129,10 @@ def from_hf_config(hf: Mapping[str, Any], *, dtype=None, param_dtype=None) -> Mo
         raise UnsupportedConfigError(
             f"unsupported architecture {archs or hf.get('model_type')!r}; supported: "
             f"{sorted(SUPPORTED_ARCHITECTURES)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UnsupportedConfigError(f"unsupported hidden_act {hf['hidden_act']!r} (supported: silu)")
+    if hf.get("use_sliding_window"):
+        raise UnsupportedConfigError("sliding-window attention (use_sliding_window: true) is not supported")
     try:
         theta, scaling = _rope_from_hf(hf)
         stored = _dtype_from_name(hf.get("dtype") or hf.get("torch_dtype"), jnp.float32)

@@ -35,7 +35,12 @@ def _hf_config(family: str, *, vocab_size, hidden_size, intermediate_size, num_l
 
 
 def _randomize(model, seed: int) -> None:
-    """Random values for every tensor: N(0, 0.02) matrices, N(1, 0.1) norms, N(0, 0.1) biases."""
+    """Random values for every tensor, scaled so activations and logits are O(1).
+
+    Matrices (embedding too) N(0, 1/hidden_or_fan_in), norms N(1, 0.2), biases N(0, 0.5). (With the
+    usual N(0, 0.02) init a tiny model's logits are ~1e-2 and barely depend on attention, so a
+    1e-4 comparison would hardly test anything.)
+    """
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -43,11 +48,11 @@ def _randomize(model, seed: int) -> None:
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if name.endswith("norm.weight"):
-                value = 1.0 + 0.1 * noise
+                value = 1.0 + 0.2 * noise
             elif name.endswith(".bias"):
-                value = 0.1 * noise
+                value = 0.5 * noise
             else:
-                value = 0.02 * noise
+                value = noise / p.shape[-1] ** 0.5
             p.copy_(value.to(p.dtype))
 
 
@@ -85,3 +90,14 @@ def make_tiny_hf_checkpoint(out_dir: str | os.PathLike, family: str = "qwen2", *
     save_kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(str(out_dir), **save_kw)
     return model
+
+
+def hf_logits(model, tokens, positions=None):
+    """float32 numpy logits [B, T, V] of a transformers causal LM (no padding, no cache)."""
+    import numpy as np
+    import torch
+
+    kw = {} if positions is None else {"position_ids": torch.as_tensor(np.asarray(positions), dtype=torch.long)}
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(tokens), dtype=torch.long), use_cache=False, **kw)
+    return out.logits.float().numpy()
