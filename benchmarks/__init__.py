@@ -1,0 +1,1 @@
+"""Reproducible performance measurements; each prints a ratio on its last line."""
