@@ -1,0 +1,5 @@
+"""Analysis of agent trajectories: the pilot study (tool-call quality vs ΔH), entropy traces
+and training curves. Host-side only (numpy + matplotlib); nothing here imports JAX.
+
+    from tepo_jax.analysis import pilot, plots, traces
+"""
