@@ -8,3 +8,4 @@ from tepo_jax.rewards.registry import (REWARD_FNS, RewardResult, attach_reward,
 __all__ = ["extract_answer", "extract_answer_tag", "extract_boxed", "math_equivalent",
            "exact_match", "normalize_answer", "token_f1", "REWARD_FNS", "RewardResult",
            "attach_reward", "compute_reward", "get_reward_fn"]
+from tepo_jax.rewards import function_calling as _function_calling  # noqa: E402,F401  registers 'function_calling'

@@ -1,0 +1,331 @@
+"""JSON function calls (Qwen2.5 / Hermes `<tool_call>{json}</tool_call>`, Llama-3.1 bare JSON).
+
+A second `CallFormat` beside the tag format (`tepo_jax.tools.format.ToolFormat`). The model
+calls functions the way the chat templates render assistant tool calls:
+
+  Qwen2.5   <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>
+            (several blocks per turn allowed; the turn ends with <|im_end|>)
+  Llama-3.1 {"name": "get_weather", "parameters": {"city": "Paris"}}   (the whole turn, ends
+            with <|eot_id|>; an optional <|python_tag|> prefix is accepted)
+
+Both argument keys ("arguments", "parameters") are accepted in either dialect, and a block may
+hold several JSON objects one after the other (ToolRL writes one call per line inside one
+`<tool_call>` block).
+
+Turn protocol (how the rollout must use this format):
+- Stop: the sampler stops on the END-OF-TURN token (`<|im_end|>` / `<|eot_id|>`), not on
+  `</tool_call>`, because several calls may follow each other in one turn and only the end of
+  the turn says the model is done. `stop_strings` is that token (the sampler's stop ids hold it
+  too); the stopping token is kept in the sampled ids (token-in, token-out).
+- Parse: `parse_calls(turn_text)` gives every call of the turn in order (ToolCall, or
+  ParseError for a malformed one). A turn with no call is the final answer (`parse` returns
+  AnswerTurn with the turn's text).
+- Run: all calls of the turn go to the bridge as one batch (`ToolBridge.run_batch`); a
+  ParseError's message is that call's result.
+- Insert: `wrap_results([r_1, …, r_m])` (in call order) is encoded once and appended as ONE
+  tool-result block; its text equals what the chat template renders between the assistant's
+  end-of-turn token and the next assistant header for m tool messages, so the inserted ids
+  equal the template's ids.
+- TEPO: the whole multi-call block is one call_k (the TrajectoryBuilder marks everything from
+  the first `<tool_call>` to the end of the turn as call_k, and the result block is obs_k), so
+  ΔH_k compares the reasoning before and after the block.
+- `parse` (the single-call CallFormat protocol) returns the ToolCall for a one-call turn, the
+  first ParseError if any call is malformed, and for several calls a ToolCall to the
+  pseudo-tool MULTI_CALL_TOOL whose argument is the JSON list of calls. No bridge registers
+  that name, so a rollout that only knows `parse` shows the model an 'unknown tool' error
+  instead of silently dropping calls; multi-call rollouts must use `parse_calls`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+
+from tepo_jax.rollout.trajectory import TagFormat
+from tepo_jax.tools.base import AnswerTurn, ParseError, ParsedTurn, ToolCall
+
+MULTI_CALL_TOOL = "__multi_call__"
+CallOrError = Union[ToolCall, ParseError]
+# End-of-sequence markers a turn may end with, stripped before parsing.
+_TURN_ENDS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatDialect:
+    """How one model family writes tool calls and sees tool results.
+
+    result_prefix + result_separator.join(results) + result_suffix is the text the chat
+    template renders after the assistant's end-of-turn token for consecutive tool messages,
+    up to and including the next assistant header (`dialect_from_chat_template` derives these
+    three strings from a tokenizer's template). json_encode_results: the template writes a
+    tool message's content through `tojson` (Llama-3.1 does, for strings too).
+    """
+
+    name: str
+    call_open: Optional[str]          # "<tool_call>", or None for bare JSON turns
+    call_close: Optional[str]
+    args_key: str                     # the key the template writes: arguments / parameters
+    end_of_turn: str
+    result_prefix: str
+    result_separator: str
+    result_suffix: str
+    json_encode_results: bool = False
+    call_prefixes: Tuple[str, ...] = ()  # accepted before a bare JSON call
+
+
+QWEN25 = ChatDialect(
+    name="qwen2.5", call_open="<tool_call>", call_close="</tool_call>", args_key="arguments",
+    end_of_turn="<|im_end|>",
+    result_prefix="\n<|im_start|>user\n<tool_response>\n",
+    result_separator="\n</tool_response>\n<tool_response>\n",
+    result_suffix="\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+LLAMA31 = ChatDialect(
+    name="llama3.1", call_open=None, call_close=None, args_key="parameters",
+    end_of_turn="<|eot_id|>",
+    result_prefix="<|start_header_id|>ipython<|end_header_id|>\n\n",
+    result_separator="<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n",
+    result_suffix="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    json_encode_results=True, call_prefixes=("<|python_tag|>",))
+
+DIALECTS = {d.name: d for d in (QWEN25, LLAMA31)}
+
+
+def dialect_from_chat_template(tokenizer, base: ChatDialect) -> ChatDialect:
+    """`base` with its result strings read off the tokenizer's own chat template.
+
+    Renders a probe conversation (one call, then two tool messages holding sentinels) and cuts
+    the text after the assistant's end-of-turn token at the sentinels.
+    """
+    from tepo_jax.tokenizer import render_chat
+
+    call = {"type": "function", "function": {"name": "probe", "arguments": {"x": 1}}}
+    head = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+            {"role": "assistant", "content": "", "tool_calls": [call]}]
+    tools = [{"type": "function", "function": {"name": "probe", "description": "p",
+                                               "parameters": {"type": "object"}}}]
+    s1, s2 = "@@RESULT_ONE@@", "@@RESULT_TWO@@"
+    pre = render_chat(tokenizer, head, tools, add_generation_prompt=False)
+    full = render_chat(tokenizer, head + [{"role": "tool", "content": s1},
+                                          {"role": "tool", "content": s2}], tools)
+    cut = pre.rfind(base.end_of_turn)
+    if cut < 0 or not full.startswith(pre[:cut]):
+        raise ValueError(f"chat template does not end the call turn with {base.end_of_turn!r}")
+    post = full[cut + len(base.end_of_turn):]
+    encode = json.dumps(s1) in post
+    q1, q2 = (json.dumps(s1), json.dumps(s2)) if encode else (s1, s2)
+    if post.count(q1) != 1 or post.count(q2) != 1:
+        raise ValueError("chat template does not render tool messages verbatim")
+    a, rest = post.split(q1)
+    b, c = rest.split(q2)
+    return dataclasses.replace(base, result_prefix=a, result_separator=b, result_suffix=c,
+                               json_encode_results=encode)
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonCallFormat:
+    """JSON function-call format (see module docstring). Frozen: shared by rollout threads.
+
+    functions: names the model may call (None: any name; the bridge still rejects unknown
+      ones). An unknown name is a ParseError that lists the available functions.
+    """
+
+    dialect: ChatDialect = QWEN25
+    functions: Optional[Tuple[str, ...]] = None
+    max_calls_per_turn: int = 16
+    max_argument_chars: int = 20_000
+
+    def __post_init__(self):
+        if self.functions is not None:
+            object.__setattr__(self, "functions", tuple(self.functions))
+
+    # ---- what the sampler and the rollout use ------------------------------------------
+    @property
+    def stop_strings(self) -> Tuple[str, ...]:
+        """The end-of-turn token: the turn is parsed only once the model has finished it."""
+        return (self.dialect.end_of_turn,)
+
+    def wrap_result(self, text: str) -> str:
+        return self.wrap_results([text])
+
+    def wrap_results(self, texts: Sequence[str]) -> str:
+        """One tool-result block for all calls of a turn, in call order, as the template
+        renders consecutive tool messages (plus the next assistant header)."""
+        if not texts:
+            raise ValueError("wrap_results needs at least one result")
+        d = self.dialect
+        items = [json.dumps(t, ensure_ascii=False) if d.json_encode_results else self._defang(t)
+                 for t in texts]
+        return d.result_prefix + d.result_separator.join(items) + d.result_suffix
+
+    def tag_format(self) -> TagFormat:
+        """The TagFormat the TrajectoryBuilder needs to paint ResT roles for this format."""
+        return TagFormat(tool_tags=(), json_call_tag=_tag_name(self.dialect.call_open),
+                         format_tags=("<think>", "</think>", self.dialect.end_of_turn))
+
+    def render_call(self, name: str, arguments: dict) -> str:
+        """A call exactly as the chat template renders an assistant tool call (for SFT
+        references and tests)."""
+        d = self.dialect
+        body = f'{{"name": "{name}", "{d.args_key}": {json.dumps(arguments, ensure_ascii=False)}}}'
+        return f"{d.call_open}\n{body}\n{d.call_close}" if d.call_open else body
+
+    # ---- parsing ----------------------------------------------------------------------
+    def parse(self, turn_text: str) -> ParsedTurn:
+        calls = self.parse_calls(turn_text)
+        if not calls:
+            answer = _strip_turn_end(turn_text).strip()
+            return AnswerTurn(answer) if answer else None
+        errors = [c for c in calls if isinstance(c, ParseError)]
+        if errors:
+            return errors[0]
+        if len(calls) == 1:
+            return calls[0]
+        batch = [{"name": c.tool, "arguments": json.loads(c.argument)} for c in calls]
+        return ToolCall(MULTI_CALL_TOOL, json.dumps(batch, ensure_ascii=False))
+
+    def parse_calls(self, turn_text: str) -> List[CallOrError]:
+        """Every call of one model turn, in order; [] for a turn without any call."""
+        text = _strip_turn_end(turn_text)
+        calls = self._tagged(text) if self.dialect.call_open else self._bare(text)
+        if len(calls) > self.max_calls_per_turn:
+            return [ParseError(f"{len(calls)} calls in one turn; the limit is "
+                               f"{self.max_calls_per_turn}. {self._usage()}")]
+        return calls
+
+    def _tagged(self, text: str) -> List[CallOrError]:
+        op, cl = self.dialect.call_open, self.dialect.call_close
+        out: List[CallOrError] = []
+        pos = 0
+        while True:
+            start = text.find(op, pos)
+            stray = text.find(cl, pos)
+            if stray >= 0 and (start < 0 or stray < start):
+                out.append(ParseError(f"{cl} without an opening {op}. {self._usage()}"))
+                pos = stray + len(cl)
+                continue
+            if start < 0:
+                return out
+            end = text.find(cl, start + len(op))
+            if end < 0:
+                out.append(ParseError(f"unclosed {op}: end each call with {cl}. {self._usage()}"))
+                return out
+            body = text[start + len(op):end]
+            if op in body:
+                out.append(ParseError(f"nested {op} inside a call; close each call with {cl} "
+                                      f"before the next. {self._usage()}"))
+            else:
+                out.extend(self._calls_from_json(body))
+            pos = end + len(cl)
+
+    def _bare(self, text: str) -> List[CallOrError]:
+        body = text.strip()
+        for prefix in self.dialect.call_prefixes:
+            if body.startswith(prefix):
+                body = body[len(prefix):].strip()
+        if not body.startswith("{"):
+            return []
+        return self._calls_from_json(body, separators=";")
+
+    def _calls_from_json(self, body: str, separators: str = "") -> List[CallOrError]:
+        if len(body) > self.max_argument_chars:
+            return [ParseError(f"call is {len(body)} chars; the limit is "
+                               f"{self.max_argument_chars}")]
+        try:
+            values = _json_values(body, separators)
+        except ValueError as e:
+            return [ParseError(f"malformed JSON in tool call: {e}. {self._usage()}")]
+        if not values:
+            return [ParseError(f"empty tool call. {self._usage()}")]
+        return [self._to_call(v) for v in values]
+
+    def _to_call(self, obj: Any) -> CallOrError:
+        if not isinstance(obj, dict):
+            return ParseError(f"a tool call must be a JSON object, got {type(obj).__name__}. "
+                              f"{self._usage()}")
+        name = obj.get("name")
+        if not isinstance(name, str) or not name.strip():
+            return ParseError(f'tool call without a "name" string. {self._usage()}')
+        if self.functions is not None and name not in self.functions:
+            return ParseError(f"unknown function {name!r}; available functions: "
+                              f"{', '.join(self.functions) or 'none'}", tool=name)
+        key = "arguments" if "arguments" in obj else "parameters"
+        args = obj.get(key, {})
+        if isinstance(args, str):  # OpenAI-style stringified arguments
+            try:
+                args = json.loads(args)
+            except ValueError:
+                pass
+        if not isinstance(args, dict):
+            return ParseError(f'"{key}" of {name} must be a JSON object of argument names to '
+                              f"values, got {type(args).__name__}. {self._usage()}", tool=name)
+        return ToolCall(name, json.dumps(args, ensure_ascii=False))
+
+    def _defang(self, text: str) -> str:
+        """Tool output cannot fake the end of its block or a new turn: the family's
+        end-of-turn token and result closing tag are broken up."""
+        for marker in (self.dialect.end_of_turn, "</tool_response>"):
+            text = text.replace(marker, marker[:2] + " " + marker[2:])
+        return text
+
+    def _usage(self) -> str:
+        d = self.dialect
+        example = self.render_call("<function-name>", {"<arg>": "<value>"}).replace("\n", " ")
+        where = " (one call per block; several blocks per turn are allowed)" if d.call_open else ""
+        return f"Call a function as {example}{where}; answer without a call when done."
+
+
+def _tag_name(tag: Optional[str]) -> Optional[str]:
+    return tag[1:-1] if tag else None
+
+
+def _strip_turn_end(text: str) -> str:
+    text = text.rstrip()
+    changed = True
+    while changed:
+        changed = False
+        for end in _TURN_ENDS:
+            if text.endswith(end):
+                text, changed = text[: -len(end)].rstrip(), True
+    return text
+
+
+def _json_values(body: str, separators: str = "") -> list:
+    """All JSON values written one after another (whitespace or `separators` between)."""
+    dec, out, i = json.JSONDecoder(), [], 0
+    skip = " \t\r\n" + separators
+    while True:
+        while i < len(body) and body[i] in skip:
+            i += 1
+        if i >= len(body):
+            return out
+        try:
+            value, i = dec.raw_decode(body, i)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{e.msg} at char {e.pos} of {body.strip()[:80]!r}") from None
+        out.append(value)
+
+
+def calls_as_dicts(calls: Iterable[CallOrError]) -> List[dict]:
+    """[{name, arguments}] of the well-formed calls (for rewards and logs)."""
+    return [{"name": c.tool, "arguments": json.loads(c.argument)}
+            for c in calls if isinstance(c, ToolCall)]
+
+
+def normalize_calls(calls: Any) -> list[dict]:
+    """[{name, arguments}] from a list of dicts ("arguments" or "parameters"), its JSON
+    string, a ToolRL gold string (`<tool_call>\\n{json per line}\\n</tool_call>`), or a list
+    holding one such string (Trajectory.gold)."""
+    if isinstance(calls, (list, tuple)) and len(calls) == 1 and isinstance(calls[0], str):
+        calls = calls[0]
+    if isinstance(calls, str):
+        text = calls.strip()
+        if "<tool_call>" in text:
+            return calls_as_dicts(JsonCallFormat(QWEN25).parse_calls(text))
+        calls = json.loads(text) if text else []
+    out = []
+    for c in calls:
+        args = c.get("arguments", c.get("parameters", {}))
+        out.append({"name": c["name"], "arguments": json.loads(args) if isinstance(args, str) else args})
+    return out
