@@ -1,0 +1,75 @@
+"""benchmarks/report.py: discovery, headline parsing, failures as rows, the markdown table.
+
+Two tiny fake benchmarks live in a temporary package (`fakebench`): one good (it accepts
+--quick and prints the headline), one that crashes; plus one that prints no headline.
+"""
+import textwrap
+
+import pytest
+
+from benchmarks import report
+
+GOOD = textwrap.dedent("""
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    print("warming up")
+    print(f"good: ours {'2.0' if a.quick else '4.0'} tok/s, peer 1.0 tok/s, ratio "
+          f"{'2.00' if a.quick else '4.00'}")
+""")
+BAD = "print('starting')\nraise RuntimeError('kaboom: no accelerator')\n"
+SILENT = "print('all done, no headline here')\n"
+
+
+@pytest.fixture
+def fake_benchmarks(tmp_path, monkeypatch):
+    pkg = tmp_path / "fakebench"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "good.py").write_text(GOOD)
+    (pkg / "bad.py").write_text(BAD)
+    (pkg / "silent.py").write_text(SILENT)
+    (pkg / "report.py").write_text("raise SystemExit('the report must not run itself')\n")
+    (pkg / "_helper.py").write_text("")
+    monkeypatch.setattr(report, "BENCH_DIR", pkg)
+    monkeypatch.setattr(report, "PACKAGE", "fakebench")
+    monkeypatch.setattr(report, "jax_backend", lambda timeout=120: "cpu 1 x fake")
+    return pkg
+
+
+def test_parse_headline_uses_last_line_and_units_with_spaces():
+    out = "noise: ours 1 x, peer 2 x, ratio 0.5\nmodel: ours 12.5 ms / step, peer 20 ms / step, ratio 1.60\n"
+    assert report.parse_headline(out) == {"name": "model", "ours": "12.5 ms / step",
+                                          "peer": "20 ms / step", "ratio": "1.60"}
+    assert report.parse_headline("model: ours 1 x, peer 2 x, ratio 0.5\ntrailing text\n") is None
+    assert report.parse_headline("") is None
+
+
+def test_discover_skips_report_and_private(fake_benchmarks):
+    assert report.discover(fake_benchmarks) == ["bad", "good", "silent"]
+
+
+def test_report_table_with_good_failing_and_silent(fake_benchmarks, tmp_path, capsys):
+    out_md = tmp_path / "RESULTS.md"
+    rc = report.main(["--quick", "--timeout", "60", "--out", str(out_md)],
+                     bench_dir=fake_benchmarks, package="fakebench")
+    assert rc == 0
+    text = out_md.read_text()
+    assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+            for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln}
+    # --quick was passed through (the good benchmark reports 2.0 only under --quick)
+    assert rows["good"][:3] == ["2.0 tok/s", "1.0 tok/s", "2.00"]
+    assert rows["good"][3].startswith("ok, quick")
+    assert rows["bad"][3].startswith("failed (rc 1)") and rows["bad"][0] == "—"
+    assert rows["silent"][3].startswith("no headline")
+    assert "kaboom: no accelerator" in text               # the failure reason is shown
+    assert "cores:" in text and "jax backend: cpu 1 x fake" in text and "torch:" in text
+    assert "python -m benchmarks.report --quick" in text
+
+
+def test_timeout_is_a_row_not_a_crash(fake_benchmarks):
+    (fake_benchmarks / "slow.py").write_text("import time\ntime.sleep(30)\n")
+    r = report.run_benchmark("slow", timeout=1.0, package="fakebench", bench_dir=fake_benchmarks)
+    assert r.status == "timeout (1 s)" and r.ours == ""
