@@ -86,10 +86,13 @@ def make_tiny_hf_checkpoint(out_dir: str | os.PathLike, family: str = "qwen2", *
     torch.manual_seed(seed)
     model = cls(config)
     _randomize(model, seed)
-    model = model.to(getattr(torch, dtype)).eval()
+    # Cast parameters only: `model.to(dtype)` would also cast the rotary inv_freq buffer, which
+    # transformers keeps in float32 when it loads a bf16/fp16 checkpoint.
+    for param in model.parameters():
+        param.data = param.data.to(getattr(torch, dtype))
     save_kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(str(out_dir), **save_kw)
-    return model
+    return model.eval()
 
 
 def hf_logits(model, tokens, positions=None):

@@ -1,0 +1,235 @@
+"""HF checkpoint load/save: export to transformers, bit-exact round trips, config forms, errors."""
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from tepo_jax.checkpoints import CheckpointError, load_hf, load_hf_config, save_hf
+from tepo_jax.checkpoints.safetensors_io import SafetensorsReader, write_safetensors
+from tepo_jax.models.config import from_hf_config
+from tepo_jax.testing.hf_models import hf_logits, make_tiny_hf_checkpoint
+
+LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+SMALL = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def _all_tensors(path) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint directory (any number of shards), by name."""
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            reader = SafetensorsReader(os.path.join(path, name))
+            for key in reader.keys():
+                assert key not in out, f"{key} stored twice"
+                out[key] = np.array(reader.get(key))
+    return out
+
+
+def _assert_bit_exact(src, dst):
+    a, b = _all_tensors(src), _all_tensors(dst)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert a[key].tobytes() == b[key].tobytes(), key
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("qwen"))
+    return path, make_tiny_hf_checkpoint(path, "qwen2", **SMALL, head_dim=12)
+
+
+@pytest.fixture(scope="module")
+def llama_bf16(tmp_path_factory):
+    """bf16 Llama 3.1 with llama3 scaling, saved by transformers in several shards."""
+    path = str(tmp_path_factory.mktemp("llama"))
+    model = make_tiny_hf_checkpoint(path, "llama", **SMALL, rope_scaling=LLAMA3, dtype="bfloat16",
+                                    max_shard_size="20KB")
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    return path, model
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+# ---------------------------------------------------------------- export and round trips
+
+
+def test_export_loads_in_transformers_with_identical_logits(qwen, tmp_path):
+    path, torch_model = qwen
+    save_hf(load_hf(path), tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded).__name__ == "Qwen2ForCausalLM"
+    tokens = np.random.RandomState(0).randint(0, 64, (2, 17))
+    np.testing.assert_array_equal(hf_logits(reloaded, tokens), hf_logits(torch_model, tokens))
+
+
+def test_round_trip_fp32_bit_exact(qwen, tmp_path):
+    path, _ = qwen
+    save_hf(load_hf(path), tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+    _assert_bit_exact(path, tmp_path / "out")
+    assert load_hf_config(tmp_path / "out") == load_hf_config(path)
+
+
+def test_round_trip_bf16_multishard_bit_exact(llama_bf16, tmp_path):
+    path, torch_model = llama_bf16
+    model = load_hf(path)
+    assert model.embed[...].dtype == jnp.bfloat16 and model.cfg.rope_scaling is not None
+    save_hf(model, tmp_path / "out", max_shard_bytes=16_000)
+    files = os.listdir(tmp_path / "out")
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    _assert_bit_exact(path, tmp_path / "out")
+    assert _all_tensors(tmp_path / "out")["lm_head.weight"].dtype == ml_dtypes.bfloat16
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.dtype == torch.bfloat16
+    tokens = np.random.RandomState(1).randint(0, 64, (1, 40))
+    np.testing.assert_array_equal(hf_logits(reloaded, tokens), hf_logits(torch_model, tokens))
+
+
+def test_bf16_loaded_as_fp32_and_saved_as_bf16_is_bit_exact(llama_bf16, tmp_path):
+    path, _ = llama_bf16
+    model = load_hf(path, param_dtype=jnp.float32)
+    assert model.layers[0].attn.q_proj[...].dtype == jnp.float32 and model.cfg.dtype == jnp.float32
+    save_hf(model, tmp_path / "out", dtype=jnp.bfloat16)
+    _assert_bit_exact(path, tmp_path / "out")
+    assert json.load(open(tmp_path / "out" / "config.json"))["dtype"] == "bfloat16"
+
+
+def test_save_over_existing_checkpoint_removes_stale_shards(llama_bf16, tmp_path):
+    path, _ = llama_bf16
+    out = _copy(path, tmp_path / "out")
+    save_hf(load_hf(path), out)  # one file now; the old shards and index must be gone
+    assert sorted(f for f in os.listdir(out) if "safetensors" in f) == ["model.safetensors"]
+    _assert_bit_exact(path, out)
+
+
+# ---------------------------------------------------------------- config.json forms
+
+
+def _old_form(new: dict) -> dict:
+    """The pre-v5 transformers layout: rope_theta / rope_scaling / torch_dtype."""
+    old = {k: v for k, v in new.items() if k not in ("rope_parameters", "dtype")}
+    rope = dict(new["rope_parameters"])
+    old["rope_theta"] = rope.pop("rope_theta")
+    old["torch_dtype"] = new["dtype"]
+    old["rope_scaling"] = None if rope["rope_type"] == "default" else {**rope, "type": rope.pop("rope_type")}
+    return old
+
+
+def test_config_old_and_new_forms_agree(llama_bf16, tmp_path):
+    path, torch_model = llama_bf16
+    new = json.load(open(os.path.join(path, "config.json")))
+    assert "rope_parameters" in new and "rope_scaling" not in new
+    old = _old_form(new)
+    assert from_hf_config(old) == from_hf_config(new)
+    cfg = from_hf_config(old)
+    assert cfg.rope_scaling.original_max_position_embeddings == 32 and cfg.rope_theta == 500_000.0
+    assert cfg.param_dtype == jnp.bfloat16 and cfg.family == "llama" and not cfg.qkv_bias
+    # The old form also loads end to end, and gives the same model.
+    out = _copy(path, tmp_path / "old")
+    json.dump(old, open(os.path.join(out, "config.json"), "w"))
+    a, b = load_hf(out, param_dtype=jnp.float32), load_hf(path, param_dtype=jnp.float32)
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, 64, (1, 50)))
+    positions = jnp.arange(50)[None]
+    np.testing.assert_array_equal(np.asarray(a(tokens, positions)[0]), np.asarray(b(tokens, positions)[0]))
+
+
+def test_qwen_config_defaults(qwen):
+    cfg = load_hf_config(qwen[0])
+    assert cfg.family == "qwen2" and cfg.qkv_bias and not cfg.o_bias and cfg.head_dim == 12
+    assert cfg.rope_scaling is None and cfg.rope_theta == 1_000_000.0 and cfg.num_kv_heads == 2
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _rewrite(file, edit):
+    reader = SafetensorsReader(file)
+    tensors = {k: np.array(reader.get(k)) for k in reader.keys()}
+    edit(tensors)
+    write_safetensors(file, tensors)
+
+
+def _one_line_error(path, match, **kw):
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_hf(path, **kw)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_missing_key(qwen, tmp_path):
+    out = _copy(qwen[0], tmp_path / "c")
+    _rewrite(os.path.join(out, "model.safetensors"),
+             lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
+    _one_line_error(out, r"missing tensor 'model\.layers\.1\.self_attn\.k_proj\.bias'")
+
+
+def test_unexpected_key(qwen, tmp_path):
+    out = _copy(qwen[0], tmp_path / "c")
+    _rewrite(os.path.join(out, "model.safetensors"),
+             lambda t: t.update({"model.layers.0.self_attn.rotary.inv_freq": np.zeros(6, np.float32)}))
+    msg = _one_line_error(out, r"unexpected tensor 'model\.layers\.0\.self_attn\.rotary\.inv_freq'")
+    assert "model.safetensors" in msg
+
+
+def test_misshaped_key(qwen, tmp_path):
+    out = _copy(qwen[0], tmp_path / "c")
+    _rewrite(os.path.join(out, "model.safetensors"),
+             lambda t: t.update({"model.layers.0.mlp.up_proj.weight": t["model.layers.0.mlp.up_proj.weight"][:-1]}))
+    _one_line_error(out, r"tensor 'model\.layers\.0\.mlp\.up_proj\.weight' .* shape \[95, 32\], expected \[96, 32\]")
+
+
+def test_tied_checkpoint_with_lm_head(tmp_path):
+    """Tied: lm_head.weight is not expected; tolerated only when it equals the embedding."""
+    path = str(tmp_path / "tied")
+    make_tiny_hf_checkpoint(path, "qwen2", **SMALL, tie_word_embeddings=True)
+    file = os.path.join(path, "model.safetensors")
+    assert "lm_head.weight" not in SafetensorsReader(file).keys()  # transformers omits it
+    _rewrite(file, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+    assert load_hf(path).cfg.tie_word_embeddings
+    _rewrite(file, lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + 1}))
+    _one_line_error(path, r"unexpected tensor 'lm_head\.weight'")
+
+
+def test_untied_checkpoint_without_lm_head(qwen, tmp_path):
+    out = _copy(qwen[0], tmp_path / "c")
+    _rewrite(os.path.join(out, "model.safetensors"), lambda t: t.pop("lm_head.weight"))
+    _one_line_error(out, r"missing tensor 'lm_head\.weight'")
+
+
+def test_wrong_path(tmp_path):
+    _one_line_error(tmp_path / "nope", r"nope: no such checkpoint directory")
+    os.makedirs(tmp_path / "empty")
+    _one_line_error(tmp_path / "empty", r"config\.json: not found")
+
+
+def test_unsupported_architecture(qwen, tmp_path):
+    out = _copy(qwen[0], tmp_path / "c")
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    json.dump(cfg, open(os.path.join(out, "config.json"), "w"))
+    _one_line_error(out, r"config\.json: unsupported architecture \['GPT2LMHeadModel'\]")
+
+
+def test_truncated_safetensors(llama_bf16, tmp_path):
+    out = _copy(llama_bf16[0], tmp_path / "c")
+    shard = os.path.join(out, "model-00002-of-" + sorted(os.listdir(out))[-3].split("-of-")[1])
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 10)
+    _one_line_error(out, r"model-00002-of-\d+\.safetensors: unreadable safetensors file")
+
+
+def test_missing_shard(llama_bf16, tmp_path):
+    out = _copy(llama_bf16[0], tmp_path / "c")
+    shard = sorted(f for f in os.listdir(out) if f.startswith("model-"))[0]
+    os.remove(os.path.join(out, shard))
+    _one_line_error(out, rf"{shard}: listed in model\.safetensors\.index\.json but missing")
