@@ -7,7 +7,6 @@ Cases that rely on bubblewrap's filesystem/network/PID isolation skip with a rea
 absent; the rest also run in the limits-only mode.
 """
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -229,7 +228,7 @@ def test_missing_bwrap_warns(caplog):
     assert "WITHOUT a filesystem/network sandbox" in caplog.text
 
 
-def test_concurrent_runs_are_independent(bwrap_or_limits_tool=None):
+def test_concurrent_runs_are_independent():
     from concurrent.futures import ThreadPoolExecutor
     tool = PythonTool(SandboxConfig(use_bwrap=HAVE_BWRAP))
     codes = [f"print({i} * 2)" for i in range(8)] + ["while True: pass"]

@@ -56,6 +56,10 @@ class PythonTool:
         self.bwrap = sandbox.find_bwrap() if config.use_bwrap else None
         if self.bwrap is None:
             self._no_sandbox()
+        missing = sandbox.missing_helpers(config, self.bwrap)
+        if missing:
+            raise SandboxUnavailable(f"python tool needs {', '.join(missing)} (util-linux) "
+                                     "on PATH to apply resource limits")
         self._uids = self._uid_pool()
         self.mode = ("bwrap" if self.bwrap else "limits-only") + \
             (f"+uid{config.uid_base}.." if self._uids else "")

@@ -21,7 +21,7 @@ import dataclasses
 import os
 import shutil
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 # System directories the interpreter and its shared libraries need inside the sandbox.
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc", "/opt")
@@ -154,5 +154,9 @@ def command(cfg: SandboxConfig, bwrap: Optional[str], uid: Optional[int]) -> Lis
     return (bwrap_args(cfg, bwrap) + argv) if bwrap else argv
 
 
-def describe(parts: Sequence[str]) -> str:
-    return " ".join(parts)
+def missing_helpers(cfg: SandboxConfig, bwrap: Optional[str]) -> List[str]:
+    """util-linux helpers the command needs but this host lacks (named in the error)."""
+    needed = ["prlimit"]
+    if bwrap and os.geteuid() == 0 and cfg.drop_privileges:
+        needed.append("setpriv")
+    return [n for n in needed if shutil.which(n) is None]
