@@ -1,0 +1,113 @@
+"""The `tepo_jax` command. Subcommands register themselves in `SUBCOMMANDS`.
+
+    tepo_jax size --model Qwen2.5-7B --mesh 1,8,1 --devices 8 --device-memory 95GB \
+        --slots 64 --cache-len 4096 --batch 8 --seq-len 4096 --remat
+
+Exit codes: 0 = fits, 1 = does not fit (MemoryBudgetError), 2 = bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+def _mesh(text: str):
+    from tepo_jax.sharding import MeshConfig
+    try:
+        data, fsdp, tensor = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mesh wants data,fsdp,tensor (e.g. 1,8,1 or 1,-1,2), got {text!r}")
+    return MeshConfig(data, fsdp, tensor)
+
+
+def _dtype(text: str):
+    import jax.numpy as jnp
+    if text.lower() not in _DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; one of {sorted(_DTYPES)}")
+    return jnp.dtype(_DTYPES[text.lower()])
+
+
+def add_size_parser(sub) -> None:
+    p = sub.add_parser("size", help="per-device memory of a model + mesh + workload; exit 1 if it does not fit",
+                       description="Per-device memory of params, optimizer state, gradients, KV cache and "
+                                   "activations (see tepo_jax/sizing.py for the formulas).")
+    p.add_argument("--model", required=True, help="preset name, e.g. Qwen2.5-7B (tepo_jax.models.presets)")
+    p.add_argument("--mesh", type=_mesh, default=None, help="data,fsdp,tensor; one may be -1 (default 1,-1,1)")
+    p.add_argument("--devices", type=int, default=None, help="global device count (default: local jax devices)")
+    p.add_argument("--device-memory", default=None, help="per-device memory, e.g. 95GB or 16GiB")
+    p.add_argument("--device-kind", default=None, help="look the memory up: tpu-v4, tpu-v5e, tpu-v5p, "
+                                                       "tpu-v6e, h100, h200, a100-40gb, a100-80gb")
+    p.add_argument("--headroom", type=float, default=0.9, help="usable fraction of device memory")
+    p.add_argument("--dtype", type=_dtype, default="bfloat16", help="compute dtype")
+    p.add_argument("--param-dtype", type=_dtype, default="bfloat16")
+    p.add_argument("--master-fp32", action="store_true", help="fp32 master params in the optimizer")
+    p.add_argument("--moment-dtype", type=_dtype, default="float32", help="AdamW moment dtype")
+    p.add_argument("--cache-dtype", type=_dtype, default=None, help="KV cache dtype (default: --dtype)")
+    p.add_argument("--slots", type=int, default=0, help="sampler slots (global)")
+    p.add_argument("--cache-len", type=int, default=0, help="KV cache length per slot")
+    p.add_argument("--batch", type=int, default=1, help="train micro-batch (global sequences)")
+    p.add_argument("--seq-len", type=int, default=1024, help="train sequence length")
+    p.add_argument("--logits-chunk", type=int, default=None, help="tokens per logits chunk")
+    p.add_argument("--optimizer", choices=("adamw", "none"), default="adamw",
+                   help="none: frozen weights only (reference model, sampler-only process)")
+    p.add_argument("--remat", action="store_true", help="rematerialise each block in the backward pass")
+    p.set_defaults(func=run_size)
+
+
+def run_size(args: argparse.Namespace) -> int:
+    import jax
+    from tepo_jax import sizing
+    from tepo_jax.models.presets import preset
+    from tepo_jax.sharding import MeshConfig
+
+    try:
+        cfg = preset(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    devices = args.devices or jax.device_count()
+    try:
+        mesh = sizing.abstract_mesh(args.mesh or MeshConfig(), devices)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    workload = sizing.Workload(batch=args.batch, seq_len=args.seq_len, slots=args.slots,
+                               cache_len=args.cache_len, remat=args.remat, master_fp32=args.master_fp32,
+                               moment_dtype=args.moment_dtype, cache_dtype=args.cache_dtype,
+                               logits_chunk=args.logits_chunk, optimizer=args.optimizer)
+    print(f"{args.model}: {cfg.num_params / 1e9:.2f}B params, mesh {dict(mesh.shape)} over {devices} devices")
+    try:
+        est = sizing.check_fits(cfg, mesh, workload, args.device_memory, args.headroom, args.device_kind)
+    except sizing.MemoryBudgetError as e:
+        print(f"does not fit: {e}")
+        return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(est.table())
+    return 0
+
+
+# name -> function adding a subparser (with `func` set); the lead's train/eval commands go here.
+SUBCOMMANDS: dict[str, Callable] = {"size": add_size_parser}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tepo_jax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
