@@ -112,10 +112,14 @@ def _numbers(text: str) -> set[str]:
     return out
 
 
+_TAG_RE = re.compile(r"</?[A-Za-z_][\w-]*>")
+
+
 def contains_phrase(text: str, phrase: str) -> bool:
-    """Whole-word containment after normalisation (`normalize_answer`)."""
+    """Whole-word containment after normalisation (`normalize_answer`); markup tags such as
+    <answer> in `text` count as word breaks."""
     p = normalize_answer(phrase)
-    return bool(p) and f" {p} " in f" {normalize_answer(text)} "
+    return bool(p) and f" {p} " in f" {normalize_answer(_TAG_RE.sub(' ', text))} "
 
 
 def _contains_gold(ctx: CallContext) -> bool:
@@ -463,6 +467,22 @@ def load_trajectories(path: str | Path, last: int | None = None) -> list[Traject
     return [t for f in trajectory_files(path, last) for t in read_jsonl(f)]
 
 
+def load_examples(paths: Iterable[str | Path]) -> dict[str, ExampleInfo]:
+    """prompt_id -> ExampleInfo from dataset records JSONL files (`tepo_jax.data` format)."""
+    from tepo_jax.data.jsonl import read_records
+    out: dict[str, ExampleInfo] = {}
+    for f in paths:
+        out.update(examples_from_records(read_records(f)))
+    return out
+
+
+def make_decoder(tokenizer_dir: str | Path) -> Callable[[list[int]], str]:
+    """token ids -> text with the run's tokenizer (special tokens kept)."""
+    from tepo_jax.tokenizer import load_tokenizer
+    tok = load_tokenizer(tokenizer_dir)
+    return lambda ids: tok.decode(ids, skip_special_tokens=False)
+
+
 def _parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m tepo_jax.analysis.pilot",
                                  description="Tool-call quality vs entropy change (ΔH).")
@@ -487,16 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for mod in args.rules_module:
         importlib.import_module(mod)
     trajs = load_trajectories(args.trajectories, args.last)
-    examples = {}
-    if args.dataset:
-        from tepo_jax.data.jsonl import read_records
-        for f in args.dataset:
-            examples.update(examples_from_records(read_records(f)))
-    decode = None
-    if args.tokenizer:
-        from tepo_jax.tokenizer import load_tokenizer
-        tok = load_tokenizer(args.tokenizer)
-        decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    examples = load_examples(args.dataset)
+    decode = make_decoder(args.tokenizer) if args.tokenizer else None
     labels, rep = run_pilot(trajs, examples=examples, decode=decode, n_boot=args.n_boot,
                             level=args.level, seed=args.seed, resample=args.resample)
     print(format_report(rep))

@@ -1,0 +1,283 @@
+"""Pilot study: call-quality rules, ΔH per call, the statistics, the CLI, and the whole
+pipeline on real trajectories (synthetic tasks through the real tools and tokenizer)."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tepo_jax.analysis import pilot
+from tepo_jax.rollout.trajectory import (TokenKind, TokenRole, ToolCallRecord, Trajectory,
+                                         entropy_deltas, write_jsonl)
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_traj(seg_entropies, calls, *, gold=("Efport",), final_text="<answer>Efport</answer>",
+              prompt_id="p0", seg_len=3):
+    """prompt(2) r_0 [call_k(2) obs_k(2) r_k]...; seg_entropies[k] is the entropy of every
+    token of r_k (None: r_k empty). calls: (name, arguments, result, status)."""
+    kinds, turns, ent, records = [TokenKind.PROMPT] * 2, [0, 0], [0.0, 0.0], []
+
+    def seg(k, h):
+        n = 0 if h is None else seg_len
+        kinds.extend([TokenKind.REASONING] * n)
+        turns.extend([k] * n)
+        ent.extend([h] * n)
+
+    seg(0, seg_entropies[0])
+    for k, (name, args, result, status) in enumerate(calls, start=1):
+        c0 = len(kinds)
+        kinds.extend([TokenKind.TOOL_CALL] * 2 + [TokenKind.TOOL_RESULT] * 2)
+        turns.extend([k] * 4)
+        ent.extend([0.1, 0.1, 0.0, 0.0])
+        records.append(ToolCallRecord(name, args, result, status, (c0, c0 + 2),
+                                      (c0 + 2, c0 + 4), k))
+        seg(k, seg_entropies[k])
+    kinds = np.array(kinds, np.int8)
+    model = np.isin(kinds, [1, 2, 4])
+    roles = np.where(model, TokenRole.REASONING, TokenRole.NONE)
+    t = Trajectory(token_ids=np.arange(len(kinds)), kinds=kinds, turns=turns, roles=roles,
+                   logprobs=np.where(model, -0.5, 0.0), entropies=ent, tool_calls=records,
+                   prompt_id=prompt_id, group_id=0, sample_index=0, gold=list(gold), task="qa",
+                   finish_reason="answer", final_text=final_text)
+    return t.validate()
+
+
+def label_one(name, args, result, status="ok", *, later_calls=(), final_text="<answer>x</answer>",
+              gold=("Efport",), examples=None):
+    calls = [(name, args, result, status)] + list(later_calls)
+    t = make_traj([1.0] * (len(calls) + 1), calls, gold=gold, final_text=final_text)
+    return pilot.label_calls([t], examples=examples)[0]
+
+
+HOP1 = "Zorblax Corp was founded by Ab Cd."
+HOP2 = "Ab Cd was born in the city of Efport."
+EXAMPLES = {"p0": pilot.ExampleInfo((HOP1, HOP2), "In which city was the founder of Zorblax Corp born?")}
+
+# ----------------------------------------------------------------------------- rules
+
+
+@pytest.mark.parametrize("result,status,examples,high,reason", [
+    (f"Doc 1 (Title: Ab Cd) {HOP2}", "ok", None, True, "gold_answer"),
+    (f"Doc 1 (Title: Zorblax Corp) {HOP1}", "ok", EXAMPLES, True, "needed_entity"),
+    ("Doc 1 (Title: Zorblax Corp) Zorblax Corp is known for its ink pens, sold in Velport.",
+     "ok", EXAMPLES, False, "irrelevant"),
+    ("No results found.", "ok", EXAMPLES, False, "no_results"),
+    ("search error: connection refused", "error", EXAMPLES, False, "status:error"),
+    ("[timed out after 10 s]", "timeout", None, False, "status:timeout"),
+    # without supporting passages: an entity of the result that the model uses later
+    (f"Doc 1 (Title: Zorblax Corp) {HOP1}", "ok", None, True, "entity_used_later"),
+])
+def test_search_rule(result, status, examples, high, reason):
+    lb = label_one("search", "founder of Zorblax Corp", result, status, examples=examples,
+                   later_calls=[("search", "Ab Cd born in", "x", "ok")])
+    assert (lb.high, lb.reason) == (high, reason)
+
+
+def test_search_entity_named_in_the_query_is_not_needed():
+    # The result only repeats the query's own entity: nothing new, even though that entity
+    # is on the gold chain.
+    lb = label_one("search", "Zorblax Corp", "Doc 1 (Title: Zorblax Corp) Zorblax Corp sells pens.",
+                   examples=EXAMPLES)
+    assert (lb.high, lb.reason) == (False, "irrelevant")
+
+
+def test_gold_match_is_normalised_and_whole_word():
+    assert pilot.contains_phrase("It is THE Efport.", "efport")
+    assert not pilot.contains_phrase("Efportville is big", "Efport")
+    lb = label_one("search", "q", "the city of efport!", gold=("The Efport",))
+    assert lb.reason == "gold_answer"
+
+
+@pytest.mark.parametrize("result,status,later,final,high,reason", [
+    ("123456789\n", "ok", (), "<answer>123456789</answer>", True, "gold_answer"),
+    ("4521\n", "ok", [("python", "print(4521 * 3)", "13563", "ok")], "<answer>x</answer>",
+     True, "value_used"),
+    ("4521\n", "ok", (), "<answer>x</answer>", False, "value_unused"),
+    ("", "ok", (), "<answer>x</answer>", False, "no_output"),
+    ("Traceback (most recent call last):\nZeroDivisionError", "ok", (), "", False,
+     "error_output"),
+    ("ZeroDivisionError: division by zero", "error", (), "", False, "status:error"),
+    ("[timed out after 10 s]", "timeout", (), "", False, "status:timeout"),
+    ("Unknown tool or malformed call", "parse_error", (), "", False, "status:parse_error"),
+    ("hello world\n", "ok", (), "<answer>it said hello world</answer>", True, "value_used"),
+    # 12.0 printed, 12 used: the same number
+    ("12.0\n", "ok", (), "<answer>12</answer>", True, "value_used"),
+])
+def test_python_rule(result, status, later, final, high, reason):
+    lb = label_one("python", "print(x)", result, status, later_calls=later, final_text=final,
+                   gold=("123456789",))
+    assert (lb.high, lb.reason) == (high, reason)
+
+
+def test_single_digits_inside_longer_output_are_not_values():
+    # "3" appears in the answer by chance; only whole-output single digits count.
+    assert pilot.printed_values("x = 3, y = 417\n") == ["417"]
+    assert pilot.printed_values("7\n") == ["7"]
+    lb = label_one("python", "print(x)", "x = 3, y = 417\n", final_text="<answer>3 apples</answer>",
+                   gold=("nothing",))
+    assert lb.reason == "value_unused"
+
+
+def test_values_match_whole_numbers_only():
+    lb = label_one("python", "print(x)", "417\n", final_text="<answer>14170</answer>",
+                   gold=("nothing",))
+    assert lb.reason == "value_unused"
+
+
+def test_entities():
+    assert pilot.entities("The mayor of Velport is Ab Cd.") == {"velport", "ab cd"}
+    assert pilot.entities("Which company does Ab Cd work for? 1999") == {"ab cd", "1999"}
+
+
+def test_unknown_tool_uses_generic_rule_and_rules_are_pluggable(monkeypatch):
+    t = make_traj([1.0, 0.5], [("calculator", "2+2", "4", "ok")], gold=("4",))
+    assert pilot.label_calls([t])[0].reason == "gold_answer"
+    custom = lambda ctx: pilot.Quality(ctx.call.arguments == "2+2", "custom")  # noqa: E731
+    lb = pilot.label_calls([t], rules={"calculator": custom})[0]
+    assert (lb.high, lb.reason) == (True, "custom")
+    monkeypatch.setitem(pilot.QUALITY_RULES, "calculator", lambda ctx: pilot.Quality(False, "reg"))
+    assert pilot.label_calls([t])[0].reason == "reg"
+
+
+def test_decoder_gives_rules_all_later_model_text():
+    t = make_traj([1.0, 1.0], [("python", "print(x)", "4521\n", "ok")], gold=("z",))
+    assert pilot.label_calls([t])[0].reason == "value_unused"
+    seen = []
+
+    def decode(ids):
+        seen.append(ids)
+        return "so the value is 4521"
+    assert pilot.label_calls([t], decode=decode)[0].reason == "value_used"
+    call = t.tool_calls[0]
+    assert seen == [list(range(call.result_span[1], len(t)))]   # only later model tokens
+
+
+# ----------------------------------------------------------------------------- ΔH and stats
+
+
+def test_labels_carry_dh_and_reducing():
+    t = make_traj([2.0, 1.5, None, 1.0], [("search", "a", "No results found.", "ok")] * 3)
+    labels = pilot.label_calls([t])
+    assert [lb.dh for lb in labels][:1] == [-0.5]
+    assert math.isnan(labels[1].dh) and math.isnan(labels[2].dh)   # r_2 empty
+    np.testing.assert_array_equal([lb.dh for lb in labels], entropy_deltas(t))
+    assert [lb.reducing for lb in labels] == [1, 0, 0]
+    assert [lb.turn for lb in labels] == [1, 2, 3]
+    rep = pilot.pilot_report(labels, n_boot=50)
+    assert (rep.n_calls, rep.n_defined) == (3, 1)
+
+
+def test_point_biserial_matches_its_formula_and_corrcoef():
+    rng = np.random.default_rng(1)
+    q = (rng.random(200) < 0.4).astype(float)
+    dh = rng.normal(0, 1, 200) - 0.5 * q
+    r = pilot.pearson(q, dh)
+    assert r == pytest.approx(np.corrcoef(q, dh)[0, 1], abs=1e-12)
+    p = q.mean()
+    rpb = (dh[q == 1].mean() - dh[q == 0].mean()) / dh.std() * math.sqrt(p * (1 - p))
+    assert r == pytest.approx(rpb, abs=1e-12)
+    assert math.isnan(pilot.pearson(np.ones(5), np.arange(5.0)))
+
+
+def test_bootstrap_matches_naive_loop_and_is_seeded():
+    rng = np.random.default_rng(2)
+    q = (rng.random(60) < 0.5).astype(float)
+    dh = rng.normal(0, 1, 60) - 0.8 * q
+    lo, hi = pilot.bootstrap_ci(q, dh, n_boot=300, seed=7)
+    draws = np.random.default_rng(7).integers(0, 60, (300, 60))   # the same stream
+    naive = [np.corrcoef(q[d], dh[d])[0, 1] for d in draws]
+    np.testing.assert_allclose([lo, hi], np.quantile(naive, [0.025, 0.975]), atol=1e-9)
+    assert lo < pilot.pearson(q, dh) < hi
+    assert pilot.bootstrap_ci(q, dh, n_boot=300, seed=7) == (lo, hi)
+    assert pilot.bootstrap_ci(q, dh, n_boot=300, seed=8) != (lo, hi)
+    # one point per cluster == resampling points
+    assert pilot.bootstrap_ci(q, dh, n_boot=300, seed=7, clusters=np.arange(60)) == (lo, hi)
+
+
+def test_fisher_ci():
+    lo, hi = pilot.fisher_ci(0.3, 103)
+    half = 1.959963984540054 / 10
+    assert (lo, hi) == pytest.approx((math.tanh(math.atanh(0.3) - half),
+                                      math.tanh(math.atanh(0.3) + half)), abs=1e-9)
+    assert all(math.isnan(v) for v in pilot.fisher_ci(0.3, 3))
+    assert pilot.fisher_p_value(0.0, 50) == pytest.approx(1.0)
+
+
+def test_report_groups_and_json():
+    trajs = [make_traj([2.0, 1.0, 1.5], [("search", "q", "Efport", "ok"),
+                                         ("python", "1/0", "ZeroDivisionError", "error")]),
+             make_traj([1.0, 0.5], [("search", "q", "the Efport", "ok")]),
+             make_traj([1.0, 1.2], [("python", "x", "err", "timeout")])]
+    labels, rep = pilot.run_pilot(trajs, n_boot=200, resample="trajectory")
+    assert rep.by_quality["high"]["n"] == 2 and rep.by_quality["high"]["dh_mean"] == pytest.approx(-0.75)
+    assert rep.by_quality["low"]["dh_mean"] == pytest.approx(0.35)
+    assert rep.by_quality["high"]["frac_reducing"] == 1.0 and rep.by_quality["low"]["frac_reducing"] == 0.0
+    assert rep.by_tool["python"]["low"]["n"] == 2 and rep.by_tool["search"]["all"]["n"] == 2
+    assert rep.reasons == {"python/status:error": 1, "python/status:timeout": 1,
+                           "search/gold_answer": 2}
+    assert rep.r == pytest.approx(np.corrcoef([1, 0, 1, 0], [-1.0, 0.5, -0.5, 0.2])[0, 1])
+    d = json.loads(json.dumps(rep.to_dict(), allow_nan=False))
+    assert d["by_quality"]["low"]["n"] == 2
+    text = pilot.format_report(rep)
+    assert "quality=high" in text and "bootstrap CI" in text and "Fisher-z CI" in text
+    with pytest.raises(ValueError):
+        pilot.pilot_report(labels, resample="bogus")
+
+
+def test_cli(tmp_path, capsys):
+    d = tmp_path / "trajectories"
+    d.mkdir()
+    write_jsonl(d / "step_000000.jsonl", [make_traj([2.0, 1.0], [("search", "q", "Efport", "ok")])])
+    write_jsonl(d / "step_000001.jsonl", [make_traj([1.0, 2.0], [("python", "x", "", "error")]),
+                                          make_traj([1.0, 0.4], [("search", "q", "Efport", "ok")])])
+    out = tmp_path / "pilot.json"
+    assert pilot.main(["--trajectories", str(d), "--json", str(out), "--n-boot", "100"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 tool calls" in printed and "point-biserial" in printed
+    data = json.loads(out.read_text())
+    assert data["report"]["n_calls"] == 3 and len(data["labels"]) == 3
+    assert pilot.main(["--trajectories", str(d), "--last", "1"]) == 0
+    assert "2 tool calls" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError):
+        pilot.load_trajectories(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- real trajectories
+
+
+@pytest.fixture(scope="module")
+def real_trajs(tmp_path_factory):
+    from tepo_jax.analysis import examples as ex
+    d = tmp_path_factory.mktemp("pilot_real")
+    exs, corpus = ex.synthetic_examples(n_math=2, n_qa=2, seed=3)
+    tok, bridge = ex.tools_and_tokenizer(d, exs, corpus)
+    try:
+        trajs = ex.build_trajectories(exs, tok, bridge, seed=3, redundant_rate=0.0)
+    finally:
+        bridge.close()
+    rng = np.random.default_rng(0)
+    return [ex.with_entropies(t, rng) for t in trajs], exs, tok
+
+
+def test_real_trajectories_are_labelled_as_designed(real_trajs):
+    trajs, exs, tok = real_trajs
+    labels = pilot.label_calls(trajs, examples=pilot.examples_from_records(exs),
+                               decode=lambda ids: tok.decode(ids))
+    by_traj = {}
+    for lb in labels:
+        by_traj.setdefault(lb.traj_index, []).append((lb.tool, lb.high, lb.reason))
+    # reference solutions: python prints the answer; hop 1 finds the bridge, hop 2 the answer
+    assert by_traj[0] == [("python", True, "gold_answer")]
+    assert by_traj[2] == [("search", True, "needed_entity"), ("search", True, "gold_answer")]
+    # faulty variants (one per task, played through the real sandbox and index)
+    faulty_math, faulty_qa = by_traj[4], by_traj[5]
+    assert faulty_math[:2] == [("python", False, "status:error"),
+                               ("python", False, "value_unused")]
+    assert faulty_math[2] == ("python", True, "gold_answer")
+    assert faulty_qa[0][:2] == ("search", False)
+    assert all(not math.isnan(lb.dh) for lb in labels)
+    rep = pilot.pilot_report(labels, n_boot=200)
+    assert rep.by_quality["high"]["n"] + rep.by_quality["low"]["n"] == len(labels) == 12
+    assert -1 <= rep.r <= 1 and rep.ci_bootstrap[0] <= rep.ci_bootstrap[1]
