@@ -1,0 +1,128 @@
+"""Shared by the launch scripts: print-or-run commands, and run a group of processes.
+
+No JAX import: these scripts run on the machine you submit from.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from typing import Mapping, Optional, Sequence
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COORDINATOR_FLAGS = ("--coordinator_address", "--num_processes", "--process_id")
+
+
+def add_dry_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the exact commands (one per line, shell-quoted) instead of running them")
+
+
+def render(cmd: Sequence[str], env: Optional[Mapping[str, str]] = None) -> str:
+    """One shell-quoted line; environment variables as an `env K=V ...` prefix."""
+    prefix = ["env"] + [f"{k}={v}" for k, v in env.items()] if env else []
+    return shlex.join(prefix + list(cmd))
+
+
+class Runner:
+    """Runs commands one after another, or prints them with --dry-run."""
+
+    def __init__(self, dry_run: bool):
+        self.dry_run = dry_run
+
+    def run(self, cmd: Sequence[str], env: Optional[Mapping[str, str]] = None, check: bool = True) -> int:
+        if self.dry_run:
+            print(render(cmd, env), flush=True)
+            return 0
+        print(f"+ {render(cmd, env)}", file=sys.stderr, flush=True)
+        rc = subprocess.call(list(cmd), env={**os.environ, **(env or {})})
+        if check and rc:
+            raise SystemExit(rc)
+        return rc
+
+    def output(self, cmd: Sequence[str]) -> str:
+        if self.dry_run:
+            print(render(cmd), flush=True)
+            return ""
+        return subprocess.run(list(cmd), check=True, capture_output=True, text=True).stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def coordinator_flags(address: str, num_processes: int, process_id: int) -> list[str]:
+    return [f"--coordinator_address={address}", f"--num_processes={num_processes}",
+            f"--process_id={process_id}"]
+
+
+def _pump(stream, prefix: str) -> None:
+    for line in iter(stream.readline, ""):
+        sys.stdout.write(prefix + line)
+        sys.stdout.flush()
+
+
+def run_group(cmds: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str]], dry_run: bool,
+              timeout: Optional[float] = None) -> int:
+    """Start every command at once, prefix their output with [i], wait for all.
+
+    The first failure stops the others (each by its own pid) and its exit code is returned.
+    """
+    if dry_run:
+        for cmd, env in zip(cmds, envs):
+            print(render(cmd, env), flush=True)
+        return 0
+    procs, pumps = [], []
+    for i, (cmd, env) in enumerate(zip(cmds, envs)):
+        p = subprocess.Popen(list(cmd), env={**os.environ, **env}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        procs.append(p)
+        pumps.append(threading.Thread(target=_pump, args=(p.stdout, f"[{i}] "), daemon=True))
+        pumps[-1].start()
+    rc = _wait_all(procs, timeout)
+    for t in pumps:
+        t.join(timeout=5)
+    return rc
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _wait_all(procs, timeout: Optional[float]) -> int:
+    import time
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                i, code = failed[0]
+                print(f"launch: process {i} exited with {code}; stopping the others", file=sys.stderr)
+                _stop(procs)
+                return code if code > 0 else 128 - code  # killed by signal -code
+            if all(c == 0 for c in codes):
+                return 0
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"launch: timeout after {timeout}s; stopping all processes", file=sys.stderr)
+                _stop(procs)
+                return 124
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        _stop(procs)
+        return 130
