@@ -82,5 +82,5 @@ class StopMatcher:
             at = buf.find(s, max(0, len(self.tail) - len(s) + 1))
             if at >= 0 and (best is None or at + len(s) < best[0]):
                 best = (at + len(s), name)
-        self.tail = buf[len(buf) - self.keep:] if self.keep else b""
+        self.tail = buf[max(0, len(buf) - self.keep):] if self.keep else b""
         return None if best is None else best[1]
