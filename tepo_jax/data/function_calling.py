@@ -72,14 +72,15 @@ class FunctionCallingExample:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FunctionCallingExample":
+        def text(v):
+            return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
         def field(name):
             v = d[name]
-            v = v.decode("utf-8") if isinstance(v, bytes) else v
-            return json.loads(v) if isinstance(v, str) else v
-        source = d.get("source", "")
-        return cls(id=str(d["id"]), messages=field("messages"), tools=field("tools"),
+            return json.loads(text(v)) if isinstance(v, (str, bytes)) else v
+        return cls(id=text(d["id"]), messages=field("messages"), tools=field("tools"),
                    gold_calls=normalize_calls(field("gold_calls")),
-                   source=source.decode("utf-8") if isinstance(source, bytes) else str(source))
+                   source=text(d.get("source", "")))
 
 
 # ------------------------------------------------------------------------------ readers
