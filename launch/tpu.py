@@ -143,8 +143,8 @@ def do_run(args, runner: Runner) -> int:
 
 def logs_commands(args) -> list[list[str]]:
     log = shlex.quote(f"{args.remote_dir}/logs/{args.run_name}.log")
-    follow = "-F" if not args.no_follow else ""
-    return [ssh(args, f"tail -n {args.lines} {follow} {log}".replace("  ", " "), worker=args.worker)]
+    follow = "" if args.no_follow else " -F"
+    return [ssh(args, f"tail -n {args.lines}{follow} {log}", worker=args.worker)]
 
 
 def stop_commands(args) -> list[list[str]]:
