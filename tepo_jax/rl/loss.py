@@ -35,7 +35,8 @@ class LossConfig:
 
     eps_low / eps_high: the ratio clip range [1 − eps_low, 1 + eps_high]. Default 0.2 / 0.2
       (PPO's symmetric clip; DESIGN.md gives no value). DAPO's clip-higher is eps_high=0.28.
-    kl_coef: β of the k3 KL to the reference model; 0 disables it (ref_logprobs then unused).
+    kl_coef: β of the k3 KL to the reference model; 0 disables it (ref_logprobs are then not
+      read and the `kl` metric is 0).
     seq_chunk: sequence positions per chunk of the logprob computation (memory B·seq_chunk·V);
       None computes all logits at once.
     vocab_chunk: optional vocabulary chunk inside `logprob_and_entropy`.

@@ -1,0 +1,303 @@
+"""Policy loss vs numpy written from the formulas; exact-zero gradients on masked tokens;
+chunked sequence logprob vs the unchunked computation (values, gradients, memory); the packer."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tepo_jax.models.config import ModelConfig
+from tepo_jax.models.decoder import Decoder
+from tepo_jax.rl.batch import (SequenceData, TrainBatch, bucket, pack_sequences,
+                               sequence_from_trajectory)
+from tepo_jax.rl.loss import LossConfig, loss_and_metric_sums, per_token_terms, policy_loss
+from tepo_jax.rl.train_step import forward_logprobs, split_model
+from tepo_jax.seqlogprob import sequence_logprob_entropy, token_logprob_entropy
+
+TINY = ModelConfig(family="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=4, qkv_bias=True)
+
+
+# ----------------------------------------------------------------------------- numpy reference
+def numpy_loss(logp, entropy, b: TrainBatch, eps_low, eps_high, beta):
+    """The DESIGN.md loss, straight from the formulas, float64."""
+    f = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    logp, old, ref, adv, w = f(logp), f(b.old_logprobs), f(b.ref_logprobs), f(b.advantages), f(b.token_weights)
+    seg = np.asarray(b.segment_ids)
+    has_pred = np.zeros_like(seg, bool)
+    has_pred[:, 1:] = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+    m = (f(b.loss_mask) * has_pred) > 0
+    n = m.sum()
+    ratio = np.exp(logp - old)
+    pg = -np.minimum(ratio * adv, np.clip(ratio, 1 - eps_low, 1 + eps_high) * adv)
+    kl = np.exp(ref - logp) - (ref - logp) - 1
+    pg_loss = (w * pg)[m].sum() / n
+    kl_mean = kl[m].mean() if beta > 0 else 0.0   # ref_logprobs are not read when β = 0
+    # d loss / d logp: the unclipped branch is active unless the ratio left the range in the
+    # advantage's direction (then the clipped constant wins and the gradient is 0).
+    binds = ((adv > 0) & (ratio > 1 + eps_high)) | ((adv < 0) & (ratio < 1 - eps_low))
+    grad = np.where(m, (w * np.where(binds, 0.0, -adv * ratio) + beta * (1 - np.exp(ref - logp))) / n, 0.0)
+    return {
+        "loss": pg_loss + beta * kl_mean,
+        "pg_loss": pg_loss,
+        "kl": kl_mean,
+        "clip_frac_low": ((adv < 0) & (ratio < 1 - eps_low))[m].mean(),
+        "clip_frac_high": ((adv > 0) & (ratio > 1 + eps_high))[m].mean(),
+        "ratio_mean": ratio[m].mean(),
+        "entropy_mean": f(entropy)[m].mean(),
+        "logprob_diff_mean_abs": np.abs(logp - old)[m].mean(),
+        "num_model_tokens": n,
+    }, grad
+
+
+def random_batch(rng, b=3, t=24, vocab=64, packed=True):
+    seg = np.ones((b, t), np.int32)
+    if packed:
+        seg[0, 10:] = 2          # two sequences in row 0
+        seg[1, 18:] = 0          # padding at the end of row 1
+    pos = np.zeros((b, t), np.int32)
+    for r in range(b):
+        for s in np.unique(seg[r]):
+            idx = np.where(seg[r] == s)[0]
+            pos[r, idx] = np.arange(len(idx))
+    mask = (rng.random((b, t)) < 0.6).astype(np.float32)
+    mask[seg == 0] = 0
+    old = -np.abs(rng.standard_normal((b, t))).astype(np.float32) - 0.5
+    return TrainBatch(
+        tokens=rng.integers(0, vocab, (b, t)).astype(np.int32), positions=pos, segment_ids=seg,
+        loss_mask=mask, advantages=(rng.standard_normal((b, t)) * mask).astype(np.float32),
+        old_logprobs=old, ref_logprobs=(old + 0.3 * rng.standard_normal((b, t))).astype(np.float32),
+        token_weights=rng.uniform(0.2, 2.0, (b, t)).astype(np.float32))
+
+
+@pytest.mark.parametrize("eps_low,eps_high,beta", [(0.2, 0.2, 0.0), (0.2, 0.28, 0.0), (0.1, 0.3, 0.05)])
+def test_loss_matches_numpy(eps_low, eps_high, beta):
+    rng = np.random.default_rng(1)
+    batch = random_batch(rng)
+    # Ratios spread over [e^-0.6, e^0.6]: both clip sides are crossed with both advantage signs.
+    logp = (batch.old_logprobs + rng.uniform(-0.6, 0.6, batch.tokens.shape)).astype(np.float32)
+    entropy = rng.uniform(0, 3, batch.tokens.shape).astype(np.float32)
+    cfg = LossConfig(eps_low=eps_low, eps_high=eps_high, kl_coef=beta)
+    (loss, metrics), grad = jax.value_and_grad(policy_loss, has_aux=True)(
+        jnp.asarray(logp), jnp.asarray(entropy), batch, cfg)
+    ref, ref_grad = numpy_loss(logp, entropy, batch, eps_low, eps_high, beta)
+    assert ref["clip_frac_low"] > 0 and ref["clip_frac_high"] > 0
+    np.testing.assert_allclose(float(loss), ref["loss"], rtol=1e-5, atol=1e-7)
+    for k, v in ref.items():
+        np.testing.assert_allclose(float(metrics[k]), v, rtol=1e-5, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-5, atol=1e-8)
+
+
+def test_first_token_of_segment_never_carries_loss():
+    rng = np.random.default_rng(2)
+    batch = random_batch(rng)
+    mask = batch.loss_mask.copy()
+    mask[0, 0] = mask[0, 10] = 1.0   # first tokens of both segments of row 0: no prediction
+    logp = jnp.asarray(batch.old_logprobs + 0.1)
+    _, m1 = policy_loss(logp, logp, batch._replace(loss_mask=mask), LossConfig())
+    mask[0, 0] = mask[0, 10] = 0.0
+    _, m0 = policy_loss(logp, logp, batch._replace(loss_mask=mask), LossConfig())
+    assert float(m1["num_model_tokens"]) == float(m0["num_model_tokens"])
+    assert float(m1["loss"]) == float(m0["loss"])
+
+
+def test_masked_per_token_gradient_is_exactly_zero_even_for_garbage_inputs():
+    rng = np.random.default_rng(3)
+    batch = random_batch(rng)
+    off = batch.loss_mask == 0
+    # Garbage where mask == 0: huge ratios, inf / nan advantages, extreme reference logprobs.
+    bad = batch._replace(advantages=np.where(off, np.nan, batch.advantages).astype(np.float32),
+                         old_logprobs=np.where(off, -1e4, batch.old_logprobs).astype(np.float32),
+                         ref_logprobs=np.where(off, 1e4, batch.ref_logprobs).astype(np.float32),
+                         token_weights=np.where(off, np.inf, batch.token_weights).astype(np.float32))
+    logp = jnp.asarray(np.where(off, 50.0, batch.old_logprobs + 0.2).astype(np.float32))
+    cfg = LossConfig(eps_low=0.2, eps_high=0.28, kl_coef=0.1)
+    for b in (batch, bad):
+        (loss, metrics), g = jax.value_and_grad(policy_loss, has_aux=True)(logp, logp, b, cfg)
+        assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in metrics.values())
+        g = np.asarray(g)
+        assert np.all(g[off] == 0.0) and np.count_nonzero(g[~off]) > 0
+        per_token = jax.jacrev(lambda lp: per_token_terms(lp, b, jnp.asarray(b.loss_mask), cfg)["pg"]
+                               + per_token_terms(lp, b, jnp.asarray(b.loss_mask), cfg)["kl"])(logp)
+        assert np.all(np.asarray(per_token)[off] == 0.0)
+    (l0, _), (l1, _) = [policy_loss(logp, logp, b, cfg) for b in (batch, bad)]
+    assert float(l0) == float(l1)
+
+
+def _model_grad_fn(model_def, cfg):
+    def loss_fn(p, batch):
+        logp, ent = forward_logprobs(model_def, p, batch, cfg)
+        n = jnp.maximum(jnp.sum(batch.loss_mask), 1.0)
+        return loss_and_metric_sums(logp, ent, batch, cfg, n)[0]
+    return jax.jit(jax.grad(loss_fn))
+
+
+def test_param_gradient_ignores_masked_tokens_bit_exactly():
+    """Changing anything the masked tokens carry (advantages, old/ref logprobs, weights) or the
+    ids of padding tokens leaves the parameter gradient bit-identical."""
+    rng = np.random.default_rng(4)
+    model_def, params = split_model(Decoder(TINY, rngs=nnx.Rngs(0)))
+    batch = random_batch(rng, vocab=TINY.vocab_size)
+    cfg = LossConfig(eps_low=0.2, eps_high=0.28, kl_coef=0.1, seq_chunk=8)
+    off = batch.loss_mask == 0
+    pad = batch.segment_ids == 0
+    assert pad.any()
+    junk = lambda x, v: np.where(off, v, x).astype(x.dtype)  # noqa: E731
+    perturbed = batch._replace(
+        tokens=np.where(pad, (batch.tokens + 7) % TINY.vocab_size, batch.tokens).astype(np.int32),
+        advantages=junk(batch.advantages, 123.0), old_logprobs=junk(batch.old_logprobs, -77.0),
+        ref_logprobs=junk(batch.ref_logprobs, 5.0), token_weights=junk(batch.token_weights, 9.0))
+    grad_fn = _model_grad_fn(model_def, cfg)
+    g0 = grad_fn(params, batch)
+    g1 = grad_fn(params, perturbed)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    # ...while changing one model token's advantage does change it (the test can fail).
+    i = tuple(np.argwhere(~off)[0])
+    adv = batch.advantages.copy()
+    adv[i] += 1.0
+    g2 = grad_fn(params, batch._replace(advantages=adv))
+    assert not np.array_equal(np.asarray(g0["lm_head"]), np.asarray(g2["lm_head"]))
+
+
+def test_hidden_gradient_of_masked_targets_is_exactly_zero():
+    """d loss / d hidden[t−1] = 0 exactly when token t is masked (head path), chunked or not."""
+    rng = np.random.default_rng(5)
+    batch = random_batch(rng, packed=False)
+    hidden = jnp.asarray(rng.standard_normal((3, 24, 16)), jnp.float32)
+    kernel = jnp.asarray(0.3 * rng.standard_normal((16, 64)), jnp.float32)
+    cfg = LossConfig(kl_coef=0.1)
+
+    def loss(h, chunk):
+        lp, ent = token_logprob_entropy(h, kernel, batch.tokens, batch.segment_ids, chunk)
+        return policy_loss(lp, ent, batch, cfg)[0]
+
+    for chunk in (None, 5):
+        g = np.asarray(jax.grad(loss)(hidden, chunk))
+        target_masked = np.concatenate([batch.loss_mask[:, 1:] == 0, np.ones((3, 1), bool)], axis=1)
+        assert np.all(g[target_masked] == 0.0)
+        assert np.all(np.abs(g[~target_masked]).sum(-1) > 0)
+
+
+# ----------------------------------------------------------------------- chunked logprob
+@pytest.mark.parametrize("chunk", [1, 7, 16])
+def test_chunked_sequence_logprob_matches_unchunked(chunk):
+    rng = np.random.default_rng(6)
+    hidden = jnp.asarray(rng.standard_normal((2, 21, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((16, 50)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 50, (2, 21)))
+    lp0, ent0 = sequence_logprob_entropy(hidden, kernel, targets, None)
+    lp1, ent1 = sequence_logprob_entropy(hidden, kernel, targets, chunk)
+    # Numpy reference of the unchunked path.
+    z = np.einsum("btd,dv->btv", np.asarray(hidden, np.float64), np.asarray(kernel, np.float64))
+    logz = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    ref = np.take_along_axis(z, np.asarray(targets)[..., None], -1)[..., 0] - logz
+    np.testing.assert_allclose(np.asarray(lp0), ref, atol=2e-4, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(lp1), np.asarray(lp0), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(ent1), np.asarray(ent0), atol=1e-5, rtol=0)
+
+    def f(h, k, c):
+        lp, ent = sequence_logprob_entropy(h, k, targets, c)
+        return jnp.sum(lp * jnp.cos(jnp.arange(21.0))) + 0.1 * jnp.sum(ent)
+    g0 = jax.grad(f, argnums=(0, 1))(hidden, kernel, None)
+    g1 = jax.grad(f, argnums=(0, 1))(hidden, kernel, chunk)
+    for a, b in zip(g0, g1):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+
+
+def _temp_bytes(t, chunk, vocab=8192, b=2, d=32):
+    def f(h, k, y):
+        lp, ent = sequence_logprob_entropy(h, k, y, chunk)
+        return jnp.sum(lp)
+    args = (jax.ShapeDtypeStruct((b, t, d), jnp.float32), jax.ShapeDtypeStruct((d, vocab), jnp.float32),
+            jax.ShapeDtypeStruct((b, t), jnp.int32))
+    compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_memory_does_not_scale_with_sequence_times_vocab():
+    logits_bytes = lambda t: 2 * t * 8192 * 4  # noqa: E731  (B·T·V float32)
+    chunked = {t: _temp_bytes(t, 64) for t in (256, 1024)}
+    full = {t: _temp_bytes(t, None) for t in (256, 1024)}
+    # The unchunked forward+backward holds at least the [B, T, V] logits: it grows with T·V ...
+    assert full[1024] - full[256] >= logits_bytes(1024) - logits_bytes(256)
+    # ... the chunked one holds a [B, 64, V] chunk (plus O(B·T·D) activations) at any T.
+    assert chunked[1024] < logits_bytes(1024) / 4
+    assert chunked[1024] - chunked[256] < (logits_bytes(1024) - logits_bytes(256)) / 10
+
+
+def test_token_logprob_convention_and_packing_equal_separate_sequences():
+    """value[t] = log p(tokens[t] | tokens[<t]); two packed sequences give the same values as
+    each run alone in its own row."""
+    model = Decoder(TINY, rngs=nnx.Rngs(1))
+    model_def, params = split_model(model)
+    rng = np.random.default_rng(7)
+    a, b = rng.integers(0, 64, 9), rng.integers(0, 64, 6)
+    seq = lambda x: SequenceData(x, np.r_[0, np.ones(len(x) - 1)], np.zeros(len(x)), np.zeros(len(x)))  # noqa: E731
+    packed = pack_sequences([seq(a), seq(b)], seq_len=16).batch
+    alone = pack_sequences([seq(a), seq(b)], seq_len=16, pack=False).batch
+    assert packed.tokens.shape == (1, 16) and alone.tokens.shape == (2, 16)
+    fwd = jax.jit(lambda p, b: forward_logprobs(model_def, p, b, LossConfig(seq_chunk=4))[0])
+    lp_packed = np.asarray(fwd(params, packed))
+    lp_alone = np.asarray(fwd(params, alone))
+    np.testing.assert_allclose(lp_packed[0, :9], lp_alone[0, :9], atol=1e-6)
+    np.testing.assert_allclose(lp_packed[0, 9:15], lp_alone[1, :6], atol=1e-6)
+    assert lp_packed[0, 0] == 0 and lp_packed[0, 9] == 0 and lp_packed[0, 15] == 0
+    # Direct check of the convention from full logits of sequence a alone.
+    logits = np.asarray(jax.jit(lambda t: model(t, jnp.arange(9)[None])[0])(jnp.asarray(a)[None])[0],
+                        np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    np.testing.assert_allclose(lp_alone[0, 1:9], logp[np.arange(8), a[1:]], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- packer
+def test_pack_sequences_layout_and_unpack():
+    rng = np.random.default_rng(8)
+    lengths = [50, 20, 70, 30, 100, 10]
+    seqs = []
+    for n in lengths:
+        mask = np.r_[0, (rng.random(n - 1) < 0.5)].astype(np.float32)
+        seqs.append(SequenceData(rng.integers(1, 100, n), mask, rng.standard_normal(n) * mask,
+                                 -rng.random(n) * mask, token_weights=1 + mask))
+    packed = pack_sequences(seqs, length_buckets=(64, 128, 256), row_multiple=4)
+    b = packed.batch
+    assert b.tokens.shape == (4, 128) and b.tokens.dtype == np.int32 and b.loss_mask.dtype == np.float32
+    for s, p in zip(seqs, packed.placements):
+        sl = slice(p.start, p.start + p.length)
+        np.testing.assert_array_equal(b.tokens[p.row, sl], s.tokens)
+        np.testing.assert_array_equal(b.positions[p.row, sl], np.arange(p.length))
+        assert len(set(b.segment_ids[p.row, sl])) == 1 and b.segment_ids[p.row, p.start] > 0
+        np.testing.assert_array_equal(b.token_weights[p.row, sl], 1 + s.loss_mask)
+        np.testing.assert_array_equal(b.ref_logprobs[p.row, sl], 0)
+    for s, got in zip(seqs, packed.unpack(b.old_logprobs)):
+        np.testing.assert_array_equal(got, s.old_logprobs.astype(np.float32))
+    assert b.loss_mask.sum() == sum(s.loss_mask.sum() for s in seqs)
+    pad = b.segment_ids == 0
+    assert np.all(b.loss_mask[pad] == 0) and np.all(b.token_weights[pad] == 1)
+    unpacked = pack_sequences(seqs, pack=False, length_buckets=(64, 128))
+    assert unpacked.batch.tokens.shape == (8, 128)   # 6 rows, bucketed to a power of two
+
+
+def test_pack_sequences_rejects_bad_input():
+    s = SequenceData(np.arange(5), np.ones(5), np.zeros(5), np.zeros(5))
+    with pytest.raises(ValueError, match="first token"):
+        pack_sequences([s])
+    ok = SequenceData(np.arange(5), np.r_[0, np.ones(4)], np.zeros(5), np.zeros(5))
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_sequences([ok], seq_len=4)
+    with pytest.raises(ValueError, match="rows"):
+        pack_sequences([ok, ok], seq_len=5, num_rows=1)
+    assert bucket(5, (4, 8)) == 8 and bucket(9, (4, 8)) == 16
+
+
+def test_sequence_from_trajectory_uses_model_tokens():
+    class Traj:  # the attributes of tepo_jax.rollout.Trajectory that are read
+        token_ids = np.array([5, 6, 7, 8, 9])
+        logprobs = np.array([0, -1.0, -2.0, 0, -0.5], np.float32)
+
+        def model_mask(self):
+            return np.array([False, True, True, False, True])
+    s = sequence_from_trajectory(Traj(), np.full(5, 0.5))
+    np.testing.assert_array_equal(s.loss_mask, [0, 1, 1, 0, 1])
+    np.testing.assert_array_equal(s.old_logprobs, Traj.logprobs)
