@@ -106,6 +106,22 @@ def test_submit_returns_future_and_overlaps():
     bridge.close()
 
 
+def test_pool_clogged_by_hung_tools_still_returns():
+    """One worker, held by a tool that never honours its deadline: the queued call behind it
+    times out too instead of waiting forever."""
+    hang = Hang()
+    bridge = ToolBridge({"hang": hang, "echo": Echo()}, max_workers=1, default_timeout=0.2,
+                        grace_s=0.1)
+    t0 = time.monotonic()
+    results = bridge.run_batch([ToolCall("hang", "x"), ToolCall("echo", "y")])
+    assert time.monotonic() - t0 < 3.0
+    assert [r.status for r in results] == [ToolStatus.TIMEOUT, ToolStatus.TIMEOUT]
+    assert "not started" in results[1].text
+    hang.release.set()
+    assert bridge.run_batch([ToolCall("echo", "z")])[0].text == "Z"  # the pool recovers
+    bridge.close()
+
+
 def test_empty_batch():
     with ToolBridge({}, max_workers=1) as bridge:
         assert bridge.run_batch([]) == []

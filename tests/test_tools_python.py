@@ -78,11 +78,11 @@ def sandbox_uid_procs(cfg: SandboxConfig):
 # (name, code template, timeout, allowed statuses, substring expected in text or None)
 # Templates may use {secret}, {host_dir}, {port}, {host_pid}.
 COMMON = [
-    ("infinite_loop", "while True:\n    pass", 2.0, {ToolStatus.TIMEOUT}, "timed out"),
-    ("sleep_past_deadline", "import time\nprint('before', flush=True)\ntime.sleep(60)", 1.5,
+    ("infinite_loop", "while True:\n    pass", 1.0, {ToolStatus.TIMEOUT}, "timed out"),
+    ("sleep_past_deadline", "import time\nprint('before', flush=True)\ntime.sleep(60)", 1.0,
      {ToolStatus.TIMEOUT}, "before"),
     ("fork_bomb", "import os\nwhile True:\n    try:\n        os.fork()\n"
-     "    except OSError:\n        pass", 2.0, {ToolStatus.TIMEOUT, ToolStatus.ERROR}, None),
+     "    except OSError:\n        pass", 1.0, {ToolStatus.TIMEOUT, ToolStatus.ERROR}, None),
     # Touches every page it gets, so it is slow on a loaded machine: a generous deadline.
     ("memory_bomb", "a = []\nwhile True:\n    a.append(bytearray(32 << 20))", 8.0,
      {ToolStatus.ERROR}, "MemoryError"),
@@ -233,6 +233,6 @@ def test_concurrent_runs_are_independent():
     tool = PythonTool(SandboxConfig(use_bwrap=HAVE_BWRAP))
     codes = [f"print({i} * 2)" for i in range(8)] + ["while True: pass"]
     with ThreadPoolExecutor(9) as pool:
-        results = list(pool.map(lambda c: tool.run(c, timeout=2.0), codes))
+        results = list(pool.map(lambda c: tool.run(c, timeout=1.0), codes))
     assert [r.text.strip() for r in results[:8]] == [str(i * 2) for i in range(8)]
     assert results[8].status is ToolStatus.TIMEOUT

@@ -30,7 +30,7 @@ def _corpus_lines(n):
     vocab = [f"tok{i}" for i in range(20_000)]
     for i in range(n - len(NEEDLES)):
         yield {"id": str(i), "title": f"Filler {i}",
-               "text": " ".join(rng.choices(vocab, k=16))}
+               "text": " ".join(rng.choices(vocab, k=10))}
     yield from NEEDLES
 
 

@@ -9,6 +9,7 @@ results in input order. Guarantees:
 - a slow, crashing or hostile call yields an error/timeout ToolResult for that call only; an
   exception in a tool never escapes, and a tool that ignores its deadline is abandoned (its
   thread is left to finish; counted in `abandoned`) so the batch still returns on time;
+- a call that cannot even start (every worker held by abandoned tools) times out too;
 - output order equals input order; counters cover calls, failures, timeouts and latency.
 """
 from __future__ import annotations
@@ -61,6 +62,7 @@ class ToolBridge:
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self.tools = dict(tools)
+        self.max_workers = max_workers
         self.default_timeout = default_timeout
         self.grace_s = grace_s
         self._pool = cf.ThreadPoolExecutor(max_workers, thread_name_prefix="tool")
@@ -70,6 +72,7 @@ class ToolBridge:
         self._lock = threading.Lock()
         self._stats: Dict[str, ToolStats] = {}
         self.abandoned = 0
+        self._waiting = 0  # submitted calls no worker has started yet
 
     # ---- public --------------------------------------------------------------------------
     def run_batch(self, calls: Sequence[Call]) -> List[ToolResult]:
@@ -126,8 +129,15 @@ class ToolBridge:
             return _Slot(call.tool, 0.0, done=ToolResult(msg, ToolStatus.PARSE_ERROR, 0.0,
                                                          call.tool))
         timeout = self.default_timeout if call.timeout is None else call.timeout
-        slot = _Slot(call.tool, timeout)
-        slot.future = self._pool.submit(_guarded, tool, call, timeout, slot)
+        with self._lock:
+            self._waiting += 1
+            ahead = self._waiting  # calls queued before this one, from every batch
+        # It may wait behind `ahead` calls, `max_workers` at a time, each up to its deadline;
+        # past that the pool is clogged by abandoned (hung) tools and waiting is pointless.
+        rounds = -(-ahead // self.max_workers) + 1
+        patience = rounds * (max(timeout, self.default_timeout) + self.grace_s)
+        slot = _Slot(call.tool, timeout, start_by=time.monotonic() + patience)
+        slot.future = self._pool.submit(self._guarded, tool, call, timeout, slot)
         return slot
 
     def _collect(self, slots: List["_Slot"]) -> List[ToolResult]:
@@ -143,6 +153,11 @@ class ToolBridge:
                     s.done = s.future.result()  # _guarded never raises
                 elif s.started is not None and now > s.started + s.timeout + self.grace_s:
                     s.done = self._abandon(s, now)
+                elif s.started is None and now > s.start_by and s.future.cancel():
+                    with self._lock:
+                        self._waiting -= 1
+                    s.done = ToolResult("[not started: every tool worker is busy or hung]",
+                                        ToolStatus.TIMEOUT, 0.0, s.tool)
                 else:
                     still.append(s)
             pending = still
@@ -155,6 +170,11 @@ class ToolBridge:
         return ToolResult(f"[timed out after {slot.timeout:g} s]", ToolStatus.TIMEOUT,
                           now - slot.started, slot.tool)
 
+    def _guarded(self, tool: Tool, call: ToolCall, timeout: float, slot: "_Slot"):
+        with self._lock:
+            self._waiting -= 1
+        return _run_guarded(tool, call, timeout, slot)
+
     def _record(self, results: List[ToolResult]) -> None:
         with self._lock:
             for r in results:
@@ -165,12 +185,13 @@ class ToolBridge:
 class _Slot:
     tool: str
     timeout: float
+    start_by: float = 0.0
     done: Optional[ToolResult] = None
     future: Optional[cf.Future] = None
     started: Optional[float] = None
 
 
-def _guarded(tool: Tool, call: ToolCall, timeout: float, slot: _Slot) -> ToolResult:
+def _run_guarded(tool: Tool, call: ToolCall, timeout: float, slot: _Slot) -> ToolResult:
     """Run one call; any exception becomes an ERROR result naming the exception."""
     slot.started = t0 = time.monotonic()
     try:
