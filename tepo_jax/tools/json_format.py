@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 from tepo_jax.rollout.trajectory import TagFormat
