@@ -34,13 +34,13 @@ import importlib
 import json
 import math
 import re
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from tepo_jax.analysis.stats import bootstrap_ci, fisher_ci, fisher_p_value, pearson
 from tepo_jax.rewards.qa import as_gold_list, normalize_answer
 from tepo_jax.rollout.trajectory import (MODEL_KINDS, ToolCallRecord, Trajectory,
                                          entropy_deltas, read_jsonl)
@@ -269,67 +269,6 @@ def examples_from_records(records: Iterable) -> dict[str, ExampleInfo]:
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson r; NaN when either variable is constant or there are < 2 points."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.size < 2:
-        return math.nan
-    xc, yc = x - x.mean(), y - y.mean()
-    den = math.sqrt(float(xc @ xc) * float(yc @ yc))
-    return float(xc @ yc) / den if den > 0 else math.nan
-
-
-def bootstrap_ci(x: np.ndarray, y: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
-                 seed: int = 0, clusters: np.ndarray | None = None) -> tuple[float, float]:
-    """Percentile bootstrap CI of pearson(x, y), resampling points (or whole `clusters`, e.g.
-    trajectories, when given) with numpy's seeded generator. Degenerate resamples (a constant
-    variable) are skipped; NaN bounds when fewer than half the resamples are usable.
-
-    Vectorised: each resample is a vector of cluster counts, and its Pearson r comes from
-    the count-weighted sums (n, Σx, Σy, Σx², Σy², Σxy) of the clusters."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    inv = np.arange(x.size) if clusters is None else np.unique(np.asarray(clusters),
-                                                               return_inverse=True)[1]
-    n_groups = int(inv.max()) + 1 if x.size else 0
-    if n_groups < 2:
-        return math.nan, math.nan
-    sums = np.stack([np.bincount(inv, weights=w, minlength=n_groups)
-                     for w in (np.ones_like(x), x, y, x * x, y * y, x * y)], axis=1)  # G×6
-    rng = np.random.default_rng(seed)
-    rs, chunk = [], max(1, 2_000_000 // n_groups)
-    for b0 in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - b0)
-        draws = rng.integers(0, n_groups, (b, n_groups)) + n_groups * np.arange(b)[:, None]
-        counts = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups)
-        n, sx, sy, sxx, syy, sxy = (counts @ sums).T
-        vx, vy, cov = sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n
-        ok = (vx > 1e-9 * np.maximum(sxx, 1)) & (vy > 1e-9 * np.maximum(syy, 1e-300))
-        rs.append(cov[ok] / np.sqrt(vx[ok] * vy[ok]))
-    rs = np.concatenate(rs)
-    if rs.size < n_boot / 2:
-        return math.nan, math.nan
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(rs, [alpha, 1 - alpha])
-    return float(lo), float(hi)
-
-
-def fisher_ci(r: float, n: int, level: float = 0.95) -> tuple[float, float]:
-    """CI of a correlation from the Fisher transform: tanh(atanh(r) ± z/√(n−3))."""
-    if math.isnan(r) or n <= 3:
-        return math.nan, math.nan
-    z = math.atanh(min(max(r, -0.9999999), 0.9999999))
-    half = statistics.NormalDist().inv_cdf(0.5 + level / 2) / math.sqrt(n - 3)
-    return math.tanh(z - half), math.tanh(z + half)
-
-
-def fisher_p_value(r: float, n: int) -> float:
-    """Two-sided p-value of r = 0 under the Fisher-z normal approximation."""
-    if math.isnan(r) or n <= 3:
-        return math.nan
-    z = math.atanh(min(max(r, -0.9999999), 0.9999999)) * math.sqrt(n - 3)
-    return 2 * (1 - statistics.NormalDist().cdf(abs(z)))
 
 
 def group_stats(dh: np.ndarray, reducing: np.ndarray) -> dict[str, float]:
