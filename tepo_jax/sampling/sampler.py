@@ -136,10 +136,10 @@ class Sampler:
                              "finished slot or build the sampler with a larger max_slots")
         n = next(self._requests)
         p = resolve(params, self.config, default_seed=self.config.seed + n)
+        matcher = StopMatcher(p.stop, self._token_bytes)  # validates before the slot is taken
         slot = free[0]
         self.slots[slot] = _Slot(state=RUNNING, request_id=n if request_id is None else request_id,
-                                 params=p, seq=ids, cached=0)
-        self._start_turn(self.slots[slot], p)
+                                 params=p, seq=ids, cached=0, matcher=matcher)
         return slot
 
     def append(self, slot: int, token_ids: Sequence[int], params: Optional[SamplingParams] = None) -> None:
@@ -156,9 +156,10 @@ class Sampler:
             raise ValueError(f"appending {len(ids)} ids to slot {slot} ({len(s.seq)} tokens) exceeds "
                              f"the cache: max_len={self.config.max_len}, one position needed for a new token")
         p = s.params if params is None else resolve(params, self.config, default_seed=s.params.seed)
+        s.matcher = StopMatcher(p.stop, self._token_bytes)
+        s.params, s.turn, s.generated = p, [], 0
         s.seq = s.seq + ids
         s.state = RUNNING
-        self._start_turn(s, p)
 
     def release(self, slot: int) -> None:
         """Free a slot (finished or not); its cache rows are reused by the next request."""
@@ -220,10 +221,6 @@ class Sampler:
         if arr.min() < 0 or arr.max() >= v:
             raise ValueError(f"{what} has token ids outside [0, {v}): min {arr.min()}, max {arr.max()}")
         return [int(x) for x in arr]
-
-    def _start_turn(self, s: _Slot, p: ResolvedParams) -> None:
-        s.params, s.turn, s.generated = p, [], 0
-        s.matcher = StopMatcher(p.stop, self._token_bytes)
 
     def _bucket(self, needed: int) -> int:
         return next((b for b in self.config.cache_buckets if b >= needed), self.config.max_len)

@@ -1,0 +1,121 @@
+"""Token selection (temperature, top-k, top-p, greedy) against sort-based numpy; bad inputs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tepo_jax.models.config import ModelConfig
+from tepo_jax.models.decoder import Decoder
+from tepo_jax.sampling import Sampler, SamplerConfig, SamplingParams
+from tepo_jax.sampling.sample import SlotSampling, _sortable, sample_tokens, truncation_threshold
+
+
+def numpy_kept(z, temperature, top_k, top_p):
+    """transformers' order: temperature, top-k, then top-p on the renormalised top-k set (sorts)."""
+    z = z.astype(np.float64) / temperature
+    keep = np.ones_like(z, bool)
+    if 0 < top_k < len(z):
+        keep &= z >= np.sort(z)[::-1][top_k - 1]
+    if top_p < 1.0:
+        p = np.where(keep, np.exp(z - z.max()), 0.0)
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        first = int(np.argmax(np.cumsum(p[order]) >= top_p))  # smallest prefix reaching top_p
+        keep &= z >= z[order[first]]
+    return keep
+
+
+def slot_sampling(n, temperature=1.0, top_p=1.0, top_k=0, greedy=False, seed=None):
+    full = lambda v, dt: jnp.full((n,), v, dt)  # noqa: E731
+    seeds = jnp.arange(n, dtype=jnp.uint32) if seed is None else full(seed, jnp.uint32)
+    return SlotSampling(full(temperature, jnp.float32), full(top_p, jnp.float32), full(top_k, jnp.int32),
+                        full(greedy, bool), seeds)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 1.0), (0.7, 0, 0.9), (1.5, 50, 0.5),
+                                                     (1.0, 3, 0.99), (1.0, 1, 1.0), (1.0, 0, 0.01)])
+def test_truncation_threshold_matches_sorting(temperature, top_k, top_p):
+    rng = np.random.default_rng(0)
+    z = (3 * rng.standard_normal((6, 300))).astype(np.float32)
+    z[1, :40] = z[1, 0]  # ties at the top
+    z[2] = np.round(z[2])  # many ties
+    s = slot_sampling(6, temperature, top_p, top_k)
+    zj = jnp.asarray(z)
+    t = jax.jit(lambda z, s, inv_t: truncation_threshold(z, _sortable(z), s, inv_t))(
+        zj, s, jnp.full((6,), 1 / temperature, jnp.float32))
+    kept = np.asarray(_sortable(zj) >= t[:, None])
+    for row in range(6):
+        np.testing.assert_array_equal(kept[row], numpy_kept(z[row], temperature, top_k, top_p), err_msg=f"row {row}")
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 4])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 4, 0.8)])
+def test_sampled_frequencies_follow_the_truncated_distribution(temperature, top_k, top_p, vocab_chunk):
+    z = np.array([1.0, 0.5, 2.0, -1.0, 0.0, 1.5, -3.0], np.float32)
+    n = 40_000
+    s = slot_sampling(n, temperature, top_p, top_k)
+    positions = jnp.zeros((n,), jnp.int32)
+    toks = jax.jit(sample_tokens, static_argnums=3)(jnp.tile(z, (n, 1)), s, positions, vocab_chunk)
+    freq = np.bincount(np.asarray(toks), minlength=len(z)) / n
+    p = np.where(numpy_kept(z, temperature, top_k, top_p), np.exp(z / temperature), 0.0)
+    p /= p.sum()
+    assert np.all(freq[p == 0] == 0)
+    assert np.all(np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / n) + 1e-9), (freq, p)
+
+
+def test_greedy_and_seed_stream():
+    rng = np.random.default_rng(1)
+    z = jnp.asarray(rng.standard_normal((8, 50)), jnp.float32)
+    pos = jnp.arange(8, dtype=jnp.int32)
+    sample = jax.jit(sample_tokens)
+    greedy = sample(z, slot_sampling(8, temperature=0.3, greedy=True), pos)
+    np.testing.assert_array_equal(greedy, np.argmax(np.asarray(z), -1))
+    a = sample(z, slot_sampling(8, seed=5), pos)
+    b = sample(z[::-1], slot_sampling(8, seed=5), pos[::-1])  # rows permuted
+    np.testing.assert_array_equal(a, np.asarray(b)[::-1])
+    c = sample(z, slot_sampling(8, seed=5), pos + 1)  # next position: fresh noise
+    assert not np.array_equal(a, c)
+
+
+@pytest.fixture(scope="module")
+def tiny_sampler():
+    cfg = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, qkv_bias=True)
+    return Sampler(Decoder(cfg, rngs=nnx.Rngs(0)),
+                   SamplerConfig(max_slots=2, cache_buckets=(16,), prefill_buckets=(8,), steps_per_call=4))
+
+
+def test_bad_inputs_raise_clear_errors(tiny_sampler):
+    s = tiny_sampler
+    with pytest.raises(ValueError, match="prompt is empty"):
+        s.submit([])
+    with pytest.raises(ValueError, match="does not fit the cache"):
+        s.submit(list(range(16)))
+    with pytest.raises(ValueError, match="outside"):
+        s.submit([1, 64])
+    with pytest.raises(ValueError, match="flat sequence of int"):
+        s.submit([[1, 2]])
+    with pytest.raises(ValueError, match="stop must be a str or a list/tuple of str, got int"):
+        s.submit([1, 2], SamplingParams(stop=123))
+    with pytest.raises(ValueError, match="stop strings must be str, got bytes"):
+        s.submit([1, 2], SamplingParams(stop=[b"</python>"]))
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        s.submit([1, 2], SamplingParams(stop="</python>"))
+    with pytest.raises(ValueError, match="top_p"):
+        s.submit([1, 2], SamplingParams(top_p=0.0))
+    with pytest.raises(ValueError, match="4 prompts"):
+        s.generate([[1]] * 4, [SamplingParams()] * 3)
+    a = s.submit([1, 2])
+    with pytest.raises(ValueError, match="needs a finished turn"):
+        s.append(a, [3])
+    s.submit([3])
+    with pytest.raises(ValueError, match="all 2 compiled slots are busy"):
+        s.submit([4])
+    with pytest.raises(ValueError, match="slot must be an int"):
+        s.release(2)
+    s.release(0)
+    s.release(1)
+    assert s.free_slots == [0, 1]
+    with pytest.raises(ValueError, match="must be non-empty, positive and strictly ascending"):
+        SamplerConfig(cache_buckets=(512, 256))
