@@ -25,7 +25,7 @@ def get_config():
     c.rollout.max_calls = 3
     c.rollout.max_tokens = 160
     c.rollout.max_turn_tokens = 64
-    c.rollout.cache_len = 512
+    c.rollout.cache_len = 1024
     c.optim.lr = 2e-5
     c.train.steps = 20
     c.train.eval_every = 10
@@ -33,5 +33,5 @@ def get_config():
     c.sft.steps = 150
     c.sft.batch_size = 16
     c.sft.lr = 3e-3
-    c.sft.seq_len = 256
+    c.sft.seq_len = 1024
     return c

@@ -119,16 +119,17 @@ class AgentLoop:
         text = self.tokenizer.decode(out.tokens.tolist(), skip_special_tokens=False)
         parsed = self.fmt.parse(text)
         wants_call = isinstance(parsed, (ToolCall, ParseError))
-        if wants_call and b.num_calls >= self.config.max_calls:
-            b.add_model_turn(out.tokens, out.logprobs, out.entropies, is_call=False)
-            return b.finish("max_calls")
-        b.add_model_turn(out.tokens, out.logprobs, out.entropies, is_call=wants_call)
+        # A call that cannot be followed by another turn is not run: it stays plain text.
+        out_of_calls = b.num_calls >= self.config.max_calls
+        out_of_tokens = b.model_tokens + len(out.tokens) >= self.config.max_tokens
+        runs_call = wants_call and not out_of_calls and not out_of_tokens
+        b.add_model_turn(out.tokens, out.logprobs, out.entropies, is_call=runs_call)
         if isinstance(parsed, AnswerTurn):
             return b.finish("answer")
-        if not wants_call:
-            return b.finish("eos" if out.finish_reason == FINISH_EOS else "max_tokens")
-        if b.model_tokens >= self.config.max_tokens:
-            return b.finish("max_tokens")
+        if wants_call and out_of_calls:
+            return b.finish("max_calls")
+        if not runs_call:
+            return b.finish("eos" if out.finish_reason == FINISH_EOS and not wants_call else "max_tokens")
         calls.append((req, parsed))
         return None
 

@@ -1,0 +1,98 @@
+"""One RL step: rollout → rewards → advantages (+ ResT) → TrainBatch → train_step.
+
+Host work (trajectories, advantages) is numpy; the policy's params never leave the device:
+the sampler decodes with the train state's current arrays (`sampler_state`), the same arrays
+the next train step donates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tepo_jax.rl.advantages import AdvantageConfig, batch_advantages
+from tepo_jax.rl.batch import TrainBatch, pack_sequences, sequence_from_trajectory
+from tepo_jax.rl.rest import RestConfig, RoleSource, rest_weights_for_trajectories
+from tepo_jax.rl.tepo_metrics import tepo_step_metrics
+from tepo_jax.rl.train_step import ModelDef, TrainState
+from tepo_jax.rollout.agent import AgentLoop
+from tepo_jax.rollout.trajectory import Trajectory
+
+
+@dataclasses.dataclass(frozen=True)
+class RLStepConfig:
+    advantage: AdvantageConfig
+    rest: Optional[RestConfig]          # None: no ResT re-weighting
+    kl_coef: float
+    row_multiple: int                   # batch shards × micro-batches
+    seq_buckets: tuple[int, ...]
+
+
+def sampler_state(model_def: ModelDef, params) -> nnx.State:
+    """The NNX state the sampler decodes with, built around the train state's own arrays."""
+    return nnx.state(model_def.merge(params))
+
+
+def build_batch(trajs: Sequence[Trajectory], cfg: RLStepConfig, step: int):
+    """(packed batch, advantage info) for a batch of scored trajectories."""
+    scores = [float(t.reward) for t in trajs]
+    adv = batch_advantages(trajs, scores, cfg.advantage)
+    weights = rest_weights_for_trajectories(trajs, step, cfg.rest) if cfg.rest else [None] * len(trajs)
+    seqs = [sequence_from_trajectory(t, a, token_weights=w) for t, a, w in zip(trajs, adv.advantages, weights)]
+    packed = pack_sequences(seqs, row_multiple=cfg.row_multiple, length_buckets=cfg.seq_buckets)
+    return packed, adv.info
+
+
+def with_ref_logprobs(batch: TrainBatch, ref_logprobs) -> TrainBatch:
+    return batch._replace(ref_logprobs=np.asarray(ref_logprobs, np.float32))
+
+
+def rl_step(state: TrainState, examples: Sequence, step: int, *, agent: AgentLoop, model_def: ModelDef,
+            train_step: Callable, logprob_fn: Callable, put_batch: Callable, cfg: RLStepConfig,
+            seed: int, ref_params=None) -> tuple[TrainState, dict, list[Trajectory]]:
+    """Run one RL step; returns (new state, metrics, the step's trajectories)."""
+    t0 = time.perf_counter()
+    agent.sampler.update_params(sampler_state(model_def, state.params))
+    trajs = agent.run(examples, seed=seed * 1_000_003 + step)
+    t_rollout = time.perf_counter() - t0
+    packed, _ = build_batch(trajs, cfg, step)
+    batch = put_batch(packed.batch)
+    # The invariant: the trainer recomputes the sampler's logprobs with the same params.
+    recomputed, _ = logprob_fn(state.params, batch)
+    mask = np.asarray(packed.batch.loss_mask) > 0
+    mask[:, 0] = False
+    diff = np.abs(np.asarray(recomputed) - packed.batch.old_logprobs)[mask]
+    if cfg.kl_coef > 0:
+        ref, _ = logprob_fn(ref_params, batch)
+        batch = put_batch(with_ref_logprobs(packed.batch, ref))
+    state, train_metrics = train_step(state, batch)
+    metrics = {f"train/{k}": float(v) for k, v in jax.device_get(train_metrics).items()}
+    metrics.update(tepo_step_metrics(trajs))
+    metrics.update({"rl/sampler_trainer_logprob_diff": float(diff.mean()) if diff.size else 0.0,
+                    "time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0,
+                    "rl/batch_tokens": float(packed.batch.tokens.size)})
+    return state, metrics, trajs
+
+
+def eval_metrics(trajs: Sequence[Trajectory]) -> dict:
+    """Held-out metrics of greedy rollouts: accuracy, F1, tool use, ΔH, tool failures."""
+    calls = [c for t in trajs for c in t.tool_calls]
+    out = {"eval/accuracy": float(np.mean([t.em for t in trajs])),
+           "eval/f1": float(np.mean([t.f1 for t in trajs])),
+           "eval/calls_per_question": float(np.mean([t.num_calls for t in trajs])),
+           "eval/tool_failure_rate": float(np.mean([c.status != "ok" for c in calls])) if calls else 0.0,
+           "eval/malformed_rate": float(np.mean([bool(t.malformed) for t in trajs]))}
+    tepo = tepo_step_metrics(trajs)
+    out.update({f"eval/{k}": v for k, v in tepo.items() if k.startswith("tepo/")})
+    return out
+
+
+def rest_config(config, total_steps: int) -> Optional[RestConfig]:
+    if not config.algo.rest:
+        return None
+    source = RoleSource.ENTROPY if config.algo.rest_entropy_roles else RoleSource.SPANS
+    return RestConfig(source=source, total_steps=max(total_steps, 1))

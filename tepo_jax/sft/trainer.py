@@ -1,0 +1,61 @@
+"""Supervised warm start on tool-use trajectories: cross-entropy on model tokens only.
+
+Prompt and tool-result tokens are context, never targets (the same loss mask RL uses). The
+step shares the RL step's state, optimizer, chunked logprob and shardings; only the loss
+differs: −Σ mask·log p / Σ mask, the token mean over the batch's model tokens.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tepo_jax.rl.batch import SequenceData, TrainBatch, pack_sequences
+from tepo_jax.rl.loss import LossConfig, loss_token_mask
+from tepo_jax.rl.train_step import ModelDef, TrainState, forward_logprobs
+from tepo_jax.sharding import replicated
+
+
+def sft_sequence(traj) -> SequenceData:
+    n = len(traj)
+    return SequenceData(tokens=np.asarray(traj.token_ids), loss_mask=traj.model_mask().astype(np.float32),
+                        advantages=np.zeros(n, np.float32), old_logprobs=np.zeros(n, np.float32))
+
+
+def sft_batch(trajs: Sequence, seq_len: int, row_multiple: int) -> TrainBatch:
+    """Pack trajectories into rows of `seq_len` tokens (several per row when they fit)."""
+    longest = max(len(t) for t in trajs)
+    if longest > seq_len:
+        raise ValueError(f"config.sft.seq_len={seq_len} is shorter than an SFT trajectory "
+                         f"({longest} tokens); raise it")
+    return pack_sequences([sft_sequence(t) for t in trajs], seq_len=seq_len,
+                          row_multiple=row_multiple).batch
+
+
+def sft_loss(model_def: ModelDef, params, batch: TrainBatch, loss_cfg: LossConfig):
+    logp, entropy = forward_logprobs(model_def, params, batch, loss_cfg)
+    mask = loss_token_mask(batch)
+    n = jnp.maximum(jnp.sum(mask), 1.0)
+    nll = -jnp.sum(mask * logp) / n
+    return nll, {"sft/nll": nll, "sft/entropy": jnp.sum(mask * entropy) / n, "sft/tokens": n}
+
+
+def make_sft_step(model_def: ModelDef, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
+                  mesh, state_shardings: TrainState, batch_sharding):
+    """Jitted `sft_step(state, batch) -> (state, metrics)` with the state donated."""
+
+    def step(state: TrainState, batch: TrainBatch):
+        grad_fn = jax.grad(lambda p: sft_loss(model_def, p, batch, loss_cfg), has_aux=True)
+        grads, metrics = grad_fn(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        metrics["sft/grad_norm"] = optax.global_norm(grads)
+        new = TrainState(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                         step=state.step + 1, rng=jax.random.split(state.rng)[0])
+        return new, metrics
+
+    batch_shardings = TrainBatch(*([batch_sharding] * len(TrainBatch._fields)))
+    return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))

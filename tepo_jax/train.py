@@ -1,0 +1,277 @@
+"""Training entry point: `python -m tepo_jax.train --config=configs/X.py [--config.a.b=v ...]`.
+
+Runs SFT, RL, or SFT then RL, as the config says. Every `train.checkpoint_every` steps, at the
+end of a phase and on SIGTERM, an orbax checkpoint stores params, optimizer, step, RNG and the
+data iterator; a restarted run resumes from the latest readable checkpoint with nothing lost
+(on CPU the resumed run is bit-identical to an uninterrupted one).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from typing import Optional
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from tepo_jax import experiment
+from tepo_jax.checkpoints.hf import load_hf, save_hf
+from tepo_jax.checkpoints.train_state import PreemptionFlag, RunCheckpointer, abstract_like
+from tepo_jax.config import ConfigError, validate
+from tepo_jax.data.pipeline import make_dataset
+from tepo_jax.models.decoder import BATCH_AXES
+from tepo_jax.rl import loop as rl_loop
+from tepo_jax.rl.advantages import AdvantageConfig
+from tepo_jax.rl.batch import power_of_two_buckets
+from tepo_jax.rl.loss import LossConfig
+from tepo_jax.rl.optim import OptimConfig, build_optimizer, build_schedule
+from tepo_jax.rl.train_step import create_train_state, make_compute_logprobs, make_train_step, split_model
+from tepo_jax.rollout.agent import AgentLoop, RolloutConfig
+from tepo_jax.runlog import RunLog
+from tepo_jax.sampling.config import SamplerConfig
+from tepo_jax.sampling.sampler import Sampler
+from tepo_jax.sft.data import build_sft_trajectories
+from tepo_jax.sft.trainer import make_sft_step, sft_batch
+from tepo_jax.sharding import batch_sharding
+from tepo_jax.tokenizer import stop_token_ids
+
+log = logging.getLogger("tepo_jax.train")
+SFT, RL = "sft", "rl"
+
+
+@dataclasses.dataclass
+class Phase:
+    """Where a run is: which phase, how many steps of it are done, the data iterator state."""
+
+    name: str
+    step: int = 0
+    data_state: Optional[dict] = None
+
+
+def batch_shards(mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def optim_config(config, phase: str) -> OptimConfig:
+    if phase == SFT:
+        return OptimConfig(learning_rate=config.sft.lr, schedule="cosine", warmup_steps=min(10, config.sft.steps),
+                           total_steps=max(config.sft.steps, 1), weight_decay=config.optim.weight_decay,
+                           max_grad_norm=config.optim.clip_norm)
+    return OptimConfig(learning_rate=config.optim.lr, schedule=config.optim.schedule,
+                       warmup_steps=config.optim.warmup_steps, total_steps=max(config.train.steps, 1),
+                       b1=config.optim.b1, b2=config.optim.b2, weight_decay=config.optim.weight_decay,
+                       max_grad_norm=config.optim.clip_norm)
+
+
+def loss_config(config) -> LossConfig:
+    return LossConfig(eps_low=config.loss.eps_low, eps_high=config.loss.eps_high, kl_coef=config.loss.kl_coef)
+
+
+class Run:
+    """One training run: its parts, its state, and the checkpoint it resumes from."""
+
+    def __init__(self, config):
+        self.config = config
+        self.exp = experiment.setup(config)
+        self.mesh = self.exp.mesh
+        self.log = RunLog(self.exp.workdir)
+        self.ckpt = RunCheckpointer(str(self.exp.workdir / "checkpoints"), keep=config.train.keep_checkpoints)
+        self.preempt = PreemptionFlag().install()
+        self.model = experiment.build_model(config, self.mesh, self.exp.tokenizer)
+        self.batch_sharding = batch_sharding(self.mesh)
+        self.loss_cfg = loss_config(config)
+        self.global_step = 0  # checkpoint number: SFT steps + RL steps
+
+    # ---- state and checkpoints ----------------------------------------------------------------
+    def new_state(self, phase: str, params=None):
+        optimizer = build_optimizer(optim_config(self.config, phase))
+        model_def, state, shardings = create_train_state(self.model, optimizer, self.mesh, seed=self.config.seed)
+        if params is not None:
+            state = state.replace(params=jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings.params))
+        return model_def, optimizer, state, shardings
+
+    def restore(self, state) -> Optional[tuple]:
+        restored = self.ckpt.restore_latest(abstract_like(state))
+        if restored is None:
+            return None
+        step, state, extra = restored
+        self.global_step = step
+        log.info("resumed from checkpoint %d (phase %s, step %d)", step, extra["phase"], extra["phase_step"])
+        return state, Phase(extra["phase"], extra["phase_step"], extra.get("data_state"))
+
+    def save(self, state, phase: Phase) -> None:
+        extra = {"phase": phase.name, "phase_step": phase.step, "data_state": phase.data_state,
+                 "config": self.config.to_json()}
+        self.ckpt.save(self.global_step, state, extra)
+
+    # ---- phases -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        mode = self.config.mode
+        _, _, state, _ = self.new_state(SFT if mode != "rl" else RL)
+        resumed = self.restore(state)
+        phase = resumed[1] if resumed else Phase(RL if mode == "rl" else SFT)
+        params = resumed[0].params if resumed else None
+        result = {}
+        if phase.name == SFT:
+            state = self.sft(resumed[0] if resumed else None, phase)
+            if self.preempt.requested:
+                return result
+            params, phase = state.params, Phase(RL)
+        if mode != "sft":
+            result = self.rl(resumed[0] if resumed and resumed[1].name == RL else None, phase, params)
+        return result
+
+    def sft(self, state, phase: Phase):
+        c = self.config
+        model_def, optimizer, fresh, shardings = self.new_state(SFT)
+        state = state or fresh
+        trajs = build_sft_trajectories(self.exp.train_examples, self.exp.tokenizer, self.exp.bridge,
+                                       tools=self.exp.tools, fmt=self.exp.fmt,
+                                       redundant_rate=c.sft.redundant_call_rate, seed=c.seed)
+        self.log.save_trajectories("sft_data", trajs[:64])
+        step_fn = make_sft_step(model_def, optimizer, self.loss_cfg, self.mesh, shardings, self.batch_sharding)
+        data = make_dataset(list(range(len(trajs))), seed=c.seed, batch_size=c.sft.batch_size).__iter__()
+        if phase.data_state:
+            data.set_state(phase.data_state)
+        bar = self.log.progress(c.sft.steps, phase.step, "sft")
+        while phase.step < c.sft.steps and not self.preempt.requested:
+            batch = sft_batch([trajs[i] for i in next(data)], c.sft.seq_len, batch_shards(self.mesh))
+            state, metrics = step_fn(state, jax.device_put(batch, self.batch_sharding))
+            phase.step, self.global_step = phase.step + 1, self.global_step + 1
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            self.log.write(phase.step, SFT, metrics)
+            bar.update(1)
+            bar.set_postfix(nll=f"{metrics['sft/nll']:.3f}")
+            phase.data_state = data.get_state()
+            if phase.step % c.train.checkpoint_every == 0 or phase.step == c.sft.steps or self.preempt.requested:
+                self.save(state, phase)
+        bar.close()
+        if phase.step == c.sft.steps and jax.process_index() == 0:
+            self.export(model_def, state.params, self.exp.workdir / "sft_final")
+        return state
+
+    def export(self, model_def, params, path) -> None:
+        """The policy as an HF checkpoint (+ tokenizer): loadable by transformers and by us."""
+        save_hf(model_def.merge(params), str(path))
+        self.exp.tokenizer.save_pretrained(str(path))
+
+    def reference_params(self, model_def):
+        """The frozen KL reference: the policy RL started from, rebuilt the same way on resume."""
+        if self.config.mode == "sft_then_rl":
+            model = load_hf(str(self.exp.workdir / "sft_final"), mesh=self.mesh)
+        else:
+            model = self.model
+        return split_model(model)[1]
+
+    def rl(self, state, phase: Phase, params) -> dict:
+        c = self.config
+        model_def, optimizer, fresh, shardings = self.new_state(RL, params)
+        state = state or fresh
+        rows = c.data.prompts_per_step * c.rollout.group_size
+        step_fn = make_train_step(model_def, optimizer, self.loss_cfg, self.mesh, shardings, self.batch_sharding,
+                                  micro_batches=c.train.micro_batches,
+                                  schedule=build_schedule(optim_config(c, RL)))
+        logprob_fn = make_compute_logprobs(model_def, self.loss_cfg, self.mesh, shardings.params, self.batch_sharding)
+        ref_params = self.reference_params(model_def) if c.loss.kl_coef > 0 else None
+        agent = self.agent(rows)
+        step_cfg = rl_loop.RLStepConfig(
+            advantage=AdvantageConfig(kind=c.algo.advantage, alpha=c.algo.alpha, no_call_scale=c.algo.no_call_scale,
+                                      eps=c.algo.adv_eps),
+            rest=rl_loop.rest_config(c, c.train.steps), kl_coef=c.loss.kl_coef,
+            row_multiple=batch_shards(self.mesh) * c.train.micro_batches,
+            seq_buckets=power_of_two_buckets(128, c.rollout.cache_len))
+        data = make_dataset(self.exp.train_examples, seed=c.seed + 1, batch_size=c.data.prompts_per_step).__iter__()
+        if phase.data_state:
+            data.set_state(phase.data_state)
+        self.log.truncate_after(phase.step, RL)
+        put = lambda b: jax.device_put(b, self.batch_sharding)  # noqa: E731
+        bar = self.log.progress(c.train.steps, phase.step, f"rl:{c.algo.advantage}")
+        result = {}
+        if phase.step == 0:
+            result = self.evaluate(agent, model_def, state, 0)
+        while phase.step < c.train.steps and not self.preempt.requested:
+            state, metrics, trajs = rl_loop.rl_step(
+                state, next(data), phase.step, agent=agent, model_def=model_def, train_step=step_fn,
+                logprob_fn=logprob_fn, put_batch=put, cfg=step_cfg, seed=c.seed, ref_params=ref_params)
+            phase.step, self.global_step = phase.step + 1, self.global_step + 1
+            phase.data_state = data.get_state()
+            self.log.write(phase.step, RL, metrics)
+            if c.train.save_trajectories and phase.step % c.train.log_every == 0:
+                self.log.save_trajectories(f"rl_{phase.step:06d}", trajs)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/score']:.2f}", calls=f"{metrics['tepo/calls_per_traj']:.2f}",
+                            dH=f"{metrics['tepo/dh_mean']:.2f}")
+            if phase.step % c.train.eval_every == 0 or phase.step == c.train.steps:
+                result = self.evaluate(agent, model_def, state, phase.step)
+            if phase.step % c.train.checkpoint_every == 0 or phase.step == c.train.steps or self.preempt.requested:
+                self.save(state, phase)
+        bar.close()
+        return result
+
+    # ---- rollout parts ----------------------------------------------------------------------------
+    def agent(self, slots: int) -> AgentLoop:
+        c = self.config
+        slots = -(-slots // batch_shards(self.mesh)) * batch_shards(self.mesh)
+        buckets = tuple(sorted({max(64, c.rollout.cache_len // 4), max(64, c.rollout.cache_len // 2), c.rollout.cache_len}))
+        sampler = Sampler(self.model, SamplerConfig(max_slots=slots, cache_buckets=buckets, steps_per_call=16,
+                                                    eos_ids=tuple(stop_token_ids(self.exp.tokenizer))[:8],
+                                                    seed=c.seed),
+                          tokenizer=self.exp.tokenizer)
+        rollout = RolloutConfig(group_size=c.rollout.group_size, max_calls=c.rollout.max_calls,
+                                max_tokens=c.rollout.max_tokens, max_turn_tokens=c.rollout.max_turn_tokens,
+                                temperature=c.rollout.temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k)
+        return AgentLoop(sampler, self.exp.bridge, self.exp.tokenizer, self.exp.fmt, rollout, self.exp.tools)
+
+    def evaluate(self, agent: AgentLoop, model_def, state, step: int) -> dict:
+        if not self.exp.eval_examples:
+            return {}
+        agent.sampler.update_params(rl_loop.sampler_state(model_def, state.params))
+        trajs = agent.run(self.exp.eval_examples, seed=self.config.seed, group_size=1, greedy=True)
+        metrics = rl_loop.eval_metrics(trajs)
+        self.log.write(step, "eval", metrics)
+        self.log.save_trajectories(f"eval_{step:06d}", trajs)
+        return metrics
+
+    def close(self) -> None:
+        self.preempt.uninstall()
+        self.ckpt.close()
+        self.log.close()
+        self.exp.close()
+
+
+def train(config) -> dict:
+    """Validate `config`, run it, return the final evaluation metrics."""
+    validate(config)
+    run = Run(config)
+    try:
+        return run.run()
+    finally:
+        run.close()
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
+                                          lock_config=True)
+
+
+def main(argv) -> None:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax._src", "bm25s", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = _CONFIG.value
+    if config is None:
+        sys.exit("error: --config=configs/<experiment>.py is required")
+    try:
+        validate(config)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    result = train(config)
+    if result:
+        print("final eval: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(result.items()) if v is not None))
+
+
+if __name__ == "__main__":
+    app.run(main)
