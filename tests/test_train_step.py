@@ -1,0 +1,196 @@
+"""The jitted train step: gradient accumulation is exact, the 8-device sharded step equals the
+single-device step (values and shardings), on-policy recompute gives logprob_diff ~0, the step
+compiles once, the state round-trips through orbax, and the optimizer schedule/decay mask."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from tepo_jax.models.config import ModelConfig
+from tepo_jax.models.decoder import Decoder
+from tepo_jax.rl.batch import SequenceData, pack_sequences
+from tepo_jax.rl.loss import LossConfig
+from tepo_jax.rl.optim import OptimConfig, ScheduleKind, build_optimizer, build_schedule
+from tepo_jax.rl.train_step import (accumulate_gradients, create_train_state, make_compute_logprobs,
+                                    make_train_step, split_model)
+from tepo_jax.sharding import MeshConfig, batch_sharding, create_sharded_model, make_mesh
+
+TINY = ModelConfig(family="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=4, qkv_bias=True)
+LOSS = LossConfig(eps_low=0.2, eps_high=0.28, kl_coef=0.05, seq_chunk=8)
+
+
+def make_batch(seed=0, rows=8, seq_len=32):
+    """Packed trajectories: prompt (no loss), model tokens, a tool result (no loss), more model."""
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for _ in range(2 * rows):
+        n = int(rng.integers(8, 16))
+        mask = np.zeros(n, np.float32)
+        mask[3:n] = 1
+        mask[6:8] = 0                      # tool result
+        old = (-rng.random(n) * 4 * mask).astype(np.float32)
+        seqs.append(SequenceData(rng.integers(0, TINY.vocab_size, n), mask,
+                                 (rng.standard_normal() * mask).astype(np.float32), old,
+                                 ref_logprobs=(old + 0.1 * rng.standard_normal(n) * mask).astype(np.float32),
+                                 token_weights=np.where(mask > 0, rng.uniform(0.5, 1.5, n), 1.0)))
+    return pack_sequences(seqs, seq_len=seq_len, num_rows=rows).batch
+
+
+def single_device_mesh():
+    return make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+
+
+def test_gradient_accumulation_equals_full_batch():
+    model_def, params = split_model(Decoder(TINY, rngs=nnx.Rngs(0)))
+    batch = make_batch()
+    grads = {}
+    for m in (1, 2, 4):
+        fn = jax.jit(lambda p, b, m=m: accumulate_gradients(model_def, p, b, LOSS, m))
+        grads[m] = fn(params, batch)
+    for m in (2, 4):
+        g, sums, n = grads[m]
+        g1, sums1, n1 = grads[1]
+        assert float(n) == float(n1) == float(batch.loss_mask.sum())
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-8)
+        for k in sums1:
+            np.testing.assert_allclose(float(sums[k]), float(sums1[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    assert optax.global_norm(grads[1][0]) > 0
+
+
+def _run_step(mesh_cfg, batch, micro_batches, steps=1):
+    mesh = single_device_mesh() if mesh_cfg is None else make_mesh(mesh_cfg)
+    model = create_sharded_model(TINY, mesh, seed=3)
+    # eps=1e-3: Adam's per-element direction m/(sqrt(v)+eps) divides by the gradient itself, so
+    # for gradients near fp noise (k_bias grads here are ~1e-9) it amplifies reduction-order
+    # differences without bound; with eps above them the update is a smooth function of the
+    # gradient and the comparison below is well conditioned. (grad_norm is compared too.)
+    ocfg = OptimConfig(learning_rate=1e-2, warmup_steps=1, schedule=ScheduleKind.COSINE, total_steps=10,
+                       eps=1e-3)
+    optimizer = build_optimizer(ocfg)
+    model_def, state, shardings = create_train_state(model, optimizer, mesh, seed=0)
+    step = make_train_step(model_def, optimizer, LOSS, mesh, shardings, batch_sharding(mesh), micro_batches,
+                           schedule=build_schedule(ocfg))
+    out = []
+    for _ in range(steps):
+        state, metrics = step(state, jax.device_put(batch, batch_sharding(mesh)))
+        out.append(jax.device_get(metrics))
+    return state, out, shardings, step
+
+
+@pytest.fixture(scope="module")
+def reference_step():
+    return _run_step(None, make_batch(), 1, steps=2)
+
+
+@pytest.mark.parametrize("mesh_cfg,micro_batches", [(MeshConfig(2, 2, 2), 2), (MeshConfig(1, 8, 1), 1)])
+def test_sharded_step_equals_single_device_step(reference_step, mesh_cfg, micro_batches):
+    ref_state, ref_metrics, _, _ = reference_step
+    state, metrics, shardings, _ = _run_step(mesh_cfg, make_batch(), micro_batches, steps=2)
+    for got, want in zip(metrics, ref_metrics):
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert ref_metrics[0]["learning_rate"] == 0.0 and ref_metrics[1]["learning_rate"] > 0  # warmup
+    # Params after two AdamW steps (the second moves them): same values...
+    for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    assert int(state.step) == 2
+    # ...and every output leaf on its intended sharding.
+    for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (leaf.shape, leaf.sharding, sharding)
+    spec = lambda x: x.sharding.spec  # noqa: E731
+    q = state.params["layers"][0]["attn"]["q_proj"]
+    expected_q = P("fsdp", "tensor", None)
+    assert spec(q) == expected_q and q.sharding.mesh.shape == dict(zip(("data", "fsdp", "tensor"),
+                                                                       (mesh_cfg.data, mesh_cfg.fsdp,
+                                                                        mesh_cfg.tensor)))
+    adam = state.opt_state[1][0]
+    assert spec(adam.mu["layers"][0]["attn"]["q_proj"]) == expected_q
+    assert spec(adam.nu["embed"]) == spec(state.params["embed"]) == P("tensor", "fsdp")
+    assert spec(state.step) == P() and spec(state.rng) == P()
+
+
+def test_step_compiles_once_donates_state_and_learns(reference_step):
+    batch = make_batch()
+    mesh = make_mesh(MeshConfig(1, 4, 2))
+    model = create_sharded_model(TINY, mesh, seed=3)
+    optimizer = build_optimizer(OptimConfig(learning_rate=3e-3))
+    model_def, state, shardings = create_train_state(model, optimizer, mesh)
+    step = make_train_step(model_def, optimizer, LossConfig(seq_chunk=8), mesh, shardings,
+                           batch_sharding(mesh), micro_batches=2)
+    logprobs = make_compute_logprobs(model_def, LossConfig(seq_chunk=8), mesh, shardings.params,
+                                     batch_sharding(mesh))
+    batch = jax.device_put(batch, batch_sharding(mesh))
+    lp, ent = logprobs(state.params, batch)
+    assert lp.sharding.is_equivalent_to(batch_sharding(mesh), 2)
+    mask = np.asarray(batch.loss_mask) > 0
+    # Positive advantage on every model token: the step must raise their logprob.
+    batch = batch._replace(old_logprobs=lp, advantages=jnp.asarray(mask, jnp.float32))
+    history = []
+    for i in range(3):
+        old = state
+        state, metrics = step(state, batch)
+        assert all(x.is_deleted() for x in jax.tree.leaves(old.params))  # donated
+        history.append(metrics)
+    assert step._cache_size() == 1          # traced and compiled exactly once
+    # On-policy: the batch's old logprobs were recomputed with the same params.
+    assert float(history[0]["logprob_diff_mean_abs"]) < 1e-6
+    assert abs(float(history[0]["ratio_mean"]) - 1.0) < 1e-6
+    assert float(history[0]["clip_frac_low"]) == 0 and float(history[0]["clip_frac_high"]) == 0
+    np.testing.assert_allclose(float(history[0]["entropy_mean"]), np.asarray(ent)[mask].mean(), rtol=1e-6)
+    assert float(history[1]["logprob_diff_mean_abs"]) > 1e-4   # params moved: off-policy now
+    lp_after, _ = logprobs(state.params, batch)
+    assert np.asarray(lp_after)[mask].mean() > np.asarray(lp)[mask].mean()
+    assert float(history[2]["loss"]) < float(history[0]["loss"])
+
+
+def test_remat_model_gives_the_same_gradients():
+    batch = make_batch()
+    grads = []
+    for remat in (False, True):
+        model_def, params = split_model(Decoder(TINY, rngs=nnx.Rngs(0), remat=remat))
+        grads.append(jax.jit(lambda p: accumulate_gradients(model_def, p, batch, LOSS, 2)[0])(params))
+    for a, b in zip(*map(jax.tree.leaves, grads)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-9)
+
+
+def test_train_state_orbax_round_trip(tmp_path):
+    from tepo_jax.checkpoints.train_state import RunCheckpointer
+    mesh = make_mesh(MeshConfig(1, 4, 2))
+    optimizer = build_optimizer(OptimConfig())
+    _, state, shardings = create_train_state(create_sharded_model(TINY, mesh), optimizer, mesh, seed=5)
+    ckpt = RunCheckpointer(str(tmp_path))
+    ckpt.save(0, state, {"note": "x"})
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    step, restored, extra = ckpt.restore_latest(abstract)
+    ckpt.close()
+    assert step == 0 and extra == {"note": "x"}
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert b.sharding.is_equivalent_to(a.sharding, a.ndim)
+
+
+def test_schedule_and_weight_decay_mask():
+    cos = build_schedule(OptimConfig(learning_rate=1.0, schedule="cosine", warmup_steps=4, total_steps=12,
+                                     end_lr_ratio=0.1))
+    np.testing.assert_allclose([float(cos(s)) for s in (0, 2, 4, 8, 12)],
+                               [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1], atol=1e-6)
+    const = build_schedule(OptimConfig(learning_rate=2.0, warmup_steps=2))
+    np.testing.assert_allclose([float(const(s)) for s in (0, 1, 2, 50)], [0.0, 1.0, 2.0, 2.0])
+    # Zero gradients: only decoupled weight decay moves the parameters, and only the matrices.
+    opt = build_optimizer(OptimConfig(learning_rate=0.1, weight_decay=0.5))
+    params = {"w": jnp.ones((2, 2)), "scale": jnp.ones(2)}
+    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -0.05)
+    np.testing.assert_array_equal(np.asarray(updates["scale"]), 0.0)
+    # Clipping: a huge gradient is scaled to global norm 1 before Adam's normalisation.
+    clip = build_optimizer(OptimConfig(max_grad_norm=1.0))
+    g = {"w": jnp.full((2, 2), 100.0), "scale": jnp.zeros(2)}
+    _, st = clip.update(g, clip.init(params), params)
+    np.testing.assert_allclose(np.asarray(st[1][0].mu["w"]), 0.1 * 0.5, rtol=1e-6)
