@@ -48,9 +48,24 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCach
                  for _ in range(cfg.num_layers))
 
 
-def _param(rngs: nnx.Rngs, shape, sharding, dtype, init="normal") -> nnx.Param:
+class _InitKeys:
+    """One init key per parameter, folded from a single `rngs.params()` key.
+
+    A Python counter instead of drawing from `nnx.Rngs` per parameter: under eval_shape / jit
+    every Rngs draw updates a traced counter, which made tracing a 70B-size init take ~10 s.
+    """
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.base, self.count = rngs.params(), 0
+
+    def __call__(self) -> jax.Array:
+        self.count += 1
+        return jax.random.fold_in(self.base, self.count)
+
+
+def _param(keys: _InitKeys, shape, sharding, dtype, init="normal") -> nnx.Param:
     if init == "normal":
-        value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+        value = 0.02 * jax.random.normal(keys(), shape, dtype)
     elif init == "ones":
         value = jnp.ones(shape, dtype)
     else:
@@ -60,8 +75,8 @@ def _param(rngs: nnx.Rngs, shape, sharding, dtype, init="normal") -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.scale = _param(rngs, (dim,), (None,), cfg.param_dtype, init="ones")
+    def __init__(self, dim: int, eps: float, cfg: ModelConfig, keys: _InitKeys):
+        self.scale = _param(keys, (dim,), (None,), cfg.param_dtype, init="ones")
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -72,19 +87,19 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, keys: _InitKeys):
         d, n, k, h, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
         self.cfg = cfg
-        self.q_proj = _param(rngs, (d, n, h), ("fsdp", "tensor", None), pd)
-        self.k_proj = _param(rngs, (d, k, h), ("fsdp", "tensor", None), pd)
-        self.v_proj = _param(rngs, (d, k, h), ("fsdp", "tensor", None), pd)
-        self.o_proj = _param(rngs, (n, h, d), ("tensor", None, "fsdp"), pd)
+        self.q_proj = _param(keys, (d, n, h), ("fsdp", "tensor", None), pd)
+        self.k_proj = _param(keys, (d, k, h), ("fsdp", "tensor", None), pd)
+        self.v_proj = _param(keys, (d, k, h), ("fsdp", "tensor", None), pd)
+        self.o_proj = _param(keys, (n, h, d), ("tensor", None, "fsdp"), pd)
         if cfg.qkv_bias:
-            self.q_bias = _param(rngs, (n, h), ("tensor", None), pd, init="zeros")
-            self.k_bias = _param(rngs, (k, h), ("tensor", None), pd, init="zeros")
-            self.v_bias = _param(rngs, (k, h), ("tensor", None), pd, init="zeros")
+            self.q_bias = _param(keys, (n, h), ("tensor", None), pd, init="zeros")
+            self.k_bias = _param(keys, (k, h), ("tensor", None), pd, init="zeros")
+            self.v_bias = _param(keys, (k, h), ("tensor", None), pd, init="zeros")
         if cfg.o_bias:
-            self.o_bias = _param(rngs, (d,), (None,), pd, init="zeros")
+            self.o_bias = _param(keys, (d,), (None,), pd, init="zeros")
 
     def _project(self, x, kernel, bias_name):
         y = jnp.einsum("BTD,DNH->BTNH", x, kernel[...].astype(x.dtype))
@@ -124,16 +139,16 @@ def _write_cache(cache: LayerCache, k, v, write_index):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, keys: _InitKeys):
         d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
-        self.gate_proj = _param(rngs, (d, f), ("fsdp", "tensor"), pd)
-        self.up_proj = _param(rngs, (d, f), ("fsdp", "tensor"), pd)
-        self.down_proj = _param(rngs, (f, d), ("tensor", "fsdp"), pd)
+        self.gate_proj = _param(keys, (d, f), ("fsdp", "tensor"), pd)
+        self.up_proj = _param(keys, (d, f), ("fsdp", "tensor"), pd)
+        self.down_proj = _param(keys, (f, d), ("tensor", "fsdp"), pd)
         self.bias = cfg.mlp_bias
         if cfg.mlp_bias:
-            self.gate_bias = _param(rngs, (f,), ("tensor",), pd, init="zeros")
-            self.up_bias = _param(rngs, (f,), ("tensor",), pd, init="zeros")
-            self.down_bias = _param(rngs, (d,), (None,), pd, init="zeros")
+            self.gate_bias = _param(keys, (f,), ("tensor",), pd, init="zeros")
+            self.up_bias = _param(keys, (f,), ("tensor",), pd, init="zeros")
+            self.down_bias = _param(keys, (d,), (None,), pd, init="zeros")
 
     def __call__(self, x):
         gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...].astype(x.dtype))
@@ -145,11 +160,11 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
-        self.attn = Attention(cfg, rngs)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
-        self.mlp = MLP(cfg, rngs)
+    def __init__(self, cfg: ModelConfig, keys: _InitKeys):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, keys)
+        self.attn = Attention(cfg, keys)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, keys)
+        self.mlp = MLP(cfg, keys)
 
     def __call__(self, x, positions, mask, cache, write_index):
         attn_out, cache = self.attn(self.input_norm(x), positions, mask, cache, write_index)
@@ -165,11 +180,12 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         self.mesh = mesh
         self.remat = remat
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("tensor", "fsdp"), cfg.param_dtype)
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+        keys = _InitKeys(rngs)
+        self.embed = _param(keys, (cfg.vocab_size, cfg.hidden_size), ("tensor", "fsdp"), cfg.param_dtype)
+        self.layers = nnx.List([Block(cfg, keys) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, keys)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("fsdp", "tensor"), cfg.param_dtype)
+            self.lm_head = _param(keys, (cfg.hidden_size, cfg.vocab_size), ("fsdp", "tensor"), cfg.param_dtype)
 
     def _constrain(self, x):
         if self.mesh is None:
