@@ -1,4 +1,5 @@
-"""Everything a run needs, built once from a validated config: mesh, tokenizer, data, tools, model.
+"""Everything a run needs, built once from a validated config: mesh, tokenizer, data, tools,
+model, optimizer and loss settings, and the rollout loop.
 
 Kept apart from the loops (sft/trainer.py, rl/loop.py) so that `train`, `evaluate` and the
 demo build their parts the same way.
@@ -13,19 +14,26 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 
 from tepo_jax.checkpoints.hf import load_hf
 from tepo_jax.data import jsonl, synthetic
-from tepo_jax.data.prompts import system_prompt
+from tepo_jax.data.prompts import system_prompt, user_prompt
 from tepo_jax.models.config import ModelConfig
-from tepo_jax.models.decoder import Decoder
+from tepo_jax.models.decoder import BATCH_AXES, Decoder
 from tepo_jax.models.presets import preset
+from tepo_jax.rl.loss import LossConfig
+from tepo_jax.rl.optim import OptimConfig
+from tepo_jax.rollout.agent import AgentLoop, RolloutConfig
+from tepo_jax.sampling.config import SamplerConfig
+from tepo_jax.sampling.sampler import Sampler
 from tepo_jax.sharding import MeshConfig, create_sharded_model, make_mesh
-from tepo_jax.tokenizer import load_tokenizer
+from tepo_jax.tokenizer import load_tokenizer, stop_token_ids
 from tepo_jax.tools import PythonTool, SandboxConfig, ToolBridge, ToolFormat
 
 log = logging.getLogger(__name__)
+SFT, RL = "sft", "rl"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -77,10 +85,11 @@ def load_examples(config) -> tuple[list, list, Optional[str]]:
 # ----------------------------------------------------------------------------- tokenizer
 
 def tokenizer_texts(examples, corpus_path: Optional[str]) -> list[str]:
-    """Text the demo's tiny BPE is trained on: prompts, reference solutions, the corpus."""
-    texts = [system_prompt()]
+    """Text the demo's tiny BPE is trained on, as often as it occurs in the data: each
+    example's system and user prompt, its reference solution, and the corpus."""
+    texts = []
     for ex in examples:
-        texts.append(ex.question)
+        texts += [system_prompt(), user_prompt(ex)]
         texts += [t["text"] for t in synthetic.reference_solution(ex) if "text" in t]
     if corpus_path:
         texts += [p["text"] for p in jsonl.read_corpus(corpus_path)]
@@ -168,3 +177,39 @@ def setup(config) -> Experiment:
     return Experiment(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
                       fmt=ToolFormat(tools=tools), tools=tools, train_examples=train,
                       eval_examples=evals, bridge=bridge)
+
+
+# ----------------------------------------------------------------------------- training parts
+
+def batch_shards(mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def optim_config(config, phase: str) -> OptimConfig:
+    if phase == SFT:
+        return OptimConfig(learning_rate=config.sft.lr, schedule="cosine", warmup_steps=min(10, config.sft.steps),
+                           total_steps=max(config.sft.steps, 1), weight_decay=config.optim.weight_decay,
+                           max_grad_norm=config.optim.clip_norm)
+    return OptimConfig(learning_rate=config.optim.lr, schedule=config.optim.schedule,
+                       warmup_steps=config.optim.warmup_steps, total_steps=max(config.train.steps, 1),
+                       b1=config.optim.b1, b2=config.optim.b2, weight_decay=config.optim.weight_decay,
+                       max_grad_norm=config.optim.clip_norm)
+
+
+def loss_config(config) -> LossConfig:
+    return LossConfig(eps_low=config.loss.eps_low, eps_high=config.loss.eps_high, kl_coef=config.loss.kl_coef)
+
+
+def make_agent(config, model, exp: Experiment, slots: int) -> AgentLoop:
+    """The rollout loop for `model`: a sampler with `slots` slots (rounded to the batch shards)."""
+    c = config
+    shards = batch_shards(exp.mesh)
+    slots = -(-slots // shards) * shards
+    buckets = tuple(sorted({max(64, c.rollout.cache_len // 4), max(64, c.rollout.cache_len // 2), c.rollout.cache_len}))
+    sampler = Sampler(model, SamplerConfig(max_slots=slots, cache_buckets=buckets, steps_per_call=16,
+                                           eos_ids=tuple(stop_token_ids(exp.tokenizer))[:8], seed=c.seed),
+                      tokenizer=exp.tokenizer)
+    rollout = RolloutConfig(group_size=c.rollout.group_size, max_calls=c.rollout.max_calls,
+                            max_tokens=c.rollout.max_tokens, max_turn_tokens=c.rollout.max_turn_tokens,
+                            temperature=c.rollout.temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k)
+    return AgentLoop(sampler, exp.bridge, exp.tokenizer, exp.fmt, rollout, exp.tools)

@@ -22,24 +22,19 @@ from tepo_jax.checkpoints.hf import load_hf, save_hf
 from tepo_jax.checkpoints.train_state import PreemptionFlag, RunCheckpointer, abstract_like
 from tepo_jax.config import ConfigError, validate
 from tepo_jax.data.pipeline import make_dataset
-from tepo_jax.models.decoder import BATCH_AXES
 from tepo_jax.rl import loop as rl_loop
 from tepo_jax.rl.advantages import AdvantageConfig
 from tepo_jax.rl.batch import power_of_two_buckets
-from tepo_jax.rl.loss import LossConfig
-from tepo_jax.rl.optim import OptimConfig, build_optimizer, build_schedule
+from tepo_jax.rl.optim import build_optimizer, build_schedule
 from tepo_jax.rl.train_step import create_train_state, make_compute_logprobs, make_train_step, split_model
-from tepo_jax.rollout.agent import AgentLoop, RolloutConfig
+from tepo_jax.rollout.agent import AgentLoop
 from tepo_jax.runlog import RunLog
-from tepo_jax.sampling.config import SamplerConfig
-from tepo_jax.sampling.sampler import Sampler
 from tepo_jax.sft.data import build_sft_trajectories
 from tepo_jax.sft.trainer import make_sft_step, sft_batch
-from tepo_jax.sharding import batch_sharding
-from tepo_jax.tokenizer import stop_token_ids
+from tepo_jax.sharding import batch_sharding, initialize_distributed
 
 log = logging.getLogger("tepo_jax.train")
-SFT, RL = "sft", "rl"
+SFT, RL = experiment.SFT, experiment.RL
 
 
 @dataclasses.dataclass
@@ -49,25 +44,6 @@ class Phase:
     name: str
     step: int = 0
     data_state: Optional[dict] = None
-
-
-def batch_shards(mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-
-
-def optim_config(config, phase: str) -> OptimConfig:
-    if phase == SFT:
-        return OptimConfig(learning_rate=config.sft.lr, schedule="cosine", warmup_steps=min(10, config.sft.steps),
-                           total_steps=max(config.sft.steps, 1), weight_decay=config.optim.weight_decay,
-                           max_grad_norm=config.optim.clip_norm)
-    return OptimConfig(learning_rate=config.optim.lr, schedule=config.optim.schedule,
-                       warmup_steps=config.optim.warmup_steps, total_steps=max(config.train.steps, 1),
-                       b1=config.optim.b1, b2=config.optim.b2, weight_decay=config.optim.weight_decay,
-                       max_grad_norm=config.optim.clip_norm)
-
-
-def loss_config(config) -> LossConfig:
-    return LossConfig(eps_low=config.loss.eps_low, eps_high=config.loss.eps_high, kl_coef=config.loss.kl_coef)
 
 
 class Run:
@@ -82,12 +58,12 @@ class Run:
         self.preempt = PreemptionFlag().install()
         self.model = experiment.build_model(config, self.mesh, self.exp.tokenizer)
         self.batch_sharding = batch_sharding(self.mesh)
-        self.loss_cfg = loss_config(config)
+        self.loss_cfg = experiment.loss_config(config)
         self.global_step = 0  # checkpoint number: SFT steps + RL steps
 
     # ---- state and checkpoints ----------------------------------------------------------------
     def new_state(self, phase: str, params=None):
-        optimizer = build_optimizer(optim_config(self.config, phase))
+        optimizer = build_optimizer(experiment.optim_config(self.config, phase))
         model_def, state, shardings = create_train_state(self.model, optimizer, self.mesh, seed=self.config.seed)
         if params is not None:
             state = state.replace(params=jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings.params))
@@ -138,7 +114,7 @@ class Run:
             data.set_state(phase.data_state)
         bar = self.log.progress(c.sft.steps, phase.step, "sft")
         while phase.step < c.sft.steps and not self.preempt.requested:
-            batch = sft_batch([trajs[i] for i in next(data)], c.sft.seq_len, batch_shards(self.mesh))
+            batch = sft_batch([trajs[i] for i in next(data)], c.sft.seq_len, experiment.batch_shards(self.mesh))
             state, metrics = step_fn(state, jax.device_put(batch, self.batch_sharding))
             phase.step, self.global_step = phase.step + 1, self.global_step + 1
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -173,7 +149,7 @@ class Run:
         rows = c.data.prompts_per_step * c.rollout.group_size
         step_fn = make_train_step(model_def, optimizer, self.loss_cfg, self.mesh, shardings, self.batch_sharding,
                                   micro_batches=c.train.micro_batches,
-                                  schedule=build_schedule(optim_config(c, RL)))
+                                  schedule=build_schedule(experiment.optim_config(c, RL)))
         logprob_fn = make_compute_logprobs(model_def, self.loss_cfg, self.mesh, shardings.params, self.batch_sharding)
         ref_params = self.reference_params(model_def) if c.loss.kl_coef > 0 else None
         agent = self.agent(rows)
@@ -181,7 +157,7 @@ class Run:
             advantage=AdvantageConfig(kind=c.algo.advantage, alpha=c.algo.alpha, no_call_scale=c.algo.no_call_scale,
                                       eps=c.algo.adv_eps),
             rest=rl_loop.rest_config(c, c.train.steps), kl_coef=c.loss.kl_coef,
-            row_multiple=batch_shards(self.mesh) * c.train.micro_batches,
+            row_multiple=experiment.batch_shards(self.mesh) * c.train.micro_batches,
             seq_buckets=power_of_two_buckets(128, c.rollout.cache_len))
         data = make_dataset(self.exp.train_examples, seed=c.seed + 1, batch_size=c.data.prompts_per_step).__iter__()
         if phase.data_state:
@@ -213,17 +189,7 @@ class Run:
 
     # ---- rollout parts ----------------------------------------------------------------------------
     def agent(self, slots: int) -> AgentLoop:
-        c = self.config
-        slots = -(-slots // batch_shards(self.mesh)) * batch_shards(self.mesh)
-        buckets = tuple(sorted({max(64, c.rollout.cache_len // 4), max(64, c.rollout.cache_len // 2), c.rollout.cache_len}))
-        sampler = Sampler(self.model, SamplerConfig(max_slots=slots, cache_buckets=buckets, steps_per_call=16,
-                                                    eos_ids=tuple(stop_token_ids(self.exp.tokenizer))[:8],
-                                                    seed=c.seed),
-                          tokenizer=self.exp.tokenizer)
-        rollout = RolloutConfig(group_size=c.rollout.group_size, max_calls=c.rollout.max_calls,
-                                max_tokens=c.rollout.max_tokens, max_turn_tokens=c.rollout.max_turn_tokens,
-                                temperature=c.rollout.temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k)
-        return AgentLoop(sampler, self.exp.bridge, self.exp.tokenizer, self.exp.fmt, rollout, self.exp.tools)
+        return experiment.make_agent(self.config, self.model, self.exp, slots)
 
     def evaluate(self, agent: AgentLoop, model_def, state, step: int) -> dict:
         if not self.exp.eval_examples:
@@ -254,6 +220,11 @@ def train(config) -> dict:
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
                                           lock_config=True)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "initialise jax.distributed from the environment "
+                                 "(TPU pod metadata, SLURM) without explicit flags")
 
 
 def main(argv) -> None:
@@ -261,6 +232,10 @@ def main(argv) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "bm25s", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if _COORDINATOR.value or _NUM_PROCESSES.value:
+        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _DISTRIBUTED.value:
+        initialize_distributed()
     config = _CONFIG.value
     if config is None:
         sys.exit("error: --config=configs/<experiment>.py is required")
