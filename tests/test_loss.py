@@ -186,8 +186,8 @@ def test_chunked_sequence_logprob_matches_unchunked(chunk):
     hidden = jnp.asarray(rng.standard_normal((2, 21, 16)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((16, 50)), jnp.float32)
     targets = jnp.asarray(rng.integers(0, 50, (2, 21)))
-    lp0, ent0 = sequence_logprob_entropy(hidden, kernel, targets, None)
-    lp1, ent1 = sequence_logprob_entropy(hidden, kernel, targets, chunk)
+    lp0, ent0 = sequence_logprob_entropy(hidden, kernel, targets, None, entropy_grad=True)
+    lp1, ent1 = sequence_logprob_entropy(hidden, kernel, targets, chunk, entropy_grad=True)
     # Numpy reference of the unchunked path.
     z = np.einsum("btd,dv->btv", np.asarray(hidden, np.float64), np.asarray(kernel, np.float64))
     logz = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
@@ -197,7 +197,7 @@ def test_chunked_sequence_logprob_matches_unchunked(chunk):
     np.testing.assert_allclose(np.asarray(ent1), np.asarray(ent0), atol=1e-5, rtol=0)
 
     def f(h, k, c):
-        lp, ent = sequence_logprob_entropy(h, k, targets, c)
+        lp, ent = sequence_logprob_entropy(h, k, targets, c, entropy_grad=True)
         return jnp.sum(lp * jnp.cos(jnp.arange(21.0))) + 0.1 * jnp.sum(ent)
     g0 = jax.grad(f, argnums=(0, 1))(hidden, kernel, None)
     g1 = jax.grad(f, argnums=(0, 1))(hidden, kernel, chunk)
