@@ -187,7 +187,7 @@ def batch_shards(mesh) -> int:
 
 def optim_config(config, phase: str) -> OptimConfig:
     if phase == SFT:
-        return OptimConfig(learning_rate=config.sft.lr, schedule="cosine", warmup_steps=min(10, config.sft.steps),
+        return OptimConfig(learning_rate=config.sft.lr, schedule="cosine", warmup_steps=config.sft.steps // 10,
                            total_steps=max(config.sft.steps, 1), weight_decay=config.optim.weight_decay,
                            max_grad_norm=config.optim.clip_norm)
     return OptimConfig(learning_rate=config.optim.lr, schedule=config.optim.schedule,
