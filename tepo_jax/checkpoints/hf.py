@@ -18,6 +18,7 @@ import os
 from typing import Optional
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
@@ -32,6 +33,7 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
+_FLOAT_DTYPES = {np.dtype(t) for t in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)}
 
 
 class CheckpointError(ValueError):
@@ -124,7 +126,7 @@ def _read_tensor(rule: Rule, reader: SafetensorsReader, target: jax.ShapeDtypeSt
     if got != want:
         raise CheckpointError(f"tensor {rule.hf_name!r} in {reader.path} has shape {list(got)}, "
                               f"expected {list(want)} from config.json")
-    if not np.issubdtype(reader.dtype(rule.hf_name), np.floating) and reader.dtype(rule.hf_name).name != "bfloat16":
+    if reader.dtype(rule.hf_name) not in _FLOAT_DTYPES:
         raise CheckpointError(f"tensor {rule.hf_name!r} in {reader.path} has non-float dtype "
                               f"{reader.dtype(rule.hf_name)}")
     value = rule.kind.to_ours(reader.get(rule.hf_name), tuple(target.shape))
