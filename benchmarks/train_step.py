@@ -12,8 +12,10 @@ the policy loss of `tepo_jax.rl.loss` (clipped ratio, token mean, entropy metric
   ours: the jitted `train_step` (chunked logprob/entropy, donated state), one CPU device.
   peer: transformers `LlamaForCausalLM` forward (full [B, T, V] logits), the same loss written
         in torch, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW.step()`.
-Each side is warmed up (our compile; torch's first step), then timed; tokens/s =
-batch · seq_len / median step time over --repeats.
+Each side is warmed up (our compile; torch's first step), then the two are timed in
+alternation (so both see the same background load on a shared machine); tokens/s =
+batch · seq_len / median step time over --repeats. The warm-up losses of both sides are
+printed and must agree (same weights, same batch, same loss).
 
 `--mfu` (accelerator only): model FLOPs utilisation of our step, FLOPs = 6 · params · tokens
 + attention (12 · layers · T² · heads · head_dim per row, causal counted in full), peak from
@@ -79,7 +81,8 @@ def make_workload(args, seed=0):
     }
 
 
-def time_ours(model, args, work, ocfg, loss_cfg):
+def build_ours(model, args, work, ocfg, loss_cfg):
+    """A no-argument callable running one of our steps to completion (state carried inside)."""
     from tepo_jax.rl.batch import TrainBatch
     from tepo_jax.rl.optim import build_optimizer
     from tepo_jax.rl.train_step import create_train_state, make_train_step
@@ -91,17 +94,13 @@ def time_ours(model, args, work, ocfg, loss_cfg):
     step = make_train_step(model_def, optimizer, loss_cfg, mesh, shardings, batch_sharding(mesh),
                            args.micro_batches)
     batch = jax.device_put(TrainBatch(**work), batch_sharding(mesh))
-    t0 = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    print(f"ours: compile + first step {time.perf_counter() - t0:.1f}s, loss {float(metrics['loss']):.5f}")
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), metrics
+    box = {"state": state}
+
+    def run():
+        box["state"], metrics = step(box["state"], batch)
+        jax.block_until_ready((box["state"], metrics))
+        return float(metrics["loss"])
+    return run
 
 
 def torch_loss(model, work, eps_low, eps_high):
@@ -122,7 +121,8 @@ def torch_loss(model, work, eps_low, eps_high):
     return (pg * mask).sum() / n, (entropy * mask).sum() / n
 
 
-def time_peer(torch_model, args, work, ocfg, loss_cfg):
+def build_peer(torch_model, args, work, ocfg, loss_cfg):
+    """A no-argument callable running one torch step (forward, backward, clip, AdamW)."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -140,16 +140,13 @@ def time_peer(torch_model, args, work, ocfg, loss_cfg):
         torch.nn.utils.clip_grad_norm_(torch_model.parameters(), ocfg.max_grad_norm)
         opt.step()
         return float(loss.detach())
+    return step
 
+
+def timed(fn):
     t0 = time.perf_counter()
-    first = step()
-    print(f"peer: first step {time.perf_counter() - t0:.1f}s, loss {first:.5f}")
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    out = fn()
+    return time.perf_counter() - t0, out
 
 
 def step_flops(cfg, b, t):
@@ -179,17 +176,30 @@ def main(argv=None):
     print(f"model: {cfg.family} {cfg.num_params / 1e6:.1f}M params, batch {args.batch} x {args.seq_len}, "
           f"vocab {cfg.vocab_size}, seq_chunk {args.seq_chunk}, micro_batches {args.micro_batches}, "
           f"remat {args.remat}, compute {args.dtype}, jax {jax.default_backend()}")
-    ours_s, metrics = time_ours(model, args, work, ocfg, loss_cfg)
+    sides = {"ours": build_ours(model, args, work, ocfg, loss_cfg)}
+    if not args.skip_peer:
+        sides["peer"] = build_peer(torch_model, args, work, ocfg, loss_cfg)
+    for name, run in sides.items():  # warm-up: our compile, torch's first step (same weights)
+        s, loss = timed(run)
+        print(f"{name}: warm-up step {s:.1f}s, loss {loss:.5f}")
+    # Interleaved repeats, so both sides see the same background load on a shared machine.
+    times = {name: [] for name in sides}
+    for _ in range(args.repeats):
+        for name, run in sides.items():
+            times[name].append(timed(run)[0])
     flops = step_flops(cfg, args.batch, args.seq_len)
-    print(f"ours: {ours_s * 1e3:.1f} ms/step, {tokens / ours_s:.0f} tok/s, {flops / ours_s / 1e9:.1f} GFLOP/s")
+    sec = {name: statistics.median(ts) for name, ts in times.items()}
+    for name, s in sec.items():
+        print(f"{name}: {s * 1e3:.1f} ms/step (median of {[round(t, 2) for t in times[name]]}), "
+              f"{tokens / s:.0f} tok/s, {flops / s / 1e9:.1f} GFLOP/s")
+    ours_s = sec["ours"]
     if args.mfu:
         print(f"ours: MFU {flops / ours_s / (args.peak_tflops * 1e12) * 100:.1f}% "
               f"(peak {args.peak_tflops} TFLOP/s)")
     if args.skip_peer:
         print(f"train_step: ours {tokens / ours_s:.0f} tok/s, peer nan tok/s, ratio nan")
         return
-    peer_s = time_peer(torch_model, args, work, ocfg, loss_cfg)
-    print(f"peer: {peer_s * 1e3:.1f} ms/step, {tokens / peer_s:.0f} tok/s, {flops / peer_s / 1e9:.1f} GFLOP/s")
+    peer_s = sec["peer"]
     print(f"train_step: ours {tokens / ours_s:.0f} tok/s, peer {tokens / peer_s:.0f} tok/s, "
           f"ratio {peer_s / ours_s:.2f}")
 
