@@ -73,6 +73,8 @@ def main(argv=None) -> None:
                             do_sample=False, min_new_tokens=a.steps, pad_token_id=0)[:, prompt.shape[1]:].numpy()
     print(f"greedy with KV cache ({a.steps} tokens): {ours.tolist()}")
     print(f"transformers generate:               {ref.tolist()}  match={np.array_equal(ours, ref)}")
+    if diff > 1e-4 or not np.array_equal(ours, ref):
+        raise SystemExit("demo_model: ours and transformers disagree")
 
 
 if __name__ == "__main__":

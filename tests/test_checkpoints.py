@@ -153,6 +153,10 @@ def test_config_old_and_new_forms_agree(llama_bf16, tmp_path):
 
 
 def test_qwen_config_defaults(qwen):
+    # The builder randomises norms and biases too, so the parity tests exercise them.
+    params = dict(qwen[1].named_parameters())
+    assert (params["model.layers.0.input_layernorm.weight"] != 1).all()
+    assert params["model.layers.1.self_attn.v_proj.bias"].abs().min() > 0
     cfg = load_hf_config(qwen[0])
     assert cfg.family == "qwen2" and cfg.qkv_bias and not cfg.o_bias and cfg.head_dim == 12
     assert cfg.rope_scaling is None and cfg.rope_theta == 1_000_000.0 and cfg.num_kv_heads == 2
