@@ -2,7 +2,7 @@
 
 Both sides load the same random HF checkpoint (written to a temp dir), run fp32 full forwards
 (logits included) on the same token batch after warm-up, and report the median of a few
-repeats. CPU by default.
+repeats (interleaved). CPU by default.
 
     python -m benchmarks.forward                       # hidden 512, 8 layers, vocab 32k, 8 x 512
     python -m benchmarks.forward --layers 2 --seq 128  # quicker
@@ -39,15 +39,18 @@ def _args(argv=None):
     return p.parse_args(argv)
 
 
-def _median_seconds(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def _median_seconds(fns, repeats: int, warmup: int) -> list[float]:
+    """Median wall time of each function; repeats interleaved so load changes hit both alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, acc in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -87,8 +90,7 @@ def main(argv=None) -> float:
           f"{model.cfg.num_params / 1e6:.1f}M params; batch {a.batch} x {a.seq}; "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); max |logit diff| {diff:.2e}")
-    t_ours = _median_seconds(ours, a.repeats, a.warmup)
-    t_peer = _median_seconds(theirs, a.repeats, a.warmup)
+    t_ours, t_peer = _median_seconds([ours, theirs], a.repeats, a.warmup)
     ours_tps, peer_tps = n / t_ours, n / t_peer
     print(f"forward: ours {ours_tps:.0f} tok/s, peer {peer_tps:.0f} tok/s, ratio {ours_tps / peer_tps:.2f}")
     return ours_tps / peer_tps
