@@ -7,6 +7,7 @@ INSTALL_REQUIRES = [
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12",
     "numpy>=2.0",
+    "ml_dtypes>=0.5",
     "transformers>=5.0",
     "safetensors>=0.5",
     "ml_collections>=1.0",

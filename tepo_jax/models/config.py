@@ -186,10 +186,14 @@ def to_hf_config(cfg: ModelConfig, *, dtype=None) -> dict[str, Any]:
         "head_dim": cfg.head_dim,
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_parameters": rope,
+        # The older field names too, so transformers 4.x reads the same rope settings.
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if cfg.rope_scaling is None else dict(rope, type="llama3"),
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "max_position_embeddings": cfg.max_position_embeddings,
         "hidden_act": "silu",
         "dtype": dtype_name(dtype or cfg.param_dtype),
+        "torch_dtype": dtype_name(dtype or cfg.param_dtype),
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
     }
