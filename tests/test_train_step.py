@@ -45,11 +45,15 @@ def single_device_mesh():
 
 
 def test_gradient_accumulation_equals_full_batch():
+    """2 and 4 micro-batches give the 1-micro-batch gradient; the 4 one also with a remat model
+    (rematerialisation changes fusion order only: fp32 reassociation, hence rtol 1e-5)."""
     model_def, params = split_model(Decoder(TINY, rngs=nnx.Rngs(0)))
+    remat_def, remat_params = split_model(Decoder(TINY, rngs=nnx.Rngs(0), remat=True))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(remat_params)))
     batch = make_batch()
     grads = {}
-    for m in (1, 2, 4):
-        fn = jax.jit(lambda p, b, m=m: accumulate_gradients(model_def, p, b, LOSS, m))
+    for m, mdef in ((1, model_def), (2, model_def), (4, remat_def)):
+        fn = jax.jit(lambda p, b, m=m, mdef=mdef: accumulate_gradients(mdef, p, b, LOSS, m))
         grads[m] = fn(params, batch)
     for m in (2, 4):
         g, sums, n = grads[m]
@@ -147,16 +151,6 @@ def test_step_compiles_once_donates_state_and_learns(reference_step):
     lp_after, _ = logprobs(state.params, batch)
     assert np.asarray(lp_after)[mask].mean() > np.asarray(lp)[mask].mean()
     assert float(history[2]["loss"]) < float(history[0]["loss"])
-
-
-def test_remat_model_gives_the_same_gradients():
-    batch = make_batch()
-    grads = []
-    for remat in (False, True):
-        model_def, params = split_model(Decoder(TINY, rngs=nnx.Rngs(0), remat=remat))
-        grads.append(jax.jit(lambda p: accumulate_gradients(model_def, p, batch, LOSS, 2)[0])(params))
-    for a, b in zip(*map(jax.tree.leaves, grads)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-9)
 
 
 def test_train_state_orbax_round_trip(tmp_path):
