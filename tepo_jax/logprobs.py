@@ -40,19 +40,20 @@ def _merge(a, b):
 
 
 def _chunked_stats(z: jax.Array, chunk: int):
+    # Chunks are dynamic slices of z (a padded or transposed copy of z would be a second
+    # full-size array); the last one is clamped to end at V and the columns the previous
+    # chunk already saw are set far below any logit (finite, so they add exactly 0 to s and u).
     v = z.shape[-1]
-    n = -(-v // chunk)
-    pad = n * chunk - v
-    if pad:  # padding far below any logit adds exactly 0 to s and u (finite, so 0·z is 0, not nan)
-        z = jnp.concatenate([z, jnp.full(z.shape[:-1] + (pad,), -1e30, z.dtype)], axis=-1)
-    chunks = jnp.moveaxis(z.reshape(z.shape[:-1] + (n, chunk)), -2, 0)
 
-    def body(carry, zc):
-        return _merge(carry, _stats(zc)), None
+    def body(i, carry):
+        start = jnp.minimum(i * chunk, v - chunk)
+        zc = jax.lax.dynamic_slice_in_dim(z, start, chunk, axis=z.ndim - 1)
+        fresh = start + jnp.arange(chunk) >= i * chunk
+        return _merge(carry, _stats(jnp.where(fresh, zc, -1e30)))
 
     init = (jnp.full(z.shape[:-1], -1e30, z.dtype), jnp.zeros(z.shape[:-1], z.dtype),
             jnp.zeros(z.shape[:-1], z.dtype))
-    return jax.lax.scan(body, init, chunks)[0]
+    return jax.lax.fori_loop(0, -(-v // chunk), body, init)
 
 
 def logprob_and_entropy(logits: jax.Array, targets: jax.Array,

@@ -35,28 +35,31 @@ def slot_sampling(n, temperature=1.0, top_p=1.0, top_k=0, greedy=False, seed=Non
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 1.0), (0.7, 0, 0.9), (1.5, 50, 0.5),
                                                      (1.0, 3, 0.99), (1.0, 1, 1.0), (1.0, 0, 0.01)])
-def test_truncation_threshold_matches_sorting(temperature, top_k, top_p):
+@pytest.mark.parametrize("chunk", [None, 128])  # 128 over V=300: the last chunk is clamped
+def test_truncation_threshold_matches_sorting(temperature, top_k, top_p, chunk):
     rng = np.random.default_rng(0)
     z = (3 * rng.standard_normal((6, 300))).astype(np.float32)
     z[1, :40] = z[1, 0]  # ties at the top
     z[2] = np.round(z[2])  # many ties
     s = slot_sampling(6, temperature, top_p, top_k)
     zj = jnp.asarray(z)
-    t = jax.jit(lambda z, s, inv_t: truncation_threshold(z, _sortable(z), s, inv_t))(
-        zj, s, jnp.full((6,), 1 / temperature, jnp.float32))
+    t = jax.jit(truncation_threshold, static_argnums=3)(
+        zj, s, jnp.full((6,), 1 / temperature, jnp.float32), chunk)
     kept = np.asarray(_sortable(zj) >= t[:, None])
     for row in range(6):
         np.testing.assert_array_equal(kept[row], numpy_kept(z[row], temperature, top_k, top_p), err_msg=f"row {row}")
 
 
-@pytest.mark.parametrize("vocab_chunk", [None, 4])
+@pytest.mark.parametrize("vocab,chunk", [(7, None), (640, 256)])  # 640: chunks 0-255, 256-511, 384-639
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 4, 0.8)])
-def test_sampled_frequencies_follow_the_truncated_distribution(temperature, top_k, top_p, vocab_chunk):
-    z = np.array([1.0, 0.5, 2.0, -1.0, 0.0, 1.5, -3.0], np.float32)
+def test_sampled_frequencies_follow_the_truncated_distribution(temperature, top_k, top_p, vocab, chunk):
+    base = np.array([1.0, 0.5, 2.0, -1.0, 0.0, 1.5, -3.0], np.float32)
+    z = np.full(vocab, -50.0, np.float32)  # p < 1e-20: never drawn
+    z[np.linspace(0, vocab - 1, 7).astype(int)] = base  # spread over the blocks
     n = 40_000
     s = slot_sampling(n, temperature, top_p, top_k)
     positions = jnp.zeros((n,), jnp.int32)
-    toks = jax.jit(sample_tokens, static_argnums=3)(jnp.tile(z, (n, 1)), s, positions, vocab_chunk)
+    toks = jax.jit(sample_tokens, static_argnums=3)(jnp.tile(z, (n, 1)), s, positions, chunk)
     freq = np.bincount(np.asarray(toks), minlength=len(z)) / n
     p = np.where(numpy_kept(z, temperature, top_k, top_p), np.exp(z / temperature), 0.0)
     p /= p.sum()
@@ -71,6 +74,9 @@ def test_greedy_and_seed_stream():
     sample = jax.jit(sample_tokens)
     greedy = sample(z, slot_sampling(8, temperature=0.3, greedy=True), pos)
     np.testing.assert_array_equal(greedy, np.argmax(np.asarray(z), -1))
+    z_ties = jnp.zeros((2, 50)).at[:, 20].set(1.0).at[:, 45].set(1.0)  # first maximum wins, across chunks
+    chunked = jax.jit(sample_tokens, static_argnums=3)(z_ties, slot_sampling(2, greedy=True), pos[:2], 16)
+    np.testing.assert_array_equal(chunked, [20, 20])
     a = sample(z, slot_sampling(8, seed=5), pos)
     b = sample(z[::-1], slot_sampling(8, seed=5), pos[::-1])  # rows permuted
     np.testing.assert_array_equal(a, np.asarray(b)[::-1])

@@ -32,8 +32,9 @@ class SamplerConfig:
         (the loop also exits early once every slot has stopped). Stop strings are checked on
         the host after each call, so a sequence can overshoot a stop string by up to this
         many tokens of wasted (discarded) compute.
-    vocab_chunk: if set, entropy/logprob statistics and sampling scan the vocabulary in chunks
-        of this size (bounded temporaries); None = one fused pass.
+    vocab_chunk: entropy/logprob statistics and sampling visit the vocabulary in chunks of
+        this many columns, so their temporaries are [B, chunk] (XLA on CPU materialises the
+        operands of reductions); None = one pass over [B, V] (fine where XLA fuses, TPU/GPU).
     max_stop_token_ids: width of the per-slot stop-token table (eos ids + request stop ids).
     """
 
@@ -43,7 +44,7 @@ class SamplerConfig:
     steps_per_call: int = 32
     eos_ids: tuple[int, ...] = ()
     max_stop_token_ids: int = 8
-    vocab_chunk: Optional[int] = None
+    vocab_chunk: Optional[int] = 8192
     # Defaults for SamplingParams fields left as None.
     temperature: float = 1.0
     top_p: float = 1.0

@@ -13,11 +13,18 @@ distribution) and its "smallest set whose mass reaches top_p" rule. Ties at the 
 all kept. Each bisection step is one fused reduction over [B, V] (no sort, no second [B, V]
 array); the 64 steps only run when some row truncates (`lax.cond`).
 
-Sampling is Gumbel-max, argmax(z/T + g) over the kept tokens, which is exactly categorical
-sampling and decomposes over vocabulary chunks (a running (max, argmax)), so with
-`vocab_chunk` it never materialises [B, V] noise. The noise of sequence b's token at
-position i comes from fold_in(key(seed_b), i): the same seed gives the same tokens whatever
-else is in the batch and however the decode is split into device calls.
+Sampling is the inverse CDF of the kept, temperature-scaled distribution with ONE uniform per
+row: one pass sums the kept mass, a second walks the vocabulary with a running cumulative sum
+and takes the first token past u * total. Unlike Gumbel-max it needs no random number per
+vocabulary entry (on CPU the threefry bits alone were ~4 [B, V] buffers and a large share of
+the step). The uniform of sequence b's token at position i comes from fold_in(key(seed_b), i):
+the same seed gives the same tokens whatever else is in the batch and however the decode is
+split into device calls.
+
+Memory: every pass goes through `vocab_fold`, which visits the vocabulary in chunks of
+`vocab_chunk` columns (dynamic slices, no copies), so the temporaries XLA materialises are
+[B, chunk], never a second [B, V] array — XLA's CPU backend does not fuse elementwise work
+into reductions, so an unchunked pass would materialise its operands at full size.
 """
 from __future__ import annotations
 
@@ -46,64 +53,117 @@ def _sortable(z: jax.Array) -> jax.Array:
     return jnp.where(u >> 31 == 1, ~u, u | jnp.uint32(0x80000000))
 
 
-def _bisect(pred, lo: jax.Array, hi: jax.Array) -> jax.Array:
-    """Largest uint32 t in [lo, hi) with pred(t), given pred(lo) true, pred(hi) false, pred monotone."""
-    def body(_, bounds):
-        lo, hi = bounds
+def vocab_fold(z: jax.Array, chunk: Optional[int], fn, init):
+    """Fold fn(carry, zc [B, c], col int[c], fresh bool[c]) over vocabulary chunks of z [B, V].
+
+    Chunks are dynamic slices of z (no padded or transposed copy); the last one is clamped to
+    end at V and `fresh` marks its columns not already seen by the previous chunk. With
+    chunk None (or >= V) fn sees all of z at once: best where XLA fuses elementwise work into
+    reductions (TPU/GPU); on CPU chunking bounds the [B, c] temporaries XLA materialises.
+    """
+    v = z.shape[-1]
+    c = v if not chunk or chunk >= v else chunk
+    n = -(-v // c)
+    if n == 1:
+        return fn(init, z, jnp.arange(v), jnp.ones((v,), bool))
+
+    def body(i, carry):
+        start = jnp.minimum(i * c, v - c)
+        col = start + jnp.arange(c)
+        return fn(carry, lax.dynamic_slice_in_dim(z, start, c, axis=1), col, col >= i * c)
+
+    return lax.fori_loop(0, n, body, init)
+
+
+def _bisect(pred, z: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """Largest uint32 t in [lo, hi) with pred(z, t), given pred(z, lo) true, pred(z, hi) false,
+    pred monotone in t.
+
+    z goes through the loop behind an optimization barrier so that XLA cannot hoist pred's
+    elementwise work on z (exp, the sortable keys) out of the loop into [B, V] buffers.
+    """
+    def body(_, carry):
+        lo, hi, z = carry
+        lo, hi, zz = lax.optimization_barrier((lo, hi, z))
         mid = lo + (hi - lo) // 2
-        ok = pred(mid)
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+        ok = pred(zz, mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid), z
 
-    return lax.fori_loop(0, 32, body, (lo, hi))[0]
+    return lax.fori_loop(0, 32, body, (lo, hi, z))[0]
 
 
-def truncation_threshold(z: jax.Array, keys: jax.Array, s: SlotSampling, inv_t: jax.Array) -> jax.Array:
+def _weights(zc, fresh, m, inv_t, threshold):
+    """Unnormalised kept probabilities e^((z - m)/T) of a chunk, 0 where truncated or stale."""
+    keep = (_sortable(zc) >= threshold[:, None]) & fresh[None]
+    return jnp.where(keep, jnp.exp((zc - m[:, None]) * inv_t[:, None]), 0.0)
+
+
+def truncation_threshold(z: jax.Array, s: SlotSampling, inv_t: jax.Array,
+                         chunk: Optional[int] = None) -> jax.Array:
     """uint32[B]: the sortable key of the smallest kept logit per row (top-k, then top-p)."""
-    lo = jnp.min(keys, axis=-1)
-    hi = jnp.max(keys, axis=-1) + 1  # finite logits: the max key is far below 2^32 - 1
-    k = s.top_k[:, None]
-    # top-k: count(keys >= t) >= k; k = 0 or k >= V keeps everything (t = lo).
-    t_k = _bisect(lambda t: jnp.sum(keys >= t[:, None], axis=-1) >= k[:, 0], lo, hi)
-    t_k = jnp.where((s.top_k > 0) & (s.top_k < z.shape[-1]), t_k, lo)
-    # top-p on the top-k set, probabilities at temperature T (unnormalised: e^((z - m)/T)).
-    m = jnp.max(z, axis=-1, keepdims=True)
+    b = z.shape[0]
+    big = jnp.full((b,), 0xFFFFFFFF, jnp.uint32)
+    lo, hi = vocab_fold(z, chunk, lambda c, zc, col, fresh: (
+        jnp.minimum(c[0], jnp.min(jnp.where(fresh, _sortable(zc), big[:, None]), axis=-1)),
+        jnp.maximum(c[1], jnp.max(_sortable(zc), axis=-1))), (big, jnp.zeros((b,), jnp.uint32)))
+    hi = hi + 1  # finite logits: the max key is far below 2^32 - 1
+    zero_i = jnp.zeros((b,), jnp.int32)
 
-    def mass(t):
-        e = jnp.exp((z - m) * inv_t[:, None])
-        return jnp.sum(jnp.where(keys >= t[:, None], e, 0.0), axis=-1)
+    def count(zz, t):  # top-k: count(keys >= t) >= k; k = 0 or k >= V keeps everything (t = lo).
+        return vocab_fold(zz, chunk, lambda c, zc, col, fresh: c + jnp.sum(
+            (_sortable(zc) >= t[:, None]) & fresh[None], axis=-1, dtype=jnp.int32), zero_i) >= s.top_k
 
-    total = mass(t_k)
-    t_p = _bisect(lambda t: mass(t) >= s.top_p * total, t_k, hi)
+    t_k = jnp.where((s.top_k > 0) & (s.top_k < z.shape[-1]), _bisect(count, z, lo, hi), lo)
+    m = jnp.max(z, axis=-1)
+
+    def mass(zz, t):  # top-p on the top-k set, probabilities at temperature T
+        return vocab_fold(zz, chunk, lambda c, zc, col, fresh: c + jnp.sum(
+            _weights(zc, fresh, m, inv_t, t), axis=-1), jnp.zeros((b,), jnp.float32))
+
+    total = mass(z, t_k)
+    t_p = _bisect(lambda zz, t: mass(zz, t) >= s.top_p * total, z, t_k, hi)
     return jnp.where(s.top_p < 1.0, t_p, t_k)
 
 
-def _gumbel_argmax(z: jax.Array, keep, inv_t, rng_keys, vocab_chunk: Optional[int]) -> jax.Array:
-    """argmax_v (z_v/T + g_v) over kept v; keep(offset, keys_chunk) -> bool mask; int32[B]."""
+def _inverse_cdf(z, threshold, inv_t, u, chunk):
+    """Categorical sample by inverse CDF of the kept e^((z - m)/T), one uniform u per row.
+
+    Pass 1 sums the kept mass; pass 2 walks the chunks with a running cumulative sum and
+    records the first column where it exceeds u * total. Temporaries are [B, chunk].
+    """
     b, v = z.shape
-    chunk = v if not vocab_chunk or vocab_chunk >= v else vocab_chunk
-    n = -(-v // chunk)
+    m = jnp.max(z, axis=-1)
+    total = vocab_fold(z, chunk, lambda c, zc, col, fresh: c + jnp.sum(
+        _weights(zc, fresh, m, inv_t, threshold), axis=-1), jnp.zeros((b,), jnp.float32))
+    target = u * total
 
-    def chunk_best(c, zc, col):
-        noise = jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, c), (zc.shape[-1],)))(rng_keys)
-        score = jnp.where(keep(zc) & (col < v), zc * inv_t[:, None] + noise, _NEG_INF)
-        idx = jnp.argmax(score, axis=-1)
-        return jnp.take_along_axis(score, idx[:, None], -1)[:, 0], idx.astype(jnp.int32) + c * chunk
+    def walk(carry, zc, col, fresh):
+        before, found, last = carry
+        w = _weights(zc, fresh, m, inv_t, threshold)
+        cum = before[:, None] + jnp.cumsum(w, axis=-1)
+        hit = (cum > target[:, None]) & (w > 0)
+        first = jnp.min(jnp.where(hit, col[None], v), axis=-1)
+        last = jnp.maximum(last, jnp.max(jnp.where(w > 0, col[None], -1), axis=-1))
+        return cum[:, -1], jnp.minimum(found, first), last
 
-    if n == 1:
-        return chunk_best(0, z, jnp.arange(v)[None])[1]
-    pad = n * chunk - v
-    zp = jnp.pad(z, ((0, 0), (0, pad)))
-    chunks = jnp.moveaxis(zp.reshape(b, n, chunk), 1, 0)
+    init = (jnp.zeros((b,), jnp.float32), jnp.full((b,), v, jnp.int32), jnp.full((b,), -1, jnp.int32))
+    _, found, last = vocab_fold(z, chunk, walk, init)
+    # Rounding can leave u * total at or past the final cumulative sum: take the last kept token.
+    return jnp.where(found < v, found, jnp.maximum(last, 0)).astype(jnp.int32)
 
-    def body(carry, xs):
+
+def _argmax(z, chunk):
+    b = z.shape[0]
+
+    def fn(carry, zc, col, fresh):
         best, arg = carry
-        c, zc = xs
-        val, idx = chunk_best(c, zc, c * chunk + jnp.arange(chunk)[None])
-        better = val > best
-        return (jnp.where(better, val, best), jnp.where(better, idx, arg)), None
+        zc = jnp.where(fresh[None], zc, _NEG_INF)
+        i = jnp.argmax(zc, axis=-1)
+        val = jnp.take_along_axis(zc, i[:, None], -1)[:, 0]
+        better = val > best  # strict: the first maximum wins, as in jnp.argmax
+        return jnp.where(better, val, best), jnp.where(better, col[i], arg)
 
-    init = (jnp.full((b,), _NEG_INF, z.dtype), jnp.zeros((b,), jnp.int32))
-    return lax.scan(body, init, (jnp.arange(n), chunks))[0][1]
+    return vocab_fold(z, chunk, fn, (jnp.full((b,), _NEG_INF), jnp.zeros((b,), jnp.int32)))[1]
 
 
 def sample_tokens(logits: jax.Array, s: SlotSampling, positions: jax.Array,
@@ -112,13 +172,10 @@ def sample_tokens(logits: jax.Array, s: SlotSampling, positions: jax.Array,
     position the sampled token will occupy (the per-token index of the random stream)."""
     z = logits.astype(jnp.float32)
     inv_t = jnp.where(s.greedy, 1.0, 1.0 / jnp.maximum(s.temperature, 1e-6)).astype(jnp.float32)
-    rng_keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, positions)
+    u = jax.vmap(lambda seed, pos: jax.random.uniform(jax.random.fold_in(jax.random.key(seed), pos)))(
+        s.seed, positions)
     truncates = jnp.any(~s.greedy & (((s.top_k > 0) & (s.top_k < z.shape[-1])) | (s.top_p < 1.0)))
     lowest = jnp.zeros((z.shape[0],), jnp.uint32)
-    threshold = lax.cond(truncates, lambda: truncation_threshold(z, _sortable(z), s, inv_t), lambda: lowest)
-
-    def keep(zc):
-        return _sortable(zc) >= threshold[:, None]
-
-    sampled = _gumbel_argmax(z, keep, inv_t, rng_keys, vocab_chunk)
-    return jnp.where(s.greedy, jnp.argmax(z, axis=-1).astype(jnp.int32), sampled)
+    threshold = lax.cond(truncates, lambda: truncation_threshold(z, s, inv_t, vocab_chunk), lambda: lowest)
+    sampled = _inverse_cdf(z, threshold, inv_t, u, vocab_chunk)
+    return jnp.where(s.greedy, _argmax(z, vocab_chunk), sampled)
