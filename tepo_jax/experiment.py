@@ -3,6 +3,13 @@ model, optimizer and loss settings, and the rollout loop.
 
 Kept apart from the loops (sft/trainer.py, rl/loop.py) so that `train`, `evaluate` and the
 demo build their parts the same way.
+
+`data.task = "function_calling"` (docs/function_calling.md): the synthetic function-calling
+task (or JSONL examples at data.train_path in data.layout), tools = the examples' functions
+(`function_tools`; for JSONL data schema-only tools built from the examples' schemas, which
+validate and answer "ok"), fmt = `JsonCallFormat` in the tokenizer's dialect, prompts = each
+example's messages with its tool schemas (the rollout's `encode_prompt`), and for the tiny
+model a tiny BPE whose template is Qwen2.5's (`build_tiny_fc_tokenizer`).
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ import ml_collections
 
 from tepo_jax.checkpoints.hf import load_hf
 from tepo_jax.data import jsonl, synthetic
+from tepo_jax.data.function_calling import (FUNCTION_CALLING, make_function_calling,
+                                            read_function_calling, synthetic_functions)
 from tepo_jax.data.prompts import system_prompt, user_prompt
 from tepo_jax.models.config import ModelConfig
 from tepo_jax.models.decoder import BATCH_AXES, Decoder
@@ -31,6 +40,8 @@ from tepo_jax.sampling.sampler import Sampler
 from tepo_jax.sharding import MeshConfig, create_sharded_model, make_mesh
 from tepo_jax.tokenizer import load_tokenizer, stop_token_ids
 from tepo_jax.tools import PythonTool, SandboxConfig, ToolBridge, ToolFormat
+from tepo_jax.tools.functions import FunctionTool, function_from_schema, function_tools
+from tepo_jax.tools.json_format import LLAMA31, QWEN25, JsonCallFormat, dialect_from_chat_template
 
 log = logging.getLogger(__name__)
 SFT, RL = "sft", "rl"
@@ -43,7 +54,7 @@ class Experiment:
     workdir: Path
     mesh: jax.sharding.Mesh
     tokenizer: object
-    fmt: ToolFormat
+    fmt: ToolFormat                 # or JsonCallFormat for data.task = function_calling
     tools: tuple[str, ...]
     train_examples: list
     eval_examples: list
@@ -69,6 +80,8 @@ def _interleave(a: list, b: list) -> list:
 
 def load_examples(config) -> tuple[list, list, Optional[str]]:
     """(train, eval, corpus JSONL path or None) for the configured task."""
+    if config.data.task == FUNCTION_CALLING:
+        return (*load_function_calling(config), None)
     if config.data.task == "synthetic":
         paths = synthetic.write_synthetic(synthetic_data_dir(config), seed=config.seed,
                                           n_train=config.data.n_train, n_eval=config.data.n_eval)
@@ -80,6 +93,40 @@ def load_examples(config) -> tuple[list, list, Optional[str]]:
     train = jsonl.read_jsonl(config.data.train_path, layout=layout)
     evals = jsonl.read_jsonl(config.data.eval_path, layout=layout) if config.data.eval_path else []
     return train, evals, config.tools.search_corpus or None
+
+
+def load_function_calling(config) -> tuple[list, list]:
+    """JSONL examples (data.train_path / eval_path), or the synthetic task: n_train examples
+    from `seed`, n_eval from `seed + 1` with every question seen in training left out."""
+    if config.data.train_path:
+        layout = FUNCTION_CALLING if config.data.layout == "auto" else config.data.layout
+        train = read_function_calling(config.data.train_path, layout)
+        evals = read_function_calling(config.data.eval_path, layout) if config.data.eval_path else []
+        return train, evals
+    train = make_function_calling(config.data.n_train, seed=config.seed)
+    seen = {ex.question for ex in train}
+    pool = make_function_calling(3 * config.data.n_eval, seed=config.seed + 1, id_prefix="fc-eval")
+    return train, [ex for ex in pool if ex.question not in seen][: config.data.n_eval]
+
+
+def fc_functions(config, examples) -> list[FunctionTool]:
+    """The functions the model may call: the synthetic APIs, or (JSONL data) a schema-only
+    tool per distinct function name in the examples, the first schema seen winning."""
+    if not config.data.train_path:
+        return synthetic_functions()
+    out = {}
+    for ex in examples:
+        for entry in ex.tools:
+            tool = function_from_schema(entry)
+            out.setdefault(tool.name, tool)
+    return list(out.values())
+
+
+def fc_format(tokenizer) -> JsonCallFormat:
+    """JSON calls in the tokenizer's family (Llama-3.1 if it has <|eot_id|>, else Qwen2.5),
+    with the result strings read off its own chat template."""
+    base = LLAMA31 if "<|eot_id|>" in tokenizer.get_vocab() else QWEN25
+    return JsonCallFormat(dialect_from_chat_template(tokenizer, base))
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -96,12 +143,36 @@ def tokenizer_texts(examples, corpus_path: Optional[str]) -> list[str]:
     return texts
 
 
-def build_tokenizer(config, examples, corpus_path):
+def fc_tokenizer_texts(examples, functions) -> list[str]:
+    """Function calling: each example's prompt as the Qwen2.5 template renders it, and the
+    turns and result blocks of its SFT script (the text the tiny model will read and write)."""
+    from tepo_jax.sft.data import fc_script
+    from tepo_jax.testing.chat_templates import QWEN25_CHAT_TEMPLATE
+    from tepo_jax.tiny_tokenizer import render_template
+
+    fmt, tools = JsonCallFormat(QWEN25), function_tools(functions)
+    run = lambda calls: [tools[c.tool].run(c.argument, 10.0) for c in calls]  # noqa: E731
+    texts = []
+    for ex in examples:
+        texts.append(render_template(QWEN25_CHAT_TEMPLATE, ex.messages, ex.tools, add_generation_prompt=True))
+        for text, calls, results in fc_script(ex, fmt, run):
+            texts.append(text)
+            if calls:
+                texts.append(fmt.wrap_results([r.text for r in results]))
+    return texts
+
+
+def build_tokenizer(config, examples, corpus_path, functions=None):
     from tepo_jax.testing.tokenizers import cached_tokenizer_dir  # offline builders
-    from tepo_jax.tiny_tokenizer import build_tiny_tokenizer
+    from tepo_jax.tiny_tokenizer import build_tiny_fc_tokenizer, build_tiny_tokenizer
 
     if config.tokenizer.path:
         return load_tokenizer(config.tokenizer.path)
+    if config.model.tiny and config.data.task == FUNCTION_CALLING:
+        out = Path(config.workdir) / "tokenizer_fc"
+        if not (out / "tokenizer.json").exists():
+            build_tiny_fc_tokenizer(fc_tokenizer_texts(examples, functions), out)
+        return load_tokenizer(out)
     if config.model.tiny:
         out = Path(config.workdir) / "tokenizer"
         if not (out / "tokenizer.json").exists():
@@ -171,12 +242,24 @@ def setup(config) -> Experiment:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
     train, evals, corpus = load_examples(config)
+    if config.data.task == FUNCTION_CALLING:
+        return _setup_function_calling(config, workdir, mesh, train, evals)
     tokenizer = build_tokenizer(config, train, corpus)
     tools = tuple(t for t in ("python", "search") if config.tools[t])
     bridge = build_bridge(config, corpus)
     return Experiment(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
                       fmt=ToolFormat(tools=tools), tools=tools, train_examples=train,
                       eval_examples=evals, bridge=bridge)
+
+
+def _setup_function_calling(config, workdir, mesh, train, evals) -> Experiment:
+    functions = fc_functions(config, train + evals)
+    tokenizer = build_tokenizer(config, train, None, functions)
+    bridge = ToolBridge(function_tools(functions), max_workers=config.tools.max_workers,
+                        default_timeout=config.tools.python_timeout_s + 1)
+    return Experiment(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
+                      fmt=fc_format(tokenizer), tools=tuple(f.name for f in functions),
+                      train_examples=train, eval_examples=evals, bridge=bridge)
 
 
 # ----------------------------------------------------------------------------- training parts

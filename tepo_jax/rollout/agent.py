@@ -10,22 +10,37 @@ their results are then encoded and appended, and those slots decode on from thei
 The schedule is a fixed function of the inputs (results are appended after exactly one
 decode call, never "when ready"), and every request samples from its own seed, so a rollout
 is reproducible whatever the tools' latency — which kill-and-resume relies on.
+
+Two call formats (docs/function_calling.md):
+- the tag format (`ToolFormat`): one call per turn, parsed with `fmt.parse`, its result
+  inserted with `fmt.wrap_result`;
+- a multi-call format (one with `parse_calls`, e.g. `JsonCallFormat`): a turn may hold several
+  calls; all of them run as one bridge batch (in call order, malformed ones becoming their
+  PARSE_ERROR result) and `fmt.wrap_results([...])` is inserted as ONE result block, recorded
+  as ONE ToolCallRecord (TEPO's call_k: names joined by ",", arguments the JSON list of calls).
+  Prompts are the example's own messages with its tools (`encode_prompt`), and the reward
+  reads the model turns joined in order (`model_text`), since calls and answer are in
+  different turns.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections import deque
 from typing import Optional, Sequence
+
+import numpy as np
 
 from tepo_jax.data.prompts import to_messages
 from tepo_jax.rewards import attach_reward, compute_reward
 from tepo_jax.rollout.builder import TrajectoryBuilder
-from tepo_jax.rollout.trajectory import Trajectory
-from tepo_jax.sampling.config import FINISH_EOS, SamplingParams
+from tepo_jax.rollout.trajectory import Trajectory, model_mask
+from tepo_jax.sampling.config import FINISH_EOS, FINISH_STOP_STRING, SamplingParams
 from tepo_jax.sampling.sampler import Sampler, TurnOutput
 from tepo_jax.tokenizer import encode_chat
 from tepo_jax.tools import AnswerTurn, ParseError, ToolBridge, ToolCall, ToolFormat, ToolResult, ToolStatus
+from tepo_jax.tools.json_format import calls_as_dicts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +52,40 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+
+
+def is_multi_call(fmt) -> bool:
+    """True for call formats whose turns may hold several calls (they have `parse_calls`)."""
+    return callable(getattr(fmt, "parse_calls", None))
+
+
+def encode_prompt(tokenizer, example, tools: Sequence[str] = ("python", "search")) -> list[int]:
+    """Prompt ids of `example`: its own chat messages and tool schemas when it carries them
+    (function-calling examples), else the tag-format system + user prompt for `tools`."""
+    if hasattr(example, "messages"):
+        return encode_chat(tokenizer, list(example.messages), tools=list(example.tools) or None)
+    return encode_chat(tokenizer, to_messages(example, tools))
+
+
+def model_text(traj: Trajectory, tokenizer) -> str:
+    """The trajectory's model turns decoded one by one and joined by newlines, in order
+    (tool results left out): what a multi-turn function-call reward reads."""
+    mask = model_mask(traj.kinds)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return "\n".join(tokenizer.decode(traj.token_ids[a:b].tolist(), skip_special_tokens=False)
+                     for a, b in zip(edges[::2], edges[1::2]))
+
+
+def call_block_record(turn_calls: Sequence, results: Sequence[ToolResult]) -> tuple[str, str, str, str]:
+    """(name, arguments, result text, status) of the ONE ToolCallRecord of a multi-call turn:
+    names joined by ",", arguments the JSON list of the well-formed calls, the result text
+    itself for one call else the JSON list of result texts, status the first non-ok one."""
+    names = ",".join(c.tool if isinstance(c, ToolCall) else (c.tool or "invalid") for c in turn_calls)
+    arguments = json.dumps(calls_as_dicts(turn_calls), ensure_ascii=False)
+    texts = [r.text for r in results]
+    result_text = texts[0] if len(texts) == 1 else json.dumps(texts, ensure_ascii=False)
+    bad = [r.status.value for r in results if r.status is not ToolStatus.OK]
+    return names, arguments, result_text, bad[0] if bad else ToolStatus.OK.value
 
 
 def request_seed(*parts) -> int:
@@ -60,22 +109,35 @@ class AgentLoop:
                  config: RolloutConfig, tools: Sequence[str]):
         self.sampler, self.bridge, self.tokenizer, self.fmt = sampler, bridge, tokenizer, fmt
         self.config, self.tools = config, tuple(tools)
+        self.multi_call = is_multi_call(fmt)
 
     # ---- public ----------------------------------------------------------------------------
     def run(self, examples: Sequence, *, seed: int, group_size: Optional[int] = None,
-            greedy: bool = False) -> list[Trajectory]:
-        """G trajectories per example (example-major order), scored with the task's reward."""
+            greedy: bool = False, indices: Optional[Sequence[int]] = None) -> list[Trajectory]:
+        """G trajectories per example (example-major order), scored with the task's reward.
+
+        `indices`: the examples' positions in the global batch (default 0, 1, …); the
+        per-request seeds use them, so a multi-host run, where each host rolls out its share
+        of the batch, samples exactly what a single-host run samples.
+        """
         g = group_size or self.config.group_size
         requests = [self._request(ex, i, s, seed) for i, ex in enumerate(examples) for s in range(g)]
+        if indices is not None:
+            for k, r in enumerate(requests):  # request k = (example k // g, sample k % g)
+                r.seed = request_seed(seed, int(indices[k // g]), k % g)
         finished = self._drive(requests, greedy)
         return [self._score(traj, examples[traj.group_id]) for traj in finished]
 
     # ---- the loop --------------------------------------------------------------------------
     def _request(self, example, index: int, sample: int, seed: int) -> _Request:
-        prompt = encode_chat(self.tokenizer, to_messages(example, self.tools))
-        builder = TrajectoryBuilder(prompt, tokenizer=self.tokenizer, prompt_id=example.id,
-                                    group_id=index, sample_index=sample, gold=example.gold,
-                                    task=example.task)
+        meta = dict(tokenizer=self.tokenizer, prompt_id=example.id, group_id=index,
+                    sample_index=sample, gold=example.gold, task=example.task)
+        if self.multi_call:
+            prompt = encode_prompt(self.tokenizer, example, self.tools)
+            builder = TrajectoryBuilder(prompt, fmt=self.fmt.tag_format(), **meta)
+        else:
+            prompt = encode_chat(self.tokenizer, to_messages(example, self.tools))
+            builder = TrajectoryBuilder(prompt, **meta)
         return _Request(builder, prompt, request_seed(seed, index, sample))
 
     def _params(self, req: _Request, greedy: bool) -> SamplingParams:
@@ -109,7 +171,10 @@ class AgentLoop:
                     self.sampler.release(req.slot)
                     del active[id(req)]
             if calls:
-                tool_calls = [c for _, c in calls if isinstance(c, ToolCall)]
+                if self.multi_call:  # every call of every turn, malformed ones included
+                    tool_calls = [c for _, turn_calls in calls for c in turn_calls]
+                else:
+                    tool_calls = [c for _, c in calls if isinstance(c, ToolCall)]
                 pending_calls = (self.bridge.submit(tool_calls), calls)
         return [done[id(r)] for r in requests]
 
@@ -117,6 +182,8 @@ class AgentLoop:
         """Record a finished turn; return the trajectory if it ends here, else queue its call."""
         b = req.builder
         text = self.tokenizer.decode(out.tokens.tolist(), skip_special_tokens=False)
+        if self.multi_call:
+            return self._on_multi_call_turn(req, out, text, calls)
         parsed = self.fmt.parse(text)
         wants_call = isinstance(parsed, (ToolCall, ParseError))
         # A call that cannot be followed by another turn is not run: it stays plain text.
@@ -133,9 +200,31 @@ class AgentLoop:
         calls.append((req, parsed))
         return None
 
+    def _on_multi_call_turn(self, req: _Request, out: TurnOutput, text: str,
+                            calls: list) -> Optional[Trajectory]:
+        """`_on_turn` for multi-call formats: every call of the turn is queued as one batch;
+        a turn without a call ends the trajectory (an answer if the turn ended properly)."""
+        b = req.builder
+        turn_calls = self.fmt.parse_calls(text)
+        out_of_calls = b.num_calls >= self.config.max_calls
+        out_of_tokens = b.model_tokens + len(out.tokens) >= self.config.max_tokens
+        runs_call = bool(turn_calls) and not out_of_calls and not out_of_tokens
+        b.add_model_turn(out.tokens, out.logprobs, out.entropies, is_call=runs_call)
+        if not turn_calls:
+            ended = out.finish_reason in (FINISH_EOS, FINISH_STOP_STRING)
+            return b.finish("answer" if ended else "max_tokens")
+        if out_of_calls:
+            return b.finish("max_calls")
+        if not runs_call:
+            return b.finish("max_tokens")
+        calls.append((req, turn_calls))
+        return None
+
     def _append_results(self, future, calls, *, greedy: bool) -> list[_Request]:
         """Insert each call's result; returns the requests that no longer fit the cache."""
         tool_results = iter(future.result())
+        if self.multi_call:
+            return self._append_result_blocks(tool_results, calls, greedy)
         overflow = []
         for req, call in calls:
             if isinstance(call, ToolCall):
@@ -151,5 +240,20 @@ class AgentLoop:
                 self.sampler.append(req.slot, ids, self._params(req, greedy))
         return overflow
 
+    def _append_result_blocks(self, tool_results, calls, greedy: bool) -> list[_Request]:
+        """Multi-call formats: one result block per turn, recorded as one call_k."""
+        overflow = []
+        for req, turn_calls in calls:
+            results = [next(tool_results) for _ in turn_calls]
+            ids = self.tokenizer.encode(self.fmt.wrap_results([r.text for r in results]),
+                                        add_special_tokens=False)
+            req.builder.add_tool_result(*call_block_record(turn_calls, results), ids)
+            if len(req.builder.token_ids) >= self.sampler.config.max_len - 1:
+                overflow.append(req)
+            else:
+                self.sampler.append(req.slot, ids, self._params(req, greedy))
+        return overflow
+
     def _score(self, traj: Trajectory, example) -> Trajectory:
-        return attach_reward(traj, compute_reward(traj.final_text, example.gold, example.task))
+        text = model_text(traj, self.tokenizer) if self.multi_call else traj.final_text
+        return attach_reward(traj, compute_reward(text, example.gold, example.task))

@@ -9,19 +9,30 @@ multi-hop. That gives RL behaviour to improve (TEPO-sparse rewards fewer, better
 The model turns are tokenised once here (they are targets, not sampled), the results are the
 wrapped result text encoded exactly as the rollout encodes it, and the trajectories come out
 of the same `TrajectoryBuilder` the rollout uses.
+
+Function-calling examples (a multi-call format such as `JsonCallFormat`, see
+docs/function_calling.md) get a script of their own (`fc_script`): one turn with a short
+reasoning line and all gold calls rendered with `fmt.render_call` (as the chat template renders
+an assistant tool call), ended with the end-of-turn token; the calls run through the real
+FunctionTools as one batch and their results come back as one `fmt.wrap_results` block; then
+a final answer turn built from the results. With `redundant_rate`, an example repeats its first
+call in an extra turn before answering (the extra call lowers the ToolRL name score, and gives
+TEPO a useless call to learn away).
 """
 from __future__ import annotations
 
+import json
 import random
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tepo_jax.data.prompts import to_messages
 from tepo_jax.data.synthetic import reference_solution
+from tepo_jax.rollout.agent import call_block_record, encode_prompt, is_multi_call
 from tepo_jax.rollout.builder import TrajectoryBuilder
 from tepo_jax.rollout.trajectory import Trajectory
 from tepo_jax.tokenizer import encode_chat
-from tepo_jax.tools import ToolBridge, ToolCall, ToolFormat
+from tepo_jax.tools import ToolBridge, ToolCall, ToolFormat, ToolResult, ToolStatus
 
 _CALL_RE = re.compile(r"<(python|search)>(.*)</\1>\s*$", re.DOTALL)
 
@@ -53,6 +64,9 @@ def build_sft_trajectories(examples: Sequence, tokenizer, bridge: ToolBridge, *,
                            tools: Sequence[str] = ("python", "search"), fmt: ToolFormat = ToolFormat(),
                            redundant_rate: float = 0.3, seed: int = 0) -> list[Trajectory]:
     """Play every example's script, running the calls of all examples round by round."""
+    if is_multi_call(fmt):
+        return build_fc_sft_trajectories(examples, tokenizer, bridge, fmt=fmt,
+                                         redundant_rate=redundant_rate, seed=seed)
     scripts = scripts_for(examples, redundant_rate, seed)
     builders = [TrajectoryBuilder(encode_chat(tokenizer, to_messages(ex, tools)), tokenizer=tokenizer,
                                   prompt_id=ex.id, group_id=i, sample_index=0, gold=_gold(ex),
@@ -82,3 +96,73 @@ def build_sft_trajectories(examples: Sequence, tokenizer, bridge: ToolBridge, *,
 
 def _gold(example):
     return list(example.answers) if example.task == "qa" else example.answer
+
+
+# ------------------------------------------------------------------ function calling
+
+RunBatch = Callable[[Sequence[ToolCall]], Sequence[ToolResult]]
+
+
+def _names(names: Sequence[str]) -> str:
+    if len(names) == 2 and names[0] == names[1]:
+        return f"{names[0]} twice"
+    return " and ".join(names)
+
+
+def fc_call_text(fmt, calls: Sequence[dict], first: bool) -> str:
+    """A call turn: a reasoning line, then every call as the template renders it."""
+    lead = f"I need {_names([c['name'] for c in calls])}." if first else \
+        f"Let me check {calls[0]['name']} again."
+    body = "\n".join(fmt.render_call(c["name"], c["arguments"]) for c in calls)
+    return f"{lead}\n{body}{fmt.dialect.end_of_turn}"
+
+
+def fc_answer_text(fmt, results: Sequence[str]) -> str:
+    """The final turn: each result's values in order (its text if it is not a JSON object)."""
+    if not results:
+        return f"No function call is needed for this.{fmt.dialect.end_of_turn}"
+    parts = []
+    for text in results:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        parts.append(", ".join(str(v) for v in value.values()) if isinstance(value, dict) else str(value))
+    return "Results: " + "; ".join(parts) + "." + fmt.dialect.end_of_turn
+
+
+def fc_script(example, fmt, run_batch: RunBatch, redundant: bool = False) -> list[tuple]:
+    """[(model turn text, its calls, their results)] for a function-calling example; the last
+    turn is the answer (no calls). The gold calls are run through `run_batch`."""
+    gold = [dict(c) for c in example.gold_calls]
+    rounds = [gold] + ([gold[:1]] if redundant else []) if gold else []
+    script = []
+    for i, turn in enumerate(rounds):
+        calls = [ToolCall(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in turn]
+        results = list(run_batch(calls))
+        failed = [r for r in results if r.status is not ToolStatus.OK]
+        if failed:
+            raise ValueError(f"gold call of {example.id} failed: {failed[0].text}")
+        script.append((fc_call_text(fmt, turn, first=i == 0), calls, results))
+    first_results = [r.text for r in script[0][2]] if script else []
+    return script + [(fc_answer_text(fmt, first_results), [], [])]
+
+
+def build_fc_sft_trajectories(examples: Sequence, tokenizer, bridge: ToolBridge, *, fmt,
+                              redundant_rate: float = 0.3, seed: int = 0) -> list[Trajectory]:
+    """SFT trajectories for function-calling examples (see the module docstring); token ids =
+    prompt + each turn's ids + each encoded result block, built as the rollout builds them."""
+    rng = random.Random(f"sft-fc-{seed}")
+    out = []
+    for i, ex in enumerate(examples):
+        redundant = rng.random() < redundant_rate
+        builder = TrajectoryBuilder(encode_prompt(tokenizer, ex), tokenizer=tokenizer,
+                                    fmt=fmt.tag_format(), prompt_id=ex.id, group_id=i,
+                                    sample_index=0, gold=ex.gold, task=ex.task)
+        for text, calls, results in fc_script(ex, fmt, bridge.run_batch, redundant):
+            builder.add_model_turn(tokenizer.encode(text, add_special_tokens=False), is_call=bool(calls))
+            if calls:
+                ids = tokenizer.encode(fmt.wrap_results([r.text for r in results]), add_special_tokens=False)
+                builder.add_tool_result(*call_block_record(calls, results), ids)
+        out.append(builder.finish("answer"))
+    return out

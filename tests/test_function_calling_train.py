@@ -1,0 +1,201 @@
+"""Function calling end to end: multi-call turns in the agent loop, SFT trajectories played
+through the real FunctionTools, and SFT + RL runs of configs/function_calling_cpu.py.
+
+The rollout test uses a real Decoder whose blocks are switched off and whose embeddings
+encode a bigram table (as tests/test_rollout.py does) over a tiny function-calling tokenizer
+to which two whole calls were added as single tokens, so greedy decoding writes a turn with
+two calls (one valid, one that breaks the schema) after the prompt and after every result:
+a real model, sampler, tokenizer, chat template and tools, with behaviour we can predict.
+"""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tepo_jax.data.function_calling import make_function_calling, synthetic_functions
+from tepo_jax.experiment import fc_tokenizer_texts
+from tepo_jax.models.config import ModelConfig
+from tepo_jax.models.decoder import Decoder
+from tepo_jax.rewards import compute_reward
+from tepo_jax.rollout.agent import AgentLoop, RolloutConfig, encode_prompt, model_text
+from tepo_jax.rollout.trajectory import TokenKind, TokenRole
+from tepo_jax.sampling.config import SamplerConfig
+from tepo_jax.sampling.sampler import Sampler
+from tepo_jax.sft.data import build_sft_trajectories
+from tepo_jax.tiny_tokenizer import build_tiny_fc_tokenizer
+from tepo_jax.tokenizer import load_tokenizer
+from tepo_jax.tools import ToolBridge, ToolStatus
+from tepo_jax.tools.functions import function_tools
+from tepo_jax.tools.json_format import QWEN25, JsonCallFormat
+
+FMT = JsonCallFormat(QWEN25)
+CALL_A = FMT.render_call("get_stock_price", {"symbol": "ZORB"})
+CALL_B = "\n" + FMT.render_call("get_weather", {"city": "Atlantis"})  # not in the city enum
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    examples = make_function_calling(24, 0)
+    return build_tiny_fc_tokenizer(fc_tokenizer_texts(examples, synthetic_functions()),
+                                   tmp_path_factory.mktemp("fc") / "tok")
+
+
+class SpyBridge(ToolBridge):
+    """Records the calls of every batch it is given."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.batches = []
+
+    def run_batch(self, calls):
+        self.batches.append([(c.tool, c.argument) for c in calls])
+        return super().run_batch(calls)
+
+
+def bigram_decoder(tokenizer, successor: dict[int, int]) -> Decoder:
+    ids = sorted(set(successor))
+    cfg = ModelConfig(family="qwen2", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, qkv_bias=True,
+                      tie_word_embeddings=False)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    embed = np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32)
+    head = np.zeros((cfg.hidden_size, cfg.vocab_size), np.float32)
+    for dim, token in enumerate(ids):
+        embed[token, dim] = 1.0
+        head[dim, successor[token]] = 3.0
+    model.embed[...] = jnp.asarray(embed)
+    model.lm_head[...] = jnp.asarray(head)
+    for layer in model.layers:
+        layer.attn.o_proj[...] = jnp.zeros_like(layer.attn.o_proj[...])
+        layer.mlp.down_proj[...] = jnp.zeros_like(layer.mlp.down_proj[...])
+    return model
+
+
+@pytest.fixture(scope="module")
+def loop(tok_dir):
+    tok = load_tokenizer(tok_dir)
+    tok.add_tokens([CALL_A, CALL_B])  # each whole call one token: a bigram can write the turn
+    a, b = tok.convert_tokens_to_ids(CALL_A), tok.convert_tokens_to_ids(CALL_B)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    example = make_function_calling(1, 3)[0]
+    prompt_end = encode_prompt(tok, example)[-1]
+    result_end = tok.encode(FMT.wrap_results(["x"]), add_special_tokens=False)[-1]
+    model = bigram_decoder(tok, {prompt_end: a, result_end: a, a: b, b: eot})
+    bridge = SpyBridge(function_tools(synthetic_functions()))
+    sampler = Sampler(model, SamplerConfig(max_slots=4, cache_buckets=(512,), steps_per_call=8,
+                                           eos_ids=(eot,)), tokenizer=tok)
+    agent = AgentLoop(sampler, bridge, tok, FMT, RolloutConfig(group_size=2, max_calls=2, max_tokens=60,
+                                                               max_turn_tokens=8), tools=())
+    yield agent, tok, bridge, example, (a, b, eot)
+    bridge.close()
+
+
+def test_multi_call_turns_run_as_one_batch_and_insert_one_result_block(loop):
+    agent, tok, bridge, example, (a, b, eot) = loop
+    bridge.batches.clear()
+    trajs = agent.run([example], seed=0, greedy=True)
+    assert len(trajs) == 2
+    stock = function_tools(synthetic_functions())["get_stock_price"].run('{"symbol": "ZORB"}', 1).text
+    for traj in trajs:
+        assert traj.num_calls == 2 and traj.finish_reason == "max_calls"  # 3rd turn: out of calls
+        expected = encode_prompt(tok, example)
+        for k, call in enumerate(traj.tool_calls, start=1):
+            # ONE record per turn: both calls, both results, the worst status.
+            assert call.name == "get_stock_price,get_weather" and call.turn == k
+            assert json.loads(call.arguments) == [{"name": "get_stock_price", "arguments": {"symbol": "ZORB"}},
+                                                  {"name": "get_weather", "arguments": {"city": "Atlantis"}}]
+            results = json.loads(call.result)
+            assert results[0] == stock
+            assert "invalid arguments for get_weather" in results[1] and "Atlantis" in results[1]
+            assert call.status == ToolStatus.ERROR.value
+            block = tok.encode(FMT.wrap_results(results), add_special_tokens=False)
+            expected += [a, b, eot] + block
+            # call_k = from the first <tool_call> to the end of the turn; obs_k = the block.
+            assert traj.token_ids[slice(*call.call_span)].tolist() == [a, b, eot]
+            assert traj.token_ids[slice(*call.result_span)].tolist() == block
+            assert set(traj.kinds[slice(*call.result_span)]) == {TokenKind.TOOL_RESULT}
+        expected += [a, b, eot]  # the turn past max_calls stays model text, not run
+        assert traj.token_ids.tolist() == expected
+        model = traj.model_mask()
+        assert np.all(traj.roles[model] != TokenRole.NONE) and np.all(traj.roles[~model] == TokenRole.NONE)
+        # The reward reads every model turn, joined in order.
+        text = model_text(traj, tok)
+        assert text.count("<|im_end|>") == 3 and text.count("<tool_call>") == 6
+        r = compute_reward(text, example.gold, example.task)
+        assert traj.reward == r.score and traj.f1 == r.f1
+    # Every batch holds whole turns, each turn's two calls side by side in call order.
+    for batch in bridge.batches:
+        assert len(batch) % 2 == 0
+        assert [name for name, _ in batch] == ["get_stock_price", "get_weather"] * (len(batch) // 2)
+    assert sum(len(x) for x in bridge.batches) == 2 * 2 * 2  # samples × run turns × calls
+
+
+def test_multi_call_rollouts_are_reproducible(loop):
+    agent = loop[0]
+    example = loop[3]
+    x = agent.run([example], seed=7)
+    y = agent.run([example], seed=7)
+    assert [t.token_ids.tolist() for t in x] == [t.token_ids.tolist() for t in y]
+    assert [t.reward for t in x] == [t.reward for t in y]
+
+
+def test_sft_trajectories_play_gold_calls_through_the_real_functions(tok_dir):
+    tok = load_tokenizer(tok_dir)
+    examples = make_function_calling(24, 0)
+    with ToolBridge(function_tools(synthetic_functions())) as bridge:
+        trajs = build_sft_trajectories(examples, tok, bridge, fmt=FMT, redundant_rate=0.5, seed=1)
+        plain = build_sft_trajectories(examples, tok, bridge, fmt=FMT, redundant_rate=0.0)
+    tools = function_tools(synthetic_functions())
+    assert {t.num_calls for t in trajs} == {1, 2}  # some repeat their first call
+    for ex, traj in zip(examples, plain):
+        gold = list(ex.gold_calls)
+        results = [tools[g["name"]].run(json.dumps(g["arguments"]), 5).text for g in gold]
+        call_turn = "\n".join(FMT.render_call(g["name"], g["arguments"]) for g in gold)
+        (call,) = traj.tool_calls
+        assert json.loads(call.arguments) == gold and call.status == "ok"
+        # Token ids: prompt, the call turn, the one result block, the answer turn.
+        ids = traj.token_ids.tolist()
+        turn = tok.encode(call_turn + "<|im_end|>", add_special_tokens=False)
+        block = tok.encode(FMT.wrap_results(results), add_special_tokens=False)
+        prompt = encode_prompt(tok, ex)
+        assert ids[: len(prompt)] == prompt
+        assert ids[slice(*call.call_span)] == turn and ids[slice(*call.result_span)] == block
+        answer = tok.decode(ids[call.result_span[1]:], skip_special_tokens=False)
+        assert answer.startswith("Results: ") and answer.endswith("<|im_end|>")
+        assert set(traj.kinds[len(prompt):call.call_span[0]]) == {TokenKind.REASONING}
+        # The reference is what the reward calls perfect.
+        r = compute_reward(model_text(traj, tok), ex.gold, ex.task)
+        assert (r.em, r.f1, r.score, r.malformed) == (1.0, 1.0, 4.0, False)
+    for ex, traj in zip(examples, trajs):
+        if traj.num_calls == 2:  # the repeated call costs name score, not format
+            r = compute_reward(model_text(traj, tok), ex.gold, ex.task)
+            assert r.em == 0.0 and 0 < r.f1 < 1 and not r.malformed
+
+
+def _tiny_fc_config(workdir, advantage):
+    from configs.function_calling_cpu import get_config
+    c = get_config()
+    c.workdir = str(workdir)
+    c.model.tiny_hidden = 32
+    c.data.n_train, c.data.n_eval, c.data.prompts_per_step = 16, 2, 2
+    c.rollout.group_size, c.rollout.max_tokens, c.rollout.max_turn_tokens = 2, 48, 24
+    c.rollout.cache_len = 256
+    c.sft.steps, c.sft.batch_size, c.sft.seq_len = 2, 4, 256
+    c.train.steps, c.train.eval_every, c.train.checkpoint_every = 2, 2, 100
+    c.algo.advantage = advantage
+    return c
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("advantage", ["grpo", "tepo_sparse", "tepo_dense"])
+def test_sft_then_rl_on_function_calling(tmp_path, advantage):
+    from tepo_jax.train import train
+    result = train(_tiny_fc_config(tmp_path / advantage, advantage))
+    rows = [json.loads(x) for x in (tmp_path / advantage / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in rows if r["phase"] == "rl"]
+    assert [r["step"] for r in rl] == [1, 2]
+    assert all(np.isfinite(r["train/loss"]) for r in rl)
+    assert {"eval/accuracy", "eval/f1", "eval/calls_per_question"} <= set(result)
+    assert len([r for r in rows if r["phase"] == "sft"]) == 2
