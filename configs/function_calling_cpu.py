@@ -19,7 +19,7 @@ def get_config():
     c.workdir = "runs/function_calling"
     c.mode = "sft_then_rl"
     c.model.tiny = True
-    c.model.tiny_hidden = 64
+    c.model.tiny_hidden = 128
     c.model.tiny_layers = 2
     c.model.tiny_heads = 4
     c.model.tiny_kv_heads = 2
@@ -38,8 +38,8 @@ def get_config():
     c.optim.lr = 2e-5
     c.train.steps = 10
     c.train.eval_every = 10
-    c.train.checkpoint_every = 5
-    c.sft.steps = 150
+    c.train.checkpoint_every = 50
+    c.sft.steps = 300
     c.sft.batch_size = 16
     c.sft.lr = 3e-3
     c.sft.seq_len = 512

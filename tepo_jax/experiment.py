@@ -162,6 +162,19 @@ def fc_tokenizer_texts(examples, functions) -> list[str]:
     return texts
 
 
+def fc_entities(examples) -> list[str]:
+    """Values the tiny model copies into calls: the digit-free string argument values of the
+    gold calls and the string enum values of the schemas (numbers are split into digits)."""
+    out = set()
+    for ex in examples:
+        values = [v for c in ex.gold_calls for v in c["arguments"].values()]
+        for entry in ex.tools:
+            props = entry.get("function", entry).get("parameters", {}).get("properties", {})
+            values += [v for p in props.values() if isinstance(p, dict) for v in p.get("enum", [])]
+        out.update(v for v in values if isinstance(v, str) and v.strip() and not any(ch.isdigit() for ch in v))
+    return sorted(out)
+
+
 def build_tokenizer(config, examples, corpus_path, functions=None):
     from tepo_jax.testing.tokenizers import cached_tokenizer_dir  # offline builders
     from tepo_jax.tiny_tokenizer import build_tiny_fc_tokenizer, build_tiny_tokenizer
@@ -171,7 +184,8 @@ def build_tokenizer(config, examples, corpus_path, functions=None):
     if config.model.tiny and config.data.task == FUNCTION_CALLING:
         out = Path(config.workdir) / "tokenizer_fc"
         if not (out / "tokenizer.json").exists():
-            build_tiny_fc_tokenizer(fc_tokenizer_texts(examples, functions), out)
+            build_tiny_fc_tokenizer(fc_tokenizer_texts(examples, functions), out,
+                                    entities=fc_entities(examples))
         return load_tokenizer(out)
     if config.model.tiny:
         out = Path(config.workdir) / "tokenizer"

@@ -14,7 +14,10 @@ Qwen2.5 way, and `<tool_call>`, `</tool_call>` (and the response/schema tags) ar
 tokens. Its BPE merges across word boundaries (no pre-tokenizer regex; digits still one per
 token): the five tool schemas in every prompt then shrink from ~800 tokens to ~100, and the JSON
 scaffolding of a call (`", "to_currency": "`) to a few tokens, which keeps the CPU demo's
-sequences short. `render_template` renders a conversation through a template without a trained
+sequences short. The argument values the model has to copy (`entities`: city names,
+currencies, ...) are added as single tokens, so a value is the same token in the question, the
+schema, the call and the result — the tiny model copies it like a digit instead of learning a
+different merge for every context. `render_template` renders a conversation through a template without a trained
 vocabulary, so the BPE can be trained on exactly the text the template will produce.
 """
 from __future__ import annotations
@@ -42,12 +45,15 @@ def build_tiny_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
     return _build(texts, out_dir, vocab_size, TAG_TOKENS, CHATML_TEMPLATE, "synthetic")
 
 
-def build_tiny_fc_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2048) -> Path:
+def build_tiny_fc_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2048,
+                            entities: Sequence[str] = ()) -> Path:
     """The function-calling variant: Qwen2.5's chat template (tools in the system message,
-    `<tool_call>` calls, `<tool_response>` results) and the call tags as single tokens."""
+    `<tool_call>` calls, `<tool_response>` results), the call tags and `entities` as single
+    tokens, merges across words."""
     from tepo_jax.testing.chat_templates import QWEN25_CHAT_TEMPLATE
 
-    return _build(texts, out_dir, vocab_size, FC_TAG_TOKENS, QWEN25_CHAT_TEMPLATE, "function_calling",
+    added = FC_TAG_TOKENS + sorted(set(entities) - set(FC_TAG_TOKENS))
+    return _build(texts, out_dir, vocab_size, added, QWEN25_CHAT_TEMPLATE, "function_calling",
                   word_split=False)
 
 
