@@ -10,7 +10,7 @@ Two modes:
           --coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=i
   Output is prefixed with [i]; the first failure stops the others and sets the exit code.
 
-    python launch/gpu.py --config configs/X.py -- --config.rl.steps=100
+    python launch/gpu.py --config configs/X.py -- --config.train.steps=100
 """
 from __future__ import annotations
 

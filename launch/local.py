@@ -2,7 +2,7 @@
 """N JAX processes on this machine, for CPU testing of multi-host code.
 
     python launch/local.py --num-processes 2 --devices-per-process 4 -- \
-        --config=configs/tiny.py --config.rl.steps=3
+        --config=configs/demo_cpu.py --config.train.steps=3
 
 starts `python -m tepo_jax.train <args> --coordinator_address=127.0.0.1:PORT --num_processes=N
 --process_id=i` N times, each with XLA_FLAGS simulating D CPU devices and gloo CPU collectives,

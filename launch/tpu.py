@@ -3,7 +3,7 @@
 of create, setup, run). Every subcommand takes --dry-run and then prints the exact commands.
 
     python launch/tpu.py up --name my-v5p --zone Z --accelerator-type v5p-32 --spot \
-        --config configs/X.py -- --config.rl.steps=1000
+        --config configs/X.py -- --config.train.steps=1000
     python launch/tpu.py logs   --name my-v5p --zone Z --run-name X
     python launch/tpu.py stop   --name my-v5p --zone Z --run-name X
     python launch/tpu.py delete --name my-v5p --zone Z          # asks you to type the name
