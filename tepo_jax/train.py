@@ -4,6 +4,13 @@ Runs SFT, RL, or SFT then RL, as the config says. Every `train.checkpoint_every`
 end of a phase and on SIGTERM, an orbax checkpoint stores params, optimizer, step, RNG and the
 data iterator; a restarted run resumes from the latest readable checkpoint with nothing lost
 (on CPU the resumed run is bit-identical to an uninterrupted one).
+
+Multi-process (one process per host, `--coordinator_address/--num_processes/--process_id` or
+`--distributed`): the same config runs unchanged. Every process builds the global mesh and
+train state, rolls out its share of each step's prompts on a sampler over its own devices,
+and joins the others for the train step, the gathered trajectories and the checkpoints
+(orbax, written collectively); process 0 alone writes metrics and trajectories. See
+`tepo_jax/multihost.py` and docs/launch.md.
 """
 from __future__ import annotations
 
@@ -15,9 +22,11 @@ from typing import Optional
 import jax
 import numpy as np
 from absl import app, flags
+from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from tepo_jax import experiment
+from tepo_jax import experiment, multihost
 from tepo_jax.checkpoints.hf import load_hf, save_hf
 from tepo_jax.checkpoints.train_state import PreemptionFlag, RunCheckpointer, abstract_like
 from tepo_jax.config import ConfigError, validate
@@ -31,7 +40,8 @@ from tepo_jax.rollout.agent import AgentLoop
 from tepo_jax.runlog import RunLog
 from tepo_jax.sft.data import build_sft_trajectories
 from tepo_jax.sft.trainer import make_sft_step, sft_batch
-from tepo_jax.sharding import batch_sharding, initialize_distributed
+from tepo_jax.models.decoder import build_abstract
+from tepo_jax.sharding import MeshConfig, batch_sharding, initialize_distributed
 
 log = logging.getLogger("tepo_jax.train")
 SFT, RL = experiment.SFT, experiment.RL
@@ -51,7 +61,7 @@ class Run:
 
     def __init__(self, config):
         self.config = config
-        self.exp = experiment.setup(config)
+        self.exp = self._setup(config)
         self.mesh = self.exp.mesh
         self.log = RunLog(self.exp.workdir)
         self.ckpt = RunCheckpointer(str(self.exp.workdir / "checkpoints"), keep=config.train.keep_checkpoints)
@@ -60,6 +70,24 @@ class Run:
         self.batch_sharding = batch_sharding(self.mesh)
         self.loss_cfg = experiment.loss_config(config)
         self.global_step = 0  # checkpoint number: SFT steps + RL steps
+        self.localize = None   # multi-process: global params -> the local sampler's mesh
+
+    @staticmethod
+    def _setup(config) -> experiment.Experiment:
+        """experiment.setup; with several processes, process 0 first (it writes the shared
+        data, tokenizer and index files), the others once those exist."""
+        if not multihost.is_multiprocess():
+            return experiment.setup(config)
+        if jax.process_index() != 0:
+            multihost_utils.sync_global_devices("tepo_jax.setup")
+        exp = experiment.setup(config)
+        if jax.process_index() == 0:
+            multihost_utils.sync_global_devices("tepo_jax.setup")
+        return exp
+
+    def stop_requested(self) -> bool:
+        """SIGTERM seen by any process (all processes stop at the same step)."""
+        return multihost.any_process(self.preempt.requested)
 
     # ---- state and checkpoints ----------------------------------------------------------------
     def new_state(self, phase: str, params=None):
@@ -93,7 +121,7 @@ class Run:
         result = {}
         if phase.name == SFT:
             state = self.sft(resumed[0] if resumed else None, phase)
-            if self.preempt.requested:
+            if self.stop_requested():
                 return result
             params, phase = state.params, Phase(RL)
         if mode != "sft":
@@ -113,26 +141,32 @@ class Run:
         if phase.data_state:
             data.set_state(phase.data_state)
         bar = self.log.progress(c.sft.steps, phase.step, "sft")
-        while phase.step < c.sft.steps and not self.preempt.requested:
+        stop = self.stop_requested()
+        while phase.step < c.sft.steps and not stop:
             batch = sft_batch([trajs[i] for i in next(data)], c.sft.seq_len, experiment.batch_shards(self.mesh))
-            state, metrics = step_fn(state, jax.device_put(batch, self.batch_sharding))
+            state, metrics = step_fn(state, multihost.put_global(batch, self.batch_sharding))
             phase.step, self.global_step = phase.step + 1, self.global_step + 1
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             self.log.write(phase.step, SFT, metrics)
             bar.update(1)
             bar.set_postfix(nll=f"{metrics['sft/nll']:.3f}")
             phase.data_state = data.get_state()
-            if phase.step % c.train.checkpoint_every == 0 or phase.step == c.sft.steps or self.preempt.requested:
+            stop = self.stop_requested()
+            if phase.step % c.train.checkpoint_every == 0 or phase.step == c.sft.steps or stop:
                 self.save(state, phase)
         bar.close()
-        if phase.step == c.sft.steps and jax.process_index() == 0:
+        if phase.step == c.sft.steps:
             self.export(model_def, state.params, self.exp.workdir / "sft_final")
+            if multihost.is_multiprocess():  # the RL phase reads sft_final on every host
+                multihost_utils.sync_global_devices("tepo_jax.sft_export")
         return state
 
     def export(self, model_def, params, path) -> None:
-        """The policy as an HF checkpoint (+ tokenizer): loadable by transformers and by us."""
+        """The policy as an HF checkpoint (+ tokenizer): loadable by transformers and by us.
+        Every process calls it (save_hf gathers the arrays); process 0 writes."""
         save_hf(model_def.merge(params), str(path))
-        self.exp.tokenizer.save_pretrained(str(path))
+        if jax.process_index() == 0:
+            self.exp.tokenizer.save_pretrained(str(path))
 
     def reference_params(self, model_def):
         """The frozen KL reference: the policy RL started from, rebuilt the same way on resume."""
@@ -159,19 +193,26 @@ class Run:
             rest=rl_loop.rest_config(c, c.train.steps), kl_coef=c.loss.kl_coef,
             row_multiple=experiment.batch_shards(self.mesh) * c.train.micro_batches,
             seq_buckets=power_of_two_buckets(128, c.rollout.cache_len))
-        data = make_dataset(self.exp.train_examples, seed=c.seed + 1, batch_size=c.data.prompts_per_step).__iter__()
+        # One global prompt order on every process (indices); each rolls out positions p::P.
+        multihost.check_divisible(c.data.prompts_per_step)
+        data = make_dataset(range(len(self.exp.train_examples)), seed=c.seed + 1,
+                            batch_size=c.data.prompts_per_step).__iter__()
         if phase.data_state:
             data.set_state(phase.data_state)
         self.log.truncate_after(phase.step, RL)
-        put = lambda b: jax.device_put(b, self.batch_sharding)  # noqa: E731
+        put = lambda b: multihost.put_global(b, self.batch_sharding)  # noqa: E731
         bar = self.log.progress(c.train.steps, phase.step, f"rl:{c.algo.advantage}")
         result = {}
         if phase.step == 0:
             result = self.evaluate(agent, model_def, state, 0)
-        while phase.step < c.train.steps and not self.preempt.requested:
+        stop = self.stop_requested()
+        while phase.step < c.train.steps and not stop:
+            indices = next(data)
+            positions = multihost.local_positions(len(indices))
             state, metrics, trajs = rl_loop.rl_step(
-                state, next(data), phase.step, agent=agent, model_def=model_def, train_step=step_fn,
-                logprob_fn=logprob_fn, put_batch=put, cfg=step_cfg, seed=c.seed, ref_params=ref_params)
+                state, [self.exp.train_examples[indices[i]] for i in positions], phase.step, agent=agent,
+                model_def=model_def, train_step=step_fn, logprob_fn=logprob_fn, put_batch=put, cfg=step_cfg,
+                seed=c.seed, ref_params=ref_params, positions=positions, localize=self.localize)
             phase.step, self.global_step = phase.step + 1, self.global_step + 1
             phase.data_state = data.get_state()
             self.log.write(phase.step, RL, metrics)
@@ -182,20 +223,34 @@ class Run:
                             dH=f"{metrics['tepo/dh_mean']:.2f}")
             if phase.step % c.train.eval_every == 0 or phase.step == c.train.steps:
                 result = self.evaluate(agent, model_def, state, phase.step)
-            if phase.step % c.train.checkpoint_every == 0 or phase.step == c.train.steps or self.preempt.requested:
+            stop = self.stop_requested()
+            if phase.step % c.train.checkpoint_every == 0 or phase.step == c.train.steps or stop:
                 self.save(state, phase)
         bar.close()
         return result
 
     # ---- rollout parts ----------------------------------------------------------------------------
     def agent(self, slots: int) -> AgentLoop:
-        return experiment.make_agent(self.config, self.model, self.exp, slots)
+        """The rollout loop. Several processes: `slots` is the global row count; this process's
+        sampler gets its share, on a mesh of its own devices (`multihost.local_mesh`)."""
+        if not multihost.is_multiprocess():
+            return experiment.make_agent(self.config, self.model, self.exp, slots)
+        c = self.config
+        self.localize = multihost.LocalParams(MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
+        graphdef, _ = nnx.split(build_abstract(self.model.cfg, self.localize.local))
+        local_model = nnx.merge(graphdef, self.localize(nnx.state(self.model)))
+        local_exp = dataclasses.replace(self.exp, mesh=self.localize.local)
+        return experiment.make_agent(c, local_model, local_exp, -(-slots // multihost.process_count()))
 
     def evaluate(self, agent: AgentLoop, model_def, state, step: int) -> dict:
         if not self.exp.eval_examples:
             return {}
-        agent.sampler.update_params(rl_loop.sampler_state(model_def, state.params))
-        trajs = agent.run(self.exp.eval_examples, seed=self.config.seed, group_size=1, greedy=True)
+        params = rl_loop.sampler_state(model_def, state.params)
+        agent.sampler.update_params(self.localize(params) if self.localize else params)
+        positions = multihost.local_positions(len(self.exp.eval_examples))
+        trajs = agent.run([self.exp.eval_examples[i] for i in positions], seed=self.config.seed, group_size=1,
+                          greedy=True, indices=positions)
+        trajs = multihost.gather_groups(trajs, positions)
         metrics = rl_loop.eval_metrics(trajs)
         self.log.write(step, "eval", metrics)
         self.log.save_trajectories(f"eval_{step:06d}", trajs)

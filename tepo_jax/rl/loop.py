@@ -3,6 +3,12 @@
 Host work (trajectories, advantages) is numpy; the policy's params never leave the device:
 the sampler decodes with the train state's current arrays (`sampler_state`), the same arrays
 the next train step donates.
+
+Multi-process (`tepo_jax.multihost`): each process rolls out its `positions` of the step's
+global batch on its own sampler (`localize` brings the params to its local mesh), the
+trajectories are gathered to every process in global order, and from there the step is the
+single-process one: the same advantages, the same packed batch (`put_batch` builds the global
+arrays from it), the same metrics.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from tepo_jax import multihost
 from tepo_jax.rl.advantages import AdvantageConfig, batch_advantages
 from tepo_jax.rl.batch import TrainBatch, pack_sequences, sequence_from_trajectory
 from tepo_jax.rl.rest import RestConfig, RoleSource, rest_weights_for_trajectories
@@ -53,22 +60,31 @@ def with_ref_logprobs(batch: TrainBatch, ref_logprobs) -> TrainBatch:
 
 def rl_step(state: TrainState, examples: Sequence, step: int, *, agent: AgentLoop, model_def: ModelDef,
             train_step: Callable, logprob_fn: Callable, put_batch: Callable, cfg: RLStepConfig,
-            seed: int, ref_params=None) -> tuple[TrainState, dict, list[Trajectory]]:
-    """Run one RL step; returns (new state, metrics, the step's trajectories)."""
+            seed: int, ref_params=None, positions: Optional[Sequence[int]] = None,
+            localize: Optional[Callable] = None) -> tuple[TrainState, dict, list[Trajectory]]:
+    """Run one RL step; returns (new state, metrics, the step's trajectories).
+
+    `examples` are this process's prompts, at `positions` of the global batch (default: all
+    of it, positions 0, 1, …); `localize` maps the sampler state to the local sampler's
+    devices (multi-process). The returned trajectories are the whole global batch's.
+    """
     t0 = time.perf_counter()
-    agent.sampler.update_params(sampler_state(model_def, state.params))
-    trajs = agent.run(examples, seed=seed * 1_000_003 + step)
+    params = sampler_state(model_def, state.params)
+    agent.sampler.update_params(localize(params) if localize else params)
+    trajs = agent.run(examples, seed=seed * 1_000_003 + step, indices=positions)
     t_rollout = time.perf_counter() - t0
+    if positions is not None:
+        trajs = multihost.gather_groups(trajs, positions)
     packed, _ = build_batch(trajs, cfg, step)
     batch = put_batch(packed.batch)
     # The invariant: the trainer recomputes the sampler's logprobs with the same params.
     recomputed, _ = logprob_fn(state.params, batch)
     mask = np.asarray(packed.batch.loss_mask) > 0
     mask[:, 0] = False
-    diff = np.abs(np.asarray(recomputed) - packed.batch.old_logprobs)[mask]
+    diff = np.abs(multihost.to_host(recomputed) - packed.batch.old_logprobs)[mask]
     if cfg.kl_coef > 0:
         ref, _ = logprob_fn(ref_params, batch)
-        batch = put_batch(with_ref_logprobs(packed.batch, ref))
+        batch = put_batch(with_ref_logprobs(packed.batch, multihost.to_host(ref)))
     state, train_metrics = train_step(state, batch)
     metrics = {f"train/{k}": float(v) for k, v in jax.device_get(train_metrics).items()}
     metrics.update(tepo_step_metrics(trajs))
