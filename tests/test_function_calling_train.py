@@ -181,8 +181,8 @@ def _tiny_fc_config(workdir, advantage):
     c.model.tiny_hidden = 32
     c.data.n_train, c.data.n_eval, c.data.prompts_per_step = 16, 2, 2
     c.rollout.group_size, c.rollout.max_tokens, c.rollout.max_turn_tokens = 2, 48, 24
-    c.rollout.cache_len = 256
-    c.sft.steps, c.sft.batch_size, c.sft.seq_len = 2, 4, 256
+    c.rollout.cache_len = 512
+    c.sft.steps, c.sft.batch_size, c.sft.seq_len = 2, 4, 512
     c.train.steps, c.train.eval_every, c.train.checkpoint_every = 2, 2, 100
     c.algo.advantage = advantage
     return c
