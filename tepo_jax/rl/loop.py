@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from tepo_jax import multihost
-from tepo_jax.rl.advantages import AdvantageConfig, batch_advantages
+from tepo_jax.rl.advantages import AdvantageConfig, AdvantageKind, batch_advantages
 from tepo_jax.rl.batch import TrainBatch, pack_sequences, sequence_from_trajectory
 from tepo_jax.rl.rest import RestConfig, RoleSource, rest_weights_for_trajectories
 from tepo_jax.rl.tepo_metrics import tepo_step_metrics
@@ -44,9 +44,17 @@ def sampler_state(model_def: ModelDef, params) -> nnx.State:
     return nnx.state(model_def.merge(params))
 
 
+def outcome_score(traj: Trajectory, kind: AdvantageKind) -> float:
+    """GRPO's outcome is the task reward; TEPO's formulas are written on F1 in [0, 1]
+    (R = F1·m/n, F1·(1 + α·I_k)). They coincide for QA (score = F1) and math (1/0); for
+    function calling the reward is format + correctness in [-3, 4], and a negative score
+    times m/n would punish the entropy-reducing calls of a bad trajectory."""
+    return float(traj.reward if kind is AdvantageKind.GRPO else traj.f1)
+
+
 def build_batch(trajs: Sequence[Trajectory], cfg: RLStepConfig, step: int):
     """(packed batch, advantage info) for a batch of scored trajectories."""
-    scores = [float(t.reward) for t in trajs]
+    scores = [outcome_score(t, cfg.advantage.kind) for t in trajs]
     adv = batch_advantages(trajs, scores, cfg.advantage)
     weights = rest_weights_for_trajectories(trajs, step, cfg.rest) if cfg.rest else [None] * len(trajs)
     seqs = [sequence_from_trajectory(t, a, token_weights=w) for t, a, w in zip(trajs, adv.advantages, weights)]
