@@ -9,14 +9,11 @@ a real model, sampler, tokenizer, chat template and tools, with behaviour we can
 """
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from tepo_jax.data.function_calling import make_function_calling, synthetic_functions
 from tepo_jax.experiment import fc_tokenizer_texts
-from tepo_jax.models.config import ModelConfig
 from tepo_jax.models.decoder import Decoder
 from tepo_jax.rewards import compute_reward
 from tepo_jax.rollout.agent import AgentLoop, RolloutConfig, encode_prompt, model_text
@@ -25,6 +22,7 @@ from tepo_jax.sampling.config import SamplerConfig
 from tepo_jax.sampling.sampler import Sampler
 from tepo_jax.sft.data import build_sft_trajectories
 from tepo_jax.tiny_tokenizer import build_tiny_fc_tokenizer
+from tepo_jax.testing.models import bigram_decoder
 from tepo_jax.tokenizer import load_tokenizer
 from tepo_jax.tools import ToolBridge, ToolStatus
 from tepo_jax.tools.functions import function_tools
@@ -54,25 +52,6 @@ class SpyBridge(ToolBridge):
         return super().run_batch(calls)
 
 
-def bigram_decoder(tokenizer, successor: dict[int, int]) -> Decoder:
-    ids = sorted(set(successor))
-    cfg = ModelConfig(family="qwen2", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, qkv_bias=True,
-                      tie_word_embeddings=False)
-    model = Decoder(cfg, rngs=nnx.Rngs(0))
-    embed = np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32)
-    head = np.zeros((cfg.hidden_size, cfg.vocab_size), np.float32)
-    for dim, token in enumerate(ids):
-        embed[token, dim] = 1.0
-        head[dim, successor[token]] = 3.0
-    model.embed[...] = jnp.asarray(embed)
-    model.lm_head[...] = jnp.asarray(head)
-    for layer in model.layers:
-        layer.attn.o_proj[...] = jnp.zeros_like(layer.attn.o_proj[...])
-        layer.mlp.down_proj[...] = jnp.zeros_like(layer.mlp.down_proj[...])
-    return model
-
-
 @pytest.fixture(scope="module")
 def loop(tok_dir):
     tok = load_tokenizer(tok_dir)
@@ -82,7 +61,7 @@ def loop(tok_dir):
     example = make_function_calling(1, 3)[0]
     prompt_end = encode_prompt(tok, example)[-1]
     result_end = tok.encode(FMT.wrap_results(["x"]), add_special_tokens=False)[-1]
-    model = bigram_decoder(tok, {prompt_end: a, result_end: a, a: b, b: eot})
+    model = bigram_decoder(len(tok), {prompt_end: a, result_end: a, a: b, b: eot})
     bridge = SpyBridge(function_tools(synthetic_functions()))
     sampler = Sampler(model, SamplerConfig(max_slots=4, cache_buckets=(512,), steps_per_call=8,
                                            eos_ids=(eot,)), tokenizer=tok)

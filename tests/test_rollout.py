@@ -8,42 +8,21 @@ tokenizer and real tools, with behaviour we can predict.
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from tepo_jax.data.records import QAExample
 from tepo_jax.data.prompts import to_messages
 from tepo_jax.logprobs import logprob_and_entropy
-from tepo_jax.models.config import ModelConfig
-from tepo_jax.models.decoder import Decoder
 from tepo_jax.rollout.agent import AgentLoop, RolloutConfig
 from tepo_jax.rollout.trajectory import TokenKind
 from tepo_jax.sampling.config import SamplerConfig
 from tepo_jax.sampling.sampler import Sampler
+from tepo_jax.testing.models import bigram_decoder
 from tepo_jax.testing.tokenizers import cached_tokenizer_dir
 from tepo_jax.tokenizer import encode_chat, load_tokenizer
 from tepo_jax.tools import ToolBridge, ToolFormat
 from tepo_jax.tools.search import BM25Index, LocalSearch, build_index
 
 CALL = "<search>letter</search>"
-
-
-def bigram_decoder(tokenizer, successor: dict[int, int]) -> Decoder:
-    ids = sorted(set(successor))
-    cfg = ModelConfig(family="qwen2", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, qkv_bias=True,
-                      tie_word_embeddings=False)
-    model = Decoder(cfg, rngs=nnx.Rngs(0))
-    embed = np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32)
-    head = np.zeros((cfg.hidden_size, cfg.vocab_size), np.float32)
-    for dim, token in enumerate(ids):
-        embed[token, dim] = 1.0
-        head[dim, successor[token]] = 3.0  # after RMSNorm the one-hot has norm 4: logit 12
-    model.embed[...] = jnp.asarray(embed)
-    model.lm_head[...] = jnp.asarray(head)
-    for layer in model.layers:  # blocks add nothing to the residual stream
-        layer.attn.o_proj[...] = jnp.zeros_like(layer.attn.o_proj[...])
-        layer.mlp.down_proj[...] = jnp.zeros_like(layer.mlp.down_proj[...])
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +38,7 @@ def loop(qwen, tmp_path_factory):
     prompt_end = encode_chat(qwen, [{"role": "user", "content": "hi"}])[-1]
     successor = {prompt_end: call[0], result_end: call[0]}
     successor.update({a: b for a, b in zip(call[:-1], call[1:])})
-    model = bigram_decoder(qwen, successor)
+    model = bigram_decoder(len(qwen), successor)
     d = tmp_path_factory.mktemp("index")
     build_index([{"id": "1", "title": "Q", "text": "q is a letter of the alphabet"},
                  {"id": "2", "title": "R", "text": "r comes after q"}], str(d))

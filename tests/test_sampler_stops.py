@@ -6,15 +6,13 @@ with a large logit for the successor). So the sampled ids are known in advance, 
 ids whose bytes put a stop string across token boundaries, or inside a token followed by
 more text.
 """
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from tepo_jax.models.config import ModelConfig
 from tepo_jax.models.decoder import Decoder
 from tepo_jax.sampling import Sampler, SamplerConfig, SamplingParams, StopMatcher, token_bytes_fn
 from tepo_jax.testing import tokenizers as tt
+from tepo_jax.testing.models import bigram_decoder, chains_to_successors
 from tepo_jax.tokenizer import load_tokenizer
 
 CONFIG = SamplerConfig(max_slots=2, cache_buckets=(32,), prefill_buckets=(8,), steps_per_call=16)
@@ -36,25 +34,7 @@ def ids_of(tok, pieces):
 
 
 def bigram_model(vocab_size: int, chains: list[list[int]]) -> Decoder:
-    edges = [(a, b) for chain in chains for a, b in zip(chain, chain[1:])]
-    sources = sorted({a for a, _ in edges})
-    d = 16
-    assert len(sources) <= d
-    cfg = ModelConfig(family="llama", vocab_size=vocab_size, hidden_size=d, intermediate_size=8,
-                      num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8)
-    model = Decoder(cfg, rngs=nnx.Rngs(0))
-    layer = model.layers[0]
-    layer.attn.o_proj[...] = jnp.zeros_like(layer.attn.o_proj[...])
-    layer.mlp.down_proj[...] = jnp.zeros_like(layer.mlp.down_proj[...])
-    embed = np.zeros((vocab_size, d), np.float32)
-    head = np.zeros((d, vocab_size), np.float32)
-    for a, b in edges:
-        row = sources.index(a)
-        embed[a, row] = 1.0
-        head[row, b] = 10.0  # RMSNorm of a one-hot is 4 * one-hot: successor logit 40, others 0
-    model.embed[...] = jnp.asarray(embed)
-    model.lm_head[...] = jnp.asarray(head)
-    return model
+    return bigram_decoder(vocab_size, chains_to_successors(chains), logit=10.0, family="llama")
 
 
 def test_token_bytes_are_exact(qwen):
