@@ -54,6 +54,16 @@ class RunLog:
                     self._tb.add_scalar(f"{phase}/{k}", v, step)
             self._tb.flush()
 
+    def last_row(self, phase: str) -> dict:
+        """The metrics of the last logged row of `phase` ({} if none), without step/phase."""
+        if not self.metrics_path.exists():
+            return {}
+        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r["phase"] == phase]
+        if not rows:
+            return {}
+        return {k: (math.nan if v is None else v) for k, v in rows[-1].items() if k not in ("step", "phase")}
+
     def truncate_after(self, step: int, phase: str) -> None:
         """Drop rows of `phase` past `step` (a resumed run rewrites them)."""
         if not self.enabled or not self.metrics_path.exists():

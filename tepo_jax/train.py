@@ -227,7 +227,7 @@ class Run:
             if phase.step % c.train.checkpoint_every == 0 or phase.step == c.train.steps or stop:
                 self.save(state, phase)
         bar.close()
-        return result
+        return result or self.log.last_row("eval")  # a finished run, restarted, reports its last eval
 
     # ---- rollout parts ----------------------------------------------------------------------------
     def agent(self, slots: int) -> AgentLoop:
