@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+SLOW_TESTS ?= tests
 
 .PHONY: install demo test test-slow bench sysdeps clean
 
@@ -30,8 +31,9 @@ demo: install sysdeps
 test: install sysdeps
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# The slower end-to-end tests: kill -9 and resume, 2 processes vs 1, SFT+RL on function calls.
 test-slow: install sysdeps
-	$(PY) -m pytest -q -m slow --run-slow tests
+	$(PY) -m pytest -q -m slow --run-slow $(SLOW_TESTS)
 
 bench: install
 	$(PY) -m benchmarks.report
