@@ -11,11 +11,12 @@ from tepo_jax.rl.tepo_metrics import STABLE_KEYS, tepo_step_metrics
 from tepo_jax.rollout.trajectory import TokenKind, TokenRole, ToolCallRecord, Trajectory
 
 K = TokenKind
-MODEL = (K.REASONING, K.TOOL_CALL, K.ANSWER)
+MODEL = (K.REASONING, K.TOOL_CALL, K.ANSWER, K.UNRUN_CALL)
 
 
 def build(segments, group_id=0, prompt_len=2, **meta):
-    """('r', [H..]) reasoning, ('call', name, [H..]), ('obs', length), ('ans', [H..])."""
+    """('r', [H..]) reasoning, ('call', name, [H..]), ('obs', length), ('ans', [H..]),
+    ('unrun', [H..]) a call the rollout did not run (past max_calls)."""
     kinds, turns, ents, calls = [], [], [], []
     turn = 0
     for _ in range(prompt_len):
@@ -31,7 +32,8 @@ def build(segments, group_id=0, prompt_len=2, **meta):
             entropies, kind = [0.0] * seg[1], K.TOOL_RESULT
         else:
             entropies = seg[-1]
-            kind = {"r": K.REASONING, "call": K.TOOL_CALL, "ans": K.ANSWER}[tag]
+            kind = {"r": K.REASONING, "call": K.TOOL_CALL, "ans": K.ANSWER,
+                    "unrun": K.UNRUN_CALL}[tag]
         for h in entropies:
             kinds.append(kind), turns.append(turn), ents.append(h)
     roles = [TokenRole.REASONING if k in MODEL else TokenRole.NONE for k in kinds]
@@ -110,6 +112,8 @@ def ref_dense(group, scores, alpha, eps=1e-6):
             elif kind in (K.REASONING, K.ANSWER):
                 # r_turn is the pre-segment of call turn+1; r_n gets the outcome advantage.
                 row.append(call_adv[i][turn] if turn < n else outcome[i])
+            elif kind == K.UNRUN_CALL:
+                row.append(outcome[i])          # final turn, after r_n's last token
             else:
                 row.append(0.0)
         out.append(row)
@@ -139,6 +143,12 @@ THREE_CALLS = [("r", [3.0]), ("call", "search", [0.1]), ("obs", 1), ("r", [2.0])
                ("call", "search", [0.4]), ("obs", 1), ("r", [1.0]), ("ans", [1.0])]
 EMPTY_SEGMENTS = [("call", "search", [0.1]), ("obs", 1), ("call", "search", [0.2]), ("obs", 1),
                   ("r", [0.1]), ("ans", [0.1])]   # r_0 and r_1 empty -> I_1 = I_2 = 0
+# Hit max_calls: the 3rd call is written but not run. H(r_0) = H(r_1) = 2 -> I = [0, 0]; were the
+# low-entropy unrun call counted in r_2, H(r_2) = 0.7 would give a spurious I_2 = 1.
+MAX_CALLS = [("r", [2.0]), ("call", "search", [0.3]), ("obs", 1), ("r", [2.0]),
+             ("call", "search", [0.3]), ("obs", 1), ("r", [2.0, 2.0]), ("unrun", [0.05, 0.05])]
+NO_FINAL_SEGMENT = [("r", [2.0]), ("call", "python", [0.4]), ("obs", 2)]   # r_1 empty: I_1 = 0
+ONLY_UNRUN_AFTER = [("r", [2.0]), ("call", "python", [0.4]), ("obs", 2), ("unrun", [0.1])]
 
 
 def mixed_group():
@@ -205,7 +215,7 @@ def test_single_trajectory_single_call_group(kind):
 def test_dense_single_call_in_group_gets_zero_call_advantage():
     group, scores = [build(ONE_CALL_REDUCING), build(NO_CALL)], [1.0, 0.0]
     result = run(AdvantageKind.TEPO_DENSE, group, scores)
-    assert_matches(result, ref_dense(group, scores, alpha=1.0))
+    assert_matches(result, ref_dense(group, scores, alpha=AdvantageConfig().alpha))
     call_tokens = group[0].kinds == K.TOOL_CALL
     assert (result.advantages[0][call_tokens] == 0).all()          # std over 1 call = 0
 
@@ -269,12 +279,62 @@ def test_batch_advantages_groups_by_group_id():
     a = [build(THREE_CALLS, group_id=7), build(NO_CALL, group_id=7)]
     b = [build(ONE_CALL_REDUCING, group_id=3), build(ONE_CALL_RAISING, group_id=3)]
     batch = [a[0], b[0], a[1], b[1]]
-    cfg = AdvantageConfig(kind=AdvantageKind.TEPO_DENSE)
+    cfg = AdvantageConfig(kind=AdvantageKind.TEPO_DENSE, alpha=0.7)
     result = batch_advantages(batch, [1.0, 0.3, 0.5, 0.9], cfg)
-    want_a = ref_dense(a, [1.0, 0.5], alpha=1.0)
-    want_b = ref_dense(b, [0.3, 0.9], alpha=1.0)
+    want_a = ref_dense(a, [1.0, 0.5], alpha=0.7)
+    want_b = ref_dense(b, [0.3, 0.9], alpha=0.7)
     for got, want in zip(result.advantages, [want_a[0], want_b[0], want_a[1], want_b[1]]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_alpha_default_is_the_config_default():
+    from tepo_jax.config import defaults
+    assert AdvantageConfig().alpha == defaults().algo.alpha == 0.5
+
+
+@pytest.mark.parametrize("kind", list(AdvantageKind))
+def test_unrun_call_past_max_calls_gets_no_bonus_and_the_outcome_advantage(kind):
+    group = [build(MAX_CALLS), build(ONE_CALL_REDUCING), build(NO_CALL), build(ONE_CALL_RAISING)]
+    scores = [1.0, 0.6, 0.2, 0.9]
+    result = run(kind, group, scores, alpha=0.5)
+    reference = {AdvantageKind.GRPO: lambda: ref_grpo(group, scores),
+                 AdvantageKind.TEPO_SPARSE: lambda: ref_sparse(group, scores),
+                 AdvantageKind.TEPO_DENSE: lambda: ref_dense(group, scores, alpha=0.5)}[kind]()
+    assert_matches(result, reference)
+    info, adv, traj = result.info[0], result.advantages[0], group[0]
+    assert info.indicators == (0, 0) and info.num_reducing == 0    # no spurious I_2 = 1
+    assert info.rewards == ((0.0,) if kind is AdvantageKind.TEPO_SPARSE else
+                            (1.0, 1.0) if kind is AdvantageKind.TEPO_DENSE else (1.0,))
+    unrun = traj.kinds == K.UNRUN_CALL
+    assert (adv[unrun] != 0).all()                                  # they carry the loss
+    final = (traj.kinds == K.REASONING) & (traj.turns == 2)
+    np.testing.assert_array_equal(adv[unrun], adv[final][:1].repeat(unrun.sum()))
+    if kind is not AdvantageKind.TEPO_SPARSE:
+        assert adv[unrun][0] == pytest.approx(result.info[0].outcome_advantage)
+
+
+def test_dense_group_without_calls_is_grpo():
+    group = [build(NO_CALL), build([("r", [0.2]), ("ans", [0.9, 0.1])]), build([("ans", [1.0])])]
+    scores = [0.3, 1.0, 0.0]
+    dense = run(AdvantageKind.TEPO_DENSE, group, scores, alpha=0.5)
+    assert_matches(dense, ref_dense(group, scores, alpha=0.5))
+    assert_matches(dense, ref_grpo(group, scores))
+    assert all(i.rewards == () and i.num_calls == 0 for i in dense.info)
+    assert any((a != 0).any() for a in dense.advantages)
+
+
+@pytest.mark.parametrize("layout", [NO_FINAL_SEGMENT, ONLY_UNRUN_AFTER])
+def test_dense_empty_final_segment(layout):
+    """r_n empty (the trajectory stopped right after obs_n, or only an unrun call follows):
+    I_n = 0, the pre-segment and call still get call n's advantage."""
+    group = [build(layout), build(ONE_CALL_REDUCING), build(THREE_CALLS)]
+    scores = [0.8, 0.5, 1.0]
+    dense = run(AdvantageKind.TEPO_DENSE, group, scores, alpha=0.5)
+    assert_matches(dense, ref_dense(group, scores, alpha=0.5))
+    assert dense.info[0].indicators == (0,) and dense.info[0].rewards == (0.8,)
+    traj, adv = group[0], dense.advantages[0]
+    pre = traj.model_mask() & (traj.turns <= 1) & (traj.kinds != K.UNRUN_CALL)
+    assert len(set(adv[pre].tolist())) == 1 and adv[pre][0] != 0
 
 
 # -------------------------------------------------------------------------------- metrics

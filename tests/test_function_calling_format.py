@@ -304,3 +304,113 @@ def test_builder_records_a_multi_call_turn_as_one_call_block(qwen):
     model = traj.model_mask()
     assert (traj.roles[model] != TokenRole.NONE).all() and (traj.roles[~model] == TokenRole.NONE).all()
     assert (traj.roles == TokenRole.TOOL_NAME).sum() >= 4
+
+
+def _role_runs(text, spans, roles):
+    """[(role, text)] of the maximal runs of equal role, in order (token granularity)."""
+    runs = []
+    for (s, e), r in zip(spans, roles):
+        if runs and runs[-1][0] == r:
+            runs[-1] = (r, runs[-1][1] + text[s:e])
+        else:
+            runs.append((r, text[s:e]))
+    return runs
+
+
+def _expected_token_roles(text, spans, names, args):
+    """Reference written from the rule, not from the painter: FORMAT everywhere, each name's
+    characters (between its quotes) TOOL_NAME, each arguments value TOOL_ARGS; a token takes
+    the role of its first character."""
+    char = np.full(len(text), TokenRole.FORMAT, dtype=np.int8)
+    pos = 0
+    for name, value in zip(names, args):
+        n0 = text.index('"' + name + '"', pos) + 1
+        char[n0:n0 + len(name)] = TokenRole.TOOL_NAME
+        a0 = text.index(value, n0)
+        char[a0:a0 + len(value)] = TokenRole.TOOL_ARGS
+        pos = a0 + len(value)
+    return np.array([char[s] for s, _ in spans], dtype=np.int8)
+
+
+def test_rest_roles_toolrl_block_with_several_json_objects(qwen):
+    """ToolRL writes several calls as JSON lines inside ONE <tool_call> block, with either
+    argument key: every name is TOOL_NAME and every arguments/parameters value TOOL_ARGS."""
+    f_args, g_args = '{"city": "Oslo", "days": 3}', '{"from": "EUR", "to": "NOK"}'
+    turn = ('<tool_call>\n{"name": "get_weather", "parameters": ' + f_args + '}\n'
+            '{"name": "convert_currency", "arguments": ' + g_args + '}\n</tool_call><|im_end|>')
+    ids = qwen.encode(turn, add_special_tokens=False)
+    text, spans = token_char_spans(qwen, ids)
+    assert text == turn
+    kinds = np.full(len(ids), TokenKind.TOOL_CALL, dtype=np.int8)
+    roles = roles_from_char_spans(spans, text, kinds, JsonCallFormat(QWEN25).tag_format())
+    want = _expected_token_roles(text, spans, ["get_weather", "convert_currency"], [f_args, g_args])
+    np.testing.assert_array_equal(roles, want)
+    # Every model token is in exactly one role run, the runs tile the text in call order.
+    runs = _role_runs(text, spans, roles)
+    assert "".join(t for _, t in runs) == text
+    R = TokenRole
+    assert [r for r, _ in runs] == [R.FORMAT, R.TOOL_NAME, R.FORMAT, R.TOOL_ARGS, R.FORMAT,
+                                    R.TOOL_NAME, R.FORMAT, R.TOOL_ARGS, R.FORMAT]
+    assert "Oslo" in runs[3][1] and "NOK" in runs[7][1]
+
+
+def test_rest_roles_of_a_cut_json_call_run_to_the_end(qwen):
+    turn = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os'
+    ids = qwen.encode(turn, add_special_tokens=False)
+    text, spans = token_char_spans(qwen, ids)
+    roles = roles_from_char_spans(spans, text, None, JsonCallFormat(QWEN25).tag_format())
+    runs = _role_runs(text, spans, roles)
+    assert [r for r, _ in runs] == [TokenRole.FORMAT, TokenRole.TOOL_NAME, TokenRole.FORMAT,
+                                    TokenRole.TOOL_ARGS]
+    assert runs[-1][1].endswith("Os")
+
+
+# ------------------------------------------------------- Llama-3.1 bare JSON calls in TEPO
+
+def _llama_builder(llama):
+    prompt = encode_chat(llama, MSGS, TOOLS)
+    return prompt, TrajectoryBuilder(prompt, tokenizer=llama, fmt=JsonCallFormat(LLAMA31).tag_format(),
+                                     prompt_id="p", group_id=0, sample_index=0, gold="[]",
+                                     task="function_calling")
+
+
+@pytest.mark.parametrize("prefix", ["", "<|python_tag|>"])
+def test_llama_call_turn_has_reasoning_then_call_k(llama, prefix):
+    """Llama-3.1 writes calls as bare JSON: call_k starts at the first `{` line (or at
+    <|python_tag|>) and runs to <|eot_id|>; the text before it is r_k, as DESIGN.md needs."""
+    fmt = JsonCallFormat(LLAMA31)
+    reasoning = "I will look it up.\n"
+    call = prefix + fmt.render_call("get_weather", {"city": "Paris"})
+    turn_ids = llama.encode(reasoning + call + "<|eot_id|>", add_special_tokens=False)
+    prompt, b = _llama_builder(llama)
+    text = b.add_model_turn(turn_ids, is_call=True)
+    assert fmt.parse_calls(text) == [ToolCall("get_weather", '{"city": "Paris"}')]
+    result = fmt.wrap_results(["12 C"])
+    b.add_tool_result("get_weather", '{"city": "Paris"}', "12 C", "ok",
+                      llama.encode(result, add_special_tokens=False))
+    b.add_model_turn(llama.encode("It is 12 C.<|eot_id|>", add_special_tokens=False), is_call=False)
+    traj = b.finish("answer")
+    (rec,) = traj.tool_calls
+    n_reason = len(llama.encode(reasoning, add_special_tokens=False))
+    assert rec.call_span == (len(prompt) + n_reason, len(prompt) + len(turn_ids))
+    assert llama.decode(traj.token_ids[slice(*rec.call_span)].tolist()) == call + "<|eot_id|>"
+    r0 = (traj.kinds == TokenKind.REASONING) & (traj.turns == 0)
+    assert llama.decode(traj.token_ids[r0].tolist()) == reasoning       # r_0 is not empty
+    call_roles = traj.roles[slice(*rec.call_span)]
+    call_ids = traj.token_ids[slice(*rec.call_span)]
+    assert llama.decode(call_ids[call_roles == TokenRole.TOOL_NAME].tolist()) == "get_weather"
+    assert "Paris" in llama.decode(call_ids[call_roles == TokenRole.TOOL_ARGS].tolist())
+    assert call_roles[-1] == TokenRole.FORMAT and call_ids[-1] == 128009     # <|eot_id|>
+    if prefix:
+        assert call_ids[0] == 128010 and call_roles[0] == TokenRole.FORMAT  # <|python_tag|>
+    assert not np.isnan(traj.entropies[r0]).any()
+
+
+def test_llama_answer_turn_without_call_line_is_not_a_call(llama):
+    fmt = JsonCallFormat(LLAMA31)
+    assert fmt.parse_calls("The set {a, b} has two elements.<|eot_id|>") == []
+    prompt, b = _llama_builder(llama)
+    b.add_model_turn(llama.encode("The set {a, b} has two.<|eot_id|>", add_special_tokens=False),
+                     is_call=False)
+    traj = b.finish("answer")
+    assert (traj.kinds[len(prompt):] == TokenKind.REASONING).all()

@@ -1,5 +1,6 @@
 """Trajectory: layout, segment entropies, validation errors, JSONL round trip, ResT roles."""
 import dataclasses
+import json
 import math
 import random
 
@@ -38,6 +39,9 @@ def build(segments, prompt_len=2, **meta):
         elif seg[0] == "ans":
             for h in seg[1]:
                 add(K.ANSWER, R.ANSWER_CONTENT, h)
+        elif seg[0] == "unrun":
+            for h in seg[1]:
+                add(K.UNRUN_CALL, R.TOOL_ARGS, h)
         elif seg[0] == "call":
             turn += 1
             start = len(ids)
@@ -49,7 +53,7 @@ def build(segments, prompt_len=2, **meta):
             for _ in range(seg[1]):
                 add(K.TOOL_RESULT, R.NONE, 0.0)
             calls[-1].result_span = (start, len(ids))
-    logprobs = [-0.5 if k in (K.REASONING, K.TOOL_CALL, K.ANSWER) else 0.0 for k in kinds]
+    logprobs = [-0.5 if k in (K.REASONING, K.TOOL_CALL, K.ANSWER, K.UNRUN_CALL) else 0.0 for k in kinds]
     defaults = dict(prompt_id="p0", group_id=0, sample_index=0, gold=["Paris"], task="qa",
                     finish_reason="answer")
     defaults.update(meta)
@@ -86,24 +90,73 @@ def test_no_call_trajectory():
     assert entropy_deltas(t) == [] and t.num_calls == 0
 
 
+def test_unrun_call_is_a_model_token_outside_every_segment():
+    """A call past max_calls: loss-carrying model tokens of turn n, not part of H(r_n)."""
+    t = build(TWO_CALLS[:-1] + [("unrun", [0.01, 0.01, 0.01])], finish_reason="max_calls").validate()
+    unrun = t.kinds == K.UNRUN_CALL
+    assert unrun.sum() == 3 and t.model_mask()[unrun].all() and (t.turns[unrun] == 2).all()
+    assert segment_entropies(t) == pytest.approx([3.0, 1.5, 3.0])   # r_2 = [3.0] only
+    assert entropy_reducing(t) == [1, 0]   # with the unrun call in r_2 it would be [1, 1]
+
+
+def test_unrun_call_outside_the_last_turn_is_rejected():
+    t = build(TWO_CALLS[:4] + [("unrun", [0.1, 0.1])] + TWO_CALLS[4:])   # in turn 1 of n = 2
+    with pytest.raises(TrajectoryError, match="UNRUN_CALL tokens must belong"):
+        t.validate()
+    t = build(TWO_CALLS[:2] + [("unrun", [0.1])], finish_reason="max_calls")
+    t.roles[-1] = R.NONE
+    with pytest.raises(TrajectoryError, match="role must be NONE"):
+        t.validate()
+
+
+def test_builder_marks_an_unrun_call_turn(tmp_path):
+    """The rollout does not run a call past max_calls: from the call's first token on, the
+    turn is UNRUN_CALL (an answer's tokens would stay ANSWER)."""
+    from tepo_jax.rollout.builder import TrajectoryBuilder
+
+    class CharTok:   # one character per token: decode is the join
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(map(chr, ids))
+
+    turn = "Let me check.<search>q</search>"
+    b = TrajectoryBuilder([1, 2], tokenizer=CharTok(), prompt_id="p", group_id=0,
+                          sample_index=0, gold="g", task="qa")
+    b.add_model_turn([ord(c) for c in turn], [-0.1] * len(turn), [1.0] * len(turn), is_call=False)
+    t = b.finish("max_calls")
+    start = 2 + turn.index("<search>")
+    assert (t.kinds[2:start] == K.REASONING).all() and (t.kinds[start:] == K.UNRUN_CALL).all()
+    assert (t.roles[start:start + 8] == R.TOOL_NAME).all() and (t.turns[2:] == 0).all()
+
+
 def test_jsonl_round_trip(tmp_path):
     a = build(TWO_CALLS, gold="1/2", task="math", finish_reason="eos", final_text="<answer>")
     b = dataclasses.replace(build([("r", [0.3]), ("ans", [0.7])], sample_index=1), reward=0.5,
                             f1=0.5, em=0.0, malformed=False, extracted="paris france")
+    c = dataclasses.replace(build(TWO_CALLS[:-1] + [("unrun", [0.2])], finish_reason="max_calls"),
+                            reward=1.5, reward_parts={"format": 1.0, "correctness": 0.5})
     a.entropies[3] = np.float32(1.2345678)   # a float32 value with no short decimal form
     path = tmp_path / "trajs.jsonl"
-    write_jsonl(path, [a, b])
+    write_jsonl(path, [a, b, c])
     lines = path.read_text().splitlines()
-    assert len(lines) == 2 and f'"schema_version": {SCHEMA_VERSION}' in lines[0]
-    for orig, back in zip([a, b], read_jsonl(path)):
+    assert len(lines) == 3 and f'"schema_version": {SCHEMA_VERSION}' in lines[0]
+    for orig, back in zip([a, b, c], read_jsonl(path)):
         back.validate()
         for name in ("token_ids", "kinds", "turns", "roles", "logprobs", "entropies"):
             assert getattr(back, name).dtype == getattr(orig, name).dtype
             np.testing.assert_array_equal(getattr(back, name), getattr(orig, name))
         assert back.tool_calls == orig.tool_calls
         for name in ("prompt_id", "group_id", "sample_index", "gold", "task", "finish_reason",
-                     "final_text", "reward", "f1", "em", "malformed", "extracted"):
+                     "final_text", "reward", "f1", "em", "malformed", "extracted", "reward_parts"):
             assert getattr(back, name) == getattr(orig, name)
+
+
+def test_version_1_files_still_read():
+    """Version 1 (before UNRUN_CALL and reward_parts) has the same fields minus reward_parts."""
+    d = json.loads(to_jsonl_line(build(TWO_CALLS)))
+    d["schema_version"] = 1
+    del d["reward_parts"]
+    back = from_jsonl_line(json.dumps(d)).validate()
+    assert back.reward_parts is None and back.kinds.tolist() == build(TWO_CALLS).kinds.tolist()
 
 
 def test_unknown_schema_version_is_rejected():

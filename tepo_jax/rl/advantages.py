@@ -38,13 +38,15 @@ class AdvantageConfig:
     R_{i,k} = F1·(1 + α·I_k), I_k = 1[ΔH_k < 0], and GRPO group normalisation.
     Ours (DESIGN.md): I_k = 0 when a segment is empty; no_call_scale c = 1.0 for n = 0;
     dense tool-level advantages normalised over all calls of the group; the final segment gets
-    the outcome advantage. Also ours: alpha = 1.0 (placeholder, the paper's value was not
-    verified offline), eps = 1e-6 and population std (tunix's choices; population std is
+    the outcome advantage; a call the rollout did not run (UNRUN_CALL) is not in H(r_n) and
+    gets the final segment's advantage. Also ours: alpha = 0.5 (the paper makes α a
+    hyper-parameter; its value was not verified offline; config.algo.alpha has the same
+    default), eps = 1e-6 and population std (tunix's choices; population std is
     defined for a single-element group, sample std is not — with SAMPLE a group of one gets
     std 0). scale_by_std=False gives the mean-only baseline (Dr. GRPO style).
     """
     kind: AdvantageKind = AdvantageKind.GRPO
-    alpha: float = 1.0
+    alpha: float = 0.5
     no_call_scale: float = 1.0
     eps: float = 1e-6
     std_kind: StdKind = StdKind.POPULATION
@@ -142,15 +144,16 @@ def dense_call_rewards(traj: Trajectory, score: float, alpha: float) -> list[flo
 
 
 def _dense_tokens(traj: Trajectory, call_adv: np.ndarray, outcome_adv: float) -> np.ndarray:
-    """Call k's advantage on its pre-segment (r_{k-1} and call_k); r_n gets the outcome."""
+    """Call k's advantage on its pre-segment (r_{k-1} and call_k); r_n gets the outcome, and so
+    do the UNRUN_CALL tokens (turn n: they are in the final turn, only not in H(r_n))."""
     n = traj.num_calls
     # Advantage per turn for segment tokens: r_j (j < n) is the pre-segment of call j+1.
     seg_by_turn = np.append(call_adv, outcome_adv)              # index j -> r_j
     call_by_turn = np.append(0.0, call_adv)                     # index k -> call_k
     turns = traj.turns.astype(np.int64)
     out = np.zeros(len(traj), dtype=np.float64)
-    seg = (traj.kinds == TokenKind.REASONING) | (traj.kinds == TokenKind.ANSWER)
     call = traj.kinds == TokenKind.TOOL_CALL
+    seg = model_mask(traj.kinds) & ~call                        # r_j tokens and unrun calls
     out[seg] = seg_by_turn[np.minimum(turns[seg], n)]
     out[call] = call_by_turn[turns[call]]
     return out.astype(np.float32)

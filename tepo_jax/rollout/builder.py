@@ -111,16 +111,20 @@ class TrajectoryBuilder:
 def _normalise_turn_kinds(kinds: np.ndarray, is_call: bool) -> np.ndarray:
     """One call per turn, at its end: everything from the first call token on is the call.
 
-    A call turn holds no answer (ANSWER -> REASONING); an answer turn holds no call
-    (TOOL_CALL -> REASONING). A call turn whose text has no call tokens (possible only with
-    an unusual tokenisation) marks its last token as the call, so the call span is non-empty.
+    A call turn holds no answer (ANSWER -> REASONING). A call turn whose text has no call
+    tokens (possible only with an unusual tokenisation) marks its last token as the call, so
+    the call span is non-empty. A turn whose call is not run (past max_calls, out of budget,
+    or cut mid-call) marks the same range UNRUN_CALL, answer tokens kept: these are model
+    tokens with loss, but r_n ends where the call starts, so they stay out of H(r_n).
     """
     kinds = kinds.copy()
+    call = np.flatnonzero(kinds == TokenKind.TOOL_CALL)
     if not is_call:
-        kinds[kinds == TokenKind.TOOL_CALL] = TokenKind.REASONING
+        if call.size:
+            tail = kinds[call[0]:]
+            tail[tail != TokenKind.ANSWER] = TokenKind.UNRUN_CALL
         return kinds
     kinds[kinds == TokenKind.ANSWER] = TokenKind.REASONING
-    call = np.flatnonzero(kinds == TokenKind.TOOL_CALL)
     start = call[0] if call.size else len(kinds) - 1
     kinds[start:] = TokenKind.TOOL_CALL
     return kinds

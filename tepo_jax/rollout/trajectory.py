@@ -7,8 +7,16 @@ Turn layout (DESIGN.md, TEPO section): `r_0, call_1, obs_1, r_1, …, call_n, ob
   r_k (REASONING/ANSWER)   -> turn k      (answer tokens live in the final segment r_n)
   call_k (TOOL_CALL)       -> turn k      (k-th call, 1-based, tags included)
   obs_k (TOOL_RESULT)      -> turn k
+  unrun call (UNRUN_CALL)   -> turn n      (call text the rollout did not run, see below)
 So turns never decrease along the sequence, and inside a turn k >= 1 the order is
 call_k, obs_k, r_k.
+
+UNRUN_CALL (ours): a call the model wrote but the rollout did not run (past rollout.max_calls,
+out of token budget, or cut mid-call by the turn budget). DESIGN.md ends r_k at the opening tag
+of the next call, so these tokens are not part of r_n: they are model tokens (loss, the
+outcome / final-segment advantage, ResT roles) but never enter a segment entropy H(r_k).
+Counting them in H(r_n) would let the (usually low-entropy) call text pull H(r_n) down and
+give trajectories that hit max_calls a spurious I_n = 1.
 """
 from __future__ import annotations
 
@@ -21,7 +29,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # version 1 files simply have no UNRUN_CALL tokens
 FINISH_REASONS = ("answer", "eos", "max_tokens", "max_calls")
 
 
@@ -31,6 +40,8 @@ class TokenKind(enum.IntEnum):
     TOOL_CALL = 2
     TOOL_RESULT = 3
     ANSWER = 4
+    UNRUN_CALL = 5      # call text that was not run (module docstring); turn n
+
 
 
 class TokenRole(enum.IntEnum):
@@ -43,7 +54,7 @@ class TokenRole(enum.IntEnum):
     ANSWER_CONTENT = 5
 
 
-MODEL_KINDS = (TokenKind.REASONING, TokenKind.TOOL_CALL, TokenKind.ANSWER)
+MODEL_KINDS = (TokenKind.REASONING, TokenKind.TOOL_CALL, TokenKind.ANSWER, TokenKind.UNRUN_CALL)
 SEGMENT_KINDS = (TokenKind.REASONING, TokenKind.ANSWER)   # the tokens that make up r_k
 
 
@@ -92,6 +103,7 @@ class Trajectory:
     em: float | None = None
     malformed: bool | None = None
     extracted: str | None = None
+    reward_parts: dict[str, float] | None = None   # the reward's parts (function calling), logged
 
     def __post_init__(self):
         # Accept lists (tests, JSON) and fix dtypes once, so every consumer sees one layout.
@@ -114,7 +126,7 @@ class Trajectory:
 
 
 def model_mask(kinds: np.ndarray) -> np.ndarray:
-    """bool[T]: tokens the policy sampled (REASONING | TOOL_CALL | ANSWER)."""
+    """bool[T]: tokens the policy sampled (REASONING | TOOL_CALL | ANSWER | UNRUN_CALL)."""
     return np.isin(kinds, np.array(MODEL_KINDS, dtype=np.int8))
 
 
@@ -183,10 +195,12 @@ def _check_turn_order(traj: Trajectory) -> None:
         _fail("PROMPT tokens must form a prefix of the sequence")
     if (turns[kinds == TokenKind.PROMPT] != 0).any():
         _fail("PROMPT tokens must have turn 0")
-    if (turns[kinds == TokenKind.ANSWER] != traj.num_calls).any():
-        _fail(f"ANSWER tokens must belong to the final segment (turn n={traj.num_calls})")
+    for kind in (TokenKind.ANSWER, TokenKind.UNRUN_CALL):
+        if (turns[kinds == kind] != traj.num_calls).any():
+            _fail(f"{kind.name} tokens must belong to the last turn (n={traj.num_calls})")
     # Within a turn: call_k, then obs_k, then r_k  (kind rank must not decrease).
-    rank = np.array([0, 3, 1, 2, 3], dtype=np.int32)[kinds]  # PROMPT,REAS,CALL,RESULT,ANSWER
+    # PROMPT, REASONING, TOOL_CALL, TOOL_RESULT, ANSWER, UNRUN_CALL
+    rank = np.array([0, 3, 1, 2, 3, 3], dtype=np.int32)[kinds]
     for k in range(traj.num_calls + 1):
         r = rank[turns == k]
         if (np.diff(r) < 0).any():
@@ -242,8 +256,8 @@ def to_json_dict(traj: Trajectory) -> dict[str, Any]:
 
 def from_json_dict(d: dict[str, Any]) -> Trajectory:
     version = d.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise TrajectoryError(f"schema_version {version!r}, this reader knows {SCHEMA_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise TrajectoryError(f"schema_version {version!r}, this reader knows {READABLE_VERSIONS}")
     fields = {f.name for f in dataclasses.fields(Trajectory)}
     kwargs = {k: v for k, v in d.items() if k in fields}
     kwargs["tool_calls"] = [ToolCallRecord(**c) for c in d["tool_calls"]]
@@ -278,17 +292,72 @@ class TagFormat:
     tool_tags: tag formats where the tag names the tool: `<python>code</python>`. The open
       tag is TOOL_NAME (it is the tool choice), the content TOOL_ARGS, the close tag FORMAT.
     json_call_tag: hermes/Qwen style `<tool_call>{"name": ..., "arguments": ...}</tool_call>`:
-      the name's string value is TOOL_NAME, the arguments' value TOOL_ARGS, the tags and the
-      JSON scaffolding (braces, keys, quotes around the name) FORMAT.
+      every JSON object in the block is a call; its name's string value is TOOL_NAME, its
+      arguments (or parameters) value TOOL_ARGS, the tags and the JSON scaffolding (braces,
+      keys, quotes around the name) FORMAT.
+    bare_json_call: Llama-3.1 style untagged calls: the call starts at the first of
+      `call_prefixes` (`<|python_tag|>`) in the turn, else at the first line that starts with
+      `{` (`bare_call_start`), and runs to the end of the turn; painted like a JSON block.
     """
     tool_tags: tuple[str, ...] = ("python", "search")
     json_call_tag: str | None = "tool_call"
     answer_tag: str = "answer"
     format_tags: tuple[str, ...] = ("<think>", "</think>")
+    bare_json_call: bool = False
+    call_prefixes: tuple[str, ...] = ()
 
 
-_NAME_RE = re.compile(r'"name"\s*:\s*"([^"]*)"')
-_ARGS_RE = re.compile(r'"arguments"\s*:\s*')
+_DECODER = json.JSONDecoder()
+_BLANK = re.compile(r"[\s;]*")          # between JSON values; Llama separates calls with ';'
+_BARE_CALL_LINE = re.compile(r"^[ \t]*\{", re.MULTILINE)
+ARG_KEYS = ("arguments", "parameters")
+
+
+def bare_call_start(text: str, prefixes: Sequence[str] = ()) -> int | None:
+    """Start of a bare-JSON call in a turn: the first call prefix, else the start of the first
+    line whose first non-blank character is `{`; None when the turn holds neither. The
+    rollout's parser (tools/json_format.py) and the role painter both use this one rule."""
+    hits = [i for i in (text.find(p) for p in prefixes) if i >= 0]
+    if hits:
+        return min(hits)
+    m = _BARE_CALL_LINE.search(text)
+    return m.start() if m else None
+
+
+def _decode(body: str, i: int):
+    """(value, end) of the JSON value starting at body[i]; (None, None) if it does not decode
+    (e.g. text cut by the token budget)."""
+    try:
+        return _DECODER.raw_decode(body, i)
+    except json.JSONDecodeError:
+        return None, None
+
+
+def json_object_members(body: str, i: int) -> tuple[list[tuple[str, int, int]], int]:
+    """([(key, value start, value end)], end) of the JSON object opening at body[i] == '{'.
+
+    Exact character spans of every top-level value, read with json.JSONDecoder. A cut object
+    yields the members read so far; a value that does not decode runs to the end of `body`,
+    and so does the object.
+    """
+    members, n = [], len(body)
+    i = _BLANK.match(body, i + 1).end()
+    while i < n and body[i] != "}":
+        key, j = _decode(body, i)
+        if j is None or not isinstance(key, str):
+            return members, n
+        j = _BLANK.match(body, j).end()
+        if j >= n or body[j] != ":":
+            return members, n
+        v0 = _BLANK.match(body, j + 1).end()
+        _, v1 = _decode(body, v0)
+        members.append((key, v0, n if v1 is None else v1))
+        if v1 is None:
+            return members, n
+        i = _BLANK.match(body, v1).end()
+        if i < n and body[i] == ",":
+            i = _BLANK.match(body, i + 1).end()
+    return members, min(i + 1, n)
 
 
 def _paint(roles, kinds, start, end, role, kind):
@@ -296,18 +365,21 @@ def _paint(roles, kinds, start, end, role, kind):
     kinds[start:end] = kind
 
 
-def _paint_json_call(roles, text, body_start, body_end):
-    """Inside a JSON tool call body (already FORMAT): mark the name value and arguments value."""
+def _paint_json_calls(roles, text, body_start, body_end):
+    """Inside a JSON call body (already FORMAT): walk every JSON object one after another and
+    mark each one's name value (TOOL_NAME, quotes excluded) and arguments value (TOOL_ARGS)."""
     body = text[body_start:body_end]
-    name = _NAME_RE.search(body)
-    if name:
-        roles[body_start + name.start(1):body_start + name.end(1)] = TokenRole.TOOL_NAME
-    args = _ARGS_RE.search(body)
-    if args:
-        # The arguments value runs to the outer object's closing brace (the last '}').
-        close = body.rfind("}")
-        end = close if close > args.end() else len(body)
-        roles[body_start + args.end():body_start + end] = TokenRole.TOOL_ARGS
+    i = _BLANK.match(body, 0).end()
+    while i < len(body) and body[i] == "{":
+        members, i = json_object_members(body, i)
+        for key, v0, v1 in members:
+            a, b = body_start + v0, body_start + v1
+            if key == "name" and body[v0:v0 + 1] == '"':
+                closed = v1 - v0 >= 2 and body[v1 - 1] == '"'
+                roles[a + 1:b - 1 if closed else b] = TokenRole.TOOL_NAME
+            elif key in ARG_KEYS:
+                roles[a:b] = TokenRole.TOOL_ARGS
+        i = _BLANK.match(body, i).end()
 
 
 def char_roles_and_kinds(text: str, fmt: TagFormat = TagFormat()) -> tuple[np.ndarray, np.ndarray]:
@@ -331,12 +403,28 @@ def char_roles_and_kinds(text: str, fmt: TagFormat = TagFormat()) -> tuple[np.nd
             roles[o1:c0] = TokenRole.ANSWER_CONTENT
         elif tag == fmt.json_call_tag:
             _paint(roles, kinds, o0, c1, TokenRole.FORMAT, TokenKind.TOOL_CALL)
-            _paint_json_call(roles, text, o1, c0)
+            _paint_json_calls(roles, text, o1, c0)
         else:
             _paint(roles, kinds, o0, c1, TokenRole.TOOL_ARGS, TokenKind.TOOL_CALL)
             roles[o0:o1] = TokenRole.TOOL_NAME
             roles[c0:c1] = TokenRole.FORMAT
+    if fmt.bare_json_call:
+        _paint_bare_call(roles, kinds, text, fmt)
     return roles, kinds
+
+
+def _paint_bare_call(roles, kinds, text, fmt):
+    """Llama-3.1 calls: from `bare_call_start` to the end of the turn is the call (FORMAT
+    scaffolding, prefix and end-of-turn token included), its JSON objects painted."""
+    start = bare_call_start(text, fmt.call_prefixes)
+    if start is None:
+        return
+    _paint(roles, kinds, start, len(text), TokenRole.FORMAT, TokenKind.TOOL_CALL)
+    body = start
+    for prefix in fmt.call_prefixes:
+        if text.startswith(prefix, start):
+            body = start + len(prefix)
+    _paint_json_calls(roles, text, body, len(text))
 
 
 def _token_values(char_values: np.ndarray, spans: Sequence[tuple[int, int]],

@@ -5,8 +5,10 @@ calls functions the way the chat templates render assistant tool calls:
 
   Qwen2.5   <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>
             (several blocks per turn allowed; the turn ends with <|im_end|>)
-  Llama-3.1 {"name": "get_weather", "parameters": {"city": "Paris"}}   (the whole turn, ends
-            with <|eot_id|>; an optional <|python_tag|> prefix is accepted)
+  Llama-3.1 {"name": "get_weather", "parameters": {"city": "Paris"}}   (to the end of the
+            turn, ends with <|eot_id|>; an optional <|python_tag|> prefix is accepted; the call
+            starts at <|python_tag|> or at the first line that starts with `{`, so reasoning
+            may come before it: ours, TEPO needs the r_k segments)
 
 Both argument keys ("arguments", "parameters") are accepted in either dialect, and a block may
 hold several JSON objects one after the other (ToolRL writes one call per line inside one
@@ -27,7 +29,8 @@ Turn protocol (how the rollout must use this format):
   end-of-turn token and the next assistant header for m tool messages, so the inserted ids
   equal the template's ids.
 - TEPO: the whole multi-call block is one call_k (the TrajectoryBuilder marks everything from
-  the first `<tool_call>` to the end of the turn as call_k, and the result block is obs_k), so
+  the first `<tool_call>` (Llama: the bare call's start) to the end of the turn as call_k,
+  and the result block is obs_k), so
   ΔH_k compares the reasoning before and after the block.
 - `parse` (the single-call CallFormat protocol) returns the ToolCall for a one-call turn, the
   first ParseError if any call is malformed, and for several calls a ToolCall to the
@@ -41,7 +44,7 @@ import dataclasses
 import json
 from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
-from tepo_jax.rollout.trajectory import TagFormat
+from tepo_jax.rollout.trajectory import TagFormat, bare_call_start
 from tepo_jax.tools.base import AnswerTurn, ParseError, ParsedTurn, ToolCall
 
 MULTI_CALL_TOOL = "__multi_call__"
@@ -159,9 +162,13 @@ class JsonCallFormat:
         return d.result_prefix + d.result_separator.join(items) + d.result_suffix
 
     def tag_format(self) -> TagFormat:
-        """The TagFormat the TrajectoryBuilder needs to paint ResT roles for this format."""
-        return TagFormat(tool_tags=(), json_call_tag=_tag_name(self.dialect.call_open),
-                         format_tags=("<think>", "</think>", self.dialect.end_of_turn))
+        """The TagFormat the TrajectoryBuilder needs to find call_k and paint ResT roles: the
+        `<tool_call>` blocks (Qwen2.5), or the bare JSON from `bare_call_start` on (Llama-3.1),
+        the same rule `parse_calls` uses, so call_k always holds the calls that were parsed."""
+        d = self.dialect
+        return TagFormat(tool_tags=(), json_call_tag=_tag_name(d.call_open),
+                         format_tags=("<think>", "</think>", d.end_of_turn),
+                         bare_json_call=d.call_open is None, call_prefixes=d.call_prefixes)
 
     def render_call(self, name: str, arguments: dict) -> str:
         """A call exactly as the chat template renders an assistant tool call (for SFT
@@ -219,7 +226,12 @@ class JsonCallFormat:
             pos = end + len(cl)
 
     def _bare(self, text: str) -> List[CallOrError]:
-        body = text.strip()
+        """Llama-3.1: the call starts at `<|python_tag|>` or at the first line starting with
+        `{` (text before it is the turn's reasoning) and runs to the end of the turn."""
+        start = bare_call_start(text, self.dialect.call_prefixes)
+        if start is None:
+            return []
+        body = text[start:].strip()
         for prefix in self.dialect.call_prefixes:
             if body.startswith(prefix):
                 body = body[len(prefix):].strip()
