@@ -21,7 +21,8 @@ NOTEBOOK = REPO / "notebooks" / "entropy_traces.ipynb"
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """runs/demo/{tepo_sparse,grpo}/ like `make demo` writes them, from the real tools."""
+    """runs/demo/{tepo_sparse,grpo}/ laid out as `make demo` writes them (through the
+    driver's RunLog), from the real tools and tokenizer."""
     from tepo_jax.analysis import examples as ex
     d = tmp_path_factory.mktemp("nb")
     exs, corpus = ex.synthetic_examples(n_math=2, n_qa=2, seed=5)
@@ -45,6 +46,25 @@ def assert_png(path, min_w=400, min_h=200):
     rgb = img[..., :3].reshape(-1, 3)
     assert len(np.unique((rgb * 255).astype(np.uint8), axis=0)) > 50   # not a blank canvas
     return w, h
+
+
+def test_run_has_the_driver_layout_and_phases_are_kept_apart(demo_run):
+    d = demo_run / "tepo_sparse" / "trajectories"
+    assert sorted(f.name for f in d.iterdir()) == [
+        "eval_000000.jsonl", "eval_000003.jsonl", "rl_000001.jsonl", "rl_000002.jsonl",
+        "rl_000003.jsonl", "sft_data.jsonl"]
+    assert [f.name for f in pilot.trajectory_files(d)] == [f"rl_00000{i}.jsonl" for i in (1, 2, 3)]
+    assert [f.name for f in pilot.trajectory_files(d, phase="eval")] == [
+        "eval_000000.jsonl", "eval_000003.jsonl"]
+    assert len(pilot.trajectory_files(d, phase="all")) == 6
+    assert [f.name for f in pilot.trajectory_files(d, last=1)] == ["rl_000003.jsonl"]
+    n = len(pilot.load_trajectories(d / "sft_data.jsonl"))
+    assert len(pilot.load_trajectories(d)) == 3 * n                   # rl only
+    assert not pilot.load_trajectories(d, phase="sft")[0].entropies.any()   # SFT: no entropies
+    rows = traces.read_metrics(demo_run / "tepo_sparse" / "metrics.jsonl", phase=None)
+    assert [(r["phase"], r["step"]) for r in rows] == [
+        ("eval", 0), ("rl", 1), ("rl", 2), ("rl", 3), ("eval", 3)]
+    assert "eval/f1" in rows[0] and "reward/f1" in rows[1]            # the driver's names
 
 
 def test_entropy_trace_plots_the_trajectory_data(demo_run, tmp_path):
@@ -99,7 +119,8 @@ def test_training_curves_series_and_png(tmp_path):
         {"step": 2, "phase": "eval", "reward/f1": 0.5},
     ])
     b = write_metrics(tmp_path / "runs" / "grpo" / "metrics.jsonl", [
-        {"step": s, "reward/score": 0.1 * s, "tepo/calls_per_traj": 3.0} for s in range(4)])
+        {"step": s, "reward/score": 0.1 * s, "tepo/calls_per_traj": 3.0} for s in range(4)] + [
+        {"step": 3, "phase": "eval", "eval/f1": 0.6, "eval/tepo/dh_mean": -0.3}])  # driver names
     out = tmp_path / "curves.png"
     series = plots.plot_training_curves({"tepo_sparse": a, "grpo": b}, out)
     assert_png(out, min_w=800, min_h=400)
@@ -107,6 +128,8 @@ def test_training_curves_series_and_png(tmp_path):
     assert steps.tolist() == [0, 1] and values.tolist() == [0.1, 0.4]       # no sft rows
     assert series["reward/f1"]["grpo"][1] == pytest.approx([0, 0.1, 0.2, 0.3])   # fallback
     assert series["reward/f1"]["tepo_sparse (eval)"][1].tolist() == [0.5]
+    assert series["reward/f1"]["grpo (eval)"][1].tolist() == [0.6]            # eval/f1
+    assert series["tepo/dh_mean"]["grpo (eval)"][1].tolist() == [-0.3]       # eval/tepo/dh_mean
     assert series["tepo/dh_mean"]["tepo_sparse"][1].tolist() == [-0.1, -0.2]
     assert "grpo" not in series["tepo/dh_mean"] and "grpo" not in series["tepo/frac_reducing"]
     assert series["tepo/calls_per_traj"]["grpo"][0].tolist() == [0, 1, 2, 3]
@@ -155,5 +178,5 @@ def test_notebook_executes_headless(demo_run, tmp_path, monkeypatch):
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3      # trace, ΔH distributions, training curves
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
-    assert "3 trajectory file(s)" in text and "point-biserial" in text
+    assert "3 rl trajectory file(s)" in text and "point-biserial" in text
     assert "'grpo'" in text and "'tepo_sparse'" in text

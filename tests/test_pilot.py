@@ -227,21 +227,81 @@ def test_report_groups_and_json():
 
 
 def test_cli(tmp_path, capsys):
+    from tepo_jax.runlog import RunLog
+    log = RunLog(tmp_path, tensorboard=False)    # the driver's layout, by the driver's writer
+    log.save_trajectories("sft_data", [make_traj([0.0, 0.0], [("search", "q", "Efport", "ok")])])
+    log.save_trajectories("eval_000000", [make_traj([1.0, 0.5], [("search", "q", "x", "ok")])] * 5)
+    log.save_trajectories("rl_000001", [make_traj([2.0, 1.0], [("search", "q", "Efport", "ok")])])
+    log.save_trajectories("rl_000002", [make_traj([1.0, 2.0], [("python", "x", "", "error")]),
+                                        make_traj([1.0, 0.4], [("search", "q", "Efport", "ok")])])
     d = tmp_path / "trajectories"
-    d.mkdir()
-    write_jsonl(d / "step_000000.jsonl", [make_traj([2.0, 1.0], [("search", "q", "Efport", "ok")])])
-    write_jsonl(d / "step_000001.jsonl", [make_traj([1.0, 2.0], [("python", "x", "", "error")]),
-                                          make_traj([1.0, 0.4], [("search", "q", "Efport", "ok")])])
     out = tmp_path / "pilot.json"
     assert pilot.main(["--trajectories", str(d), "--json", str(out), "--n-boot", "100"]) == 0
     printed = capsys.readouterr().out
-    assert "3 tool calls" in printed and "point-biserial" in printed
+    assert "3 tool calls" in printed and "point-biserial" in printed   # rl files only
     data = json.loads(out.read_text())
     assert data["report"]["n_calls"] == 3 and len(data["labels"]) == 3
     assert pilot.main(["--trajectories", str(d), "--last", "1"]) == 0
     assert "2 tool calls" in capsys.readouterr().out
+    assert pilot.main(["--trajectories", str(d), "--phase", "eval"]) == 0
+    assert "5 tool calls" in capsys.readouterr().out
+    assert pilot.main(["--trajectories", str(d), "--phase", "all"]) == 0
+    assert "9 tool calls" in capsys.readouterr().out
+    assert pilot.main(["--trajectories", str(d / "eval_000000.jsonl")]) == 0   # a file as given
+    assert "5 tool calls" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError):
         pilot.load_trajectories(tmp_path / "missing")
+    old = tmp_path / "old"
+    old.mkdir()
+    write_jsonl(old / "step_000000.jsonl", [make_traj([2.0, 1.0], [("search", "q", "x", "ok")])])
+    assert pilot.main(["--trajectories", str(old)]) == 2
+    assert "it has step_000000.jsonl" in capsys.readouterr().err
+    assert len(pilot.load_trajectories(old, phase="all")) == 1
+    with pytest.raises(ValueError, match="phase"):
+        pilot.trajectory_files(d, phase="train")
+
+
+def test_multi_call_turns_are_keyed_per_tool():
+    """A function-calling turn with several calls is ONE record ("a,b") with one ΔH; per-tool
+    statistics count it under each distinct tool, never under the joined name."""
+    from tepo_jax.analysis import plots
+    from tepo_jax.rl.tepo_metrics import call_tools, tepo_step_metrics
+
+    both = ("get_weather,convert", '[{"name": "get_weather"}, {"name": "convert"}]',
+            json.dumps(["21 C", "70 F"]), "ok")
+    trajs = [make_traj([2.0, 1.0], [both], gold=("70 F",)),                       # ΔH -1.0
+             make_traj([1.0, 1.5], [("get_weather", "{}", "15 C", "ok")], gold=("9 F",)),  # +0.5
+             make_traj([1.0, 0.8], [("get_weather,get_weather", "[]", json.dumps(["a", "b"]),
+                                     "error")], gold=("x",))]                         # −0.2
+    assert call_tools(trajs[0].tool_calls[0]) == ("get_weather", "convert")
+    assert call_tools(trajs[2].tool_calls[0]) == ("get_weather",)        # distinct: once
+    labels = pilot.label_calls(trajs)
+    assert [lb.tools for lb in labels] == [("get_weather", "convert"), ("get_weather",),
+                                           ("get_weather",)]
+    assert [(lb.high, lb.reason) for lb in labels] == [
+        (True, "gold_answer"), (False, "value_unused"), (False, "status:error")]
+    rep = pilot.pilot_report(labels, n_boot=50)
+    assert set(rep.by_tool) == {"get_weather", "convert"}
+    assert rep.by_tool["get_weather"]["all"]["n"] == 3
+    assert rep.by_tool["get_weather"]["all"]["dh_mean"] == pytest.approx((-1.0 + 0.5 - 0.2) / 3)
+    assert rep.by_tool["convert"]["high"]["n"] == 1 and rep.by_tool["convert"]["low"]["n"] == 0
+    assert rep.n_defined == 3 and not any("," in k for k in rep.reasons)
+    groups = plots.dh_groups(labels)
+    np.testing.assert_allclose(groups["tool"]["convert"], [-1.0])
+    np.testing.assert_allclose(groups["tool"]["get_weather"], [-1.0, 0.5, -0.2])
+    m = tepo_step_metrics(trajs)
+    assert not any("," in k for k in m)
+    assert m["tepo/calls/get_weather"] == 3.0 and m["tepo/calls/convert"] == 1.0
+    assert m["tepo/dh/get_weather"] == pytest.approx((-1.0 + 0.5 - 0.2) / 3)
+    assert m["tepo/dh_std/get_weather"] == pytest.approx(np.std([-1.0, 0.5, -0.2]))
+    assert m["tepo/dh/convert"] == pytest.approx(-1.0) and m["tepo/dh_std/convert"] == 0.0
+    assert m["tepo/frac_reducing/get_weather"] == pytest.approx(2 / 3)
+    assert m["tepo/num_calls"] == 3.0
+    # the rules read a multi-call turn's results one per line (each a value of its own)
+    t = make_traj([1.0, 1.0], [("a,b", "[]", json.dumps(["sunny", "rainy"]), "ok")], gold=("x",),
+                  final_text="<answer>sunny</answer>")
+    assert pilot.turn_record(t.tool_calls[0]).result == "sunny\nrainy"
+    assert pilot.label_calls([t])[0].reason == "value_used"
 
 
 # ----------------------------------------------------------------------------- real trajectories

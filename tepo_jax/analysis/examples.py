@@ -11,13 +11,12 @@ code paths, they say nothing about a model.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from tepo_jax.rollout.trajectory import (MODEL_KINDS, TokenKind, Trajectory, write_jsonl)
+from tepo_jax.rollout.trajectory import MODEL_KINDS, TokenKind, Trajectory
 
 _FAULTS = {
     "math": [{"role": "model", "text": "Let me check the size of the result first.\n"
@@ -104,26 +103,31 @@ def play_faulty(examples: Sequence, tokenizer, bridge) -> list[Trajectory]:
 
 def write_run(run_dir: str | Path, trajs: Sequence[Trajectory], steps: int = 3,
               seed: int = 0) -> dict[str, Path]:
-    """A driver-like workdir: trajectories/step_XXXXXX.jsonl per step (the same prompts with
-    fresh entropies each step) and metrics.jsonl (rl rows from `tepo_step_metrics`, and an
-    eval row at the last step)."""
+    """A workdir laid out as the training driver writes it, through the driver's own writer
+    (`tepo_jax.runlog.RunLog`): trajectories/sft_data.jsonl (the trajectories, no entropies),
+    eval_000000.jsonl, rl_000001.jsonl ... rl_<steps>.jsonl (the same prompts with fresh
+    entropies each step), eval_<steps>.jsonl, and metrics.jsonl with the 'rl' rows of
+    `tepo_step_metrics` and the 'eval' rows of `eval_metrics` (keys `eval/...`)."""
+    from tepo_jax.rl.loop import eval_metrics
     from tepo_jax.rl.tepo_metrics import tepo_step_metrics
+    from tepo_jax.runlog import RunLog
 
     run = Path(run_dir)
-    (run / "trajectories").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    rows = []
-    for step in range(steps):
-        batch = [with_entropies(t, rng) for t in trajs]
-        write_jsonl(run / "trajectories" / f"step_{step:06d}.jsonl", batch)
-        m = {k: (None if v != v else v) for k, v in tepo_step_metrics(batch).items()}
-        rows.append({"step": step, "phase": "rl", **m})
-    rows.append({"step": steps - 1, "phase": "eval", "reward/f1": rows[-1]["reward/f1"],
-                 "tepo/calls_per_traj": rows[-1]["tepo/calls_per_traj"]})
-    with open(run / "metrics.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return {"trajectories": run / "trajectories", "metrics": run / "metrics.jsonl"}
+    (run / "metrics.jsonl").unlink(missing_ok=True)    # RunLog appends; a rewrite starts afresh
+    log = RunLog(run, tensorboard=False)
+    log.save_trajectories("sft_data", trajs)
+    for step in range(steps + 1):
+        if step:
+            batch = [with_entropies(t, rng) for t in trajs]
+            log.write(step, "rl", tepo_step_metrics(batch))
+            log.save_trajectories(f"rl_{step:06d}", batch)
+        if step in (0, steps):
+            batch = [with_entropies(t, rng) for t in trajs]
+            log.write(step, "eval", eval_metrics(batch))
+            log.save_trajectories(f"eval_{step:06d}", batch)
+    log.close()
+    return {"trajectories": run / "trajectories", "metrics": log.metrics_path}
 
 
 def tools_and_tokenizer(work_dir: str | Path, examples: Sequence, corpus: Sequence[dict]):

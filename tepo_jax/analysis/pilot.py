@@ -22,9 +22,16 @@ Default rules (docs/analysis.md):
   trace in the output, or an unused value -> low.
 * other tools: the generic rule (status ok and the result holds a gold answer or a value the
   model uses later).
+* a multi-call turn (function calling: one call record, tool names joined by ","): one ΔH,
+  one label, from the rule of its tool when all its calls used one tool, else the generic
+  rule, over its results (one text per call); per-tool statistics count it under each tool.
 
-CLI:  python -m tepo_jax.analysis.pilot --trajectories FILE_OR_DIR [--dataset records.jsonl]
-          [--tokenizer DIR] [--rules-module my.rules] [--json out.json]
+CLI:  python -m tepo_jax.analysis.pilot --trajectories FILE_OR_DIR [--phase rl|eval|sft|all]
+          [--dataset records.jsonl] [--tokenizer DIR] [--rules-module my.rules] [--json out.json]
+
+A directory is a run's `trajectories/`, where the driver writes `rl_XXXXXX.jsonl` (RL
+rollouts), `eval_XXXXXX.jsonl` (greedy held-out rollouts) and `sft_data.jsonl` (SFT data, no
+sampler entropies); only the `--phase` files are read (default rl).
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ import numpy as np
 
 from tepo_jax.analysis.stats import bootstrap_ci, fisher_ci, fisher_p_value, pearson
 from tepo_jax.rewards.qa import as_gold_list, normalize_answer
+from tepo_jax.rl.tepo_metrics import call_tools
 from tepo_jax.rollout.trajectory import (MODEL_KINDS, ToolCallRecord, Trajectory,
                                          entropy_deltas, read_jsonl)
 
@@ -221,7 +229,8 @@ class CallLabel:
     traj_index: int
     prompt_id: str
     turn: int                         # k, 1-based
-    tool: str
+    tool: str                         # the record's name ("a,b" for a multi-call turn)
+    tools: tuple[str, ...]            # its distinct tools: ("a", "b"); per-tool stats use these
     status: str
     high: bool
     reason: str
@@ -234,6 +243,25 @@ class ExampleInfo:
     """What a dataset knows about a prompt that the trajectory does not carry."""
     supporting: tuple[str, ...] = ()
     question: str = ""
+
+
+def turn_record(call: ToolCallRecord) -> ToolCallRecord:
+    """The record a rule sees: for a multi-call turn, whose result is the JSON list of the
+    calls' result texts, those texts one per line; a single call as it is."""
+    if "," not in call.name:
+        return call
+    try:
+        texts = json.loads(call.result)
+    except ValueError:
+        return call
+    if not isinstance(texts, list):
+        return call
+    return dataclasses.replace(call, result="\n".join(map(str, texts)))
+
+
+def rule_for(tools: Sequence[str], table: Mapping[str, QualityRule]) -> QualityRule:
+    """The rule of a turn's tool when it used one tool, else `generic_quality`."""
+    return table.get(tools[0], generic_quality) if len(tools) == 1 else generic_quality
 
 
 def label_calls(trajs: Sequence[Trajectory], *,
@@ -249,11 +277,13 @@ def label_calls(trajs: Sequence[Trajectory], *,
     for ti, traj in enumerate(trajs):
         info = examples.get(traj.prompt_id, ExampleInfo())
         for i, (call, dh) in enumerate(zip(traj.tool_calls, entropy_deltas(traj))):
-            ctx = CallContext(traj=traj, index=i, call=call, gold=tuple(as_gold_list(traj.gold)),
+            tools = call_tools(call)
+            ctx = CallContext(traj=traj, index=i, call=turn_record(call),
+                              gold=tuple(as_gold_list(traj.gold)),
                               later_text=later_model_text(traj, i, decode),
                               supporting=info.supporting, question=info.question)
-            q = table.get(call.name, generic_quality)(ctx)
-            out.append(CallLabel(ti, traj.prompt_id, call.turn, call.name, call.status,
+            q = rule_for(tools, table)(ctx)
+            out.append(CallLabel(ti, traj.prompt_id, call.turn, call.name, tools, call.status,
                                  bool(q.high), q.reason, float(dh), int(dh < 0)))
     return out
 
@@ -285,8 +315,9 @@ class PilotReport:
     n_calls: int                          # all labelled calls
     n_defined: int                        # calls with a defined ΔH (used for the statistics)
     by_quality: dict[str, dict]           # 'high' / 'low' -> n, dh_mean, dh_std, frac_reducing
-    by_tool: dict[str, dict[str, dict]]   # tool -> 'high'/'low'/'all' -> stats
-    reasons: dict[str, int]               # 'tool/reason' -> count (all calls)
+    by_tool: dict[str, dict[str, dict]]   # tool -> 'high'/'low'/'all' -> stats (a multi-call
+                                          # turn counts under each of its tools)
+    reasons: dict[str, int]               # 'tool/reason' -> count (all calls, per tool)
     r: float                              # point-biserial (quality, ΔH)
     ci_bootstrap: tuple[float, float]
     ci_fisher: tuple[float, float]
@@ -333,14 +364,15 @@ def pilot_report(labels: Sequence[CallLabel], *, n_boot: int = 2000, level: floa
     clusters = np.array([lb.traj_index for lb in defined]) if resample == "trajectory" else None
     reasons: dict[str, int] = {}
     for lb in labels:
-        key = f"{lb.tool}/{lb.reason}"
-        reasons[key] = reasons.get(key, 0) + 1
+        for tool in lb.tools:
+            key = f"{tool}/{lb.reason}"
+            reasons[key] = reasons.get(key, 0) + 1
     by_q = _split_by_quality(defined)
     return PilotReport(
         n_calls=len(labels), n_defined=len(defined),
         by_quality={"high": by_q["high"], "low": by_q["low"]},
-        by_tool={t: _split_by_quality([lb for lb in defined if lb.tool == t])
-                 for t in sorted({lb.tool for lb in defined})},
+        by_tool={t: _split_by_quality([lb for lb in defined if t in lb.tools])
+                 for t in sorted({t for lb in defined for t in lb.tools})},
         reasons=dict(sorted(reasons.items())), r=r,
         ci_bootstrap=bootstrap_ci(q, dh, n_boot=n_boot, level=level, seed=seed,
                                   clusters=clusters),
@@ -388,22 +420,36 @@ def format_report(rep: PilotReport) -> str:
     return "\n".join(lines)
 
 
-def trajectory_files(path: str | Path, last: int | None = None) -> list[Path]:
-    """A JSONL file, or the `*.jsonl` files of a directory in name order (step_XXXXXX.jsonl
-    sort by step); `last` keeps only the last N files."""
+PHASES = ("rl", "eval", "sft", "all")
+
+
+def trajectory_files(path: str | Path, last: int | None = None,
+                     phase: str | None = "rl") -> list[Path]:
+    """A JSONL file as given, or the `<phase>_*.jsonl` files of a run's trajectories
+    directory in step order (rl_000001.jsonl, rl_000002.jsonl, ...; every `*.jsonl` for
+    phase 'all' or None), so evaluation rollouts and SFT data are not mixed into RL ones;
+    `last` keeps only the last N files."""
+    if phase not in PHASES + (None,):
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     p = Path(path)
     if p.is_dir():
-        files = sorted(p.glob("*.jsonl"))
+        pattern = "*.jsonl" if phase in (None, "all") else f"{phase}_*.jsonl"
+        files = sorted(p.glob(pattern))
         if not files:
-            raise FileNotFoundError(f"no *.jsonl trajectory files in {p}")
+            others = sorted(f.name for f in p.glob("*.jsonl"))
+            hint = f"; it has {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}: " \
+                   "choose another phase ('all': every file)" if others else ""
+            raise FileNotFoundError(f"no {pattern} trajectory files in {p}{hint}")
         return files[-last:] if last else files
     if not p.exists():
         raise FileNotFoundError(f"no trajectory file or directory {p}")
     return [p]
 
 
-def load_trajectories(path: str | Path, last: int | None = None) -> list[Trajectory]:
-    return [t for f in trajectory_files(path, last) for t in read_jsonl(f)]
+def load_trajectories(path: str | Path, last: int | None = None,
+                      phase: str | None = "rl") -> list[Trajectory]:
+    """The trajectories of `trajectory_files(path, last, phase)`, in file order."""
+    return [t for f in trajectory_files(path, last, phase) for t in read_jsonl(f)]
 
 
 def load_examples(paths: Iterable[str | Path]) -> dict[str, ExampleInfo]:
@@ -426,6 +472,8 @@ def _parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m tepo_jax.analysis.pilot",
                                  description="Tool-call quality vs entropy change (ΔH).")
     ap.add_argument("--trajectories", required=True, help="trajectory JSONL file or directory")
+    ap.add_argument("--phase", choices=PHASES, default="rl",
+                    help="which files of a directory: rl_*, eval_*, sft_* or all *.jsonl")
     ap.add_argument("--last", type=int, default=None, help="only the last N files of a directory")
     ap.add_argument("--dataset", action="append", default=[],
                     help="records JSONL (ids, questions, supporting passages); repeatable")
@@ -445,7 +493,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     for mod in args.rules_module:
         importlib.import_module(mod)
-    trajs = load_trajectories(args.trajectories, args.last)
+    try:
+        trajs = load_trajectories(args.trajectories, args.last, args.phase)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     examples = load_examples(args.dataset)
     decode = make_decoder(args.tokenizer) if args.tokenizer else None
     labels, rep = run_pilot(trajs, examples=examples, decode=decode, n_boot=args.n_boot,

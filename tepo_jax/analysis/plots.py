@@ -125,16 +125,18 @@ def plot_entropy_trace(traj: Trajectory, out_png: str | os.PathLike | None = Non
 
 def dh_groups(labels: Sequence) -> dict[str, dict[str, np.ndarray]]:
     """{'tool': {tool: ΔH[]}, 'quality': {'high'|'low': ΔH[]}, 'tool_quality': {'tool/q': ΔH[]}}
-    over the calls (pilot CallLabels) with a defined ΔH."""
+    over the calls (pilot CallLabels) with a defined ΔH; a multi-call turn is in the group of
+    each of its tools."""
     out = {"tool": defaultdict(list), "quality": defaultdict(list),
            "tool_quality": defaultdict(list)}
     for lb in labels:
         if math.isnan(lb.dh):
             continue
         q = "high" if lb.high else "low"
-        out["tool"][lb.tool].append(lb.dh)
         out["quality"][q].append(lb.dh)
-        out["tool_quality"][f"{lb.tool}/{q}"].append(lb.dh)
+        for tool in lb.tools:
+            out["tool"][tool].append(lb.dh)
+            out["tool_quality"][f"{tool}/{q}"].append(lb.dh)
     return {name: {k: np.asarray(v[k], np.float64) for k in sorted(v)}
             for name, v in out.items()}
 
@@ -191,6 +193,15 @@ def plot_dh_distributions(labels: Sequence, out_png: str | os.PathLike | None = 
 # ----------------------------------------------------------------------------- training curves
 
 
+def phase_keys(key: str, phase: str) -> tuple[str, ...]:
+    """The names `key` may have in rows of `phase`: the driver logs eval metrics as
+    `eval/<name>` (`rl_loop.eval_metrics`: `reward/f1` -> `eval/f1`, `tepo/dh_mean` ->
+    `eval/tepo/dh_mean`)."""
+    if phase != "eval":
+        return (key,)
+    return (key, f"eval/{key}", f"eval/{key.split('/', 1)[-1]}")
+
+
 def training_series(metrics_files: Mapping[str, str | os.PathLike], curves=DEFAULT_CURVES,
                     phase: str = "rl") -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """{metric key: {run label: (steps, values)}} for each curve (the first of the key and
@@ -199,8 +210,9 @@ def training_series(metrics_files: Mapping[str, str | os.PathLike], curves=DEFAU
     out: dict[str, dict] = {}
     for key, alternatives, _ in curves:
         out[key] = {}
+        names = [k for name in (key, *alternatives) for k in phase_keys(name, phase)]
         for label, rs in rows.items():
-            for k in (key, *alternatives):
+            for k in names:
                 steps, values = metric_series(rs, k)
                 if steps.size:
                     out[key][label] = (steps, values)

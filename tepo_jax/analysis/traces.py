@@ -2,9 +2,11 @@
 the per-token entropy trace of one trajectory (spans, segment means, ΔH per call), the
 metrics.jsonl series of training runs, and where a run's files are on disk.
 
-The training driver writes under its workdir `trajectories/step_XXXXXX.jsonl` and
-`metrics.jsonl` (one `{"step", "phase", <metric>: float}` object per line); `make demo`
-writes one such workdir per algorithm under `runs/demo/<algo>/`.
+The training driver (`tepo_jax.runlog`) writes under its workdir `trajectories/` with
+`rl_XXXXXX.jsonl` (RL rollouts of a step), `eval_XXXXXX.jsonl` (greedy held-out rollouts) and
+`sft_data.jsonl`, and `metrics.jsonl` (one `{"step", "phase", <metric>: float}` object per
+line; eval rows name their metrics `eval/...`); `make demo` writes one such workdir per
+algorithm under `runs/demo/<algo>/`.
 """
 from __future__ import annotations
 

@@ -3,7 +3,10 @@
 Names are stable (dashboards and notebooks key on them). A mean over nothing (e.g. ΔH in a
 batch without calls) is NaN rather than 0, so "undefined" is never read as a value; the
 always-present keys are listed in STABLE_KEYS. Per-tool keys (`tepo/dh/<tool>`,
-`tepo/frac_reducing/<tool>`, `tepo/calls/<tool>`) appear for the tools seen in the batch.
+`tepo/dh_std/<tool>`, `tepo/frac_reducing/<tool>`, `tepo/calls/<tool>`) appear for the tools
+seen in the batch. A multi-call turn (function calling: one ToolCallRecord, names joined by
+",") has one ΔH; it counts once under each distinct tool it called (`call_tools`), so the
+per-tool call counts may sum to more than `tepo/num_calls`.
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
-from tepo_jax.rollout.trajectory import (FINISH_REASONS, Trajectory, entropy_deltas,
-                                         entropy_reducing, model_mask, segment_entropies)
+from tepo_jax.rollout.trajectory import (FINISH_REASONS, ToolCallRecord, Trajectory,
+                                         entropy_deltas, entropy_reducing, model_mask,
+                                         segment_entropies)
 
 STABLE_KEYS = (
     "tepo/h_r0", "tepo/h_later", "tepo/dh_mean", "tepo/dh_std", "tepo/frac_reducing",
@@ -62,16 +66,24 @@ def entropy_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
     }
 
 
+def call_tools(call: ToolCallRecord) -> tuple[str, ...]:
+    """The distinct tool names of a call record, in order: one for a single call, several
+    for a multi-call turn ("get_weather,convert" -> ("get_weather", "convert"))."""
+    return tuple(dict.fromkeys(n for n in call.name.split(",") if n)) or (call.name,)
+
+
 def per_tool_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
-    """ΔH mean, reducing fraction and call count per tool name."""
+    """ΔH mean and std, reducing fraction and call count per tool name."""
     deltas, reducing = defaultdict(list), defaultdict(list)
     for t in trajs:
         for call, dh, i_k in zip(t.tool_calls, entropy_deltas(t), entropy_reducing(t)):
-            deltas[call.name].append(dh)
-            reducing[call.name].append(i_k)
+            for name in call_tools(call):
+                deltas[name].append(dh)
+                reducing[name].append(i_k)
     out = {}
     for name in sorted(deltas):
         out[f"tepo/dh/{name}"] = _mean(deltas[name])
+        out[f"tepo/dh_std/{name}"] = _std(deltas[name])
         out[f"tepo/frac_reducing/{name}"] = float(np.mean(reducing[name]))
         out[f"tepo/calls/{name}"] = float(len(reducing[name]))
     return out
