@@ -4,7 +4,13 @@ PATH is an HF checkpoint directory (config.json + safetensors, e.g. a run's `sft
 run's orbax checkpoint directory (`<workdir>/checkpoints`, the latest readable step is used).
 Runs the agent greedily (or `--samples N` sampled rollouts per question) on the config's
 held-out split and reports accuracy, F1, tool calls per question, tool failure rate and ΔH
-statistics per tool; the trajectories, with per-token entropy, go to `--out`.
+statistics per tool (`eval/tepo/dh/<tool>`, `eval/tepo/dh_std/<tool>`, ...); the trajectories,
+with per-token entropy, go to `--out` (default `<workdir>/evaluate/`) as `trajectories.jsonl`
+next to `metrics.json`.
+
+An HF directory that carries a tokenizer must agree with the config's tokenizer (the same
+vocabulary) and with the model (no token id past the embedding table); otherwise it is a
+one-line error saying which to fix, since token ids would mean different things.
 """
 from __future__ import annotations
 
@@ -24,61 +30,115 @@ from tepo_jax.rl import loop as rl_loop
 from tepo_jax.rl.optim import build_optimizer
 from tepo_jax.rl.train_step import create_train_state
 from tepo_jax.rollout import trajectory as traj_lib
+from tepo_jax.tokenizer import load_tokenizer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint dir or a run's checkpoints dir")
-_SAMPLES = flags.DEFINE_integer("samples", 0, "0: one greedy rollout per question; N: N sampled ones")
-_SPLIT = flags.DEFINE_enum("split", "eval", ["eval", "train"], "which examples to run")
-_LIMIT = flags.DEFINE_integer("limit", 0, "evaluate only the first N questions (0: all)")
-_OUT = flags.DEFINE_string("out", None, "output dir (default: <workdir>/evaluate)")
+HF, ORBAX = "hf", "orbax"
+_TOKENIZER_FILES = (  # the files tepo_jax.tokenizer.load_tokenizer looks for
+    "tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def checkpoint_kind(checkpoint: str) -> str:
+    """'hf' (a directory with config.json) or 'orbax' (a directory of numbered step dirs);
+    anything else is a FileNotFoundError, raised before anything is built."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--checkpoint={checkpoint}: no such directory")
+    if (path / "config.json").is_file():
+        return HF
+    if any(p.is_dir() and p.name.isdigit() for p in path.iterdir()):
+        return ORBAX
+    hint = f" (did you mean {path / 'checkpoints'}?)" if (path / "checkpoints").is_dir() else ""
+    raise FileNotFoundError(f"--checkpoint={checkpoint}: neither an HF checkpoint (config.json) "
+                            f"nor orbax step directories{hint}")
+
+
+def check_vocab(model_vocab: int, tokenizer, checkpoint: Path) -> None:
+    """The config's tokenizer fits the model, and equals the checkpoint's own tokenizer if
+    the checkpoint carries one. ValueError (one line) otherwise."""
+    if len(tokenizer) > model_vocab:
+        raise ValueError(f"the config's tokenizer has {len(tokenizer)} tokens but the model at "
+                         f"{checkpoint} has a vocabulary of {model_vocab}")
+    if not any((checkpoint / f).is_file() for f in _TOKENIZER_FILES):
+        return
+    own = load_tokenizer(checkpoint)
+    if len(own) > model_vocab:
+        raise ValueError(f"{checkpoint}: its tokenizer has {len(own)} tokens but its model a "
+                         f"vocabulary of {model_vocab}")
+    if own.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"{checkpoint}: its tokenizer ({len(own)} tokens) differs from the "
+                         f"config's ({len(tokenizer)} tokens); evaluate with "
+                         f"--config.tokenizer.path={checkpoint}")
 
 
 def load_policy(config, checkpoint: str, mesh, tokenizer):
     """The policy at `checkpoint`: an HF directory, or the latest orbax step of a run."""
     path = Path(checkpoint)
-    if (path / "config.json").exists():
-        return load_hf(str(path), mesh=mesh)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--checkpoint={checkpoint}: no such directory")
+    if checkpoint_kind(checkpoint) == HF:
+        model = load_hf(str(path), mesh=mesh)
+        check_vocab(model.cfg.vocab_size, tokenizer, path)
+        return model
     model = experiment.build_model(config, mesh, tokenizer)
     optimizer = build_optimizer(experiment.optim_config(config, experiment.RL))
     model_def, state, _ = create_train_state(model, optimizer, mesh)
     restored = RunCheckpointer(str(path), keep=config.train.keep_checkpoints).restore_latest(abstract_like(state))
     if restored is None:
-        raise FileNotFoundError(f"--checkpoint={checkpoint}: no readable checkpoint (neither config.json "
-                                "nor orbax steps)")
+        raise FileNotFoundError(f"--checkpoint={checkpoint}: no readable orbax checkpoint")
     return model_def.merge(restored[1].params)
 
 
 def evaluate(config, checkpoint: str, *, samples: int = 0, split: str = "eval", limit: int = 0,
              out: str | None = None) -> dict:
+    """Metrics of the policy at `checkpoint` on `split`; writes trajectories and metrics."""
     validate(config)
+    checkpoint_kind(checkpoint)   # a bad path fails here, before data, tools and model
     exp = experiment.setup(config)
     try:
         model = load_policy(config, checkpoint, exp.mesh, exp.tokenizer)
         examples = exp.eval_examples if split == "eval" else exp.train_examples
         examples = examples[:limit] if limit else examples
+        if not examples:
+            raise ValueError(f"no {split} examples to evaluate (config.data)")
         agent = experiment.make_agent(config, model, exp, min(64, len(examples) * max(samples, 1)))
         trajs = agent.run(examples, seed=config.seed, group_size=max(samples, 1), greedy=samples == 0)
         metrics = rl_loop.eval_metrics(trajs)
         out_dir = Path(out or Path(config.workdir) / "evaluate")
         out_dir.mkdir(parents=True, exist_ok=True)
         traj_lib.write_jsonl(out_dir / "trajectories.jsonl", trajs)
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (out_dir / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=1))
         return metrics
     finally:
         exp.close()
 
 
+def _json_ready(metrics: dict) -> dict:
+    return {k: (None if v != v else v) for k, v in metrics.items()}   # JSON has no NaN
+
+
+_FLAGS: dict = {}
+
+
+def define_flags() -> None:
+    """The CLI flags, defined only when run as a program: tepo_jax.train defines --config
+    too, and a process (a test) may import both modules."""
+    _FLAGS.update(
+        config=config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)"),
+        checkpoint=flags.DEFINE_string("checkpoint", None, "HF checkpoint dir or a run's checkpoints dir"),
+        samples=flags.DEFINE_integer("samples", 0, "0: one greedy rollout per question; N: N sampled ones"),
+        split=flags.DEFINE_enum("split", "eval", ["eval", "train"], "which examples to run"),
+        limit=flags.DEFINE_integer("limit", 0, "evaluate only the first N questions (0: all)"),
+        out=flags.DEFINE_string("out", None, "output dir (default: <workdir>/evaluate)"))
+
+
 def main(argv) -> None:
     del argv
-    if _CONFIG.value is None or _CHECKPOINT.value is None:
+    f = {k: v.value for k, v in _FLAGS.items()}
+    if f["config"] is None or f["checkpoint"] is None:
         sys.exit("error: --config and --checkpoint are required")
     try:
-        metrics = evaluate(_CONFIG.value, _CHECKPOINT.value, samples=_SAMPLES.value, split=_SPLIT.value,
-                           limit=_LIMIT.value, out=_OUT.value)
+        metrics = evaluate(f["config"], f["checkpoint"], samples=f["samples"], split=f["split"],
+                           limit=f["limit"], out=f["out"])
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if jax.process_index() == 0:
         width = max(map(len, metrics))
         for k, v in sorted(metrics.items()):
@@ -86,4 +146,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
