@@ -7,9 +7,9 @@ benchmarks whose `--help` lists it. A benchmark's LAST stdout line is its headli
     NAME: ours X UNIT, peer Y UNIT, ratio R
 
 A benchmark that exits non-zero, times out, or prints no such line is a row with that
-status, never a crash of the report. The table, the machine (CPU model, cores, jax/torch
-versions, jax backend and devices) and the command go to stdout and to
-`benchmarks/RESULTS.md`.
+status, never a crash of the report. One markdown block (the command, the date, the
+machine: CPU model, cores, jax/torch versions, jax backend and devices; then the table) goes
+to stdout and to `benchmarks/RESULTS.md` (`--out`), ready to embed in the README.
 
     python -m benchmarks.report [--quick] [--timeout S] [--only NAME ...] [--out FILE]
 """
@@ -163,13 +163,15 @@ def _cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ") or "—"
 
 
-def format_markdown(results: Sequence[Result], machine: dict[str, str], command: str) -> str:
+def format_markdown(results: Sequence[Result], machine: dict[str, str], command: str,
+                    quick: bool = False) -> str:
+    """One self-contained markdown block: heading, command, date, machine, the table, and
+    the failures (if any) with their last output lines."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = ["# Benchmark results", "",
-             f"Produced by `{command}` on {now}. Each row is one `benchmarks/*.py`, run as a "
-             "subprocess; ours and peer are measured in the same run on this machine "
-             "(ratio = ours vs peer, as the benchmark defines it).", "",
-             "Machine: " + "; ".join(f"{k}: {v}" for k, v in machine.items()), "",
+    lines = ["### Benchmark results", "",
+             f"- Command: `{command}`",
+             f"- Date: {now}",
+             "- Machine: " + "; ".join(f"{k}: {v}" for k, v in machine.items()), "",
              "| benchmark | ours | peer | ratio | status |", "|---|---|---|---|---|"]
     for r in results:
         label = r.name or r.module
@@ -178,6 +180,12 @@ def format_markdown(results: Sequence[Result], machine: dict[str, str], command:
         status = r.status + (", quick" if r.quick else "") + f", {r.seconds:.0f} s"
         lines.append(f"| {_cell(label)} | {_cell(r.ours)} | {_cell(r.peer)} | "
                      f"{_cell(r.ratio)} | {_cell(status)} |")
+    lines += ["", "Each row is one `benchmarks/NAME.py`, run as a subprocess; ours and the peer "
+                  "are measured in the same run on this machine, and the ratio is ours vs the "
+                  "peer as the benchmark's docstring defines it."]
+    if quick:
+        lines += ["", "`--quick`: the benchmarks marked quick ran at smoke-test sizes; their "
+                      "figures are not comparable with a full `make bench` run."]
     notes = [r for r in results if r.status != "ok" and r.detail]
     if notes:
         lines += ["", "Failures:", ""]
@@ -209,7 +217,7 @@ def main(argv: Sequence[str] | None = None, *, bench_dir: Path = BENCH_DIR,
         print(f"[bench] {m}: {results[-1].status} ({results[-1].seconds:.0f} s)",
               file=sys.stderr, flush=True)
     command = " ".join(["python -m benchmarks.report", *argv])
-    text = format_markdown(results, machine_info(), command)
+    text = format_markdown(results, machine_info(), command, quick=args.quick)
     Path(args.out).write_text(text, encoding="utf-8")
     print(text)
     return 0

@@ -3,6 +3,7 @@
 Two tiny fake benchmarks live in a temporary package (`fakebench`): one good (it accepts
 --quick and prints the headline), one that crashes; plus one that prints no headline.
 """
+import re
 import textwrap
 
 import pytest
@@ -66,7 +67,14 @@ def test_report_table_with_good_failing_and_silent(fake_benchmarks, tmp_path, ca
     assert rows["silent"][3].startswith("no headline")
     assert "kaboom: no accelerator" in text               # the failure reason is shown
     assert "cores:" in text and "jax backend: cpu 1 x fake" in text and "torch:" in text
-    assert "python -m benchmarks.report --quick" in text
+    lines = text.splitlines()
+    assert lines[0] == "### Benchmark results"                     # one block for the README
+    assert lines[2] == "- Command: `python -m benchmarks.report --quick --timeout 60 " \
+                       f"--out {out_md}`"
+    assert re.fullmatch(r"- Date: \d{4}-\d\d-\d\d \d\d:\d\d UTC", lines[3])
+    assert lines[4].startswith("- Machine: cpu: ")
+    assert "smoke-test sizes" in text                                # --quick is said so
+    assert report.format_markdown([], {"cpu": "x"}, "cmd").count("smoke-test") == 0
 
 
 def test_timeout_is_a_row_not_a_crash(fake_benchmarks):
