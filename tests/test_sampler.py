@@ -2,7 +2,9 @@
 
 Tiny random Qwen2 and Llama 3.1 checkpoints are built and saved here, loaded through the real
 loader, and every emitted number is checked against transformers' logits for the same tokens
-(numpy, float64), atol 1e-4 in fp32.
+(numpy, float64), atol 1e-4 in fp32. The greedy and logprob/entropy tests also run with
+vocab_chunk=48, which does not divide the vocabulary of 128 (chunks 0-47, 48-95 and the
+clamped 80-127): the chunked statistics, threshold and inverse-CDF passes end to end.
 """
 import numpy as np
 import pytest
@@ -39,6 +41,21 @@ def samplers(models):
             for name, (_, model, _) in models.items()}
 
 
+@pytest.fixture(scope="module")
+def chunked_samplers(models):
+    return {name: Sampler(model, CONFIG.replace(vocab_chunk=48)) for name, (_, model, _) in models.items()}
+
+
+@pytest.fixture(params=["one_pass", "chunk48"])
+def sampler_for(request, samplers, chunked_samplers):
+    """name -> sampler, for the default config (one pass over V = 128) and vocab_chunk=48."""
+    if request.param == "chunk48":
+        assert chunked_samplers["qwen2"].config.vocab_chunk == 48
+        return chunked_samplers
+    assert samplers["qwen2"].config.vocab_chunk >= 128
+    return samplers
+
+
 def reference_stats(torch_model, prompt, tokens):
     """(argmax, logprob, entropy) of transformers at each generated position, numpy float64."""
     full = np.asarray(list(prompt) + list(tokens), np.int64)[None]
@@ -61,12 +78,12 @@ def prompts(n, seed=0, lengths=(5, 11, 19, 1, 8, 14, 3)):
 
 
 @pytest.mark.parametrize("name", ["qwen2", "llama"])
-def test_greedy_matches_transformers_generate(name, models, samplers):
+def test_greedy_matches_transformers_generate(name, models, sampler_for):
     import torch
 
     torch_model = models[name][0]
     ps = prompts(3)  # 19 tokens: chunked prefill (bucket 16); 19 + 24 > 32: window grows to 64
-    outs = samplers[name].generate(ps, SamplingParams(greedy=True, max_tokens=24))
+    outs = sampler_for[name].generate(ps, SamplingParams(greedy=True, max_tokens=24))
     for p, out in zip(ps, outs):
         with torch.no_grad():
             ref = torch_model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=24,
@@ -77,13 +94,13 @@ def test_greedy_matches_transformers_generate(name, models, samplers):
 
 
 @pytest.mark.parametrize("name", ["qwen2", "llama"])
-def test_sampled_logprobs_are_untruncated_temperature_1(name, models, samplers):
+def test_sampled_logprobs_are_untruncated_temperature_1(name, models, sampler_for):
     """top-p/top-k/temperature change which tokens are drawn, never what is reported for them."""
     ps = prompts(4, seed=1)
     params = [SamplingParams(temperature=0.7, top_p=0.8, seed=1), SamplingParams(top_k=5, seed=2),
               SamplingParams(temperature=1.3, seed=3), SamplingParams(temperature=0.5, top_k=9, top_p=0.9, seed=4)]
     params = [SamplingParams(**{**p.__dict__, "max_tokens": 16}) for p in params]
-    outs = samplers[name].generate(ps, params)
+    outs = sampler_for[name].generate(ps, params)
     for p, out in zip(ps, outs):
         assert_stats_match(models[name][0], p, out)
 

@@ -8,7 +8,7 @@ from flax import nnx
 from tepo_jax.models.config import ModelConfig
 from tepo_jax.models.decoder import Decoder
 from tepo_jax.sampling import Sampler, SamplerConfig, SamplingParams
-from tepo_jax.sampling.sample import SlotSampling, _sortable, sample_tokens, truncation_threshold
+from tepo_jax.sampling.sample import SlotSampling, _inverse_cdf, _sortable, sample_tokens, truncation_threshold
 
 
 def numpy_kept(z, temperature, top_k, top_p):
@@ -65,6 +65,28 @@ def test_sampled_frequencies_follow_the_truncated_distribution(temperature, top_
     p /= p.sum()
     assert np.all(freq[p == 0] == 0)
     assert np.all(np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / n) + 1e-9), (freq, p)
+
+
+@pytest.mark.parametrize("vocab,chunk", [(1000, 128), (1000, 300), (5000, None), (50, None)])
+def test_inverse_cdf_picks_the_token_whose_interval_holds_u(vocab, chunk):
+    """The two-level search against numpy's cumulative sum (float64): u in the middle of token
+    j's CDF interval draws j; u = 0 draws the first kept token; u = 1 (past the float32 total)
+    falls back to the last kept token. Rows 4-7 truncate at a random threshold."""
+    rng = np.random.default_rng(vocab)
+    z = (3 * rng.standard_normal((8, vocab))).astype(np.float32)
+    inv_t = rng.uniform(0.5, 2.0, 8).astype(np.float32)
+    thr = np.array(_sortable(jnp.asarray(np.quantile(z, 0.9, axis=-1).astype(np.float32))))
+    thr[:4] = 0
+    keep = np.asarray(_sortable(jnp.asarray(z))) >= thr[:, None]
+    w = np.where(keep, np.exp((z.astype(np.float64) - z.max(-1, keepdims=True)) * inv_t[:, None]), 0.0)
+    cum = np.cumsum(w, -1)
+    probable = [rng.choice(np.flatnonzero(w[r] > 1e-3 * cum[r, -1])) for r in range(8)]
+    u_mid = np.array([(cum[r, j] - w[r, j] / 2) / cum[r, -1] for r, j in enumerate(probable)])
+    draw = jax.jit(_inverse_cdf, static_argnums=4)
+    for u, expected in [(u_mid, probable), (np.zeros(8), keep.argmax(-1)),
+                        (np.ones(8), vocab - 1 - keep[:, ::-1].argmax(-1))]:
+        toks = draw(jnp.asarray(z), jnp.asarray(thr), jnp.asarray(inv_t), jnp.asarray(u, jnp.float32), chunk)
+        np.testing.assert_array_equal(toks, expected)
 
 
 def test_greedy_and_seed_stream():

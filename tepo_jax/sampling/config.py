@@ -34,7 +34,9 @@ class SamplerConfig:
         many tokens of wasted (discarded) compute.
     vocab_chunk: entropy/logprob statistics and sampling visit the vocabulary in chunks of
         this many columns, so their temporaries are [B, chunk] (XLA on CPU materialises the
-        operands of reductions); None = one pass over [B, V] (fine where XLA fuses, TPU/GPU).
+        operands of reductions: keep chunks there). None = one pass per statistic over [B, V],
+        for TPU/GPU where XLA fuses elementwise work into reductions (the inverse-CDF search
+        still works in blocks of 4096 columns, so it never forms a [B, V] cumulative sum).
     max_stop_token_ids: width of the per-slot stop-token table (eos ids + request stop ids).
     """
 

@@ -28,7 +28,7 @@ from flax import nnx
 from jax import lax
 
 from tepo_jax.logprobs import logprob_and_entropy
-from tepo_jax.models.decoder import LayerCache
+from tepo_jax.models.decoder import LayerCache, build_abstract, init_cache
 from tepo_jax.sampling.sample import SlotSampling, sample_tokens
 
 # Device-side finish codes (host maps them to the FINISH_* strings).
@@ -150,3 +150,26 @@ def compile_fns(graphdef, cache_sharding=None):
                   static_argnames=("window", "buf_len", "vocab_chunk", "emit_stats"),
                   donate_argnames=("cache",))
     return pre, dec
+
+
+def abstract_slots(batch: int, max_stop_ids: int = 8) -> SlotState:
+    """SlotState of ShapeDtypeStructs, for lowering decode without data."""
+    def arr(dtype, *shape):
+        return jax.ShapeDtypeStruct(shape or (batch,), dtype)
+
+    i32 = jnp.int32
+    return SlotState(arr(i32), arr(i32), arr(bool), arr(i32), arr(i32), arr(i32, batch, max_stop_ids),
+                     SlotSampling(arr(jnp.float32), arr(jnp.float32), arr(i32), arr(bool), arr(jnp.uint32)))
+
+
+def decode_temp_bytes(model_cfg, batch: int, window: int, steps: int, vocab_chunk: Optional[int],
+                      emit_stats: bool = True) -> int:
+    """XLA scratch (temp) bytes of one decode call, compiled for abstract inputs: nothing is
+    allocated, so it also works for shapes that would not fit in memory."""
+    graphdef, state = nnx.split(build_abstract(model_cfg))
+    cache = jax.eval_shape(lambda: init_cache(model_cfg, batch, window))
+    _, dec = compile_fns(graphdef)
+    compiled = dec.lower(state, cache, abstract_slots(batch), jax.ShapeDtypeStruct((), jnp.int32),
+                         window=window, buf_len=steps, vocab_chunk=vocab_chunk,
+                         emit_stats=emit_stats).compile()
+    return compiled.memory_analysis().temp_size_in_bytes

@@ -14,17 +14,21 @@ all kept. Each bisection step is one fused reduction over [B, V] (no sort, no se
 array); the 64 steps only run when some row truncates (`lax.cond`).
 
 Sampling is the inverse CDF of the kept, temperature-scaled distribution with ONE uniform per
-row: one pass sums the kept mass, a second walks the vocabulary with a running cumulative sum
-and takes the first token past u * total. Unlike Gumbel-max it needs no random number per
-vocabulary entry (on CPU the threefry bits alone were ~4 [B, V] buffers and a large share of
-the step). The uniform of sequence b's token at position i comes from fold_in(key(seed_b), i):
-the same seed gives the same tokens whatever else is in the batch and however the decode is
-split into device calls.
+row: the first token whose cumulative kept mass exceeds u * total. The search has two levels
+so that no cumulative sum over [B, V] is formed (a scan always materialises its output, on
+every backend): running block sums find the block of c columns holding the crossing, then a
+cumulative sum over that block alone ([B, c]) finds the token. Unlike Gumbel-max it needs no
+random number per vocabulary entry (on CPU the threefry bits alone were ~4 [B, V] buffers and
+a large share of the step). The uniform of sequence b's token at position i comes from
+fold_in(key(seed_b), i): the same seed gives the same tokens whatever else is in the batch and
+however the decode is split into device calls.
 
 Memory: every pass goes through `vocab_fold`, which visits the vocabulary in chunks of
 `vocab_chunk` columns (dynamic slices, no copies), so the temporaries XLA materialises are
-[B, chunk], never a second [B, V] array — XLA's CPU backend does not fuse elementwise work
-into reductions, so an unchunked pass would materialise its operands at full size.
+[B, chunk], never a second [B, V] array. With vocab_chunk None each pass is one elementwise +
+reduction over [B, V]: no second [B, V] array where XLA fuses the elementwise work into the
+reduction (TPU/GPU); XLA's CPU backend does not, and materialises the operands (hence chunks
+on CPU).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 _NEG_INF = -jnp.inf
+_CDF_BLOCK = 4096  # block width of the inverse-CDF search when vocab_chunk is None
 
 
 class SlotSampling(NamedTuple):
@@ -92,21 +97,23 @@ def _bisect(pred, z: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
     return lax.fori_loop(0, 32, body, (lo, hi, z))[0]
 
 
-def _weights(zc, fresh, m, inv_t, threshold):
-    """Unnormalised kept probabilities e^((z - m)/T) of a chunk, 0 where truncated or stale."""
-    keep = (_sortable(zc) >= threshold[:, None]) & fresh[None]
+def _weights(zc, mask, m, inv_t, threshold):
+    """Unnormalised kept probabilities e^((z - m)/T) of a chunk [B, c], 0 where truncated or
+    where `mask` (broadcastable to [B, c]) is False."""
+    keep = (_sortable(zc) >= threshold[:, None]) & mask
     return jnp.where(keep, jnp.exp((zc - m[:, None]) * inv_t[:, None]), 0.0)
 
 
 def truncation_threshold(z: jax.Array, s: SlotSampling, inv_t: jax.Array,
                          chunk: Optional[int] = None) -> jax.Array:
-    """uint32[B]: the sortable key of the smallest kept logit per row (top-k, then top-p)."""
+    """uint32[B]: the sortable key of the smallest kept logit per row (top-k, then top-p).
+
+    The bisections search all of [0, 2^32 - 1): key 0 keeps every token, and 2^32 - 1 (a NaN's
+    key) keeps none of finite logits, so no pass is needed to bound the search.
+    """
     b = z.shape[0]
-    big = jnp.full((b,), 0xFFFFFFFF, jnp.uint32)
-    lo, hi = vocab_fold(z, chunk, lambda c, zc, col, fresh: (
-        jnp.minimum(c[0], jnp.min(jnp.where(fresh, _sortable(zc), big[:, None]), axis=-1)),
-        jnp.maximum(c[1], jnp.max(_sortable(zc), axis=-1))), (big, jnp.zeros((b,), jnp.uint32)))
-    hi = hi + 1  # finite logits: the max key is far below 2^32 - 1
+    lo = jnp.zeros((b,), jnp.uint32)
+    hi = jnp.full((b,), 0xFFFFFFFF, jnp.uint32)
     zero_i = jnp.zeros((b,), jnp.int32)
 
     def count(zz, t):  # top-k: count(keys >= t) >= k; k = 0 or k >= V keeps everything (t = lo).
@@ -118,38 +125,56 @@ def truncation_threshold(z: jax.Array, s: SlotSampling, inv_t: jax.Array,
 
     def mass(zz, t):  # top-p on the top-k set, probabilities at temperature T
         return vocab_fold(zz, chunk, lambda c, zc, col, fresh: c + jnp.sum(
-            _weights(zc, fresh, m, inv_t, t), axis=-1), jnp.zeros((b,), jnp.float32))
+            _weights(zc, fresh[None], m, inv_t, t), axis=-1), jnp.zeros((b,), jnp.float32))
 
     total = mass(z, t_k)
     t_p = _bisect(lambda zz, t: mass(zz, t) >= s.top_p * total, z, t_k, hi)
     return jnp.where(s.top_p < 1.0, t_p, t_k)
 
 
+def _first(mask, fallback):
+    """Per row, the first column where mask [B, n] holds, else fallback [B]."""
+    return jnp.where(jnp.any(mask, axis=-1), jnp.argmax(mask, axis=-1), fallback)
+
+
+def _last(mask):
+    """Per row, the last column where mask [B, n] holds (0 if none)."""
+    return mask.shape[-1] - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
+
+
 def _inverse_cdf(z, threshold, inv_t, u, chunk):
     """Categorical sample by inverse CDF of the kept e^((z - m)/T), one uniform u per row.
 
-    Pass 1 sums the kept mass; pass 2 walks the chunks with a running cumulative sum and
-    records the first column where it exceeds u * total. Temporaries are [B, chunk].
+    Two levels, so no cumulative sum over [B, V] is ever formed. Blocks are vocab_fold's
+    chunks of c = chunk columns (_CDF_BLOCK when chunk is None). Pass 1 sums the kept mass;
+    pass 2 adds it up block by block and records the block where the running mass first
+    exceeds u * total, and the mass before it; a cumulative sum inside that one block
+    ([B, c], gathered per row) then finds the token.
     """
     b, v = z.shape
+    c = min(chunk or _CDF_BLOCK, v)
     m = jnp.max(z, axis=-1)
-    total = vocab_fold(z, chunk, lambda c, zc, col, fresh: c + jnp.sum(
-        _weights(zc, fresh, m, inv_t, threshold), axis=-1), jnp.zeros((b,), jnp.float32))
+    mass = lambda zc, fresh: jnp.sum(_weights(zc, fresh[None], m, inv_t, threshold), axis=-1)  # noqa: E731
+    total = vocab_fold(z, c, lambda t, zc, col, fresh: t + mass(zc, fresh), jnp.zeros((b,), jnp.float32))
     target = u * total
 
-    def walk(carry, zc, col, fresh):
-        before, found, last = carry
-        w = _weights(zc, fresh, m, inv_t, threshold)
-        cum = before[:, None] + jnp.cumsum(w, axis=-1)
-        hit = (cum > target[:, None]) & (w > 0)
-        first = jnp.min(jnp.where(hit, col[None], v), axis=-1)
-        last = jnp.maximum(last, jnp.max(jnp.where(w > 0, col[None], -1), axis=-1))
-        return cum[:, -1], jnp.minimum(found, first), last
+    def find_block(carry, zc, col, fresh):
+        # Every block with mass updates (block, before) until one passes the target, so if
+        # rounding leaves u * total at or past the final sum, the last block with mass is used.
+        run, block, before, found = carry
+        new = run + mass(zc, fresh)
+        update = ~found & (new > run)
+        return (new, jnp.where(update, col[-1] // c, block), jnp.where(update, run, before),
+                found | (update & (new > target)))
 
-    init = (jnp.zeros((b,), jnp.float32), jnp.full((b,), v, jnp.int32), jnp.full((b,), -1, jnp.int32))
-    _, found, last = vocab_fold(z, chunk, walk, init)
-    # Rounding can leave u * total at or past the final cumulative sum: take the last kept token.
-    return jnp.where(found < v, found, jnp.maximum(last, 0)).astype(jnp.int32)
+    zero = jnp.zeros((b,), jnp.float32)
+    init = (zero, jnp.zeros((b,), jnp.int32), zero, jnp.zeros((b,), bool))
+    _, block, before, _ = vocab_fold(z, c, find_block, init)
+    start = jnp.minimum(block * c, v - c)  # the last block ends at V, as in vocab_fold
+    cols = start[:, None] + jnp.arange(c)
+    w = _weights(jnp.take_along_axis(z, cols, 1), cols >= (block * c)[:, None], m, inv_t, threshold)
+    hit = (before[:, None] + jnp.cumsum(w, axis=-1) > target[:, None]) & (w > 0)
+    return (start + _first(hit, _last(w > 0))).astype(jnp.int32)
 
 
 def _argmax(z, chunk):

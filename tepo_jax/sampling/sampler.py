@@ -101,11 +101,13 @@ class Sampler:
         return NamedSharding(self.mesh, spec)
 
     def _init_cache(self):
+        # Committed to a device, as the caches prefill/decode return are: an uncommitted first
+        # cache would make their first call compile once more than the later ones.
         c, m = self.config, self.model_config
         make = lambda: init_cache(m, c.max_slots, c.max_len, dtype=m.dtype)  # noqa: E731
-        if self._cache_sharding is None:
-            return jax.jit(make)()
-        return jax.jit(make, out_shardings=self._cache_sharding)()
+        device = next(iter(jax.tree.leaves(self._state)[0].devices()))  # (mesh None: one device)
+        sharding = self._cache_sharding or jax.sharding.SingleDeviceSharding(device)
+        return jax.jit(make, out_shardings=sharding)()
 
     def update_params(self, model_or_state) -> None:
         """Use new parameters (same structure), e.g. after a train step."""
@@ -165,6 +167,11 @@ class Sampler:
         """Free a slot (finished or not); its cache rows are reused by the next request."""
         self._slot(slot)
         self.slots[slot] = _Slot()
+
+    def prefill(self) -> None:
+        """Write the pending tokens of every running slot into the cache now. step() does this
+        itself first; calling it separately lets a caller (a benchmark) time decode alone."""
+        self._run_prefills()
 
     def step(self) -> list[TurnOutput]:
         """Prefill pending tokens, run one device decode call, return the turns that finished."""
