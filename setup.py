@@ -28,7 +28,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # torch (CPU build) is only the reference implementation the parity tests compare against.
-    "test": ["pytest>=8", "pytest-timeout", "torch", "quicktok-v1", "nbclient", "nbformat",
+    # tiktoken: transformers' TikTokenConverter builds the Qwen2.5 / Llama-3 tokenizers in the tests.
+    "test": ["pytest>=8", "pytest-timeout", "torch", "quicktok-v1", "tiktoken", "nbclient", "nbformat",
              "ipykernel"],
     "tpu": ["jax[tpu]>=0.10"],
     "gpu": ["jax[cuda12]>=0.10"],
