@@ -236,3 +236,115 @@ def test_concurrent_runs_are_independent():
         results = list(pool.map(lambda c: tool.run(c, timeout=1.0), codes))
     assert [r.text.strip() for r in results[:8]] == [str(i * 2) for i in range(8)]
     assert results[8].status is ToolStatus.TIMEOUT
+
+
+# ---- the process limit as a non-root user -----------------------------------------------------
+def _as_non_root(monkeypatch, userns=True):
+    from tepo_jax.tools import sandbox
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(sandbox, "_kernel_version", lambda: (6, 1))
+    monkeypatch.setattr(sandbox, "user_namespaces_work", lambda: userns)
+    return sandbox
+
+
+def _after(argv, flag):
+    return argv[argv.index(flag) + 1:]
+
+
+def test_non_root_argv_limits_processes_in_its_own_user_namespace(monkeypatch):
+    sandbox = _as_non_root(monkeypatch)
+    cfg = SandboxConfig(max_processes=32)
+    nproc = "--nproc=32:32"
+    scope, _ = sandbox.nproc_scope(cfg, "/usr/bin/bwrap", dedicated_uid=False)
+    argv = sandbox.command(cfg, "/usr/bin/bwrap", None, scope)
+    bwrap_opts, inner = argv[:argv.index("--")], _after(argv, "--")
+    assert scope == "userns" and "--unshare-user" in bwrap_opts and "--cap-add" not in bwrap_opts
+    assert inner[0] == "prlimit" and nproc in inner and "setpriv" not in inner
+    scope, _ = sandbox.nproc_scope(cfg, None, dedicated_uid=False)
+    argv = sandbox.command(cfg, None, None, scope)
+    assert scope == "userns" and argv[:4] == ["unshare", "--user", "--", "prlimit"] and nproc in argv
+    tool = PythonTool(SandboxConfig(use_bwrap=False))
+    assert tool.nproc == "userns" and tool.mode.endswith("+nproc/userns")
+    # Where the limit cannot count one run alone it is left out (with a warning), not set
+    # host-wide for the uid, where the trainer's own threads would exhaust it.
+    monkeypatch.setattr(sandbox, "user_namespaces_work", lambda: False)
+    assert sandbox.nproc_scope(cfg, None, dedicated_uid=False)[0] is None
+    monkeypatch.setattr(sandbox, "_kernel_version", lambda: (5, 10))
+    scope, why = sandbox.nproc_scope(cfg, "/usr/bin/bwrap", dedicated_uid=False)
+    assert scope is None and "5.14" in why and nproc not in sandbox.command(cfg, "/usr/bin/bwrap", None, scope)
+
+
+def test_root_argv_limits_processes_of_a_dedicated_uid(monkeypatch):
+    from tepo_jax.tools import sandbox
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    cfg = SandboxConfig(max_processes=32)
+    assert sandbox.nproc_scope(cfg, "/usr/bin/bwrap", dedicated_uid=True)[0] == "uid"
+    inner = _after(sandbox.command(cfg, "/usr/bin/bwrap", 61000, "uid"), "--")
+    assert inner[0] == "prlimit" and "--nproc=32:32" in inner and "setpriv" in inner
+    assert sandbox.nproc_scope(cfg, None, dedicated_uid=False)[0] is None  # root ignores it
+
+
+FORK_COUNT = """import os, time
+n = 0
+try:
+    while n < 1000:
+        if os.fork() == 0:
+            time.sleep(3)
+            os._exit(0)
+        n += 1
+    print("no limit: forked", n)
+except OSError as e:
+    print("fork refused after", n, "children", type(e).__name__)
+"""
+NOBODY = 65534
+
+
+def _non_root_prefix():
+    """argv prefix that runs a command as a non-root uid, or None (skip)."""
+    if os.geteuid() != 0:
+        return []
+    import shutil
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"] \
+        if shutil.which("setpriv") else None
+
+
+@pytest.mark.parametrize("mode", ["bwrap", "unshare"])
+def test_fork_bomb_stopped_by_the_process_limit_as_non_root(mode, monkeypatch):
+    """A real run as a non-root uid: the run's forks are refused at max_processes, while 40
+    other processes of the same uid outside the run do not count against it."""
+    import shutil
+    from tepo_jax.tools import python_tool, sandbox
+    prefix = _non_root_prefix()
+    python = "/usr/bin/python3"  # world-readable, unlike an interpreter under /root
+    if prefix is None or not os.path.exists(python) or not sandbox.path_traversable_by_others(python):
+        pytest.skip("needs a non-root uid (setpriv when root) and a world-accessible /usr/bin/python3")
+    if mode == "bwrap" and not HAVE_BWRAP:
+        pytest.skip("bubblewrap (bwrap) not installed")
+    probe = subprocess.run(prefix + ["unshare", "--user", "true"], capture_output=True)
+    if mode == "unshare" and (shutil.which("unshare") is None or probe.returncode != 0):
+        pytest.skip(f"no unprivileged user namespaces here: {probe.stderr.decode()[:200]}")
+    if os.geteuid() == 0:
+        monkeypatch.setattr(os, "geteuid", lambda: NOBODY)  # argv as the non-root host builds it
+    monkeypatch.setattr(sandbox, "visible_paths", lambda cfg: [p for p in sandbox._SYSTEM_DIRS
+                                                               if os.path.lexists(p)])
+    cfg = SandboxConfig(python=python, max_processes=16, timeout_s=10.0)
+    bwrap = find_bwrap() if mode == "bwrap" else None
+    scope, why = sandbox.nproc_scope(cfg, bwrap, dedicated_uid=False)
+    assert scope == "userns", why
+    argv = prefix + sandbox.command(cfg, bwrap, None, scope)
+    others = [subprocess.Popen(prefix + ["sleep", "30"]) for _ in range(40)] if prefix else []
+    try:
+        t0 = time.monotonic()
+        raw = python_tool.run_process(argv, FORK_COUNT.encode(), t0 + 10.0, 1 << 20, cwd="/tmp",
+                                      start_new_session=True)
+        wall = time.monotonic() - t0
+    finally:
+        for p in others:
+            p.kill()
+            p.wait()
+    out = raw.stdout.decode()
+    assert not raw.timed_out and wall < 10.0, (wall, out, raw.stderr_tail[-300:])
+    assert out.startswith("fork refused after") and "BlockingIOError" in out, (out, raw.stderr_tail[-300:])
+    children = int(out.split()[3])
+    # The run itself (python, and bwrap's init under bwrap) takes 1-2 of the 16.
+    assert 16 - 3 <= children <= 16, out

@@ -61,8 +61,12 @@ class PythonTool:
             raise SandboxUnavailable(f"python tool needs {', '.join(missing)} (util-linux) "
                                      "on PATH to apply resource limits")
         self._uids = self._uid_pool()
+        self.nproc, why = sandbox.nproc_scope(config, self.bwrap, self._uids is not None)
+        if self.nproc is None:
+            log.warning("python tool: no process limit (RLIMIT_NPROC): %s; a fork bomb is stopped "
+                        "only by the deadline%s", why, " and the PID namespace" if self.bwrap else "")
         self.mode = ("bwrap" if self.bwrap else "limits-only") + \
-            (f"+uid{config.uid_base}.." if self._uids else "")
+            (f"+uid{config.uid_base}.." if self._uids else "") + (f"+nproc/{self.nproc}" if self.nproc else "")
 
     def _no_sandbox(self):
         why = "disabled by config (use_bwrap=False)" if not self.config.use_bwrap \
@@ -116,7 +120,7 @@ class PythonTool:
                 return None
         workdir = None
         try:
-            argv = sandbox.command(self.config, self.bwrap, uid)
+            argv = sandbox.command(self.config, self.bwrap, uid, self.nproc)
             kwargs = dict(env=dict(self.config.env), start_new_session=True)
             if not self.bwrap:
                 workdir = tempfile.mkdtemp(prefix="tepo_py_")

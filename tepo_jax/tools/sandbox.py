@@ -14,12 +14,22 @@ Layers (outermost first), each there because the one inside it has a gap:
    Unprivileged, the code also cannot read root-only files (/etc/shadow) or signal the host.
    Under bwrap the switch is done by `setpriv` inside the sandbox, so bwrap itself keeps the
    privileges it needs to set up mounts; without bwrap, Popen's `user=`/`group=` does it.
+
+The process limit (RLIMIT_NPROC) must count one run's processes only. Linux (>= 5.14) counts
+it per (user namespace, real uid) and exempts real uid 0, so (`nproc_scope`):
+  "uid"    root: each run has its own uid (layer 3), nothing else runs as it;
+  "userns" not root: each run gets its own user namespace — bwrap's `--unshare-user`, or
+           util-linux `unshare --user` without bwrap — so the host's other processes of the
+           same uid (the trainer's threads included) do not count;
+  None     root without a dedicated uid, a kernel older than 5.14 (the count would be
+           host-wide for the uid) or no user namespaces: the limit is left out, with a warning.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import shutil
+import subprocess
 import sys
 from typing import List, Optional, Tuple
 
@@ -36,7 +46,7 @@ class SandboxConfig:
     timeout_s: float = 10.0          # wall-clock deadline; the whole sandbox is killed at it
     cpu_s: int = 10                  # RLIMIT_CPU per process
     memory_bytes: int = 1 << 30      # RLIMIT_AS per process
-    max_processes: int = 32          # RLIMIT_NPROC for the sandbox uid
+    max_processes: int = 32          # RLIMIT_NPROC: processes of one run (see nproc_scope)
     max_file_bytes: int = 16 << 20   # RLIMIT_FSIZE: largest file the code may write
     tmpfs_bytes: int = 64 << 20      # size of the private /tmp under bwrap
     max_output_chars: int = 4000     # what the model sees; the rest is cut with a marker
@@ -58,15 +68,43 @@ def find_bwrap() -> Optional[str]:
     return shutil.which("bwrap")
 
 
-def prlimit_args(cfg: SandboxConfig) -> List[str]:
-    """The `prlimit` prefix applying the resource limits. Hard limits equal soft ones so code
-    cannot raise them, except CPU: soft < hard gives SIGXCPU first (a clear "CPU limit" cause
-    in the result) and SIGKILL a second later if the code ignores it."""
+def nproc_scope(cfg: SandboxConfig, bwrap: Optional[str], dedicated_uid: bool) -> Tuple[Optional[str], str]:
+    """(scope, why): how RLIMIT_NPROC counts only one run's processes — "uid", "userns" or
+    None (see the module docstring) — and, for None, why it cannot."""
+    if dedicated_uid:
+        return "uid", ""
+    if os.geteuid() == 0:
+        return None, "running as root without a dedicated uid (root ignores RLIMIT_NPROC)"
+    if _kernel_version() < (5, 14):
+        return None, "Linux < 5.14 counts RLIMIT_NPROC over every process of the uid"
+    if not bwrap and not user_namespaces_work():
+        return None, "no user namespace for the run (`unshare --user true` failed)"
+    return "userns", ""
+
+
+def _kernel_version() -> Tuple[int, int]:
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def user_namespaces_work() -> bool:
+    """Whether util-linux `unshare --user` can give a run its own user namespace here."""
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        return subprocess.run(["unshare", "--user", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def prlimit_args(cfg: SandboxConfig, nproc: bool) -> List[str]:
+    """The `prlimit` prefix applying the resource limits (RLIMIT_NPROC only if `nproc`: where
+    it counts one run alone). Hard limits equal soft ones so code cannot raise them, except
+    CPU: soft < hard gives SIGXCPU first (a clear "CPU limit" cause in the result) and SIGKILL
+    a second later if the code ignores it."""
     limits = {"cpu": cfg.cpu_s, "as": cfg.memory_bytes, "fsize": cfg.max_file_bytes,
               "core": 0}
-    if os.geteuid() == 0 and cfg.drop_privileges:
-        # Only meaningful for a dedicated uid: for a shared uid the count would include
-        # every other process of that user on the host.
+    if nproc:
         limits["nproc"] = cfg.max_processes
     hard = dict(limits, cpu=cfg.cpu_s + 1)
     return ["prlimit"] + [f"--{k}={v}:{hard[k]}" for k, v in limits.items()] + ["--"]
@@ -145,13 +183,17 @@ def path_traversable_by_others(path: str) -> bool:
         bool(os.stat(real).st_mode & 0o001)
 
 
-def command(cfg: SandboxConfig, bwrap: Optional[str], uid: Optional[int]) -> List[str]:
-    """The full argv: [bwrap …] prlimit … [setpriv …] python -I -u -."""
-    inner = prlimit_args(cfg)
+def command(cfg: SandboxConfig, bwrap: Optional[str], uid: Optional[int],
+            nproc: Optional[str] = None) -> List[str]:
+    """The full argv: [bwrap … | unshare --user] prlimit … [setpriv …] python -I -u -.
+    `nproc` is the `nproc_scope`; "userns" without bwrap adds the `unshare --user`."""
+    inner = prlimit_args(cfg, nproc is not None)
     if bwrap and uid is not None:
         inner += setpriv_args(uid)
     argv = inner + python_argv(cfg)
-    return (bwrap_args(cfg, bwrap) + argv) if bwrap else argv
+    if bwrap:
+        return bwrap_args(cfg, bwrap) + argv
+    return (["unshare", "--user", "--"] + argv) if nproc == "userns" else argv
 
 
 def missing_helpers(cfg: SandboxConfig, bwrap: Optional[str]) -> List[str]:
