@@ -8,10 +8,13 @@ Three figures per model:
   truncated) to it at the card's precision. One card does not: Qwen2.5-32B says 32.5B while
   its released weights hold 32.76B — listed in CARD_DISCREPANCIES and checked to within 1%.
 """
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
 
+from tepo_jax.models.config import from_hf_config, to_hf_config
 from tepo_jax.models.decoder import build_abstract, count_params
 from tepo_jax.models.presets import PRESETS, PUBLISHED_PARAMS, preset
 
@@ -60,6 +63,9 @@ def test_family_specifics():
     assert q.qkv_bias and q.tie_word_embeddings and q.rope_scaling is None and q.rope_theta == 1e6
     assert not l.qkv_bias and not l.tie_word_embeddings and l.rope_theta == 500_000.0
     assert l.rope_scaling.factor == 8.0 and l.rope_scaling.original_max_position_embeddings == 8192
-    assert l.eos_token_id == 128009 and preset("Llama-3.1-8B").eos_token_id == 128001
+    assert l.eos_token_id == (128001, 128008, 128009) and preset("Llama-3.1-8B").eos_token_id == 128001
+    assert preset("Qwen2.5-7B-Instruct").eos_token_id == 151645 and preset("Qwen2.5-7B").eos_token_id == 151643
+    hf = json.loads(json.dumps(to_hf_config(l)))  # as written to config.json and read back
+    assert hf["eos_token_id"] == [128001, 128008, 128009] and from_hf_config(hf) == l
     with pytest.raises(KeyError, match="unknown model preset"):
         preset("Qwen2.5-9B")

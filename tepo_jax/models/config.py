@@ -157,12 +157,17 @@ def from_hf_config(hf: Mapping[str, Any], *, dtype=None, param_dtype=None) -> Mo
             mlp_bias=bool(hf.get("mlp_bias", False)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
             bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
+            eos_token_id=_ids(hf.get("eos_token_id")),  # int, or a list (Llama 3.1 Instruct)
             dtype=dtype or param_dtype or stored,
             param_dtype=param_dtype or stored,
         )
     except KeyError as e:
         raise UnsupportedConfigError(f"config.json is missing the field {e.args[0]!r}") from None
+
+
+def _ids(value):
+    """A token id field as stored in ModelConfig: None, an int, or a tuple of ints (hashable)."""
+    return tuple(int(i) for i in value) if isinstance(value, (list, tuple)) else value
 
 
 def dtype_name(dtype) -> str:
@@ -195,7 +200,7 @@ def to_hf_config(cfg: ModelConfig, *, dtype=None) -> dict[str, Any]:
         "dtype": dtype_name(dtype or cfg.param_dtype),
         "torch_dtype": dtype_name(dtype or cfg.param_dtype),
         "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
+        "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
     }
     if cfg.family == "llama":
         out.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)

@@ -43,9 +43,10 @@ PUBLISHED_PARAMS = {
     "Llama-3.1-8B": 8.03, "Llama-3.1-70B": 70.6, "Llama-3.1-405B": 405.9,
 }
 
-# The -Instruct models share the base models' shapes; instruct checkpoints end on their
-# chat turn token instead of the base model's end-of-text.
-_INSTRUCT_EOS = {"qwen2": 151645, "llama": 128009}
+# The -Instruct models share the base models' shapes; their config.json eos_token_id is the
+# chat turn token (Qwen2.5: <|im_end|>) or, for Llama 3.1, the list of <|end_of_text|>,
+# <|eom_id|> and <|eot_id|>.
+_INSTRUCT_EOS = {"qwen2": 151645, "llama": (128001, 128008, 128009)}
 
 PRESETS: dict[str, dict] = dict(_BASE)
 for _name, _kw in _BASE.items():
