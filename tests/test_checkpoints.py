@@ -246,3 +246,33 @@ def test_missing_shard(llama_bf16, tmp_path):
     shard = sorted(f for f in os.listdir(out) if f.startswith("model-"))[0]
     os.remove(os.path.join(out, shard))
     _one_line_error(out, rf"{shard}: listed in model\.safetensors\.index\.json but missing")
+
+
+def test_tensors_are_sliced_per_device_before_any_host_copy(llama_bf16):
+    """load_hf reads each tensor as a view of the memory-mapped file (the name map's transposes
+    are strided views) and converts only each device's slice, so no tensor is ever copied whole
+    on the host first; sharded over 8 devices (bf16 file, fp32 params) it equals one device."""
+    import jax
+    from flax import nnx
+
+    from tepo_jax.checkpoints import hf
+    from tepo_jax.checkpoints.name_map import name_map
+    from tepo_jax.models.decoder import build_abstract
+    from tepo_jax.sharding import MeshConfig, make_mesh
+
+    path = llama_bf16[0]
+    cfg = load_hf_config(path, param_dtype=jnp.float32)
+    targets = nnx.to_pure_dict(nnx.state(build_abstract(cfg)))
+    by_tensor = hf._open_shards(path)
+    kinds = set()
+    for rule in name_map(cfg):
+        reader = by_tensor[rule.hf_name]
+        value = hf._read_tensor(rule, reader, hf._get(targets, rule.path))
+        assert value.dtype == ml_dtypes.bfloat16 and np.may_share_memory(value, reader.get(rule.hf_name)), rule.hf_name
+        kinds.add(rule.kind)
+    assert len(kinds) == 3  # copies, input-first linears, o_proj
+    sharded = load_hf(path, mesh=make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), param_dtype=jnp.float32)
+    plain = dict(nnx.to_flat_state(nnx.state(load_hf(path, param_dtype=jnp.float32), nnx.Param)))
+    for p, var in nnx.to_flat_state(nnx.state(sharded, nnx.Param)):
+        assert var[...].dtype == jnp.float32 and len(var[...].sharding.device_set) == 8, p
+        np.testing.assert_array_equal(np.asarray(jax.device_get(var[...])), np.asarray(plain[p][...]), err_msg=str(p))

@@ -5,8 +5,9 @@ Loading goes in one fixed order:
   2. abstract model (nnx.eval_shape: shapes only, no memory);
   3. target sharding per parameter (the mesh's rules, or one device);
   4. the name map (`name_map.py`): HF name <-> our path with its transpose/reshape;
-  5. for each tensor: read it from its shard, check the shape, convert, place it directly on its
-     target sharding (each device gets only its slice; the whole model never sits on one device);
+  5. for each tensor: view it in the memory-mapped shard, check the shape, and place it directly
+     on its target sharding, converting each device's slice on its own (each device gets only
+     its slice; neither the whole model nor a whole tensor is copied on the host first);
   6. merge into the module.
 Export reads the same table backwards. Missing, unexpected or misshaped tensors are a
 `CheckpointError` naming the tensor and the file.
@@ -121,6 +122,8 @@ def _check_keys(rules: list[Rule], by_tensor: dict[str, SafetensorsReader], cfg:
 
 
 def _read_tensor(rule: Rule, reader: SafetensorsReader, target: jax.ShapeDtypeStruct) -> np.ndarray:
+    """The checked tensor in our layout: a view of the memory-mapped file (the name map's
+    transposes and head splits are strided views), not yet converted or copied."""
     want = rule.kind.hf_shape(tuple(target.shape))
     got = reader.shape(rule.hf_name)
     if got != want:
@@ -129,13 +132,15 @@ def _read_tensor(rule: Rule, reader: SafetensorsReader, target: jax.ShapeDtypeSt
     if reader.dtype(rule.hf_name) not in _FLOAT_DTYPES:
         raise CheckpointError(f"tensor {rule.hf_name!r} in {reader.path} has non-float dtype "
                               f"{reader.dtype(rule.hf_name)}")
-    value = rule.kind.to_ours(reader.get(rule.hf_name), tuple(target.shape))
-    return np.ascontiguousarray(value.astype(target.dtype, copy=False))
+    return rule.kind.to_ours(reader.get(rule.hf_name), tuple(target.shape))
 
 
-def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-    """Put a host array on `sharding`: each addressable device receives only its own slice."""
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+def _place(value: np.ndarray, sharding: jax.sharding.Sharding, dtype) -> jax.Array:
+    """Put a host array on `sharding`: each addressable device receives only its own slice,
+    converted to `dtype` and made contiguous slice by slice, so a memory-mapped tensor is never
+    copied whole into host memory (unless one device holds all of it)."""
+    return jax.make_array_from_callback(value.shape, sharding,
+                                        lambda index: np.ascontiguousarray(value[index], dtype=dtype))
 
 
 def _target_shardings(abstract_state, mesh: Optional[Mesh]):
@@ -166,7 +171,7 @@ def load_hf(path, *, mesh: Optional[Mesh] = None, dtype=None, param_dtype=None,
     values = {}
     for rule in rules:
         target, sharding = _get(targets, rule.path), _get(shardings, rule.path)
-        values[rule.path] = _place(_read_tensor(rule, by_tensor[rule.hf_name], target), sharding)
+        values[rule.path] = _place(_read_tensor(rule, by_tensor[rule.hf_name], target), sharding, target.dtype)
     if len(values) != len(jax.tree.leaves(targets)):
         raise CheckpointError(f"internal: name map covers {len(values)} of "
                               f"{len(jax.tree.leaves(targets))} parameters")
