@@ -235,7 +235,8 @@ def main(argv=None):
         if not args.skip_peer:
             peer_total, peer_dec = time_peer(torch_model, args, prompts)
             print(f"transformers generate(do_sample=True, use_cache=True): decode {peer_dec:.2f}s "
-                  f"({n_tokens / peer_dec:.0f} tok/s), end to end {peer_total:.2f}s ({n_tokens / peer_total:.0f} tok/s)")
+                  f"({n_tokens / peer_dec:.0f} tok/s), end to end {peer_total:.2f}s "
+                  f"({n_tokens / peer_total:.0f} tok/s)")
     ours, peer = n_tokens / dec, n_tokens / peer_dec
     print(f"sampler: ours {ours:.0f} tok/s, peer {peer:.0f} tok/s, ratio {ours / peer:.2f}")
 
