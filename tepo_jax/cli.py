@@ -2,6 +2,8 @@
 
     tepo_jax size --model Qwen2.5-7B --mesh 1,8,1 --devices 8 --device-memory 95GB \
         --slots 64 --cache-len 4096 --batch 8 --seq-len 4096 --remat
+    tepo_jax size --config configs/qwen25_7b_grpo_v5p.py --model Qwen2.5-7B --devices 32 \
+        --device-kind tpu-v5p      # model, mesh and workload of each phase from the config
 
 Exit codes: 0 = fits, 1 = does not fit (MemoryBudgetError), 2 = bad arguments.
 """
@@ -35,7 +37,10 @@ def add_size_parser(sub) -> None:
     p = sub.add_parser("size", help="per-device memory of a model + mesh + workload; exit 1 if it does not fit",
                        description="Per-device memory of params, optimizer state, gradients, KV cache and "
                                    "activations (see tepo_jax/sizing.py for the formulas).")
-    p.add_argument("--model", required=True, help="preset name, e.g. Qwen2.5-7B (tepo_jax.models.presets)")
+    p.add_argument("--config", default=None, help="an experiment config (configs/X.py): model, mesh and the "
+                                                  "workload of each phase come from it; the workload flags are ignored")
+    p.add_argument("--model", default=None, help="preset name, e.g. Qwen2.5-7B (tepo_jax.models.presets); with "
+                                                 "--config, the shape to use instead of the config's model")
     p.add_argument("--mesh", type=_mesh, default=None, help="data,fsdp,tensor; one may be -1 (default 1,-1,1)")
     p.add_argument("--devices", type=int, default=None, help="global device count (default: local jax devices)")
     p.add_argument("--device-memory", default=None, help="per-device memory, e.g. 95GB or 16GiB")
@@ -59,37 +64,89 @@ def add_size_parser(sub) -> None:
 
 
 def run_size(args: argparse.Namespace) -> int:
+    from tepo_jax import sizing
+
+    try:
+        if args.config:
+            return _size_config(args)
+        if not args.model:
+            raise ValueError("pass --model PRESET or --config configs/X.py")
+        return _size_model(args)
+    except sizing.MemoryBudgetError as e:
+        print(f"does not fit: {e}")
+        return 1
+    except (KeyError, ValueError) as e:  # unknown preset, bad mesh or memory size, unreadable checkpoint
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+
+
+def _devices_and_mesh(args, mesh_cfg):
     import jax
+    from tepo_jax import sizing
+
+    devices = args.devices or jax.device_count()
+    return devices, sizing.abstract_mesh(mesh_cfg, devices)
+
+
+def _size_model(args) -> int:
     from tepo_jax import sizing
     from tepo_jax.models.presets import preset
     from tepo_jax.sharding import MeshConfig
 
-    try:
-        cfg = preset(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
-    except KeyError as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
-        return 2
-    devices = args.devices or jax.device_count()
-    try:
-        mesh = sizing.abstract_mesh(args.mesh or MeshConfig(), devices)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = preset(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
+    devices, mesh = _devices_and_mesh(args, args.mesh or MeshConfig())
     workload = sizing.Workload(batch=args.batch, seq_len=args.seq_len, slots=args.slots,
                                cache_len=args.cache_len, remat=args.remat, master_fp32=args.master_fp32,
                                moment_dtype=args.moment_dtype, cache_dtype=args.cache_dtype,
                                logits_chunk=args.logits_chunk, optimizer=args.optimizer)
     print(f"{args.model}: {cfg.num_params / 1e9:.2f}B params, mesh {dict(mesh.shape)} over {devices} devices")
-    try:
-        est = sizing.check_fits(cfg, mesh, workload, args.device_memory, args.headroom, args.device_kind)
-    except sizing.MemoryBudgetError as e:
-        print(f"does not fit: {e}")
-        return 1
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    est = sizing.check_fits(cfg, mesh, workload, args.device_memory, args.headroom, args.device_kind)
     print(est.table())
     return 0
+
+
+def _size_config(args) -> int:
+    """Each phase the config runs, sized with its own model, mesh and workload."""
+    import jax.numpy as jnp
+    from tepo_jax import experiment, sizing
+    from tepo_jax.config import validate
+    from tepo_jax.models.presets import preset
+    from tepo_jax.sharding import MeshConfig
+
+    config = validate(load_config_file(args.config))
+    if args.model:
+        m = config.model
+        cfg = preset(args.model, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
+    else:
+        cfg = experiment.target_model_config(config)
+    m = config.mesh
+    devices, mesh = _devices_and_mesh(args, args.mesh or MeshConfig(m.data, m.fsdp, m.tensor))
+    print(f"{args.config}: {cfg.num_params / 1e9:.2f}B params, mesh {dict(mesh.shape)} over {devices} devices")
+    if config.model.tiny and not args.model:
+        print(f"note: tiny model sized with a vocabulary of {experiment.TINY_VOCAB_BOUND} (an upper bound)")
+    failed = 0
+    for phase, workload in experiment.workloads(config).items():
+        print(f"-- {phase}: batch {workload.batch} x {workload.seq_len} tokens, {workload.slots} sampler slots")
+        try:
+            print(sizing.check_fits(cfg, mesh, workload, args.device_memory, args.headroom,
+                                    args.device_kind).table())
+        except sizing.MemoryBudgetError as e:
+            print(f"does not fit: {e}")
+            failed = 1
+    return failed
+
+
+def load_config_file(path: str):
+    """`get_config()` of an experiment file (configs/X.py)."""
+    import importlib.util
+    import os
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such config file")
+    spec = importlib.util.spec_from_file_location("tepo_jax_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 # name -> function adding a subparser (with `func` set); the lead's train/eval commands go here.

@@ -9,6 +9,7 @@ paper is silent (see shared DESIGN.md).
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import ml_collections
@@ -140,6 +141,13 @@ _RULES: list[tuple[str, Any, str]] = [
     ("train.steps", lambda v: v >= 0, "must be >= 0"),
     ("train.micro_batches", lambda v: v >= 1, "must be >= 1"),
     ("train.keep_checkpoints", lambda v: v >= 1, "must be >= 1"),
+    ("train.eval_every", lambda v: v >= 1, "must be >= 1 (steps between evaluations)"),
+    ("train.checkpoint_every", lambda v: v >= 1, "must be >= 1 (steps between checkpoints)"),
+    ("train.log_every", lambda v: v >= 1, "must be >= 1 (steps between trajectory dumps)"),
+    ("data.prompts_per_step", lambda v: v >= 1, "must be >= 1"),
+    ("sft.steps", lambda v: v >= 0, "must be >= 0"),
+    ("sft.batch_size", lambda v: v >= 1, "must be >= 1"),
+    ("sft.redundant_call_rate", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     ("tools.search_backend", lambda v: v in ("local", "remote"), "must be local or remote"),
     ("tokenizer.builtin", lambda v: v in ("qwen2.5", "llama3"), "must be qwen2.5 or llama3"),
 ]
@@ -151,11 +159,32 @@ def _get(c, dotted: str):
     return c
 
 
+def _unknown(name: str, key: str, known) -> str:
+    """`config.a.b: unknown field`, with the closest known name when one is close."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean config.{name[:-len(key)]}{close[0]}?)" if close else ""
+    return f"config.{name}: unknown field{hint}"
+
+
+def unknown_field(config, dotted: str) -> str:
+    """The message for the first part of `dotted` ('rollout.groupsize') that `config` lacks,
+    or '' when the whole path exists."""
+    node, parts = config, dotted.split(".")
+    for i, key in enumerate(parts):
+        name = ".".join(parts[:i + 1])
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"config.{name}: unknown field (config.{'.'.join(parts[:i])} is not a group of fields)"
+        if key not in node:
+            return _unknown(name, key, node.keys())
+        node = node[key]
+    return ""
+
+
 def _check_known_fields(config, reference, prefix="") -> None:
     for key in config.keys():
         name = prefix + key
         if key not in reference:
-            raise ConfigError(f"config.{name}: unknown field")
+            raise ConfigError(_unknown(name, key, reference.keys()))
         value, default = config[key], reference[key]
         if isinstance(default, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict):
@@ -175,14 +204,46 @@ def _check_consistency(c) -> None:
     if c.rollout.max_tokens >= c.rollout.cache_len:
         raise ConfigError("config.rollout.max_tokens: must be smaller than rollout.cache_len "
                           "(the prompt and tool results also live in the cache)")
-    if c.data.task in ("math", "qa") and not c.data.train_path:
-        raise ConfigError(f"config.data.train_path: required for data.task={c.data.task!r}")
-    if c.tools.search_backend == "remote" and c.tools.search and not c.tools.search_url:
-        raise ConfigError("config.tools.search_url: required for the remote search backend")
+    _check_data(c)
+    _check_tools(c)
     batch = c.data.prompts_per_step * c.rollout.group_size
     if batch % c.train.micro_batches:
         raise ConfigError(f"config.train.micro_batches={c.train.micro_batches}: does not divide the "
                           f"{batch} trajectories of a step (prompts_per_step × group_size)")
+
+
+def known_layouts(task: str) -> tuple[str, ...]:
+    """The data.layout values `task` can read (besides 'auto'); imported here, not at the top,
+    so that reading a config stays free of the data modules."""
+    if task == "function_calling":
+        from tepo_jax.data.function_calling import LAYOUTS
+    else:
+        from tepo_jax.data.jsonl import LAYOUTS
+    return tuple(sorted(LAYOUTS))
+
+
+def _check_data(c) -> None:
+    if c.data.task in ("math", "qa") and not c.data.train_path:
+        raise ConfigError(f"config.data.train_path: required for data.task={c.data.task!r}")
+    layouts = known_layouts(c.data.task)
+    if c.data.layout != "auto" and c.data.layout not in layouts:
+        raise ConfigError(f"config.data.layout={c.data.layout!r}: not a layout of data.task="
+                          f"{c.data.task!r}; one of {('auto',) + layouts}")
+
+
+def _check_tools(c) -> None:
+    t = c.tools
+    if c.data.task == "synthetic" and not (t.python and t.search):
+        missing = "tools.python" if not t.python else "tools.search"
+        raise ConfigError(f"config.{missing}: the synthetic task needs both the python and the "
+                          "search tool (its arithmetic and multi-hop halves)")
+    if t.search and t.search_backend == "remote" and not t.search_url:
+        raise ConfigError("config.tools.search_url: required for the remote search backend")
+    # The synthetic task writes its own corpus; function calling does not use these tools.
+    if (t.search and t.search_backend == "local" and c.data.task in ("math", "qa")
+            and not (t.search_index or t.search_corpus)):
+        raise ConfigError("config.tools.search_corpus: the local search backend needs a JSONL corpus "
+                          "(or tools.search_index, or tools.search=False)")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

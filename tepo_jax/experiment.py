@@ -24,20 +24,24 @@ import jax.numpy as jnp
 import numpy as np
 import ml_collections
 
-from tepo_jax.checkpoints.hf import load_hf
+from tepo_jax.checkpoints.hf import load_hf, load_hf_config
+from tepo_jax.config import ConfigError
 from tepo_jax.data import jsonl, synthetic
 from tepo_jax.data.function_calling import (FUNCTION_CALLING, make_function_calling,
                                             read_function_calling, synthetic_functions)
+from tepo_jax.data.pipeline import DataSourceError
 from tepo_jax.data.prompts import system_prompt, user_prompt
 from tepo_jax.models.config import ModelConfig
 from tepo_jax.models.decoder import BATCH_AXES, Decoder
 from tepo_jax.models.presets import preset
+from tepo_jax.rewards.function_calling import task_rewards
 from tepo_jax.rl.loss import LossConfig
 from tepo_jax.rl.optim import OptimConfig
 from tepo_jax.rollout.agent import AgentLoop, RolloutConfig
 from tepo_jax.sampling.config import SamplerConfig
 from tepo_jax.sampling.sampler import Sampler
 from tepo_jax.sharding import MeshConfig, create_sharded_model, make_mesh
+from tepo_jax.sizing import MemoryBudgetError, Workload, check_fits
 from tepo_jax.tokenizer import load_tokenizer, stop_token_ids
 from tepo_jax.tools import PythonTool, SandboxConfig, ToolBridge, ToolFormat
 from tepo_jax.tools.functions import FunctionTool, function_from_schema, function_tools
@@ -89,10 +93,31 @@ def load_examples(config) -> tuple[list, list, Optional[str]]:
         train = _interleave(read("arithmetic_train", "math"), read("multihop_train", "qa"))
         evals = _interleave(read("arithmetic_eval", "math"), read("multihop_eval", "qa"))
         return train[: config.data.n_train], evals[: config.data.n_eval], str(paths["corpus"])
-    layout = config.data.task if config.data.layout == "auto" else config.data.layout
-    train = jsonl.read_jsonl(config.data.train_path, layout=layout)
-    evals = jsonl.read_jsonl(config.data.eval_path, layout=layout) if config.data.eval_path else []
+    train = read_examples(config, config.data.train_path, TRAIN_SPLITS)
+    evals = read_examples(config, config.data.eval_path, EVAL_SPLITS) if config.data.eval_path else []
     return train, evals, config.tools.search_corpus or None
+
+
+# A tfds data dir holds the dataset of the task's builder (tepo_jax/data/tfds_builders.py);
+# train_path reads its train split, eval_path the first of these splits it has.
+TFDS_DATASETS = {"math": "math_jsonl", "qa": "qa_jsonl"}
+TRAIN_SPLITS, EVAL_SPLITS = ("train",), ("eval", "validation", "test")
+
+
+def read_examples(config, path: str, splits: tuple[str, ...]) -> list:
+    """math/qa examples from a JSONL file (in data.layout) or a prepared tfds data dir."""
+    if os.path.isdir(path):
+        return tfds_examples(path, TFDS_DATASETS[config.data.task], splits)
+    layout = config.data.task if config.data.layout == "auto" else config.data.layout
+    return jsonl.read_jsonl(path, layout=layout)
+
+
+def tfds_examples(data_dir: str, name: str, splits: tuple[str, ...]) -> list:
+    from tepo_jax.data import tfds_builders  # noqa: F401  (registers the builders with tfds)
+    from tepo_jax.data.pipeline import tfds_source
+    from tepo_jax.data.records import from_dict
+
+    return [from_dict(row) for row in tfds_source(data_dir, name, splits)]
 
 
 def load_function_calling(config) -> tuple[list, list]:
@@ -213,13 +238,17 @@ def build_bridge(config, corpus_path: Optional[str]) -> ToolBridge:
 def _search_tool(config, corpus_path):
     from tepo_jax.tools.search import BM25Index, LocalSearch, RemoteSearch, build_index
 
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets DEBUG when imported
     kw = dict(top_k=config.tools.search_top_k, max_chars=config.tools.max_result_chars)
     if config.tools.search_backend == "remote":
         return RemoteSearch(config.tools.search_url, **kw)
     index_dir = config.tools.search_index or str(Path(config.workdir) / "search_index")
-    if not os.path.exists(os.path.join(index_dir, "params.index.json")) and not config.tools.search_index:
-        if not corpus_path:
-            raise ValueError("config.tools.search_corpus: the local search backend needs a corpus or an index")
+    built = os.path.exists(os.path.join(index_dir, "params.index.json"))
+    if config.tools.search_index and not built:
+        raise DataSourceError(f"{index_dir}: no bm25 index here (params.index.json); config.tools.search_index")
+    if not built:
+        if not corpus_path:  # validate() requires one; kept for callers that skip it
+            raise ConfigError("config.tools.search_corpus: the local search backend needs a corpus or an index")
         build_index(jsonl.read_corpus(corpus_path), index_dir)
     return LocalSearch(BM25Index.load(index_dir), **kw)
 
@@ -238,6 +267,51 @@ def model_config(config, vocab_size: int) -> ModelConfig:
                        tie_word_embeddings=True, rope_theta=10_000.0,
                        max_position_embeddings=config.rollout.cache_len, dtype=dtype,
                        param_dtype=param_dtype)
+
+
+# The tiny BPE's vocabulary is at most this big (tiny_tokenizer: 1024 / 2048 merges + tags).
+TINY_VOCAB_BOUND = 4096
+
+
+def target_model_config(config, vocab_size: Optional[int] = None) -> ModelConfig:
+    """The policy's shape without allocating it: the HF checkpoint's config.json, the preset,
+    or the tiny model (its vocabulary: `vocab_size`, else an upper bound)."""
+    if config.model.hf_checkpoint:
+        return load_hf_config(config.model.hf_checkpoint, dtype=_DTYPES[config.model.dtype],
+                              param_dtype=_DTYPES[config.model.param_dtype])
+    return model_config(config, vocab_size or TINY_VOCAB_BOUND)
+
+
+def workloads(config) -> dict[str, Workload]:
+    """What each phase of a run puts on the devices, for `sizing.check_fits`, per phase run.
+
+    Worst cases: every packed row as long as the cache (SFT: sft.seq_len); one micro-batch of
+    rows at a time; the sampler's slots for all trajectories of a step. The driver keeps the
+    initial model beside the train state (one frozen copy); an sft_then_rl run with a KL term
+    also loads the SFT result as the reference (a second one)."""
+    c, chunk = config, loss_config(config).seq_chunk
+    out = {}
+    if c.mode != "rl":
+        out[SFT] = Workload(batch=c.sft.batch_size, seq_len=c.sft.seq_len, remat=c.model.remat,
+                            logits_chunk=chunk, frozen_params=1)
+    if c.mode != "sft":
+        rows = c.data.prompts_per_step * c.rollout.group_size
+        frozen = 1 + int(c.mode == "sft_then_rl" and c.loss.kl_coef > 0)
+        out[RL] = Workload(batch=-(-rows // c.train.micro_batches), seq_len=c.rollout.cache_len,
+                           slots=rows, cache_len=c.rollout.cache_len, remat=c.model.remat,
+                           logits_chunk=chunk, frozen_params=frozen)
+    return out
+
+
+def check_memory(config, model_cfg: ModelConfig, mesh, device_memory=None, device_kind=None) -> dict:
+    """{phase: MemoryEstimate}; MemoryBudgetError (naming the phase) if a phase cannot fit."""
+    out = {}
+    for phase, workload in workloads(config).items():
+        try:
+            out[phase] = check_fits(model_cfg, mesh, workload, device_memory, device_kind=device_kind)
+        except MemoryBudgetError as e:
+            raise MemoryBudgetError(f"{phase} phase: {e}") from None
+    return out
 
 
 def build_model(config, mesh, tokenizer) -> Decoder:
@@ -309,4 +383,5 @@ def make_agent(config, model, exp: Experiment, slots: int) -> AgentLoop:
     rollout = RolloutConfig(group_size=c.rollout.group_size, max_calls=c.rollout.max_calls,
                             max_tokens=c.rollout.max_tokens, max_turn_tokens=c.rollout.max_turn_tokens,
                             temperature=c.rollout.temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k)
-    return AgentLoop(sampler, exp.bridge, exp.tokenizer, exp.fmt, rollout, exp.tools)
+    return AgentLoop(sampler, exp.bridge, exp.tokenizer, exp.fmt, rollout, exp.tools,
+                     rewards=task_rewards(c, exp.fmt))

@@ -31,6 +31,7 @@ RL on one slice (thousands of trajectories of a few thousand tokens: tens of MB)
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 from typing import Any, Optional, Sequence
 
@@ -39,6 +40,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 
+from tepo_jax.config import ConfigError
 from tepo_jax.sharding import AXES, MeshConfig, fit_spec
 
 
@@ -60,10 +62,26 @@ def local_positions(n: int, process: Optional[int] = None, count: Optional[int] 
     return list(range(p, n, c))
 
 
-def check_divisible(prompts_per_step: int) -> None:
-    if prompts_per_step % jax.process_count():
-        raise ValueError(f"config.data.prompts_per_step={prompts_per_step} must be a multiple of the "
-                         f"process count {jax.process_count()} (every host rolls out the same number of prompts)")
+def check_divisible(prompts_per_step: int, count: Optional[int] = None) -> None:
+    """ConfigError unless every one of `count` (default: all) processes gets as many prompts."""
+    count = jax.process_count() if count is None else count
+    if prompts_per_step % count:
+        raise ConfigError(f"config.data.prompts_per_step={prompts_per_step}: must be a multiple of the "
+                          f"process count {count} (every host rolls out the same number of prompts)")
+
+
+# Environment variables that say this process is one of several, set by: the TPU runtime of a
+# multi-host slice (on GKE; Cloud TPU VMs get --distributed from launch/tpu.py), SLURM's srun,
+# Open MPI's mpirun. jax.distributed.initialize() reads the rest from the same environment.
+_CLUSTER_SIZES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def cluster_detected(env: Optional[dict] = None) -> bool:
+    """True when the environment starts this process as one of several JAX processes."""
+    env = os.environ if env is None else env
+    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
+        return True
+    return any(env.get(name, "").strip().isdigit() and int(env[name]) > 1 for name in _CLUSTER_SIZES)
 
 
 # ----------------------------------------------------------------------------- local mesh

@@ -11,6 +11,8 @@ Exact parts (from the real shardings, no formula):
   layers are identical, so one layer is built and counted `num_layers` times (eval_shape of an
   80-layer model takes seconds).
 - gradients: params' shard elements × param itemsize.
+- frozen params: `frozen_params` more copies of the params that are not trained (the driver
+  keeps the initial model beside the train state; a KL reference loaded from disk).
 - optimizer (AdamW): 2 moments × shard elements × moment itemsize (fp32 by default), plus an fp32
   master copy of the params when `master_fp32` and the params are not fp32 already.
 - KV cache: 2 (k, v) × layers × the [slots, cache_len, K, H] shard of `kv_cache_shardings`
@@ -33,12 +35,13 @@ cache is counted as resident during training (conservative: the sampler keeps it
 
 The total is compared with `headroom × device memory` (default 0.9: XLA workspace and
 fragmentation). Device memory: an explicit value, else the known table by device kind, else the
-local device's `memory_stats()['bytes_limit']`.
+local device's `memory_stats()['bytes_limit']` (CPU: the host's RAM over its local devices).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Any, Optional, Union
 
@@ -72,7 +75,7 @@ _KIND_PATTERNS = [
     (r"tpu v4|^v4", "tpu-v4"), (r"h100", "h100"), (r"h200", "h200"),
     (r"a100.*40", "a100-40gb"), (r"a100", "a100-80gb"),
 ]
-COMPONENTS = ("params", "master_params", "optimizer", "gradients", "kv_cache", "activations")
+COMPONENTS = ("params", "frozen_params", "master_params", "optimizer", "gradients", "kv_cache", "activations")
 
 
 class MemoryBudgetError(RuntimeError):
@@ -93,6 +96,7 @@ class Workload:
     cache_dtype: Any = None        # default: the model's compute dtype
     logits_chunk: Optional[int] = None  # tokens per logits chunk; None = full [B, T, V]
     optimizer: str = "adamw"       # "adamw", or "none": frozen weights (reference model, sampler only)
+    frozen_params: int = 0         # extra untrained copies of the params (initial model, KL reference)
 
 
 @dataclasses.dataclass
@@ -193,7 +197,8 @@ def estimate_memory(cfg: ModelConfig, mesh: Union[Mesh, AbstractMesh], workload:
         s = kv_cache_shardings(cfg, mesh, workload.slots, workload.cache_len)[0].k
         shape = (workload.slots, workload.cache_len, cfg.num_kv_heads, cfg.head_dim)
         kv = 2 * cfg.num_layers * _shard_bytes(s, shape, cache_dtype)
-    components = dict(params=params, master_params=master, optimizer=2 * moment * elems,
+    components = dict(params=params, frozen_params=workload.frozen_params * params,
+                      master_params=master, optimizer=2 * moment * elems,
                       gradients=params if trains else 0, kv_cache=kv,
                       activations=activation_bytes(cfg, dict(mesh.shape), workload) if trains else 0)
     est = MemoryEstimate(components, device_memory, headroom)
@@ -207,13 +212,14 @@ def estimate_memory(cfg: ModelConfig, mesh: Union[Mesh, AbstractMesh], workload:
 
 def _suggestion(largest: str, mesh_shape: dict, w: Workload) -> str:
     fsdp, tp = mesh_shape["fsdp"], mesh_shape["tensor"]
-    if largest in ("params", "master_params", "optimizer", "gradients"):
+    if largest in ("params", "frozen_params", "master_params", "optimizer", "gradients"):
         return (f"shard the weights over more devices: a bigger fsdp axis (now {fsdp}) or tensor axis "
                 f"(now {tp}), fewer data replicas, or bf16 params / no fp32 master copy")
     if largest == "activations":
         hint = "turn on remat, " if not w.remat else ""
+        chunk = "chunk the logits, " if w.logits_chunk is None else ""
         return (f"{hint}use a smaller micro-batch (now {w.batch}) or sequence length (now {w.seq_len}), "
-                f"chunk the logits, or a bigger tensor axis (now {tp})")
+                f"{chunk}or a bigger tensor axis (now {tp})")
     return (f"use fewer sampler slots (now {w.slots}) or a shorter cache (now {w.cache_len}), or "
             f"spread them over a bigger data/fsdp axis or tensor axis (now {tp})")
 
@@ -264,6 +270,11 @@ def memory_for_kind(kind: str) -> Optional[int]:
     return None
 
 
+def host_memory_per_device() -> int:
+    """CPU devices (simulated ones too) share the host's RAM: its size over the local devices."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+
+
 def resolve_device_memory(explicit=None, device_kind: Optional[str] = None) -> int:
     """Explicit size > table entry for `device_kind` > the local device's memory_stats / kind."""
     if explicit is not None:
@@ -275,7 +286,9 @@ def resolve_device_memory(explicit=None, device_kind: Optional[str] = None) -> i
                              "pass the memory size instead (e.g. 95GB)")
         return found
     device = jax.devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
+    if device.platform == "cpu":
+        return host_memory_per_device()
+    stats = device.memory_stats()
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     found = memory_for_kind(device.device_kind)

@@ -1,12 +1,22 @@
 """Training entry point: `python -m tepo_jax.train --config=configs/X.py [--config.a.b=v ...]`.
 
 Runs SFT, RL, or SFT then RL, as the config says. Every `train.checkpoint_every` steps, at the
-end of a phase and on SIGTERM, an orbax checkpoint stores params, optimizer, step, RNG and the
-data iterator; a restarted run resumes from the latest readable checkpoint with nothing lost
-(on CPU the resumed run is bit-identical to an uninterrupted one).
+end of a phase and on SIGTERM or SIGINT, an orbax checkpoint stores params, optimizer, step, RNG
+and the data iterator; a restarted run resumes from the latest readable checkpoint with nothing
+lost (on CPU the resumed run is bit-identical to an uninterrupted one, metrics.jsonl included).
 
-Multi-process (one process per host, `--coordinator_address/--num_processes/--process_id` or
-`--distributed`): the same config runs unchanged. Every process builds the global mesh and
+Start-up refuses, each with one `error: ...` line and exit code 1, a bad config or override,
+a config whose phases cannot fit the devices (`tepo_jax/sizing.py`, checked before the model is
+allocated), and unreadable inputs (checkpoint, tokenizer, data files).
+
+Exit codes: 0 done; 1 an error; 128 + signal (143 for SIGTERM, 130 for SIGINT) when a stop
+signal ended the run early after its checkpoint: the run is not finished, and a scheduler
+that restarts failed jobs (Kubernetes, a retry loop) restarts it and it resumes. A second
+signal while the checkpoint is written aborts at once.
+
+Multi-process (one process per host, `--coordinator_address/--num_processes/--process_id`,
+`--distributed`, or found from the environment: multi-host TPU, SLURM, Open MPI, see
+`multihost.cluster_detected`): the same config runs unchanged. Every process builds the global mesh and
 train state, rolls out its share of each step's prompts on a sampler over its own devices,
 and joins the others for the train step, the gathered trajectories and the checkpoints
 (orbax, written collectively); process 0 alone writes metrics and trajectories. See
@@ -16,8 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -27,10 +39,13 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from tepo_jax import experiment, multihost
-from tepo_jax.checkpoints.hf import load_hf, save_hf
+from tepo_jax.checkpoints.hf import CheckpointError, load_hf, save_hf
+from tepo_jax.checkpoints.safetensors_io import SafetensorsFormatError
 from tepo_jax.checkpoints.train_state import PreemptionFlag, RunCheckpointer, abstract_like
-from tepo_jax.config import ConfigError, validate
-from tepo_jax.data.pipeline import make_dataset
+from tepo_jax.config import ConfigError, unknown_field, validate
+from tepo_jax.data.jsonl import JsonlError
+from tepo_jax.data.pipeline import DataSourceError, make_dataset
+from tepo_jax.models.config import UnsupportedConfigError
 from tepo_jax.rl import loop as rl_loop
 from tepo_jax.rl.advantages import AdvantageConfig
 from tepo_jax.rl.batch import power_of_two_buckets
@@ -42,9 +57,28 @@ from tepo_jax.sft.data import build_sft_trajectories
 from tepo_jax.sft.trainer import make_sft_step, sft_batch
 from tepo_jax.models.decoder import build_abstract
 from tepo_jax.sharding import MeshConfig, batch_sharding, initialize_distributed
+from tepo_jax.sizing import GiB, MemoryBudgetError
+from tepo_jax.tokenizer import TokenizerLoadError
+from tepo_jax.tools import SandboxUnavailable
 
 log = logging.getLogger("tepo_jax.train")
 SFT, RL = experiment.SFT, experiment.RL
+# Errors about the user's inputs (config, files, hardware): one line, no traceback.
+USER_ERRORS = (ConfigError, CheckpointError, SafetensorsFormatError, UnsupportedConfigError, TokenizerLoadError,
+               JsonlError, DataSourceError, MemoryBudgetError, SandboxUnavailable)
+
+
+class Preempted(Exception):
+    """A stop signal ended the run early; the state of `step` is checkpointed."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} (checkpointed); "
+                         "run the same command again to resume")
+        self.step, self.signum = step, signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's "ended by this signal": not finished, restart it
 
 
 @dataclasses.dataclass
@@ -61,16 +95,31 @@ class Run:
 
     def __init__(self, config):
         self.config = config
-        self.exp = self._setup(config)
-        self.mesh = self.exp.mesh
-        self.log = RunLog(self.exp.workdir)
-        self.ckpt = RunCheckpointer(str(self.exp.workdir / "checkpoints"), keep=config.train.keep_checkpoints)
-        self.preempt = PreemptionFlag().install()
-        self.model = experiment.build_model(config, self.mesh, self.exp.tokenizer)
-        self.batch_sharding = batch_sharding(self.mesh)
-        self.loss_cfg = experiment.loss_config(config)
         self.global_step = 0  # checkpoint number: SFT steps + RL steps
         self.localize = None   # multi-process: global params -> the local sampler's mesh
+        self._opened = []      # what close() releases, in reverse order
+        try:
+            self._start()
+        except BaseException:
+            self.close()  # a failed start (bad checkpoint, too big) leaves no handlers or threads behind
+            raise
+
+    def _start(self) -> None:
+        c = self.config
+        self.exp = self._open(self._setup(c), "close")
+        self.mesh = self.exp.mesh
+        self.check_memory()
+        self.log = self._open(RunLog(self.exp.workdir), "close")
+        self.ckpt = self._open(RunCheckpointer(str(self.exp.workdir / "checkpoints"), keep=c.train.keep_checkpoints),
+                               "close")
+        self.preempt = self._open(PreemptionFlag().install(), "uninstall")
+        self.model = experiment.build_model(c, self.mesh, self.exp.tokenizer)
+        self.batch_sharding = batch_sharding(self.mesh)
+        self.loss_cfg = experiment.loss_config(c)
+
+    def _open(self, part, release: str):
+        self._opened.append(getattr(part, release))
+        return part
 
     @staticmethod
     def _setup(config) -> experiment.Experiment:
@@ -85,9 +134,25 @@ class Run:
             multihost_utils.sync_global_devices("tepo_jax.setup")
         return exp
 
+    def check_memory(self) -> None:
+        """Refuse (MemoryBudgetError), before the model is allocated, a config that cannot fit."""
+        model_cfg = experiment.target_model_config(self.config, len(self.exp.tokenizer))
+        try:
+            estimates = experiment.check_memory(self.config, model_cfg, self.mesh)
+        except MemoryBudgetError:
+            raise
+        except ValueError as e:  # the device's memory is unknown: nothing to compare with
+            log.warning("memory check skipped: %s", e)
+            return
+        for phase, est in estimates.items():
+            log.info("memory, %s phase: %.2f of %.2f GiB usable per device", phase, est.total / GiB, est.usable / GiB)
+
     def stop_requested(self) -> bool:
-        """SIGTERM seen by any process (all processes stop at the same step)."""
+        """SIGTERM/SIGINT seen by any process (all processes stop at the same step)."""
         return multihost.any_process(self.preempt.requested)
+
+    def preempted(self) -> Preempted:
+        return Preempted(self.global_step, self.preempt.signum or signal.SIGTERM)
 
     # ---- state and checkpoints ----------------------------------------------------------------
     def new_state(self, phase: str, params=None):
@@ -98,35 +163,31 @@ class Run:
         return model_def, optimizer, state, shardings
 
     def restore(self, state) -> Optional[tuple]:
-        restored = self.ckpt.restore_latest(abstract_like(state))
+        restored = self.ckpt.restore_latest(abstract_like(state), discard_unreadable=True)
         if restored is None:
+            self.log.truncate(0)  # rows of an earlier attempt that died before its first checkpoint
             return None
         step, state, extra = restored
         self.global_step = step
+        self.log.truncate(extra.get("metric_rows"))  # rows logged after this checkpoint come again
         log.info("resumed from checkpoint %d (phase %s, step %d)", step, extra["phase"], extra["phase_step"])
         return state, Phase(extra["phase"], extra["phase_step"], extra.get("data_state"))
 
     def save(self, state, phase: Phase) -> None:
         extra = {"phase": phase.name, "phase_step": phase.step, "data_state": phase.data_state,
-                 "config": self.config.to_json()}
+                 "metric_rows": self.log.rows, "config": self.config.to_json()}
         self.ckpt.save(self.global_step, state, extra)
 
     # ---- phases -------------------------------------------------------------------------------
     def run(self) -> dict:
         mode = self.config.mode
         _, _, state, _ = self.new_state(SFT if mode != "rl" else RL)
-        resumed = self.restore(state)
-        phase = resumed[1] if resumed else Phase(RL if mode == "rl" else SFT)
-        params = resumed[0].params if resumed else None
-        result = {}
+        state, phase = self.restore(state) or (None, Phase(RL if mode == "rl" else SFT))
+        params = state.params if state is not None else None
         if phase.name == SFT:
-            state = self.sft(resumed[0] if resumed else None, phase)
-            if self.stop_requested():
-                return result
-            params, phase = state.params, Phase(RL)
-        if mode != "sft":
-            result = self.rl(resumed[0] if resumed and resumed[1].name == RL else None, phase, params)
-        return result
+            params = self.sft(state, phase).params
+            state, phase = None, Phase(RL)
+        return self.rl(state, phase, params) if mode != "sft" else {}
 
     def sft(self, state, phase: Phase):
         c = self.config
@@ -155,10 +216,11 @@ class Run:
             if phase.step % c.train.checkpoint_every == 0 or phase.step == c.sft.steps or stop:
                 self.save(state, phase)
         bar.close()
-        if phase.step == c.sft.steps:
-            self.export(model_def, state.params, self.exp.workdir / "sft_final")
-            if multihost.is_multiprocess():  # the RL phase reads sft_final on every host
-                multihost_utils.sync_global_devices("tepo_jax.sft_export")
+        if phase.step < c.sft.steps:
+            raise self.preempted()
+        self.export(model_def, state.params, self.exp.workdir / "sft_final")
+        if multihost.is_multiprocess():  # the RL phase reads sft_final on every host
+            multihost_utils.sync_global_devices("tepo_jax.sft_export")
         return state
 
     def export(self, model_def, params, path) -> None:
@@ -194,12 +256,10 @@ class Run:
             row_multiple=experiment.batch_shards(self.mesh) * c.train.micro_batches,
             seq_buckets=power_of_two_buckets(128, c.rollout.cache_len))
         # One global prompt order on every process (indices); each rolls out positions p::P.
-        multihost.check_divisible(c.data.prompts_per_step)
         data = make_dataset(range(len(self.exp.train_examples)), seed=c.seed + 1,
                             batch_size=c.data.prompts_per_step).__iter__()
         if phase.data_state:
             data.set_state(phase.data_state)
-        self.log.truncate_after(phase.step, RL)
         put = lambda b: multihost.put_global(b, self.batch_sharding)  # noqa: E731
         bar = self.log.progress(c.train.steps, phase.step, f"rl:{c.algo.advantage}")
         result = {}
@@ -227,6 +287,8 @@ class Run:
             if phase.step % c.train.checkpoint_every == 0 or phase.step == c.train.steps or stop:
                 self.save(state, phase)
         bar.close()
+        if phase.step < c.train.steps:
+            raise self.preempted()
         return result or self.log.last_row("eval")  # a finished run, restarted, reports its last eval
 
     # ---- rollout parts ----------------------------------------------------------------------------
@@ -257,15 +319,21 @@ class Run:
         return metrics
 
     def close(self) -> None:
-        self.preempt.uninstall()
-        self.ckpt.close()
-        self.log.close()
-        self.exp.close()
+        while self._opened:
+            self._opened.pop()()
+
+
+def startup_checks(config) -> None:
+    """What can be checked before any work (ConfigError): the config, and once jax.distributed
+    is up, that every process gets the same number of prompts per step."""
+    validate(config)
+    multihost.check_divisible(config.data.prompts_per_step)
 
 
 def train(config) -> dict:
-    """Validate `config`, run it, return the final evaluation metrics."""
-    validate(config)
+    """Check `config`, run it, return the final evaluation metrics. Raises Preempted when a
+    stop signal ended it early."""
+    startup_checks(config)
     run = Run(config)
     try:
         return run.run()
@@ -279,29 +347,79 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "initialise jax.distributed from the environment "
-                                 "(TPU pod metadata, SLURM) without explicit flags")
+                                 "(TPU pod metadata, SLURM) without explicit flags; on by itself where "
+                                 "multihost.cluster_detected() sees several processes")
+
+
+def _config_path(argv: Sequence[str]) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def flag_error(argv: Sequence[str], exc: Exception) -> str:
+    """One line for a failed flag parse: the first `--config.a.b=...` override that names no
+    field of the config file, else the first line of what the parser said."""
+    from tepo_jax.cli import load_config_file
+    try:
+        config = load_config_file(_config_path(argv) or "")
+    except Exception:  # noqa: BLE001 — the file itself is the problem; the parser's message says so
+        config = None
+    for arg in argv:
+        if config is not None and arg.startswith("--config."):
+            message = unknown_field(config, arg[len("--config."):].split("=", 1)[0])
+            if message:
+                return message
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)  # KeyError: no repr quotes
+    return (text.strip() or type(exc).__name__).splitlines()[0]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; a bad flag or override exits with one `error: ...` line."""
+    path = _config_path(argv[1:])
+    if path and not os.path.isfile(path.split(":")[0]):  # config_flags would fail later, in a traceback
+        sys.exit(f"error: {path}: no such config file")
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 — ml_collections raises Attribute/Key/Type/ValueError
+        sys.exit(f"error: {flag_error(argv[1:], e)}")
+
+
+def _configure_logging() -> None:
+    """Our INFO lines; only warnings from the libraries (orbax, jax, bm25s log a lot at INFO)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)  # absl may have set up the root logger already
+    logging.getLogger("tepo_jax").setLevel(logging.INFO)
+
+
+def _initialize_distributed() -> None:
+    if _COORDINATOR.value or _NUM_PROCESSES.value:
+        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _DISTRIBUTED.value or multihost.cluster_detected():
+        initialize_distributed()
+    if jax.process_index() != 0:  # one log for the run: process 0's; the others only warn
+        logging.getLogger("tepo_jax").setLevel(logging.WARNING)
 
 
 def main(argv) -> None:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "orbax", "jax._src", "bm25s", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if _COORDINATOR.value or _NUM_PROCESSES.value:
-        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    elif _DISTRIBUTED.value:
-        initialize_distributed()
-    config = _CONFIG.value
-    if config is None:
-        sys.exit("error: --config=configs/<experiment>.py is required")
+    _configure_logging()
     try:
-        validate(config)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    result = train(config)
+        _initialize_distributed()
+        if _CONFIG.value is None:
+            raise ConfigError("--config=configs/<experiment>.py is required")
+        result = train(_CONFIG.value)
+    except Preempted as e:
+        log.warning("%s", e)
+        sys.exit(e.exit_code)
+    except USER_ERRORS as e:
+        sys.exit(f"error: {str(e).splitlines()[0]}")
     if result:
         print("final eval: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(result.items()) if v is not None))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

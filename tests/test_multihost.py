@@ -106,3 +106,17 @@ def test_two_processes_equal_one_process(tmp_path):
 
 def _trajectories(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("env, several", [
+    ({}, False),
+    ({"TPU_WORKER_HOSTNAMES": "t1k-w-0"}, False),                      # a single-host slice
+    ({"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1,t1k-w-2,t1k-w-3"}, True),  # a multi-host slice (GKE)
+    ({"SLURM_NTASKS": "1"}, False),
+    ({"SLURM_NTASKS": "8"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": ""}, False),
+])
+def test_the_driver_finds_a_multi_process_environment(env, several):
+    from tepo_jax.multihost import cluster_detected
+    assert cluster_detected(env) is several

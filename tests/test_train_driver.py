@@ -1,5 +1,7 @@
-"""The training driver: SFT learns, kill -9 and resume equals an uninterrupted run, a corrupt
-checkpoint falls back to the previous one, and config errors are one line before any work."""
+"""The training driver: SFT learns; a run killed with SIGKILL mid-SFT and stopped with SIGTERM
+mid-RL, then resumed, equals an uninterrupted run (state, metric rows, trajectory files); a
+corrupt checkpoint falls back to the previous one; bad configs, overrides and input files are
+one line before any work; a config that cannot fit is refused before the model is allocated."""
 import json
 import logging
 import os
@@ -15,7 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tepo_jax.checkpoints.train_state import RunCheckpointer, abstract_like
+from tepo_jax.checkpoints.train_state import PreemptionFlag, RunCheckpointer, abstract_like
+from tepo_jax.runlog import RunLog
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +28,20 @@ TINY_RL = ["--config.mode=rl", "--config.model.tiny_hidden=32", "--config.data.n
            "--config.rollout.max_tokens=24", "--config.rollout.max_turn_tokens=12",
            "--config.rollout.cache_len=512", "--config.train.steps=3", "--config.train.checkpoint_every=1",
            "--config.train.eval_every=100", "--config.optim.lr=1e-2"]
+
+# SFT on 4 examples until the tiny model has memorised their answers (nll 7 -> 0.4), then RL on
+# the same prompts: samples of a group now differ in reward, so advantages and gradients are
+# nonzero in RL too. Checkpoints every 2 steps: SFT 2..40, RL 42..46.
+SFT_STEPS, RL_STEPS, EVERY = 40, 6, 2
+LEARNING = ["--config.mode=sft_then_rl", "--config.model.tiny_hidden=32", "--config.model.tiny_layers=2",
+            "--config.model.tiny_heads=4", "--config.model.tiny_kv_heads=2", "--config.data.n_train=4",
+            "--config.data.n_eval=2", "--config.data.prompts_per_step=2", "--config.rollout.group_size=4",
+            "--config.rollout.max_calls=3", "--config.rollout.max_tokens=96", "--config.rollout.max_turn_tokens=48",
+            "--config.rollout.cache_len=512", "--config.algo.advantage=tepo_sparse", "--config.optim.lr=1e-2",
+            f"--config.sft.steps={SFT_STEPS}", "--config.sft.batch_size=4", "--config.sft.lr=3e-2",
+            "--config.sft.seq_len=512", "--config.sft.redundant_call_rate=0.0",
+            f"--config.train.steps={RL_STEPS}", f"--config.train.checkpoint_every={EVERY}",
+            "--config.train.eval_every=100", "--config.train.keep_checkpoints=3"]
 
 
 def train_cmd(workdir, *overrides):
@@ -39,81 +56,284 @@ def env():
 
 
 def final_state(workdir):
-    """The newest checkpoint's arrays, restored as numpy."""
+    """(step, [(path, array)]) of the newest checkpoint: params, opt_state, step, rng."""
     mngr = ocp.CheckpointManager(str(Path(workdir) / "checkpoints"))
     step = mngr.latest_step()
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return step, jax.tree.map(np.asarray, restored["state"])
+    leaves = jax.tree_util.tree_flatten_with_path(restored["state"])[0]
+    return step, [(jax.tree_util.keystr(p), np.asarray(x)) for p, x in leaves]
 
 
-def rl_losses(workdir):
-    rows = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if r["phase"] == "rl"}
+def metric_rows(workdir) -> list[dict]:
+    """Every row of metrics.jsonl in file order (duplicates kept), without wall times."""
+    path = Path(workdir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in lines if x.strip()]
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def wait_for(proc, what, condition, timeout=400):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not condition():
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the run ended before {what}"
+    assert condition(), f"timed out waiting for {what}"
+
+
+def start(workdir):
+    return subprocess.Popen(train_cmd(workdir, *LEARNING), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def assert_training_moves(rows, stopped_at):
+    """The comparison means something: SFT and RL steps both before and after the
+    interruptions changed the parameters through real gradients, and RL earned reward."""
+    sft = [r["sft/nll"] for r in rows if r["phase"] == "sft"]
+    assert sft[-1] < 0.2 * sft[0], sft
+    grads = {r["step"]: r["train/grad_norm"] for r in rows if r["phase"] == "rl"}
+    assert any(g > 0 for s, g in grads.items() if s <= stopped_at), grads
+    assert any(g > 0 for s, g in grads.items() if s > stopped_at), grads
+    assert max(r["reward/score"] for r in rows if r["phase"] == "rl") > 0
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
-    straight = tmp_path / "straight"
-    subprocess.run(train_cmd(straight, *TINY_RL), cwd=ROOT, env=env(), check=True, capture_output=True)
+def test_sigkill_mid_sft_and_sigterm_mid_rl_then_resume_equal_uninterrupted(tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    subprocess.run(train_cmd(straight, *LEARNING), cwd=ROOT, env=env(), check=True, capture_output=True)
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(killed, *TINY_RL), cwd=ROOT, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((killed / "checkpoints").glob("1")):
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)  # mid step 2: no chance to save anything
+    # 1. SIGKILL mid-SFT, once a row past checkpoint 20 is logged: no chance to save anything.
+    proc = start(broken)
+    wait_for(proc, "SFT step 21", lambda: any(r["step"] > 20 for r in metric_rows(broken)))
+    proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = subprocess.run(train_cmd(killed, *TINY_RL), cwd=ROOT, env=env(), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from checkpoint" in resumed.stderr
 
-    step_a, a = final_state(straight)
-    step_b, b = final_state(killed)
-    assert step_a == step_b == 3
-    leaves_a, leaves_b = jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])
-    assert len(leaves_a) == len(leaves_b) > 0
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_array_equal(x, y)  # bit-exact on CPU
-    np.testing.assert_array_equal(a["rng"], b["rng"])
-    assert rl_losses(straight) == rl_losses(killed)
+    # 2. Resume; SIGTERM once RL checkpoint 2 (global 42) exists: it finishes the step it is in,
+    #    checkpoints it and exits with 128 + SIGTERM.
+    proc = start(broken)
+    wait_for(proc, "RL checkpoint 2", lambda: SFT_STEPS + 2 in checkpoint_steps(broken))
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "resumed from checkpoint" in stderr and "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    stopped_at = max(r["step"] for r in metric_rows(broken) if r["phase"] == "rl")
+    assert checkpoint_steps(broken)[-1] == SFT_STEPS + stopped_at  # the step it was in, not an older one
+    assert 3 <= stopped_at < RL_STEPS
+
+    # 3. Resume to the end.
+    done = subprocess.run(train_cmd(broken, *LEARNING), cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    rows_a, rows_b = metric_rows(straight), metric_rows(broken)
+    assert_training_moves(rows_a, stopped_at)
+    assert rows_a == rows_b  # every SFT, RL and eval row once, in order, equal (rewards included)
+    step_a, state_a = final_state(straight)
+    step_b, state_b = final_state(broken)
+    assert step_a == step_b == SFT_STEPS + RL_STEPS
+    assert [p for p, _ in state_a] == [p for p, _ in state_b]
+    assert any("opt_state" in p for p, _ in state_a) and any("params" in p for p, _ in state_a)
+    for (path, x), (_, y) in zip(state_a, state_b):
+        np.testing.assert_array_equal(x, y, err_msg=path)  # bit-exact on CPU: params, optimizer, step, rng
+    files = sorted(p.name for p in (straight / "trajectories").iterdir())
+    assert files == sorted(p.name for p in (broken / "trajectories").iterdir())
+    assert f"rl_{RL_STEPS:06d}.jsonl" in files and "eval_000000.jsonl" in files
+    for name in files:
+        assert (straight / "trajectories" / name).read_bytes() == (broken / "trajectories" / name).read_bytes(), name
 
 
-def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+# ---------------------------------------------------------------------------- checkpoints
+
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning_and_is_replaced(tmp_path, caplog):
     ckpt = RunCheckpointer(str(tmp_path / "ckpt"), keep=3)
     states = [{"w": jnp.full((4, 3), float(i)), "step": jnp.asarray(i)} for i in (1, 2)]
     for i, s in zip((1, 2), states):
         ckpt.save(i, s, {"phase": "rl", "phase_step": i})
+    ckpt.close()
     # Corrupt step 2: truncate every data file it wrote.
     for f in (tmp_path / "ckpt" / "2").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and f.suffix != ".json":
             f.write_bytes(f.read_bytes()[:3])
+    ckpt = RunCheckpointer(str(tmp_path / "ckpt"))
+    assert ckpt.restore_latest(abstract_like(states[0]))[0] == 1  # a reader keeps step 2 on disk
+    assert ckpt.all_steps() == [1, 2]
     with caplog.at_level(logging.WARNING):
-        step, state, extra = RunCheckpointer(str(tmp_path / "ckpt")).restore_latest(abstract_like(states[0]))
+        step, state, extra = ckpt.restore_latest(abstract_like(states[0]), discard_unreadable=True)
     assert step == 1 and extra["phase_step"] == 1
     np.testing.assert_array_equal(np.asarray(state["w"]), np.ones((4, 3)))
-    assert any("checkpoint 2" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("checkpoint 2" in m and "unreadable" in m for m in messages)
+    assert any("deleting unreadable checkpoint 2" in m for m in messages)
+    # The resumed run reaches step 2 again and saves it: no StepAlreadyExistsError.
+    again = {"w": jnp.full((4, 3), 7.0), "step": jnp.asarray(2)}
+    ckpt.save(2, again, {"phase": "rl", "phase_step": 2})
+    step, state, _ = RunCheckpointer(str(tmp_path / "ckpt")).restore_latest(abstract_like(again))
+    assert step == 2
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4, 3), 7.0))
+
+
+def test_keeps_the_last_k_checkpoints(tmp_path):
+    ckpt = RunCheckpointer(str(tmp_path / "ckpt"), keep=2)
+    for i in range(1, 6):
+        ckpt.save(i, {"w": jnp.full((2,), float(i))}, {"phase": "rl", "phase_step": i})
+    assert ckpt.all_steps() == [4, 5]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["4", "5"]
+    step, state, _ = ckpt.restore_latest({"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
+    assert step == 5 and float(state["w"][0]) == 5.0
 
 
 def test_no_checkpoint_means_fresh_start(tmp_path):
     assert RunCheckpointer(str(tmp_path / "none")).restore_latest({"w": jax.ShapeDtypeStruct((2,), jnp.float32)}) is None
 
 
+def test_metric_rows_are_cut_back_to_a_checkpoints_count(tmp_path):
+    log = RunLog(tmp_path, tensorboard=False)
+    for step in range(1, 6):
+        log.write(step, "sft", {"sft/nll": float(step)})
+    assert log.rows == 5
+    log.truncate(3)  # a checkpoint saw 3 rows; the attempt that died wrote 2 more
+    again = RunLog(tmp_path, tensorboard=False)
+    assert log.rows == again.rows == 3
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    again.truncate(None)  # a checkpoint from before rows were counted: keep everything
+    assert again.rows == 3
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_ask_for_a_checkpoint(signum):
+    previous = signal.getsignal(signum)
+    flag = PreemptionFlag().install()
+    try:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)
+        assert flag.requested and flag.signum == signum
+        assert signal.getsignal(signum) == previous  # a second signal acts as it did before
+    finally:
+        flag.uninstall()
+        signal.signal(signum, previous)
+
+
+def test_a_second_sigint_aborts_at_once():
+    flag = PreemptionFlag().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert flag.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    finally:
+        flag.uninstall()
+
+
+# ---------------------------------------------------------------------------- one-line errors
+
+def run_driver(tmp_path, *overrides):
+    return subprocess.run(train_cmd(tmp_path / "w", *overrides), cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_one_line_error(out, expected: str):
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {expected}"), out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("override, field", [
     ("--config.rollout.group_size=1", "config.rollout.group_size=1"),
     ("--config.algo.advantage=ppo", "config.algo.advantage='ppo'"),
     ("--config.train.micro_batches=3", "config.train.micro_batches=3"),
+    ("--config.train.checkpoint_every=0", "config.train.checkpoint_every=0"),
 ])
 def test_config_errors_are_one_line_before_anything_compiles(tmp_path, override, field):
     t0 = time.time()
-    out = subprocess.run(train_cmd(tmp_path / "w", override), cwd=ROOT, env=env(), capture_output=True, text=True)
-    assert out.returncode != 0
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {field}"), out.stderr[-1000:]
-    assert "Traceback" not in out.stderr
+    out = run_driver(tmp_path, override)
+    assert_one_line_error(out, field)
     assert not (tmp_path / "w").exists()  # nothing was built
     assert time.time() - t0 < 60
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.rollout.groupsize=8", "config.rollout.groupsize: unknown field "
+                                     "(did you mean config.rollout.group_size?)"),
+    ("--config.train.steps=ten", "flag --config.train.steps=ten: invalid literal for int()"),
+])
+def test_a_bad_override_is_exactly_one_line(tmp_path, override, message):
+    out = run_driver(tmp_path, override)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "Traceback" not in out.stderr
+    assert out.stderr.strip().startswith(f"error: {message}"), out.stderr
+
+
+def test_a_missing_config_file_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tepo_jax.train", "--config=configs/no_such.py"], cwd=ROOT,
+                         env=env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip() == "error: configs/no_such.py: no such config file"
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer():
+    from tepo_jax.testing.tokenizers import cached_tokenizer_dir
+    return str(cached_tokenizer_dir("qwen2.5"))
+
+
+SMALL = ["--config.mode=rl", "--config.data.n_train=8", "--config.data.n_eval=2"]
+
+
+def test_a_malformed_data_file_is_one_line_naming_file_and_line(tmp_path):
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "2\\n#### 2"}\n{"question": "2+2?", "answer": \n')
+    out = run_driver(tmp_path, *SMALL, "--config.data.task=math", f"--config.data.train_path={data}",
+                     "--config.data.layout=gsm8k", "--config.tools.search=False")
+    assert_one_line_error(out, f"{data}:2: invalid JSON")
+
+
+def test_a_bad_tokenizer_path_is_one_line(tmp_path):
+    out = run_driver(tmp_path, *SMALL, f"--config.tokenizer.path={tmp_path / 'no_tokenizer'}")
+    assert_one_line_error(out, f"tokenizer directory not found: '{tmp_path / 'no_tokenizer'}'")
+
+
+def test_a_bad_hf_checkpoint_is_one_line(tmp_path, qwen_tokenizer):
+    (tmp_path / "ckpt").mkdir()  # no config.json, no safetensors
+    out = run_driver(tmp_path, *SMALL, "--config.model.tiny=False", f"--config.model.hf_checkpoint={tmp_path / 'ckpt'}",
+                     f"--config.tokenizer.path={qwen_tokenizer}")
+    assert_one_line_error(out, f"{tmp_path / 'ckpt' / 'config.json'}: not found")
+
+
+def test_a_config_that_cannot_fit_is_refused_before_the_model_is_allocated(tmp_path, qwen_tokenizer):
+    t0 = time.time()
+    out = run_driver(tmp_path, *SMALL, "--config.model.tiny=False", "--config.model.preset=Qwen2.5-72B",
+                     f"--config.tokenizer.path={qwen_tokenizer}")
+    assert_one_line_error(out, "rl phase: needs ")
+    assert "largest part is" in out.stderr.splitlines()[-1]
+    assert time.time() - t0 < 120  # 72B random params were never created
+
+
+# ---------------------------------------------------------------------------- data and SFT
+
+def test_math_and_qa_read_a_tfds_data_dir(tmp_path):
+    from tepo_jax import experiment
+    from tepo_jax.config import defaults
+    from tepo_jax.data import jsonl, tfds_builders
+    from tepo_jax.data.pipeline import DataSourceError
+    from tepo_jax.data.records import QAExample
+
+    train = [QAExample(f"q{i}", f"question {i}?", (f"a{i}",), source="mine") for i in range(5)]
+    evals = [QAExample("e0", "held out?", ("b",), source="mine")]
+    jsonl.write_jsonl(tmp_path / "train.jsonl", train)
+    jsonl.write_jsonl(tmp_path / "dev.jsonl", evals)
+    tfds_builders.build(tfds_builders.QaJsonl, tmp_path / "tfds",
+                        splits={"train": tmp_path / "train.jsonl", "validation": tmp_path / "dev.jsonl"})
+    c = defaults()
+    c.data.task, c.data.train_path, c.data.eval_path = "qa", str(tmp_path / "tfds"), str(tmp_path / "tfds")
+    got_train, got_eval, _ = experiment.load_examples(c)
+    assert sorted(got_train, key=lambda e: e.id) == train and got_eval == evals
+    c.data.task = "math"  # no math_jsonl dataset in that directory
+    with pytest.raises(DataSourceError, match=f"^{tmp_path / 'tfds'}: no prepared tfds dataset 'math_jsonl'"):
+        experiment.load_examples(c)
 
 
 def test_sft_loss_goes_down(tmp_path):

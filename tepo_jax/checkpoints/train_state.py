@@ -4,7 +4,9 @@ A checkpoint holds the train state pytree (params, optimizer state, step, RNG ke
 `extra` dict (data iterator state, phase, config snapshot). Writes are atomic (orbax writes a
 temporary directory and renames it), so a process killed mid-save leaves the previous
 checkpoint intact. On restore the newest checkpoint is tried first; one that fails to read
-(corrupt or truncated) is reported with a warning and the next older one is used.
+(corrupt or truncated) is reported with a warning and the next older one is used. A resuming
+run (`discard_unreadable=True`) then deletes the unreadable newer ones: it will write those
+step numbers again, and orbax refuses to save over an existing step.
 """
 from __future__ import annotations
 
@@ -38,22 +40,34 @@ class RunCheckpointer:
         self._manager.wait_until_finished()
         log.info("saved checkpoint %d to %s", step, self.directory)
 
-    def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
+    def restore_latest(self, abstract_state: Any, discard_unreadable: bool = False) -> Optional[tuple[int, Any, dict]]:
         """(step, state, extra) of the newest readable checkpoint, or None if there is none.
 
         `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings: arrays come back
-        directly on those shardings.
+        directly on those shardings. `discard_unreadable`: delete the unreadable checkpoints
+        newer than the one returned (a run resuming from it; not a reader such as evaluate).
         """
+        unreadable = []
         for step in reversed(self.all_steps()):
             try:
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                           extra=ocp.args.JsonRestore())
                 restored = self._manager.restore(step, args=args)
-                return step, restored["state"], dict(restored["extra"])
             except Exception as e:  # noqa: BLE001 — any read failure means "try the previous one"
                 log.warning("checkpoint %d in %s is unreadable (%s: %s); falling back to an older one",
-                            step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+                            step, self.directory, type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+                unreadable.append(step)
+                continue
+            if discard_unreadable:
+                self._delete(unreadable)
+            return step, restored["state"], dict(restored["extra"])
         return None
+
+    def _delete(self, steps: list[int]) -> None:
+        for step in steps:
+            log.warning("deleting unreadable checkpoint %d in %s (this run writes that step again)",
+                        step, self.directory)
+            self._manager.delete(step)
 
     def close(self) -> None:
         self._manager.close()
@@ -66,21 +80,33 @@ def abstract_like(tree: Any) -> Any:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (TPU preemption, job stop); the training loop checks it between steps."""
+    """Set by SIGTERM (TPU preemption, a scheduler's stop) or SIGINT (Ctrl-C, `launch/tpu.py
+    stop`); the training loop checks it between steps, checkpoints and exits. The first signal
+    puts the previous handlers back, so a second one acts at once (e.g. KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self._event = threading.Event()
-        self._previous = None
+        self._previous: dict = {}
+        self.signum: Optional[int] = None
 
     def install(self) -> "PreemptionFlag":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        self._event.set()
+        log.warning("%s: stopping after this step, with a checkpoint (send it again to abort)",
+                    signal.Signals(signum).name)
+        self.uninstall()
+
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for s, previous in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+        self._previous = {}
 
     @property
     def requested(self) -> bool:

@@ -19,6 +19,31 @@ from typing import Any, Callable, Sequence
 import grain
 
 
+class DataSourceError(ValueError):
+    """A data source that cannot be read; the message names the directory."""
+
+
+def tfds_source(data_dir: str, name: str, splits: Sequence[str]):
+    """Split `splits[0]` (else the first of the others present) of the prepared tfds dataset
+    `name` in `data_dir`: a random-access source of record dicts (`records.from_dict`).
+    The builder must be registered (import `tepo_jax.data.tfds_builders`)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared()
+    except Exception as e:  # noqa: BLE001 — tfds raises several types for an unknown dataset
+        raise DataSourceError(f"{data_dir}: cannot open tfds dataset {name!r} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not prepared:
+        raise DataSourceError(f"{data_dir}: no prepared tfds dataset {name!r} (tepo_jax.data.tfds_builders.build)")
+    for split in splits:
+        if split in builder.info.splits:
+            return builder.as_data_source(split=split)
+    raise DataSourceError(f"{data_dir}: tfds dataset {name!r} has no split {' or '.join(splits)} "
+                          f"(it has {sorted(builder.info.splits)})")
+
+
 def shard_indices(n: int, shard_index: int, shard_count: int) -> range:
     """Indices host `shard_index` of `shard_count` reads: strided, disjoint, equal size."""
     if shard_count < 1 or not 0 <= shard_index < shard_count:
