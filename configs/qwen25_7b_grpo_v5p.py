@@ -1,9 +1,17 @@
 """Qwen2.5-7B-Instruct with grpo on a TPU v5p-64 pod slice (32 chips), multi-hop QA with search + python.
 
 Command:  python -m tepo_jax.train --config=configs/qwen25_7b_grpo_v5p.py --config.model.hf_checkpoint=/path/to/Qwen2.5-7B-Instruct
-          (pod: launch/tpu.py start --config=configs/qwen25_7b_grpo_v5p.py ..., see docs/launch.md)
+Pod:      python launch/tpu.py up --name NAME --zone ZONE --accelerator-type v5p-64 --config configs/qwen25_7b_grpo_v5p.py
+          (create, install and start on every worker; then `logs`, `stop`, `delete`: docs/launch.md)
+Size:     tepo_jax size --config configs/qwen25_7b_grpo_v5p.py --model Qwen2.5-7B --devices 32 --device-kind tpu-v5p
 Hardware: TPU v5p-64 (8 hosts × 4 chips), FSDP over all chips
 Runtime:  about 1 minute per RL step; 300 steps ≈ 5–6 h (estimate, not measured)
+Files:    the /path/to/ values are placeholders for files every worker can read (a shared disk or
+          a copy on each): the HF checkpoint and its tokenizer, MuSiQue train/dev JSONL (or a
+          tfds data dir, docs/data.md), and tools.search_corpus, the retrieval corpus: JSONL lines
+          {"id", "title", "text"} (e.g. the 2018 Wikipedia passages Search-R1 uses), indexed with
+          BM25 into <workdir>/search_index at the first start. Instead, tools.search_index names a
+          prebuilt index, or tools.search_backend="remote" with tools.search_url a retrieval server.
 """
 from tepo_jax.config import defaults
 
@@ -23,7 +31,9 @@ def get_config():
     c.data.task = "qa"
     c.data.train_path = "/path/to/musique_train.jsonl"
     c.data.eval_path = "/path/to/musique_dev.jsonl"
+    c.data.layout = "musique"
     c.data.prompts_per_step = 64
+    c.tools.search_corpus = "/path/to/wiki18_passages.jsonl"
     c.rollout.group_size = 8
     c.rollout.max_calls = 5
     c.rollout.max_tokens = 4096
