@@ -10,8 +10,10 @@ of create, setup, run). Every subcommand takes --dry-run and then prints the exa
 
 Every worker gets the same project copy (a tarball of this checkout, or a git clone) installed
 with `pip install -e .[tpu]` into `<remote-dir>/.venv`, and runs the same command
-(`--worker=all`); `jax.distributed.initialize()` finds the other hosts from the TPU metadata.
-A run writes `<remote-dir>/logs/<run>.log` and `<run>.pid` on every worker.
+(`--worker=all`) with `--distributed`: `jax.distributed.initialize()` then finds the other hosts
+from the TPU metadata. A run writes `<remote-dir>/logs/<run>.log` and `<run>.pid` on every
+worker. `stop` sends SIGINT (or --signal TERM): the driver finishes its step, checkpoints and
+exits (code 130 / 143); `run` again resumes from that checkpoint.
 """
 from __future__ import annotations
 
@@ -128,7 +130,9 @@ def run_name(args) -> str:
 def run_commands(args) -> list[list[str]]:
     name = run_name(args)
     env = ["env", *args.env] if args.env else []
-    train = [*env, ".venv/bin/python", "-m", args.module, f"--config={args.config}", *args.overrides]
+    # --distributed: one JAX process per worker, joined through the TPU metadata.
+    train = [*env, ".venv/bin/python", "-m", args.module, f"--config={args.config}", "--distributed",
+             *args.overrides]
     log, pid = shlex.quote(f"logs/{name}.log"), shlex.quote(f"logs/{name}.pid")
     remote = (f"cd {shlex.quote(args.remote_dir)} && mkdir -p logs && "
               f"nohup {shlex.join(train)} > {log} 2>&1 < /dev/null & echo $! > {pid}")
@@ -149,7 +153,7 @@ def logs_commands(args) -> list[list[str]]:
 
 def stop_commands(args) -> list[list[str]]:
     pid = shlex.quote(f"{args.remote_dir}/logs/{args.run_name}.pid")
-    # Only the pid this launcher recorded; -INT lets the driver checkpoint before it exits.
+    # Only the pid this launcher recorded; INT and TERM let the driver checkpoint before it exits.
     return [ssh(args, f"test -f {pid} && kill -{args.signal} $(cat {pid}) ; rm -f {pid}")]
 
 
@@ -232,7 +236,8 @@ def _setup_flags(p):
 def _run_flags(p):
     p.add_argument("--config", required=True, help="experiment config, e.g. configs/X.py")
     p.add_argument("--run-name", default=None, help="log/pid file name (default: the config's name)")
-    p.add_argument("--module", default="tepo_jax.train")
+    p.add_argument("--module", default="tepo_jax.train", help="python -m MODULE; it gets --distributed "
+                                                              "(tepo_jax.train accepts it)")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for the driver")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then --config.field=value ...")
 
@@ -262,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stop", help="signal a run on every worker (its recorded pid)")
     _common(p)
     p.add_argument("--run-name", required=True)
-    p.add_argument("--signal", default="INT", help="INT (default: checkpoint and exit), TERM or KILL")
+    p.add_argument("--signal", default="INT", help="INT (default) or TERM: checkpoint and exit; KILL: at once")
     p.set_defaults(func=_simple(stop_commands))
     p = sub.add_parser("exec", help="run a shell command on the workers")
     _common(p)

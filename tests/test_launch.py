@@ -89,6 +89,8 @@ def test_tpu_run_starts_config_on_every_worker_with_quoted_overrides(capsys):
     assert "--config=configs/tepo_dense.py" in words
     assert words[words.index("nohup") + 1:words.index("nohup") + 6] == [
         "env", "A=1", ".venv/bin/python", "-m", "tepo_jax.train"]
+    # every worker joins jax.distributed (TPU metadata) before the overrides
+    assert words.index("--distributed") == words.index("--config=configs/tepo_dense.py") + 1
     assert "logs/tepo_dense.log" in words and remote.endswith("echo $! > logs/tepo_dense.pid")
     assert remote.startswith("cd tepo_jax && ")
 
@@ -99,13 +101,17 @@ def test_tpu_up_is_create_setup_run(capsys):
     assert [c[4] for c in cmds if c[0] == "gcloud"] == ["create", "scp", "ssh", "ssh"]
     assert flag(cmds[0], "--version") == "v2-alpha-tpuv5-lite"
     assert "logs/exp1.log" in flag(cmds[-1], "--command")
+    assert "--distributed" in shlex.split(flag(cmds[-1], "--command")) and "--worker=all" in cmds[-1]
 
 
 def test_tpu_logs_stop_exec(capsys):
     (logs,) = dry(tpu, ["logs", *LOC, "--run-name", "exp1"], capsys)
     assert "--worker=0" in logs and flag(logs, "--command") == "tail -n 100 -F tepo_jax/logs/exp1.log"
     (stop,) = dry(tpu, ["stop", *LOC, "--run-name", "exp1"], capsys)
+    # SIGINT, like SIGTERM, makes the driver checkpoint and exit (tests/test_train_driver.py)
     assert "--worker=all" in stop and "kill -INT $(cat tepo_jax/logs/exp1.pid)" in flag(stop, "--command")
+    (stop,) = dry(tpu, ["stop", *LOC, "--run-name", "exp1", "--signal", "TERM"], capsys)
+    assert "kill -TERM $(cat tepo_jax/logs/exp1.pid)" in flag(stop, "--command")
     (ex,) = dry(tpu, ["exec", *LOC, "--", "python3", "-c", "print('a b')"], capsys)
     assert shlex.split(flag(ex, "--command")) == ["python3", "-c", "print('a b')"]
 
