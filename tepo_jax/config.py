@@ -17,6 +17,7 @@ import ml_collections
 ADVANTAGES = ("grpo", "tepo_sparse", "tepo_dense")
 MODES = ("sft", "rl", "sft_then_rl")
 TASKS = ("synthetic", "math", "qa", "function_calling")
+_ROLES = ("reasoning", "format", "tool_name", "tool_args", "answer_content")   # ResT roles
 
 
 class ConfigError(ValueError):
@@ -84,16 +85,41 @@ def defaults() -> ml_collections.ConfigDict:
 
     c.algo = ml_collections.ConfigDict()
     c.algo.advantage = "tepo_sparse"  # grpo | tepo_sparse | tepo_dense
-    c.algo.alpha = 0.5                # dense bonus weight α (paper: a hyper-parameter)
+    c.algo.alpha = 0.5                # dense bonus weight α (paper: a hyper-parameter; 0.5 ours)
     c.algo.no_call_scale = 1.0        # sparse reward for n = 0 calls: F1·c (ours)
-    c.algo.adv_eps = 1e-6
+    c.algo.adv_eps = 1e-6             # (ours, tunix's)
+    c.algo.adv_std = "population"     # population (ddof 0, tunix) | sample (ddof 1, TRL/verl) (ours)
+    c.algo.adv_scale_by_std = True    # GRPO's (v − mean)/std; False: mean-only (Dr. GRPO)
+    # Ours, not a field: a call written but not run (past rollout.max_calls or the budget) is
+    # UNRUN_CALL: it carries loss and the final segment's advantage but never enters H(r_n).
     c.algo.rest = False               # ResT token re-weighting (combinable with any advantage)
     c.algo.rest_entropy_roles = False # ResT roles from token entropy instead of spans
+    # ResT role weights move from rest_start to rest_end along rest_schedule over
+    # rest_total_steps (0: train.steps), then are normalised to mean 1 over model tokens.
+    # All weights are ours: the ResT paper's exact values were not verified offline.
+    c.algo.rest_schedule = "linear"   # constant | linear | cosine
+    c.algo.rest_total_steps = 0
+    c.algo.rest_start = ml_collections.ConfigDict(dict(
+        reasoning=1.0, format=2.0, tool_name=2.0, tool_args=1.0, answer_content=1.0))
+    c.algo.rest_end = ml_collections.ConfigDict(dict(
+        reasoning=1.5, format=0.5, tool_name=0.5, tool_args=1.5, answer_content=1.5))
+    c.algo.rest_entropy_quantile = 0.8  # entropy roles: "high" = above this batch quantile
+    c.algo.rest_entropy_start = ml_collections.ConfigDict(dict(low=2.0, high=1.0))
+    c.algo.rest_entropy_end = ml_collections.ConfigDict(dict(low=0.5, high=1.5))
 
     c.loss = ml_collections.ConfigDict()
     c.loss.eps_low = 0.2
     c.loss.eps_high = 0.28            # clip-higher (ours; DAPO's default)
     c.loss.kl_coef = 0.0              # β for k3 KL to the frozen initial policy
+    c.loss.seq_chunk = 256            # positions per chunk of the train logprob pass; 0: all at once
+    c.loss.vocab_chunk = 0            # vocabulary chunk inside it; 0: whole vocabulary
+
+    # Function-calling reward (rewards/function_calling.py): ToolRL's static ranges, or the
+    # ranges ResT trains with (ToolRL's SCHEDULEREWARD), which move with the RL step.
+    c.reward = ml_collections.ConfigDict()
+    c.reward.fc_schedule = "off"      # off: format [0, 1], correctness [-3, 3] | rest: scheduled
+    c.reward.fc_schedule_steps = 150  # T of the schedule (ToolRL/ResT: 150)
+    c.reward.fc_require_think = False # ToolRL/ResT require <think>…</think>; ours need not
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-6
@@ -150,7 +176,21 @@ _RULES: list[tuple[str, Any, str]] = [
     ("sft.redundant_call_rate", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     ("tools.search_backend", lambda v: v in ("local", "remote"), "must be local or remote"),
     ("tokenizer.builtin", lambda v: v in ("qwen2.5", "llama3"), "must be qwen2.5 or llama3"),
+    ("algo.adv_std", lambda v: v in ("population", "sample"), "must be population or sample"),
+    ("algo.adv_eps", lambda v: v >= 0, "must be >= 0"),
+    ("algo.rest_schedule", lambda v: v in ("constant", "linear", "cosine"), "must be constant, linear or cosine"),
+    ("algo.rest_total_steps", lambda v: v >= 0, "must be >= 0 (0: train.steps)"),
+    ("algo.rest_entropy_quantile", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("loss.seq_chunk", lambda v: v >= 0, "must be >= 0 (0: no chunking)"),
+    ("loss.vocab_chunk", lambda v: v >= 0, "must be >= 0 (0: no chunking)"),
+    ("reward.fc_schedule", lambda v: v in ("off", "rest"), "must be off or rest"),
+    ("reward.fc_schedule_steps", lambda v: v >= 1, "must be >= 1"),
 ]
+_RULES += [(f"algo.{group}.{name}", lambda v: v >= 0, "must be >= 0 (a ResT weight)")
+           for group, names in (("rest_start", _ROLES), ("rest_end", _ROLES),
+                                ("rest_entropy_start", ("low", "high")),
+                                ("rest_entropy_end", ("low", "high")))
+           for name in names]
 
 
 def _get(c, dotted: str):

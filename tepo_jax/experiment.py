@@ -368,7 +368,8 @@ def optim_config(config, phase: str) -> OptimConfig:
 
 
 def loss_config(config) -> LossConfig:
-    return LossConfig(eps_low=config.loss.eps_low, eps_high=config.loss.eps_high, kl_coef=config.loss.kl_coef)
+    return LossConfig(eps_low=config.loss.eps_low, eps_high=config.loss.eps_high, kl_coef=config.loss.kl_coef,
+                      seq_chunk=config.loss.seq_chunk or None, vocab_chunk=config.loss.vocab_chunk or None)
 
 
 def make_agent(config, model, exp: Experiment, slots: int) -> AgentLoop:

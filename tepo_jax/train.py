@@ -47,7 +47,6 @@ from tepo_jax.data.jsonl import JsonlError
 from tepo_jax.data.pipeline import DataSourceError, make_dataset
 from tepo_jax.models.config import UnsupportedConfigError
 from tepo_jax.rl import loop as rl_loop
-from tepo_jax.rl.advantages import AdvantageConfig
 from tepo_jax.rl.batch import power_of_two_buckets
 from tepo_jax.rl.optim import build_optimizer, build_schedule
 from tepo_jax.rl.train_step import create_train_state, make_compute_logprobs, make_train_step, split_model
@@ -250,8 +249,7 @@ class Run:
         ref_params = self.reference_params(model_def) if c.loss.kl_coef > 0 else None
         agent = self.agent(rows)
         step_cfg = rl_loop.RLStepConfig(
-            advantage=AdvantageConfig(kind=c.algo.advantage, alpha=c.algo.alpha, no_call_scale=c.algo.no_call_scale,
-                                      eps=c.algo.adv_eps),
+            advantage=rl_loop.advantage_config(c),
             rest=rl_loop.rest_config(c, c.train.steps), kl_coef=c.loss.kl_coef,
             row_multiple=experiment.batch_shards(self.mesh) * c.train.micro_batches,
             seq_buckets=power_of_two_buckets(128, c.rollout.cache_len))

@@ -292,6 +292,30 @@ def test_alpha_default_is_the_config_default():
     assert AdvantageConfig().alpha == defaults().algo.alpha == 0.5
 
 
+def test_config_builds_the_advantage_config():
+    from tepo_jax.config import ConfigError, defaults, validate
+    from tepo_jax.rl.loop import advantage_config
+    c = defaults()
+    c.model.tiny = True
+    assert advantage_config(validate(c)) == AdvantageConfig(kind="tepo_sparse")
+    c.algo.update(advantage="tepo_dense", alpha=0.3, no_call_scale=0.5, adv_eps=0.01,
+                  adv_std="sample", adv_scale_by_std=False)
+    cfg = advantage_config(validate(c))
+    assert cfg == AdvantageConfig(kind=AdvantageKind.TEPO_DENSE, alpha=0.3, no_call_scale=0.5,
+                                  eps=0.01, std_kind=StdKind.SAMPLE, scale_by_std=False)
+    # scale_by_std=False: the call advantages are R_{i,k} − mean over the group's calls.
+    group, scores = mixed_group()
+    got = get_advantage_fn(cfg.kind)(group, scores, cfg)
+    rewards = [r for rs in ref_dense_rewards(group, scores, 0.3) for r in rs]
+    want = iter(np.array(rewards) - np.mean(rewards))
+    for traj, adv in zip(group, got.advantages):
+        for call in traj.tool_calls:
+            np.testing.assert_allclose(adv[call.call_span[0]], next(want), rtol=1e-6)
+    c.algo.adv_std = "ddof"
+    with pytest.raises(ConfigError, match="config.algo.adv_std"):
+        validate(c)
+
+
 @pytest.mark.parametrize("kind", list(AdvantageKind))
 def test_unrun_call_past_max_calls_gets_no_bonus_and_the_outcome_advantage(kind):
     group = [build(MAX_CALLS), build(ONE_CALL_REDUCING), build(NO_CALL), build(ONE_CALL_RAISING)]

@@ -160,3 +160,55 @@ def test_registered_and_scores_trajectory_gold():
     assert r.em == 1.0 and r.score == 4.0
     assert compute_reward(call("get_weather", city="Oslo", unit="celsius"), gold(W_OSLO),
                           "function_calling").parts["exact"] == 1.0
+
+
+def _fc_config(**reward):
+    from tepo_jax.config import defaults, validate
+    c = defaults()
+    c.model.tiny, c.data.task = True, "function_calling"
+    c.reward.update(reward)
+    return validate(c)
+
+
+def test_config_schedule_moves_the_ranges_with_the_step():
+    """reward.fc_schedule='rest': the rollout's TaskRewards score at the RL step, so the ranges
+    move (T = reward.fc_schedule_steps); 'off' keeps ToolRL's static ranges at every step."""
+    from tepo_jax.rewards.function_calling import task_rewards
+    text = call("get_weather", city="Bergen", unit="celsius")     # S / S_max = 0.75
+    rewards = task_rewards(_fc_config(fc_schedule="rest", fc_schedule_steps=10))
+    by_step = {s: rewards(text, gold(W_OSLO), "function_calling", s) for s in (0, 5, 10, 40)}
+    # Hand values from the schedule: f_hi = max(1, 2 - t/T), c = [max(-3, -2 - t/T), min(3, 2 + t/T)]
+    for step, (f_hi, c_lo, c_hi) in {0: (2.0, -2.0, 2.0), 5: (1.5, -2.5, 2.5),
+                                    10: (1.0, -3.0, 3.0), 40: (1.0, -3.0, 3.0)}.items():
+        r = by_step[step]
+        assert r.parts["format_hi"] == pytest.approx(f_hi) and r.parts["format"] == pytest.approx(f_hi)
+        assert r.score == pytest.approx(f_hi + c_lo + (c_hi - c_lo) * 0.75)
+    static = task_rewards(_fc_config())
+    for step in (0, 5, 400):
+        r = static(text, gold(W_OSLO), "function_calling", step)
+        assert (r.parts["format_hi"], r.parts["correct_lo"], r.parts["correct_hi"]) == (1.0, -3.0, 3.0)
+    # Tasks without a schedule fall through to the registry.
+    assert static("<answer>Paris</answer>", ["Paris"], "qa", 9).score == 1.0
+    think = task_rewards(_fc_config(fc_require_think=True))
+    assert think(text, gold(W_OSLO), "function_calling").parts["format"] == 0.0
+
+
+def test_parts_reach_the_trajectory_and_the_metrics():
+    from tepo_jax.rewards import attach_reward
+    from tepo_jax.rl.tepo_metrics import tepo_step_metrics
+    from tepo_jax.rollout.trajectory import TokenKind, TokenRole, Trajectory
+    traj = Trajectory([1, 2], [TokenKind.PROMPT, TokenKind.REASONING], [0, 0],
+                      [TokenRole.NONE, TokenRole.REASONING], [0.0, -0.1], [0.0, 0.5], [],
+                      prompt_id="p", group_id=0, sample_index=0, gold=[gold(W_OSLO)],
+                      task="function_calling", finish_reason="answer")
+    a = attach_reward(traj, REWARD(call("get_weather", city="Oslo", unit="celsius"), gold(W_OSLO)))
+    b = attach_reward(traj, REWARD(call("get_weather", city="Bergen", unit="celsius"), gold(W_OSLO)))
+    assert a.reward_parts["exact"] == 1.0 and b.reward_parts["values"] == 1.0
+    m = tepo_step_metrics([a, b])
+    for part in ("format", "correctness", "name", "keys", "values", "match", "exact",
+                 "format_hi", "correct_lo"):
+        assert f"reward/fc/{part}" in m
+    assert m["reward/fc/exact"] == 0.5 and m["reward/fc/values"] == pytest.approx(1.5)
+    assert m["reward/fc/correctness"] == pytest.approx((3.0 + (-3.0 + 6.0 * 0.75)) / 2)
+    assert not any(k.startswith("reward/qa/") for k in tepo_step_metrics([attach_reward(
+        traj, compute_reward("<answer>x</answer>", ["x"], "qa"))]))

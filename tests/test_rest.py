@@ -115,3 +115,69 @@ def test_trajectory_batch_role_coverage_and_normalisation():
     assert (flat[mask] > 0).all()        # every model token has a weighted role
     assert a.roles.tolist() == [R.NONE, R.FORMAT, R.ANSWER_CONTENT, R.ANSWER_CONTENT, R.FORMAT]
     assert rest_weights_for_trajectories([], 0, CFG) == []
+
+
+def _config(**algo):
+    from tepo_jax.config import defaults
+    c = defaults()
+    c.model.tiny = True
+    c.algo.rest = True
+    for key, value in algo.items():
+        node, *path = key.split("__")
+        target = c.algo[node] if path else c.algo
+        target[path[0] if path else node] = value
+    return c
+
+
+def test_config_builds_the_rest_config():
+    from tepo_jax.config import defaults, validate
+    from tepo_jax.rl.loop import rest_config
+    default = rest_config(validate(_config()), total_steps=40)
+    assert default == RestConfig(total_steps=40)           # config defaults == dataclass defaults
+    cfg = rest_config(validate(_config(rest_start__format=5.0, rest_end__tool_args=0.25,
+                                       rest_schedule="cosine", rest_total_steps=7,
+                                       rest_entropy_quantile=0.5, rest_entropy_end__high=4.0,
+                                       rest_entropy_roles=True)), total_steps=40)
+    assert cfg.start.format == 5.0 and cfg.end.tool_args == 0.25 and cfg.total_steps == 7
+    assert cfg.schedule is Schedule.COSINE and cfg.source is RoleSource.ENTROPY
+    assert cfg.entropy_quantile == 0.5 and cfg.entropy_end == EntropyWeights(low=0.5, high=4.0)
+    c = defaults()
+    c.model.tiny = True
+    assert rest_config(validate(c), 40) is None             # algo.rest off
+
+
+@pytest.mark.parametrize("field, value", [("rest_end__tool_name", -1.0), ("rest_schedule", "step"),
+                                          ("rest_entropy_quantile", 1.5), ("rest_total_steps", -1),
+                                          ("rest_entropy_start__low", -0.1)])
+def test_rest_config_fields_are_validated(field, value):
+    from tepo_jax.config import ConfigError, validate
+    with pytest.raises(ConfigError, match=r"config\.algo\." + field.replace("__", r"\.")):
+        validate(_config(**{field: value}))
+
+
+def test_config_override_changes_the_batch_token_weights():
+    """algo.rest_start.format reaches the packed batch the train step sees."""
+    import dataclasses
+    from tepo_jax.config import validate
+    from tepo_jax.rl.advantages import AdvantageConfig
+    from tepo_jax.rl.loop import RLStepConfig, build_batch, rest_config
+    text = "hm <answer>4</answer>"
+    trajs = [dataclasses.replace(_turn_trajectory(text, [(0, 3), (3, 11), (11, 12), (12, 21)], g),
+                                 reward=r, f1=r) for g, r in ((0, 1.0), (0, 0.0))]
+
+    def format_over_answer(**override):
+        cfg = RLStepConfig(advantage=AdvantageConfig(), kl_coef=0.0, row_multiple=1, seq_buckets=(8,),
+                           rest=rest_config(validate(_config(rest_schedule="constant", **override)), 10))
+        packed, _, metrics = build_batch(trajs, cfg, step=0)
+        w, mask = packed.batch.token_weights, packed.batch.loss_mask > 0
+        assert w[mask].mean() == pytest.approx(1.0)
+        assert metrics["rest/progress"] == 0.0
+        assert set(metrics) == {"rest/progress", "rest/weight/reasoning", "rest/weight/format",
+                                "rest/weight/answer_content"}
+        ratio = metrics["rest/weight/format"] / metrics["rest/weight/answer_content"]
+        row = w[packed.placements[0].row, packed.placements[0].start:][:5]
+        assert row[2] / row[3] == pytest.approx(ratio)   # '<answer>' (FORMAT) / '4' (ANSWER_CONTENT)
+        return ratio
+
+    assert format_over_answer() == pytest.approx(2.0 / 1.0)
+    assert format_over_answer(rest_start__format=6.0, rest_start__answer_content=1.5) == pytest.approx(4.0)

@@ -188,3 +188,112 @@ def test_schedule_and_weight_decay_mask():
     g = {"w": jnp.full((2, 2), 100.0), "scale": jnp.zeros(2)}
     _, st = clip.update(g, clip.init(params), params)
     np.testing.assert_allclose(np.asarray(st[1][0].mu["w"]), 0.1 * 0.5, rtol=1e-6)
+
+
+# ------------------------------------------------- sampler/trainer invariant, end to end
+
+def _search_policy(qwen):
+    """A bigram Decoder over the real Qwen2.5 vocabulary that writes
+    `Let me search.\\n<search>letter</search>` after the prompt and every result, sampling
+    from a moderately peaked softmax (it sometimes leaves the chain and writes free text)."""
+    from tepo_jax.testing.models import bigram_decoder
+    from tepo_jax.tokenizer import encode_chat
+    from tepo_jax.tools import ToolFormat
+    chain = qwen.encode("Let me search.\n<search>letter</search>", add_special_tokens=False)
+    starts = [encode_chat(qwen, [{"role": "user", "content": "hi"}])[-1],
+              qwen.encode(ToolFormat().wrap_result("x"), add_special_tokens=False)[-1]]
+    successor = {s: chain[0] for s in starts}
+    successor.update(zip(chain[:-1], chain[1:]))
+    return bigram_decoder(len(qwen), successor, logit=4.0)   # p(successor) ≈ 0.98
+
+
+@pytest.fixture(scope="module")
+def rl_parts(tmp_path_factory):
+    from tepo_jax.data.records import QAExample
+    from tepo_jax.rollout.agent import AgentLoop, RolloutConfig
+    from tepo_jax.sampling.config import SamplerConfig
+    from tepo_jax.sampling.sampler import Sampler
+    from tepo_jax.testing.tokenizers import cached_tokenizer_dir
+    from tepo_jax.tokenizer import load_tokenizer
+    from tepo_jax.tools import ToolBridge, ToolFormat
+    from tepo_jax.tools.search import BM25Index, LocalSearch, build_index
+
+    qwen = load_tokenizer(cached_tokenizer_dir("qwen2.5"))
+    model = _search_policy(qwen)
+    d = tmp_path_factory.mktemp("index")
+    build_index([{"id": "1", "title": "Q", "text": "q is a letter"}, {"id": "2", "title": "R", "text": "r"}], str(d))
+    bridge = ToolBridge({"search": LocalSearch(BM25Index.load(str(d)), top_k=1)})
+    sampler = Sampler(model, SamplerConfig(max_slots=4, cache_buckets=(512,), steps_per_call=8,
+                                           eos_ids=(qwen.convert_tokens_to_ids("<|im_end|>"),)), tokenizer=qwen)
+    agent = AgentLoop(sampler, bridge, qwen, ToolFormat(), RolloutConfig(group_size=2, max_calls=2, max_tokens=48,
+                                                                         max_turn_tokens=16), ("search",))
+    examples = [QAExample(id=f"q{i}", question=f"What is {c}?", answers=("a letter",)) for i, c in enumerate("qr")]
+    yield model, agent, examples
+    bridge.close()
+
+
+def test_rl_step_sampler_and_trainer_agree_and_rest_weights_reach_the_batch(rl_parts):
+    """A real rollout, then the trainer's chunked logprob pass over the packed trajectories:
+    the logged mean |sampler − trainer| logprob difference is below 1e-5 (fp32), and with ResT
+    on, the batch the train step receives carries the ResT weights (mean 1 over model tokens)
+    of exactly these trajectories at this step."""
+    from tepo_jax.rl.advantages import AdvantageConfig
+    from tepo_jax.rl.batch import power_of_two_buckets
+    from tepo_jax.rl.loop import RLStepConfig, rl_step
+    from tepo_jax.rl.rest import RestConfig, rest_weights_for_trajectories
+    model, agent, examples = rl_parts
+    mesh = single_device_mesh()
+    optimizer = build_optimizer(OptimConfig(learning_rate=1e-3))
+    model_def, state, shardings = create_train_state(model, optimizer, mesh)
+    loss_cfg = LossConfig(seq_chunk=32)                   # < T: the scanned, chunked path
+    seen, steps = {}, []
+
+    def train_step(state, batch):
+        seen["batch"] = jax.device_get(batch)
+        return step_fn(state, batch)
+
+    def run(examples, **kw):
+        steps.append(kw.get("step"))
+        seen["trajs"] = real_run(examples, **kw)
+        return seen["trajs"]
+
+    real_run, agent.run = agent.run, run
+    try:
+        step_fn = make_train_step(model_def, optimizer, loss_cfg, mesh, shardings, batch_sharding(mesh))
+        logprob_fn = make_compute_logprobs(model_def, loss_cfg, mesh, shardings.params, batch_sharding(mesh))
+        rest_cfg = RestConfig(total_steps=10)
+        cfg = RLStepConfig(advantage=AdvantageConfig(kind="tepo_dense"), rest=rest_cfg, kl_coef=0.0,
+                           row_multiple=1, seq_buckets=power_of_two_buckets(128, 512))
+        state, metrics, trajs = rl_step(state, examples, 3, agent=agent, model_def=model_def, train_step=train_step,
+                                        logprob_fn=logprob_fn, put_batch=lambda b: jax.device_put(b, batch_sharding(mesh)),
+                                        cfg=cfg, seed=0)
+    finally:
+        agent.run = real_run
+    batch = seen["batch"]
+    mask = batch.loss_mask > 0
+    assert steps == [3] and len(trajs) == 4 and batch.tokens.shape[1] > loss_cfg.seq_chunk
+    assert sum(t.num_calls for t in trajs) > 0 and np.abs(batch.old_logprobs[mask]).max() > 0.01
+    assert metrics["rl/sampler_trainer_logprob_diff"] < 1e-5
+    assert abs(metrics["train/logprob_diff_mean_abs"]) < 1e-5 and metrics["train/ratio_mean"] == pytest.approx(1.0)
+    for key in ("adv/reward_mean", "adv/bonus_mean", "adv/mean", "adv/std"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["adv/mean"] == pytest.approx(batch.advantages[mask].mean(), abs=1e-6)
+    assert metrics["rest/progress"] == pytest.approx(0.3) and metrics["rest/weight/tool_name"] > 0
+    w = batch.token_weights
+    assert w[mask].mean() == pytest.approx(1.0, abs=1e-5)
+    want = rest_weights_for_trajectories(trajs, 3, rest_cfg)
+    got = [w[r, s:s + n] for (r, s, n) in _placements(batch, trajs)]
+    for g, x in zip(got, want):
+        np.testing.assert_allclose(g, x, rtol=1e-6)
+    assert w[mask].std() > 0.1                              # roles really weighted differently
+
+
+def _placements(batch, trajs):
+    """(row, start, length) of each trajectory in the packed batch, found by its token ids."""
+    out = []
+    for t in trajs:
+        hits = [(r, s) for r in range(batch.tokens.shape[0])
+                for s in range(batch.tokens.shape[1] - len(t) + 1)
+                if batch.positions[r, s] == 0 and np.array_equal(batch.tokens[r, s:s + len(t)], t.token_ids)]
+        out.append((*hits[0], len(t)))
+    return out

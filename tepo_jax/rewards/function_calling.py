@@ -42,9 +42,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from tepo_jax.rewards.registry import REWARD_FNS, RewardResult
+from tepo_jax.rewards.registry import REWARD_FNS, RewardResult, TaskRewards
 from tepo_jax.tools.base import ParseError
 from tepo_jax.tools.json_format import (LLAMA31, QWEN25, JsonCallFormat, calls_as_dicts,
                                         normalize_calls)
@@ -52,9 +52,7 @@ from tepo_jax.tools.json_format import (LLAMA31, QWEN25, JsonCallFormat, calls_a
 
 @dataclasses.dataclass(frozen=True)
 class FunctionCallRewardResult(RewardResult):
-    """RewardResult plus every part of the function-call reward, for logging."""
-
-    parts: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """RewardResult whose `parts` hold every part of the function-call reward, for logging."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +201,9 @@ class FunctionCallReward:
             r_correct, f1 = c_lo, 0.0
         elif exact:
             r_correct, f1 = c_hi, 1.0
-            parts.update(name=1.0, match=parts["max_match"])
+            # Logged as a full match: each gold call's keys (Jaccard 1) and every value.
+            parts.update(name=1.0, keys=float(len(gold_calls)), match=parts["max_match"],
+                         values=float(sum(len(g["arguments"]) for g in gold_calls)))
         elif cfg.exact_only:
             r_correct, f1 = c_lo, 0.0
         else:
@@ -228,3 +228,22 @@ def function_calling_reward(text: str, gold: Any) -> FunctionCallRewardResult:
 
 
 REWARD_FNS.setdefault("function_calling", function_calling_reward)
+
+
+def reward_config(config, dialect: str = "qwen2.5") -> FunctionCallRewardConfig:
+    """The function-call reward of an experiment config (`config.reward`): ToolRL's static
+    ranges (fc_schedule='off'), or ResT's scheduled ones ('rest') over fc_schedule_steps."""
+    r = config.reward
+    steps = r.fc_schedule_steps
+    base = FunctionCallRewardConfig()
+    ends = {name: dataclasses.replace(getattr(base, name), steps=steps)
+            for name in ("format_lo", "format_hi", "correct_lo", "correct_hi")}
+    return FunctionCallRewardConfig(schedule=r.fc_schedule == "rest", require_think=r.fc_require_think,
+                                    dialect=dialect, **ends)
+
+
+def task_rewards(config, fmt=None) -> TaskRewards:
+    """The rollout's rewards for `config`: function calling scored at the RL step with
+    `reward_config` (in the dialect of `fmt`, a JsonCallFormat, when given)."""
+    dialect = fmt.dialect.name if isinstance(fmt, JsonCallFormat) else "qwen2.5"
+    return TaskRewards(scheduled={"function_calling": FunctionCallReward(reward_config(config, dialect))})

@@ -3,11 +3,15 @@
 A reward function maps (model text, gold) -> RewardResult. `score` is the outcome signal the
 advantages use: token F1 for QA (TEPO's F1_i), 1/0 correctness for math. A malformed answer
 (no closed <answer> tag, or an empty one) scores 0 with malformed=True so it can be counted.
+
+Rewards that move with the RL step (ResT's function-calling ranges) are held by a
+`TaskRewards`, built once from the config; the rollout scores every trajectory through it with
+the step, and `attach_reward` keeps the reward's parts on the trajectory for the metrics.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from tepo_jax.rewards.extract import extract_answer
 from tepo_jax.rewards.math_equiv import math_equivalent
@@ -24,9 +28,11 @@ class RewardResult:
     em: float               # normalised exact match (QA) or correctness (math)
     malformed: bool
     extracted: str | None   # the answer string compared with the gold
+    parts: Mapping[str, float] = dataclasses.field(default_factory=dict)  # named parts, logged
 
 
 RewardFn = Callable[[str, Gold], RewardResult]
+StepRewardFn = Callable[[str, Gold, int], RewardResult]   # (text, gold, RL step)
 MALFORMED = RewardResult(score=0.0, f1=0.0, em=0.0, malformed=True, extracted=None)
 
 
@@ -78,7 +84,23 @@ def compute_reward(text_or_traj: str | Trajectory, gold: Gold | None = None,
     return get_reward_fn(task)(text_or_traj, gold)
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskRewards:
+    """The reward of each task at an RL step. `scheduled` maps the tasks whose reward moves
+    with the step (function calling under ResT's schedule) to a (text, gold, step) function;
+    every other task uses its REWARD_FNS entry, which has no step."""
+
+    scheduled: Mapping[str, StepRewardFn] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, text: str, gold: Gold, task: str, step: int = 0) -> RewardResult:
+        fn = self.scheduled.get(task)
+        return fn(text, gold, step) if fn is not None else get_reward_fn(task)(text, gold)
+
+
 def attach_reward(traj: Trajectory, result: RewardResult) -> Trajectory:
-    """A copy of `traj` with its reward fields filled from `result` (arrays are shared)."""
+    """A copy of `traj` with its reward fields (and the reward's parts, if any) filled from
+    `result` (arrays are shared)."""
+    parts = {k: float(v) for k, v in result.parts.items()} or None
     return dataclasses.replace(traj, reward=result.score, f1=result.f1, em=result.em,
-                               malformed=result.malformed, extracted=result.extracted)
+                               malformed=result.malformed, extracted=result.extracted,
+                               reward_parts=parts)

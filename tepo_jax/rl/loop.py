@@ -21,10 +21,12 @@ import numpy as np
 from flax import nnx
 
 from tepo_jax import multihost
-from tepo_jax.rl.advantages import AdvantageConfig, AdvantageKind, batch_advantages
-from tepo_jax.rl.batch import TrainBatch, pack_sequences, sequence_from_trajectory
-from tepo_jax.rl.rest import RestConfig, RoleSource, rest_weights_for_trajectories
-from tepo_jax.rl.tepo_metrics import tepo_step_metrics
+from tepo_jax.rl.advantages import (AdvantageConfig, AdvantageKind, GroupAdvantages,
+                                    batch_advantages)
+from tepo_jax.rl.batch import PackedBatch, TrainBatch, pack_sequences, sequence_from_trajectory
+from tepo_jax.rl.rest import (EntropyWeights, RestConfig, RoleSource, RoleWeights, rest_metrics,
+                              rest_weights_for_trajectories)
+from tepo_jax.rl.tepo_metrics import advantage_metrics, tepo_step_metrics
 from tepo_jax.rl.train_step import ModelDef, TrainState
 from tepo_jax.rollout.agent import AgentLoop
 from tepo_jax.rollout.trajectory import Trajectory
@@ -52,14 +54,21 @@ def outcome_score(traj: Trajectory, kind: AdvantageKind) -> float:
     return float(traj.reward if kind is AdvantageKind.GRPO else traj.f1)
 
 
-def build_batch(trajs: Sequence[Trajectory], cfg: RLStepConfig, step: int):
-    """(packed batch, advantage info) for a batch of scored trajectories."""
+def build_batch(trajs: Sequence[Trajectory], cfg: RLStepConfig,
+                step: int) -> tuple[PackedBatch, GroupAdvantages, dict]:
+    """(packed batch, the advantages and their info, ResT metrics) for scored trajectories."""
     scores = [outcome_score(t, cfg.advantage.kind) for t in trajs]
     adv = batch_advantages(trajs, scores, cfg.advantage)
     weights = rest_weights_for_trajectories(trajs, step, cfg.rest) if cfg.rest else [None] * len(trajs)
     seqs = [sequence_from_trajectory(t, a, token_weights=w) for t, a, w in zip(trajs, adv.advantages, weights)]
     packed = pack_sequences(seqs, row_multiple=cfg.row_multiple, length_buckets=cfg.seq_buckets)
-    return packed, adv.info
+    return packed, adv, rest_metrics(trajs, weights, step, cfg.rest) if cfg.rest else {}
+
+
+def step_advantage_metrics(trajs: Sequence[Trajectory], adv: GroupAdvantages, cfg: RLStepConfig) -> dict:
+    """adv/* metrics of the step (tepo_metrics.advantage_metrics); the α·I bonus for dense."""
+    dense = cfg.advantage.kind is AdvantageKind.TEPO_DENSE
+    return advantage_metrics(adv.info, adv.advantages, trajs, cfg.advantage.alpha if dense else None)
 
 
 def with_ref_logprobs(batch: TrainBatch, ref_logprobs) -> TrainBatch:
@@ -79,11 +88,11 @@ def rl_step(state: TrainState, examples: Sequence, step: int, *, agent: AgentLoo
     t0 = time.perf_counter()
     params = sampler_state(model_def, state.params)
     agent.sampler.update_params(localize(params) if localize else params)
-    trajs = agent.run(examples, seed=seed * 1_000_003 + step, indices=positions)
+    trajs = agent.run(examples, seed=seed * 1_000_003 + step, indices=positions, step=step)
     t_rollout = time.perf_counter() - t0
     if positions is not None:
         trajs = multihost.gather_groups(trajs, positions)
-    packed, _ = build_batch(trajs, cfg, step)
+    packed, adv, rest = build_batch(trajs, cfg, step)
     batch = put_batch(packed.batch)
     # The invariant: the trainer recomputes the sampler's logprobs with the same params.
     recomputed, _ = logprob_fn(state.params, batch)
@@ -96,6 +105,8 @@ def rl_step(state: TrainState, examples: Sequence, step: int, *, agent: AgentLoo
     state, train_metrics = train_step(state, batch)
     metrics = {f"train/{k}": float(v) for k, v in jax.device_get(train_metrics).items()}
     metrics.update(tepo_step_metrics(trajs))
+    metrics.update(step_advantage_metrics(trajs, adv, cfg))
+    metrics.update(rest)
     metrics.update({"rl/sampler_trainer_logprob_diff": float(diff.mean()) if diff.size else 0.0,
                     "time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0,
                     "rl/batch_tokens": float(packed.batch.tokens.size)})
@@ -115,8 +126,22 @@ def eval_metrics(trajs: Sequence[Trajectory]) -> dict:
     return out
 
 
+def advantage_config(config) -> AdvantageConfig:
+    """The advantage settings of an experiment config (`config.algo`)."""
+    a = config.algo
+    return AdvantageConfig(kind=a.advantage, alpha=a.alpha, no_call_scale=a.no_call_scale, eps=a.adv_eps,
+                           std_kind=a.adv_std, scale_by_std=a.adv_scale_by_std)
+
+
 def rest_config(config, total_steps: int) -> Optional[RestConfig]:
-    if not config.algo.rest:
+    """ResT settings of `config.algo` (None when algo.rest is off); the schedule runs over
+    algo.rest_total_steps, or over `total_steps` (the RL phase's steps) when that is 0."""
+    a = config.algo
+    if not a.rest:
         return None
-    source = RoleSource.ENTROPY if config.algo.rest_entropy_roles else RoleSource.SPANS
-    return RestConfig(source=source, total_steps=max(total_steps, 1))
+    return RestConfig(source=RoleSource.ENTROPY if a.rest_entropy_roles else RoleSource.SPANS,
+                      schedule=a.rest_schedule, total_steps=a.rest_total_steps or max(total_steps, 1),
+                      start=RoleWeights(**a.rest_start.to_dict()), end=RoleWeights(**a.rest_end.to_dict()),
+                      entropy_quantile=a.rest_entropy_quantile,
+                      entropy_start=EntropyWeights(**a.rest_entropy_start.to_dict()),
+                      entropy_end=EntropyWeights(**a.rest_entropy_end.to_dict()))

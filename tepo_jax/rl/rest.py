@@ -152,3 +152,17 @@ def rest_weights_for_trajectories(trajs: Sequence[Trajectory], step: int,
     mask = np.concatenate([model_mask(t.kinds) for t in trajs])
     flat = rest_weights(roles, entropies, mask, step, config)
     return np.split(flat, np.cumsum([len(t) for t in trajs])[:-1])
+
+
+def rest_metrics(trajs: Sequence[Trajectory], weights: Sequence[np.ndarray], step: int,
+                 config: RestConfig) -> dict[str, float]:
+    """rest/progress (schedule s at `step`) and rest/weight/<role>: the mean normalised weight
+    of the batch's tokens of each role present, so a run shows structure losing weight."""
+    roles = np.concatenate([t.roles for t in trajs]) if trajs else np.zeros(0, np.int8)
+    flat = np.concatenate(weights) if trajs else np.zeros(0, np.float32)
+    out = {"rest/progress": schedule_progress(step, config)}
+    for role in TokenRole:
+        on = roles == role
+        if role is not TokenRole.NONE and on.any():
+            out[f"rest/weight/{role.name.lower()}"] = float(flat[on].mean())
+    return out

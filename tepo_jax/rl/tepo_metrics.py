@@ -100,6 +100,37 @@ def reward_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
     }
 
 
+# Short metric prefix of a task's reward parts: `reward/fc/format`, `reward/fc/correctness`, ...
+_PART_PREFIX = {"function_calling": "fc"}
+
+
+def reward_part_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
+    """Mean of each reward part (`Trajectory.reward_parts`) over the trajectories that have
+    it, as `reward/<task prefix>/<part>`; nothing for tasks whose reward has no parts."""
+    parts = defaultdict(list)
+    for t in trajs:
+        for name, value in (t.reward_parts or {}).items():
+            parts[f"reward/{_PART_PREFIX.get(t.task, t.task)}/{name}"].append(float(value))
+    return {key: float(np.mean(values)) for key, values in sorted(parts.items())}
+
+
+def advantage_metrics(info: Sequence, advantages: Sequence[np.ndarray], trajs: Sequence[Trajectory],
+                      bonus_alpha: float | None = None) -> dict[str, float]:
+    """What the advantage function saw and gave (`rl.advantages` GroupAdvantages):
+    adv/reward_mean  mean of the rewards it normalised: R_i (grpo: the outcome score;
+                     tepo_sparse: F1·m/n) or, for tepo_dense, R_{i,k} over all calls;
+    adv/bonus_mean   tepo_dense only (`bonus_alpha` = α): mean α·I_{i,k} over all calls;
+    adv/mean, adv/std  of the per-token advantages over all model tokens of the batch."""
+    rewards = [r for i in info for r in i.rewards]
+    tokens = np.concatenate([a[model_mask(t.kinds)] for a, t in zip(advantages, trajs)]) if trajs else np.zeros(0)
+    out = {"adv/reward_mean": _mean(rewards),
+           "adv/mean": float(tokens.mean()) if tokens.size else math.nan,
+           "adv/std": float(tokens.std()) if tokens.size else math.nan}
+    if bonus_alpha is not None:
+        out["adv/bonus_mean"] = _mean([bonus_alpha * i_k for i in info for i_k in i.indicators])
+    return out
+
+
 def finish_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
     return {f"finish/{r}": _ratio(sum(t.finish_reason == r for t in trajs), len(trajs))
             for r in FINISH_REASONS}
@@ -115,7 +146,7 @@ def length_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
 def tepo_step_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
     """All per-step metrics of a batch, flat, with the STABLE_KEYS always present."""
     out: dict[str, float] = {}
-    for part in (entropy_metrics, per_tool_metrics, reward_metrics, finish_metrics,
-                 length_metrics):
+    for part in (entropy_metrics, per_tool_metrics, reward_metrics, reward_part_metrics,
+                 finish_metrics, length_metrics):
         out.update(part(trajs))
     return out

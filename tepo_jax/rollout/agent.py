@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from tepo_jax.data.prompts import to_messages
-from tepo_jax.rewards import attach_reward, compute_reward
+from tepo_jax.rewards import TaskRewards, attach_reward
 from tepo_jax.rollout.builder import TrajectoryBuilder
 from tepo_jax.rollout.trajectory import Trajectory, model_mask
 from tepo_jax.sampling.config import FINISH_EOS, FINISH_STOP_STRING, SamplingParams
@@ -106,15 +106,17 @@ class AgentLoop:
     """Runs rollouts of a policy (the sampler's current params) with tools."""
 
     def __init__(self, sampler: Sampler, bridge: ToolBridge, tokenizer, fmt: ToolFormat,
-                 config: RolloutConfig, tools: Sequence[str]):
+                 config: RolloutConfig, tools: Sequence[str], rewards: TaskRewards = TaskRewards()):
         self.sampler, self.bridge, self.tokenizer, self.fmt = sampler, bridge, tokenizer, fmt
-        self.config, self.tools = config, tuple(tools)
+        self.config, self.tools, self.rewards = config, tuple(tools), rewards
         self.multi_call = is_multi_call(fmt)
 
     # ---- public ----------------------------------------------------------------------------
     def run(self, examples: Sequence, *, seed: int, group_size: Optional[int] = None,
-            greedy: bool = False, indices: Optional[Sequence[int]] = None) -> list[Trajectory]:
-        """G trajectories per example (example-major order), scored with the task's reward.
+            greedy: bool = False, indices: Optional[Sequence[int]] = None,
+            step: int = 0) -> list[Trajectory]:
+        """G trajectories per example (example-major order), scored with the task's reward at
+        RL step `step` (scheduled rewards, e.g. ResT's function-calling ranges, read it).
 
         `indices`: the examples' positions in the global batch (default 0, 1, …); the
         per-request seeds use them, so a multi-host run, where each host rolls out its share
@@ -126,7 +128,7 @@ class AgentLoop:
             for k, r in enumerate(requests):  # request k = (example k // g, sample k % g)
                 r.seed = request_seed(seed, int(indices[k // g]), k % g)
         finished = self._drive(requests, greedy)
-        return [self._score(traj, examples[traj.group_id]) for traj in finished]
+        return [self._score(traj, examples[traj.group_id], step) for traj in finished]
 
     # ---- the loop --------------------------------------------------------------------------
     def _request(self, example, index: int, sample: int, seed: int) -> _Request:
@@ -254,6 +256,6 @@ class AgentLoop:
                 self.sampler.append(req.slot, ids, self._params(req, greedy))
         return overflow
 
-    def _score(self, traj: Trajectory, example) -> Trajectory:
+    def _score(self, traj: Trajectory, example, step: int) -> Trajectory:
         text = model_text(traj, self.tokenizer) if self.multi_call else traj.final_text
-        return attach_reward(traj, compute_reward(text, example.gold, example.task))
+        return attach_reward(traj, self.rewards(text, example.gold, example.task, step))
