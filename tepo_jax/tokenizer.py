@@ -5,10 +5,13 @@ own chat template) and everything after it is appended as ids, never re-encoded.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+# tokenizer_config.json classes that mean "exactly what tokenizer.json says".
+_GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 class TokenizerLoadError(ValueError):
@@ -23,13 +26,25 @@ def load_tokenizer(path: str | Path, **kwargs: Any):
     if not any((p / f).is_file() for f in _TOKENIZER_FILES):
         raise TokenizerLoadError(
             f"no tokenizer files in {str(p)!r}: expected one of {', '.join(_TOKENIZER_FILES)}")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    # Next to a config.json (an exported checkpoint), AutoTokenizer picks the model family's
+    # class (Qwen2Tokenizer for model_type qwen2), which rebuilds its own pre-tokenizer and
+    # silently splits text differently from the tokenizer.json it was saved with. A directory
+    # that names the generic class is loaded with it, so the ids are the ones trained on.
+    loader = PreTrainedTokenizerFast if _config_class(p) in _GENERIC_CLASSES else AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(str(p), local_files_only=True, **kwargs)
+        return loader.from_pretrained(str(p), local_files_only=True, **kwargs)
     except Exception as e:  # transformers raises many types; collapse to one readable line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TokenizerLoadError(f"cannot load tokenizer from {str(p)!r}: {first}") from e
+
+
+def _config_class(path: Path) -> str | None:
+    try:
+        return json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def encode_chat(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None,

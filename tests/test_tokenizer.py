@@ -136,3 +136,28 @@ def test_cache_reuses_built_directory():
     assert tt.cached_tokenizer_dir("qwen2.5") == d1 and (d1 / "tokenizer.json").is_file()
     with pytest.raises(ValueError, match="unknown test tokenizer"):
         tt.cached_tokenizer_dir("gpt2")
+
+
+def test_exported_tiny_tokenizer_reloads_with_its_own_pre_tokenizer(tmp_path):
+    """Saved next to a qwen2 config.json (as the driver's sft_final export is), a tokenizer
+    whose class is the generic one must reload with the pre-tokenizer it was trained with;
+    AutoTokenizer alone would pick Qwen2Tokenizer and split the text differently."""
+    import jax
+    from tepo_jax.checkpoints.hf import save_hf
+    from tepo_jax.models.config import ModelConfig
+    from tepo_jax.sharding import MeshConfig, create_sharded_model, make_mesh
+    from tepo_jax.tiny_tokenizer import build_tiny_fc_tokenizer
+
+    text = 'I need get_weather.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    src = build_tiny_fc_tokenizer([text] * 20, tmp_path / "tok", vocab_size=400)
+    tok = load_tokenizer(src)
+    cfg = ModelConfig(family="qwen2", vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, qkv_bias=True,
+                      tie_word_embeddings=True)
+    mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    out = tmp_path / "export"
+    save_hf(create_sharded_model(cfg, mesh, seed=0), str(out))
+    tok.save_pretrained(str(out))
+    reloaded = load_tokenizer(out)
+    assert reloaded.encode(text) == tok.encode(text)
+    assert len(reloaded.encode(text)) < 20  # merged across words, as trained
