@@ -12,13 +12,16 @@ Files:    the /path/to/ values are placeholders for files every worker can read 
           {"id", "title", "text"} (e.g. the 2018 Wikipedia passages Search-R1 uses), indexed with
           BM25 into <workdir>/search_index at the first start. Instead, tools.search_index names a
           prebuilt index, or tools.search_backend="remote" with tools.search_url a retrieval server.
+Workdir:  checkpoints are orbax multi-host saves, so workdir must be one directory that every
+          worker sees at the same path (an NFS/Filestore or gcsfuse mount; gs:// URLs are not
+          supported as workdir yet).
 """
 from tepo_jax.config import defaults
 
 
 def get_config():
     c = defaults()
-    c.workdir = "runs/qwen25_7b_tepo_sparse_v5p"
+    c.workdir = "/mnt/shared/runs/qwen25_7b_tepo_sparse_v5p"   # shared by all workers (Workdir above)
     c.mode = "rl"
     c.model.hf_checkpoint = "/path/to/Qwen2.5-7B-Instruct"
     c.model.dtype = "bfloat16"
