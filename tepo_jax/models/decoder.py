@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tepo_jax.models.config import ModelConfig
-from tepo_jax.models.rope import apply_rope, inverse_frequencies
+from tepo_jax.models.rope import RopeTables, apply_rope, inverse_frequencies, rope_tables
 
 # Mesh axes the batch dimension of activations is split over.
 BATCH_AXES = ("data", "fsdp")
@@ -107,12 +107,10 @@ class Attention(nnx.Module):
             y = y + getattr(self, bias_name)[...].astype(x.dtype)
         return y
 
-    def __call__(self, x, positions, mask, cache: Optional[LayerCache], write_index):
+    def __call__(self, x, rope: RopeTables, mask, cache: Optional[LayerCache], write_index):
         cfg = self.cfg
-        # A trace-time numpy constant, not module state (a numpy attribute would become a leaf).
-        inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        q = apply_rope(self._project(x, self.q_proj, "q_bias"), positions, inv_freq)
-        k = apply_rope(self._project(x, self.k_proj, "k_bias"), positions, inv_freq)
+        q = apply_rope(self._project(x, self.q_proj, "q_bias"), rope)
+        k = apply_rope(self._project(x, self.k_proj, "k_bias"), rope)
         v = self._project(x, self.v_proj, "v_bias")
         if cache is not None:
             k, v, cache = _write_cache(cache, k, v, write_index)
@@ -202,8 +200,8 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, keys)
         self.mlp = MLP(cfg, keys)
 
-    def __call__(self, x, positions, mask, cache, write_index):
-        attn_out, cache = self.attn(self.input_norm(x), positions, mask, cache, write_index)
+    def __call__(self, x, rope, mask, cache, write_index):
+        attn_out, cache = self.attn(self.input_norm(x), rope, mask, cache, write_index)
         x = x + attn_out
         return x + self.mlp(self.post_attn_norm(x)), cache
 
@@ -244,11 +242,15 @@ class Decoder(nnx.Module):
             # Padding is written out of range, which the scatter drops.
             write_index = positions if valid is None else jnp.where(valid, positions, cache_len)
         x = self._constrain(jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype))
+        # cos/sin once for all layers; inv_freq is a trace-time numpy constant, not module state
+        # (a numpy attribute would become a leaf).
+        cfg = self.cfg
+        rope = rope_tables(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         new_cache = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             step = nnx.remat(Block.__call__) if self.remat else Block.__call__
-            x, layer_cache = step(layer, x, positions, mask, layer_cache, write_index)
+            x, layer_cache = step(layer, x, rope, mask, layer_cache, write_index)
             x = self._constrain(x)
             new_cache.append(layer_cache)
         return self.final_norm(x), (None if cache is None else tuple(new_cache))

@@ -5,7 +5,7 @@ Layout follows transformers (rotate-half, not interleaved), so HF weights need n
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,12 +35,33 @@ def _llama3_scale(inv_freq: np.ndarray, s: Llama3RopeScaling) -> np.ndarray:
     return np.where(is_medium, blended, scaled)
 
 
-def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.ndarray:
-    """x: [B, T, N, H], positions: int[B, T] -> [B, T, N, H] (same dtype as x)."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # BT,F->BTF
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # B,T,1,H
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
+class RopeTables(NamedTuple):
+    """cos/sin of the rotation angles, float32, computed once per forward for all layers.
+
+    Shapes [B, T, 1, 1, F] (cos) and [B, T, 1, 2, F] (sin, with the rotate-half sign folded in:
+    −sin for the first half, +sin for the second), F = head_dim // 2, broadcasting over heads.
+    """
+
+    cos: jnp.ndarray
+    sin: jnp.ndarray
+
+
+def rope_tables(positions: jnp.ndarray, inv_freq: np.ndarray) -> RopeTables:
+    """positions int[B, T] -> RopeTables (the transcendental part of RoPE, shared by q and k
+    of every layer)."""
+    angles = positions[..., None, None, None].astype(jnp.float32) * inv_freq  # B,T,1,1,F
+    sin = jnp.sin(angles)
+    return RopeTables(jnp.cos(angles), jnp.concatenate([-sin, sin], axis=-2))
+
+
+def apply_rope(x: jnp.ndarray, rope: RopeTables) -> jnp.ndarray:
+    """x: [B, T, N, H] -> [B, T, N, H] (same dtype as x); rotate-half layout.
+
+    With x = [x1, x2] (halves): [x1·cos − x2·sin, x2·cos + x1·sin]. The halves are the pair
+    axis of a [.., 2, F] view and rotate-half is a flip of that axis (sign in `rope.sin`), so
+    forward and backward are elementwise (no concatenate of halves, whose gradient is pads).
+    """
+    *lead, h = x.shape
+    x32 = x.astype(jnp.float32).reshape(*lead, 2, h // 2)
+    out = x32 * rope.cos + jnp.flip(x32, axis=-2) * rope.sin
+    return out.reshape(*lead, h).astype(x.dtype)
