@@ -156,6 +156,9 @@ def step_flops(cfg, b, t):
 
 def main(argv=None):
     args = parse_args(argv)
+    from tepo_jax.hostmem import retain_freed_memory
+
+    retained = retain_freed_memory()  # before JAX or torch runs anything; applies to both sides
     from tepo_jax.checkpoints.hf import load_hf
     from tepo_jax.rl.loss import LossConfig
     from tepo_jax.rl.optim import OptimConfig
@@ -175,7 +178,8 @@ def main(argv=None):
     tokens = args.batch * args.seq_len
     print(f"model: {cfg.family} {cfg.num_params / 1e6:.1f}M params, batch {args.batch} x {args.seq_len}, "
           f"vocab {cfg.vocab_size}, seq_chunk {args.seq_chunk}, micro_batches {args.micro_batches}, "
-          f"remat {args.remat}, compute {args.dtype}, jax {jax.default_backend()}")
+          f"remat {args.remat}, compute {args.dtype}, jax {jax.default_backend()}, "
+          f"host malloc {'retain' if retained else 'default'}")
     sides = {"ours": build_ours(model, args, work, ocfg, loss_cfg)}
     if not args.skip_peer:
         sides["peer"] = build_peer(torch_model, args, work, ocfg, loss_cfg)

@@ -38,7 +38,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from tepo_jax import experiment, multihost
+from tepo_jax import experiment, hostmem, multihost
 from tepo_jax.checkpoints.hf import CheckpointError, load_hf, save_hf
 from tepo_jax.checkpoints.safetensors_io import SafetensorsFormatError
 from tepo_jax.checkpoints.train_state import PreemptionFlag, RunCheckpointer, abstract_like
@@ -404,6 +404,8 @@ def _initialize_distributed() -> None:
 
 def main(argv) -> None:
     del argv
+    if hostmem.cpu_only_install():
+        hostmem.retain_freed_memory()  # before JAX runs anything: see tepo_jax/hostmem.py
     _configure_logging()
     try:
         _initialize_distributed()
