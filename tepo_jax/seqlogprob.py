@@ -4,12 +4,19 @@ The training forward pass needs log p(token) for every token of [B, T] sequences
 [B, T, V] float32 logits (and their gradient) is the largest buffer of the step for real vocab
 sizes (152k for Qwen2.5). Here the sequence axis is cut into chunks of `chunk_size` positions;
 a scan computes one chunk's logits at a time and reduces them immediately with
-`tepo_jax.logprobs.logprob_and_entropy` (the one definition the sampler also uses). The chunk
-body is `jax.checkpoint`ed, so the backward pass recomputes a chunk's logits instead of storing
-them: peak memory is O(B · chunk_size · V) in both directions.
+`tepo_jax.logprobs.logprob_and_entropy` (the one definition the sampler also uses). The backward
+pass recomputes a chunk's logits instead of storing them: peak memory is O(B · chunk_size · V)
+in both directions.
+
+The chunk has a custom VJP (entropy as a metric, the default): the forward keeps only
+log Z = target_logit − logprob per token, and the backward recomputes the logits once and forms
+d logits = g · (onehot(y) − exp(z − log Z)) in one pass, the closed form of the softmax
+gradient. (Autodiff of a `jax.checkpoint`ed chunk instead re-ran the max / exp-sum / entropy
+passes over [B, C, V] and differentiated through the max: three more passes per chunk.)
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -18,12 +25,46 @@ import jax.numpy as jnp
 from tepo_jax.logprobs import logprob_and_entropy
 
 
+def _logits(hidden, kernel):
+    return jnp.einsum("BCD,DV->BCV", hidden, kernel.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+
+
 def _chunk_logprob_entropy(hidden, kernel, targets, vocab_chunk, entropy_grad):
     """hidden [B, C, D], kernel [D, V], targets int[B, C] -> (logprob, entropy) float32 [B, C]."""
-    logits = jnp.einsum("BCD,DV->BCV", hidden, kernel.astype(hidden.dtype),
-                        preferred_element_type=jnp.float32)
+    if not entropy_grad:
+        return _chunk_metric_entropy(hidden, kernel, targets, vocab_chunk)
+    return logprob_and_entropy(_logits(hidden, kernel), targets, vocab_chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunk_metric_entropy(hidden, kernel, targets, vocab_chunk):
+    """`_chunk_logprob_entropy` whose entropy carries no gradient (a metric)."""
+    return logprob_and_entropy(_logits(hidden, kernel), targets, vocab_chunk)
+
+
+def _chunk_fwd(hidden, kernel, targets, vocab_chunk):
+    logits = _logits(hidden, kernel)
     lp, ent = logprob_and_entropy(logits, targets, vocab_chunk)
-    return lp, (ent if entropy_grad else jax.lax.stop_gradient(ent))
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return (lp, ent), (hidden, kernel, targets, target_logit - lp)   # last: log Z [B, C]
+
+
+def _chunk_bwd(vocab_chunk, res, cts):
+    hidden, kernel, targets, log_z = res
+    g = cts[0]                                                        # the entropy's is dropped
+    logits = _logits(hidden, kernel)
+    onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
+    dz = g[..., None] * (onehot - jnp.exp(logits - log_z[..., None]))  # d logp / d z, [B, C, V]
+    dz = dz.astype(hidden.dtype)
+    d_hidden = jnp.einsum("BCV,DV->BCD", dz, kernel.astype(hidden.dtype),
+                          preferred_element_type=jnp.float32).astype(hidden.dtype)
+    d_kernel = jnp.einsum("BCD,BCV->DV", hidden, dz,
+                          preferred_element_type=jnp.float32).astype(kernel.dtype)
+    return d_hidden, d_kernel, None
+
+
+_chunk_metric_entropy.defvjp(_chunk_fwd, _chunk_bwd)
 
 
 def sequence_logprob_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
@@ -48,7 +89,10 @@ def sequence_logprob_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.
     # [B, n·C, D] -> [n, B, C, D]: the batch axis (and its sharding) stays where it was.
     hs = jnp.moveaxis(hidden.reshape(b, n, chunk_size, d), 1, 0)
     ys = jnp.moveaxis(targets.reshape(b, n, chunk_size), 1, 0)
-    body = jax.checkpoint(lambda h, y, k: _chunk_logprob_entropy(h, k, y, vocab_chunk, entropy_grad))
+    # Entropy as a metric: the custom VJP saves only log Z per chunk. With an entropy gradient,
+    # the checkpointed body has autodiff recompute the chunk's logits in the backward pass.
+    chunk_fn = lambda h, y, k: _chunk_logprob_entropy(h, k, y, vocab_chunk, entropy_grad)  # noqa: E731
+    body = jax.checkpoint(chunk_fn) if entropy_grad else chunk_fn
 
     def step(_, xs):
         return None, body(xs[0], xs[1], kernel)
