@@ -142,8 +142,8 @@ def abstract_mesh(mesh_cfg: MeshConfig, num_devices: int) -> AbstractMesh:
 
 def kv_cache_shardings(cfg: ModelConfig, mesh: Union[Mesh, AbstractMesh], batch: int, max_len: int):
     """Shardings matching `init_cache(cfg, batch, max_len)`: slots over (data, fsdp), KV heads over tensor."""
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    sharding = NamedSharding(mesh, fit_spec(P(BATCH_AXES, None, "tensor", None), shape, mesh))
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)   # [B, K, S, H]
+    sharding = NamedSharding(mesh, fit_spec(P(BATCH_AXES, "tensor", None, None), shape, mesh))
     return tuple(LayerCache(sharding, sharding) for _ in range(cfg.num_layers))
 
 
@@ -195,7 +195,7 @@ def estimate_memory(cfg: ModelConfig, mesh: Union[Mesh, AbstractMesh], workload:
     if workload.slots and workload.cache_len:
         cache_dtype = workload.cache_dtype or cfg.dtype
         s = kv_cache_shardings(cfg, mesh, workload.slots, workload.cache_len)[0].k
-        shape = (workload.slots, workload.cache_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (workload.slots, cfg.num_kv_heads, workload.cache_len, cfg.head_dim)
         kv = 2 * cfg.num_layers * _shard_bytes(s, shape, cache_dtype)
     components = dict(params=params, frozen_params=workload.frozen_params * params,
                       master_params=master, optimizer=2 * moment * elems,

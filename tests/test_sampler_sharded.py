@@ -37,7 +37,7 @@ def test_sharded_sampler_equals_unsharded(tmp_path):
         np.testing.assert_allclose(o.entropies, r.entropies, atol=1e-4, rtol=0)
     for layer in sharded.cache:  # still on its sharding after donation through prefill/decode
         for x in layer:
-            assert x.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None)), 4)
+            assert x.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "tensor", None, None)), 4)
     q = sharded._state["layers"][0]["attn"]["q_proj"][...]
     assert q.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", "tensor", None)), 3)
 

@@ -32,7 +32,12 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 class LayerCache(NamedTuple):
-    """Keys and values of one layer: [B, S, K, H] each, indexed by token position."""
+    """Keys and values of one layer: [B, K, S, H] each (S indexed by token position).
+
+    Heads before positions: attention reads the cache as batched [S, H] matrices per (B, K)
+    with no transpose (a [B, S, K, H] cache was copied into that layout by every layer at
+    every decode step: ~2 copies of the whole attended window per layer per step).
+    """
 
     k: jax.Array
     v: jax.Array
@@ -42,7 +47,7 @@ KVCache = tuple  # tuple[LayerCache, ...], one per layer
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     dtype = dtype or cfg.dtype
     return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
                  for _ in range(cfg.num_layers))
@@ -113,7 +118,9 @@ class Attention(nnx.Module):
         k = apply_rope(self._project(x, self.k_proj, "k_bias"), rope)
         v = self._project(x, self.v_proj, "v_bias")
         if cache is not None:
-            k, v, cache = _write_cache(cache, k, v, write_index)
+            k, v, cache = _write_cache(cache, k, v, write_index)   # [B, K, S, H]
+        else:
+            k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # BKTH
         # Full forward: key index == query index and the mask is causal by index, so query
         # block [i, e) never sees keys >= e. The cache path masks by position: one block.
         q_block = _causal_query_block(x.shape[1]) if cache is None else None
@@ -135,7 +142,7 @@ def _causal_query_block(t: int) -> Optional[int]:
 
 
 def _attend(q, k, v, mask, scale: float, q_block: Optional[int]):
-    """Softmax attention. q [B, T, N, H], k/v [B, S, K, H], mask bool[B, T, S] -> [B, T, N, H].
+    """Softmax attention. q [B, T, N, H], k/v [B, K, S, H], mask bool[B, T, S] -> [B, T, N, H].
 
     Heads are grouped per kv head (GQA) and moved in front of the sequence axes, so the two
     score einsums are plain batched matmuls over [B, K, G] (no transpose of the [.., T, S]
@@ -144,9 +151,8 @@ def _attend(q, k, v, mask, scale: float, q_block: Optional[int]):
     rows with no visible key at all, padding queries, whose output is unused).
     """
     b, t, n, h = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     q = jnp.transpose(q.reshape(b, t, kv, n // kv, h), (0, 2, 3, 1, 4))   # BKGTH
-    k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # BKSH
     if q_block is None:
         out = _attend_block(q, k, v, mask, scale)
     else:
@@ -165,10 +171,12 @@ def _attend_block(q, k, v, mask, scale: float):
 
 
 def _write_cache(cache: LayerCache, k, v, write_index):
-    """Scatter k/v [B, T, K, H] into the cache at write_index [B, T]; out-of-range is dropped."""
+    """Scatter k/v [B, T, K, H] into the [B, K, S, H] cache at positions write_index [B, T];
+    out-of-range is dropped. (Indices b, :, s put the [B, T] index dims first: the update is
+    k as it is, [B, T, K, H].)"""
     b = jnp.arange(k.shape[0])[:, None]
-    new_k = cache.k.at[b, write_index].set(k.astype(cache.k.dtype), mode="drop")
-    new_v = cache.v.at[b, write_index].set(v.astype(cache.v.dtype), mode="drop")
+    new_k = cache.k.at[b, :, write_index].set(k.astype(cache.k.dtype), mode="drop")
+    new_v = cache.v.at[b, :, write_index].set(v.astype(cache.v.dtype), mode="drop")
     return new_k.astype(k.dtype), new_v.astype(v.dtype), LayerCache(new_k, new_v)
 
 
@@ -237,7 +245,7 @@ class Decoder(nnx.Module):
         if cache is None:
             mask, write_index = _segment_mask(tokens, segment_ids), None
         else:
-            cache_len = cache[0].k.shape[1]
+            cache_len = cache[0].k.shape[2]
             mask = _cache_mask(positions, cache_len)
             # Padding is written out of range, which the scatter drops.
             write_index = positions if valid is None else jnp.where(valid, positions, cache_len)

@@ -64,13 +64,13 @@ class DecodeOut(NamedTuple):
 
 
 def _window(cache, window: int):
-    if window == cache[0].k.shape[1]:
+    if window == cache[0].k.shape[2]:
         return cache
-    return tuple(LayerCache(c.k[:, :window], c.v[:, :window]) for c in cache)
+    return tuple(LayerCache(c.k[:, :, :window], c.v[:, :, :window]) for c in cache)
 
 
 def _unwindow(cache, win_cache, window: int, sharding):
-    if window != cache[0].k.shape[1]:
+    if window != cache[0].k.shape[2]:
         win_cache = tuple(LayerCache(lax.dynamic_update_slice(c.k, w.k, (0, 0, 0, 0)),
                                      lax.dynamic_update_slice(c.v, w.v, (0, 0, 0, 0)))
                           for c, w in zip(cache, win_cache))
@@ -104,7 +104,7 @@ def decode(graphdef, state, cache, slots: SlotState, n_steps, *, window: int, bu
            vocab_chunk: Optional[int] = None, emit_stats: bool = True, cache_sharding=None):
     """Run up to n_steps (<= buf_len) decode steps on device -> (cache, DecodeOut)."""
     b = slots.tokens.shape[0]
-    max_len = cache[0].k.shape[1]
+    max_len = cache[0].k.shape[2]
     rows = jnp.arange(b)
 
     def cond(c):

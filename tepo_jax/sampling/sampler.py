@@ -96,8 +96,8 @@ class Sampler:
             return None
         from tepo_jax.sharding import fit_spec
         c, m = self.config, self.model_config
-        shape = (c.max_slots, c.max_len, m.num_kv_heads, m.head_dim)
-        spec = fit_spec(P(BATCH_AXES, None, "tensor", None), shape, self.mesh)
+        shape = (c.max_slots, m.num_kv_heads, c.max_len, m.head_dim)   # init_cache's [B, K, S, H]
+        spec = fit_spec(P(BATCH_AXES, "tensor", None, None), shape, self.mesh)
         return NamedSharding(self.mesh, spec)
 
     def _init_cache(self):
