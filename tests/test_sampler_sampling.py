@@ -8,6 +8,7 @@ from flax import nnx
 from tepo_jax.models.config import ModelConfig
 from tepo_jax.models.decoder import Decoder
 from tepo_jax.sampling import Sampler, SamplerConfig, SamplingParams
+from tepo_jax.logprobs import softmax_stats
 from tepo_jax.sampling.sample import SlotSampling, _inverse_cdf, _sortable, sample_tokens, truncation_threshold
 
 
@@ -105,6 +106,30 @@ def test_greedy_and_seed_stream():
     c = sample(z, slot_sampling(8, seed=5), pos + 1)  # next position: fresh noise
     assert not np.array_equal(a, c)
 
+
+
+@pytest.mark.parametrize("vocab,chunk", [(1000, 128), (1000, None), (300, 512)])
+def test_draw_from_softmax_stats_equals_its_own_passes(vocab, chunk):
+    """With the decode step's softmax stats, rows at temperature 1 without truncation draw from
+    the stats' chunk sums; every row draws the token it draws without them, in a batch that
+    mixes such rows with tempered, truncated and greedy ones and in one made of them alone."""
+    rng = np.random.default_rng(vocab)
+    n = 64
+    z = jnp.asarray((3 * rng.standard_normal((n, vocab))).astype(np.float32))
+    s = slot_sampling(n)
+    kind = np.arange(n) % 4
+    s = s._replace(temperature=jnp.where(kind == 1, 0.7, 1.0).astype(jnp.float32),
+                   top_p=jnp.where(kind == 2, 0.9, 1.0).astype(jnp.float32), greedy=jnp.asarray(kind == 3))
+    pos = jnp.arange(n, dtype=jnp.int32)
+    sample = jax.jit(sample_tokens, static_argnums=3)
+    stats = jax.jit(softmax_stats, static_argnums=1)(z, chunk)
+    mixed = sample(z, s, pos, chunk, stats)
+    np.testing.assert_array_equal(mixed, sample(z, s, pos, chunk))
+    plain = kind == 0
+    only_plain = jax.tree.map(lambda x: x[plain], s)
+    stats_plain = jax.tree.map(lambda x: x[plain], stats)
+    np.testing.assert_array_equal(sample(z[plain], only_plain, pos[plain], chunk, stats_plain),
+                                  np.asarray(mixed)[plain])
 
 @pytest.fixture(scope="module")
 def tiny_sampler():

@@ -13,9 +13,12 @@ Decode loop (`lax.while_loop`, up to `n_steps` steps, exits when no slot is acti
 feeds its pending token (the last token of its sequence, not yet in the cache) at its
 position; the step writes that token's keys/values, samples the next token from the raw
 logits, and emits (token, logprob, entropy) into [B, N] buffers at the slot's own column
-counter. Logprob and entropy come from `tepo_jax.logprobs.logprob_and_entropy` on the raw
-fp32 logits (temperature 1, before truncation): the trainer's definition. A slot stops on a
-stop token id (eos), on its max_tokens, or when the cache is full.
+counter. Logprob and entropy come from `tepo_jax.logprobs` (`softmax_stats`, then
+`logprob_entropy_from_stats`) on the raw fp32 logits (temperature 1, before truncation): the
+trainer's definition. The same statistics (max, chunk sums of e^(z - m)) are the draw's
+normaliser for rows at temperature 1 without truncation, so per step the logits are read by
+one max, one exp pass and the gathered block of the draw. A slot stops on a stop token id
+(eos), on its max_tokens, or when the cache is full.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from tepo_jax.logprobs import logprob_and_entropy
+from tepo_jax.logprobs import logprob_entropy_from_stats, softmax_stats
 from tepo_jax.models.decoder import LayerCache, build_abstract, init_cache
 from tepo_jax.sampling.sample import SlotSampling, sample_tokens
 
@@ -92,10 +95,14 @@ def _step(graphdef, state, slots: SlotState, cache, *, max_len, vocab_chunk, emi
                           valid=slots.active[:, None])
     z = logits[:, 0]  # float32 [B, V]
     new_pos = slots.positions + 1
-    tok = sample_tokens(z, slots.sampling, new_pos, vocab_chunk)
     if emit_stats:
-        lp, ent = logprob_and_entropy(z, tok, vocab_chunk=vocab_chunk)
+        # One pass of softmax statistics serves the draw (same normaliser at temperature 1
+        # without truncation) and the token's logprob/entropy.
+        stats = softmax_stats(z, vocab_chunk)
+        tok = sample_tokens(z, slots.sampling, new_pos, vocab_chunk, stats)
+        lp, ent = logprob_entropy_from_stats(z, tok, stats)
     else:
+        tok = sample_tokens(z, slots.sampling, new_pos, vocab_chunk)
         lp = ent = jnp.zeros(tok.shape, jnp.float32)
     return tok, new_pos, lp, ent, cache
 

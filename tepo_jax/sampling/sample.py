@@ -16,8 +16,13 @@ array); the 64 steps only run when some row truncates (`lax.cond`).
 Sampling is the inverse CDF of the kept, temperature-scaled distribution with ONE uniform per
 row: the first token whose cumulative kept mass exceeds u * total. The search has two levels
 so that no cumulative sum over [B, V] is formed (a scan always materialises its output, on
-every backend): running block sums find the block of c columns holding the crossing, then a
-cumulative sum over that block alone ([B, c]) finds the token. Unlike Gumbel-max it needs no
+every backend): one pass gives the kept mass of each block of c columns ([B, n]), running sums
+of those find the block holding the crossing, then a cumulative sum over that block alone
+([B, c]) finds the token. At temperature 1 without truncation the block masses are the
+chunk sums Σ e^(z - m) that the decode step's logprob/entropy statistics compute anyway
+(`tepo_jax.logprobs.softmax_stats`, same blocks, same max): passed in as `stats`, the draw
+then makes no pass over the logits of its own (the same tokens as with its own pass).
+Greedy's argmax runs only when some row is greedy. Unlike Gumbel-max it needs no
 random number per vocabulary entry (on CPU the threefry bits alone were ~4 [B, V] buffers and
 a large share of the step). The uniform of sequence b's token at position i comes from
 fold_in(key(seed_b), i): the same seed gives the same tokens whatever else is in the batch and
@@ -37,6 +42,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from tepo_jax.logprobs import SoftmaxStats
 
 _NEG_INF = -jnp.inf
 _CDF_BLOCK = 4096  # block width of the inverse-CDF search when vocab_chunk is None
@@ -142,34 +149,50 @@ def _last(mask):
     return mask.shape[-1] - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
 
 
-def _inverse_cdf(z, threshold, inv_t, u, chunk):
+def _block_masses(z, threshold, inv_t, m, c):
+    """float32 [B, n]: the kept mass Σ e^((z - m)/T) of each of vocab_fold's n blocks of c
+    columns (one pass over z)."""
+    b, v = z.shape
+    n = -(-v // c)
+
+    def fn(carry, zc, col, fresh):
+        i, masses = carry
+        mass = jnp.sum(_weights(zc, fresh[None], m, inv_t, threshold), axis=-1)
+        return i + 1, lax.dynamic_update_index_in_dim(masses, mass, i, axis=1)
+
+    return vocab_fold(z, c, fn, (jnp.int32(0), jnp.zeros((b, n), jnp.float32)))[1]
+
+
+def _inverse_cdf(z, threshold, inv_t, u, chunk, m=None, masses=None):
     """Categorical sample by inverse CDF of the kept e^((z - m)/T), one uniform u per row.
 
     Two levels, so no cumulative sum over [B, V] is ever formed. Blocks are vocab_fold's
-    chunks of c = chunk columns (_CDF_BLOCK when chunk is None). Pass 1 sums the kept mass;
-    pass 2 adds it up block by block and records the block where the running mass first
-    exceeds u * total, and the mass before it; a cumulative sum inside that one block
-    ([B, c], gathered per row) then finds the token.
+    chunks of c = chunk columns (_CDF_BLOCK when chunk is None). One pass over z gives each
+    block's kept mass ([B, n], `_block_masses`, or `masses` when the caller has them); adding
+    them up block by block finds the block where the running mass first exceeds u * total,
+    and the mass before it; a cumulative sum inside that one block ([B, c], gathered per row)
+    then finds the token. `m`: the row max of z, if the caller has it.
     """
     b, v = z.shape
     c = min(chunk or _CDF_BLOCK, v)
-    m = jnp.max(z, axis=-1)
-    mass = lambda zc, fresh: jnp.sum(_weights(zc, fresh[None], m, inv_t, threshold), axis=-1)  # noqa: E731
-    total = vocab_fold(z, c, lambda t, zc, col, fresh: t + mass(zc, fresh), jnp.zeros((b,), jnp.float32))
+    m = jnp.max(z, axis=-1) if m is None else m
+    masses = _block_masses(z, threshold, inv_t, m, c) if masses is None else masses
+    n = masses.shape[1]
+    total = lax.fori_loop(0, n, lambda i, t: t + masses[:, i], jnp.zeros((b,), jnp.float32))
     target = u * total
 
-    def find_block(carry, zc, col, fresh):
+    def find_block(i, carry):
         # Every block with mass updates (block, before) until one passes the target, so if
         # rounding leaves u * total at or past the final sum, the last block with mass is used.
         run, block, before, found = carry
-        new = run + mass(zc, fresh)
+        new = run + masses[:, i]
         update = ~found & (new > run)
-        return (new, jnp.where(update, col[-1] // c, block), jnp.where(update, run, before),
+        return (new, jnp.where(update, i, block), jnp.where(update, run, before),
                 found | (update & (new > target)))
 
     zero = jnp.zeros((b,), jnp.float32)
     init = (zero, jnp.zeros((b,), jnp.int32), zero, jnp.zeros((b,), bool))
-    _, block, before, _ = vocab_fold(z, c, find_block, init)
+    _, block, before, _ = lax.fori_loop(0, n, find_block, init)
     start = jnp.minimum(block * c, v - c)  # the last block ends at V, as in vocab_fold
     cols = start[:, None] + jnp.arange(c)
     w = _weights(jnp.take_along_axis(z, cols, 1), cols >= (block * c)[:, None], m, inv_t, threshold)
@@ -192,15 +215,34 @@ def _argmax(z, chunk):
 
 
 def sample_tokens(logits: jax.Array, s: SlotSampling, positions: jax.Array,
-                  vocab_chunk: Optional[int] = None) -> jax.Array:
+                  vocab_chunk: Optional[int] = None, stats: Optional[SoftmaxStats] = None) -> jax.Array:
     """Next token per row: int32[B]. logits: float32 [B, V] (raw); positions: int32[B], the
-    position the sampled token will occupy (the per-token index of the random stream)."""
+    position the sampled token will occupy (the per-token index of the random stream).
+
+    `stats`: `tepo_jax.logprobs.softmax_stats(logits, vocab_chunk)`, when the caller computes
+    it anyway (the decode step, for logprob/entropy). A row at temperature 1 that does not
+    truncate draws from the same normaliser: its block masses are the stats' chunk sums (the
+    same sums of e^(z - m) over the same blocks), so the draw needs no pass of its own over
+    the logits; the other rows' masses take one pass, run only when some row needs it.
+    """
     z = logits.astype(jnp.float32)
+    b, v = z.shape
     inv_t = jnp.where(s.greedy, 1.0, 1.0 / jnp.maximum(s.temperature, 1e-6)).astype(jnp.float32)
     u = jax.vmap(lambda seed, pos: jax.random.uniform(jax.random.fold_in(jax.random.key(seed), pos)))(
         s.seed, positions)
-    truncates = jnp.any(~s.greedy & (((s.top_k > 0) & (s.top_k < z.shape[-1])) | (s.top_p < 1.0)))
-    lowest = jnp.zeros((z.shape[0],), jnp.uint32)
+    truncates = jnp.any(~s.greedy & (((s.top_k > 0) & (s.top_k < v)) | (s.top_p < 1.0)))
+    lowest = jnp.zeros((b,), jnp.uint32)
     threshold = lax.cond(truncates, lambda: truncation_threshold(z, s, inv_t, vocab_chunk), lambda: lowest)
-    sampled = _inverse_cdf(z, threshold, inv_t, u, vocab_chunk)
-    return jnp.where(s.greedy, _argmax(z, vocab_chunk), sampled)
+    c = min(vocab_chunk or _CDF_BLOCK, v)
+    if stats is not None and stats.chunk_sums.shape[-1] == -(-v // c):
+        m = stats.m
+        plain = s.greedy | ((inv_t == 1.0) & (threshold == 0))  # greedy rows: not drawn
+        masses = lax.cond(jnp.all(plain), lambda: stats.chunk_sums,
+                          lambda: jnp.where(plain[:, None], stats.chunk_sums,
+                                            _block_masses(z, threshold, inv_t, m, c)))
+    else:
+        m, masses = jnp.max(z, axis=-1), None
+    sampled = _inverse_cdf(z, threshold, inv_t, u, vocab_chunk, m, masses)
+    # The argmax is a pass of its own (a variadic reduction): only when some row is greedy.
+    return lax.cond(jnp.any(s.greedy), lambda: jnp.where(s.greedy, _argmax(z, vocab_chunk), sampled),
+                    lambda: sampled)
