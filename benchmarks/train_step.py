@@ -18,9 +18,10 @@ runs without page faults, at most 4, see Host memory), then the two are timed in
 losses of both sides are printed and must agree (same weights, same batch, same loss).
 
 Host memory: the process calls `tepo_jax.hostmem.retain_freed_memory()` first (as
-`python -m tepo_jax.train` does on CPU), for both sides: glibc then reuses freed heap blocks
-instead of mmap'ing large ones afresh for every step. XLA's CPU runtime allocates a step's
-temporaries as one block (1.7 GB here) per execution, so without it every step of ours took
+`python -m tepo_jax.train --config.train.retain_freed_host_memory=True` does on CPU), for
+both sides: glibc then reuses freed heap blocks instead of mmap'ing large ones afresh for every
+step. XLA's CPU runtime allocates a step's temporaries as one block (1.7 GB here) per
+execution, so without it every step of ours took
 ~430k page faults, 1-4 s of kernel time on this 2-core VM (torch, whose tensors are mostly
 below glibc's mmap threshold, less). The model line says `host malloc retain|default`.
 

@@ -325,7 +325,16 @@ def build_model(config, mesh, tokenizer) -> Decoder:
 
 # ----------------------------------------------------------------------------- all together
 
+def enable_compilation_cache(path: str) -> None:
+    """Point JAX's persistent compilation cache at `path` ("" leaves JAX's own setting). It
+    takes effect if nothing has been compiled in this process yet (JAX reads it once), which
+    holds at the start of `python -m tepo_jax.train` / `evaluate`."""
+    if path:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+
+
 def setup(config) -> Experiment:
+    enable_compilation_cache(config.train.get("compilation_cache_dir", ""))
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))

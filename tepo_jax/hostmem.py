@@ -16,8 +16,11 @@ training or sampling process wants anyway.
 
 Call it once at the start of a process, before JAX (or torch) runs anything: threads that
 already allocated stay on their own arenas. The benchmarks do; `python -m tepo_jax.train` does
-when no accelerator plugin is installed (`cpu_only_install`): on TPU/GPU hosts the big buffers
-live on the device, and host memory (data, checkpoint staging) is better returned to the OS.
+with `--config.train.retain_freed_host_memory=True` when no accelerator plugin is installed
+(`cpu_only_install`). It is off by default: for small models the one arena makes XLA's threads
+contend for malloc (the kill -9 test's tiny run: 79 s with it, 68 s without), and on
+TPU/GPU hosts the big buffers live on the device, and host memory (data, checkpoint staging) is
+better returned to the OS.
 It is a no-op returning False where glibc's `mallopt` is not available (macOS, musl).
 """
 from __future__ import annotations

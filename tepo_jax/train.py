@@ -404,7 +404,8 @@ def _initialize_distributed() -> None:
 
 def main(argv) -> None:
     del argv
-    if hostmem.cpu_only_install():
+    config = _CONFIG.value
+    if config is not None and config.train.get("retain_freed_host_memory") and hostmem.cpu_only_install():
         hostmem.retain_freed_memory()  # before JAX runs anything: see tepo_jax/hostmem.py
     _configure_logging()
     try:
