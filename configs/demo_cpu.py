@@ -2,8 +2,8 @@
 
 Command:  python -m tepo_jax.train --config=configs/demo_cpu.py --config.algo.advantage=tepo_sparse
 Hardware: any CPU (2 cores are enough).
-Runtime:  `make demo` runs SFT once (331 s measured on 2 cores), then grpo, tepo_sparse and
-          tepo_dense from it (about 43 s each): 7 min 45 s in all, measured on a quiet machine.
+Runtime:  `make demo` runs SFT once (243 s measured on 2 cores), then grpo, tepo_sparse and
+          tepo_dense from it (about 48 s each): 6 min 30 s in all, measured on a quiet machine.
 Defaults not set here come from tepo_jax/config.py (paper vs ours marked there).
 """
 from tepo_jax.config import defaults

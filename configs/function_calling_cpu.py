@@ -4,10 +4,10 @@ calls per turn allowed; docs/function_calling.md).
 
 Command:  python -m tepo_jax.train --config=configs/function_calling_cpu.py --config.algo.advantage=grpo
 Hardware: any CPU (2 cores are enough).
-Runtime:  about 7 min wall on 2 cores (tokenizer, 300 SFT steps, 10 RL steps, two greedy
-          evaluations of 32 questions; 7 min 20 s measured with the cores shared).
-Result:   eval/accuracy=0.000 eval/f1=0.533 eval/calls_per_question=1.031 malformed=0.000
-          (grpo, seed 0; F1 0.539 before RL): format and function choice are learned,
+Runtime:  about 5 min wall on 2 cores (tokenizer, 300 SFT steps, 10 RL steps, two greedy
+          evaluations of 32 questions; 4 min 50 s measured on a quiet machine).
+Result:   eval/accuracy=0.000 eval/f1=0.524 eval/calls_per_question=1.125 malformed=0.000
+          (grpo, seed 0; F1 0.520 before RL): format and function choice are learned,
           argument values are not.
 The prompt is the Qwen2.5 chat template with the five tool schemas in the system message
 (~100 tokens with the function-calling tiny BPE, which merges across words).
