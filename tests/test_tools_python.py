@@ -7,15 +7,17 @@ Cases that rely on bubblewrap's filesystem/network/PID isolation skip with a rea
 absent; the rest also run in the limits-only mode.
 """
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
 from tepo_jax.tools import PythonTool, SandboxConfig, SandboxUnavailable, ToolStatus
-from tepo_jax.tools.sandbox import find_bwrap
+from tepo_jax.tools.sandbox import find_bwrap, visible_paths
 
 HAVE_BWRAP = find_bwrap() is not None
 needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap (bwrap) not installed: "
@@ -214,7 +216,28 @@ def test_sandbox_view(bwrap_tool):
                        "os.getpid(), numpy.__name__)", timeout=10)
     assert r.status is ToolStatus.OK, r.text
     cwd, rest = r.text.split(" ", 1)
-    assert cwd == "/tmp" and rest.startswith("[] ")  # private, empty /tmp; venv importable
+    # A private /tmp that holds nothing of the host's (only the way to a bound interpreter or
+    # venv that lives under /tmp, as in a clone in /tmp); the venv is importable.
+    under_tmp = sorted({p.split("/")[2] for p in visible_paths(CFG) if p.startswith("/tmp/")})
+    assert cwd == "/tmp" and rest.startswith(f"{under_tmp} "), rest
+
+
+@needs_bwrap
+def test_an_interpreter_under_tmp_stays_visible(tmp_path_factory):
+    """bwrap mounts the private /tmp before the read-only binds: a venv in /tmp/<clone>/.venv
+    is bound on top of it, not hidden by it (it was: every run failed with 'No such file')."""
+    prefix = tempfile.mkdtemp(prefix="tepo_interp_", dir="/tmp")
+    try:
+        os.chmod(prefix, 0o755)   # the dropped uid must be able to reach it
+        os.mkdir(os.path.join(prefix, "bin"))
+        python = os.path.join(prefix, "bin", "python")
+        os.symlink(os.path.realpath(sys.executable), python)
+        tool = PythonTool(SandboxConfig(**{**CFG.__dict__, "python": python}))
+        r = tool.run("import os\nprint(sorted(os.listdir('/tmp')))", timeout=10)
+        assert r.status is ToolStatus.OK, r.text
+        assert r.text.strip() == str([os.path.basename(prefix)])   # its prefix, nothing else
+    finally:
+        shutil.rmtree(prefix)
 
 
 def test_require_sandbox_refuses_without_bwrap():

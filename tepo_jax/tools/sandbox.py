@@ -141,12 +141,13 @@ def bwrap_args(cfg: SandboxConfig, bwrap: str) -> List[str]:
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]  # setpriv drops them
     else:  # unprivileged bwrap: a user namespace, nobody inside
         args += ["--unshare-user", "--disable-userns", "--uid", "65534", "--gid", "65534"]
-    created = {"/"}
+    # The private /tmp comes before the binds: bwrap mounts in order, so an interpreter or venv
+    # that lives under /tmp (a clone in /tmp/x/.venv) is bound on top of it, not hidden by it.
+    args += ["--size", str(cfg.tmpfs_bytes), "--perms", "1777", "--tmpfs", "/tmp"]
+    created = {"/", "/tmp"}
     for path in visible_paths(cfg):
         args += _bind_args(path, created)
-    args += ["--proc", "/proc", "--dev", "/dev",
-             "--size", str(cfg.tmpfs_bytes), "--perms", "1777", "--tmpfs", "/tmp",
-             "--chdir", "/tmp", "--clearenv"]
+    args += ["--proc", "/proc", "--dev", "/dev", "--chdir", "/tmp", "--clearenv"]
     for key, value in cfg.env:
         args += ["--setenv", key, value]
     return args + ["--"]
