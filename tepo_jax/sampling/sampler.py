@@ -24,7 +24,6 @@ from typing import Any, Optional, Sequence, Union
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tepo_jax.models.decoder import BATCH_AXES, Decoder, init_cache
 from tepo_jax.sampling import engine
@@ -94,11 +93,9 @@ class Sampler:
     def _make_cache_sharding(self):
         if self.mesh is None:
             return None
-        from tepo_jax.sharding import fit_spec
-        c, m = self.config, self.model_config
-        shape = (c.max_slots, m.num_kv_heads, c.max_len, m.head_dim)   # init_cache's [B, K, S, H]
-        spec = fit_spec(P(BATCH_AXES, "tensor", None, None), shape, self.mesh)
-        return NamedSharding(self.mesh, spec)
+        from tepo_jax.sizing import kv_cache_shardings   # the one place that knows the layout
+        c = self.config
+        return kv_cache_shardings(self.model_config, self.mesh, c.max_slots, c.max_len)[0].k
 
     def _init_cache(self):
         # Committed to a device, as the caches prefill/decode return are: an uncommitted first
