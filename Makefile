@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 SLOW_TESTS ?= tests
 
-.PHONY: install demo test test-slow bench sysdeps clean
+.PHONY: install demo study test test-slow bench sysdeps clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ sysdeps:
 
 demo: install sysdeps
 	$(PY) -m tepo_jax.demo
+
+# The demo's comparison over 3 seeds (about 13 minutes per seed on 2 cores).
+study: install sysdeps
+	$(PY) -m tepo_jax.study --seeds 3
 
 test: install sysdeps
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

@@ -18,6 +18,10 @@ ADVANTAGES = ("grpo", "tepo_sparse", "tepo_dense")
 MODES = ("sft", "rl", "sft_then_rl")
 TASKS = ("synthetic", "math", "qa", "function_calling")
 _ROLES = ("reasoning", "format", "tool_name", "tool_args", "answer_content")   # ResT roles
+# The tool each synthetic family calls (tepo_jax/data/synthetic.py FAMILIES; a test keeps
+# the two in step without importing the data modules here).
+_FAMILY_TOOLS = {"product": "python", "small_product": "python", "lookup": "search",
+                 "in_context": "search", "big_arithmetic": "python", "multihop": "search"}
 
 
 class ConfigError(ValueError):
@@ -58,7 +62,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.layout = "auto"            # JSONL field layout (gsm8k, hotpotqa, musique, ...)
     c.data.n_train = 512              # synthetic task sizes
     c.data.n_eval = 64
+    # Synthetic task: relative weight of each family (tepo_jax/data/synthetic.py; 0 = unused).
+    c.data.mix = ml_collections.ConfigDict(dict(
+        product=1.0, small_product=1.5, lookup=1.0, in_context=1.0, big_arithmetic=0.0, multihop=0.0))
     c.data.prompts_per_step = 4       # prompts per RL step (each sampled group_size times)
+    c.data.prompt = "full"            # tag-format system prompt: full | short (one line; tiny models)
 
     c.tools = ml_collections.ConfigDict()
     c.tools.python = True
@@ -153,7 +161,14 @@ def defaults() -> ml_collections.ConfigDict:
     c.sft.steps = 100
     c.sft.batch_size = 8
     c.sft.lr = 1e-3
-    c.sft.redundant_call_rate = 0.3   # share of SFT examples with a redundant/useless call
+    c.sft.schedule = "cosine"         # cosine | constant, after a warmup of 10% of the steps
+    c.sft.redundant_call_rate = 0.3   # share of SFT tool solutions with a redundant/useless call
+    # Synthetic task: how often the SFT demonstrator uses a tool, per family (else it answers
+    # directly, and right). Ours: the demonstrator does small products in its head, which the
+    # model cannot imitate, and searches for half the facts the question states; that leaves
+    # RL a behaviour to fix and TEPO-sparse calls to cut (docs/demo.md).
+    c.sft.tool_rate = ml_collections.ConfigDict(dict(
+        product=1.0, small_product=0.2, lookup=1.0, in_context=0.5, big_arithmetic=1.0, multihop=1.0))
     c.sft.seq_len = 256
     return c
 
@@ -163,6 +178,7 @@ _RULES: list[tuple[str, Any, str]] = [
     ("mode", lambda v: v in MODES, f"must be one of {MODES}"),
     ("algo.advantage", lambda v: v in ADVANTAGES, f"must be one of {ADVANTAGES}"),
     ("data.task", lambda v: v in TASKS, f"must be one of {TASKS}"),
+    ("data.prompt", lambda v: v in ("full", "short"), "must be full or short"),
     ("model.dtype", lambda v: v in ("float32", "bfloat16", "float16"), "must be float32, bfloat16 or float16"),
     ("model.param_dtype", lambda v: v in ("float32", "bfloat16"), "must be float32 or bfloat16"),
     ("rollout.group_size", lambda v: v >= 2, "must be >= 2: group normalisation needs 2+ samples"),
@@ -174,6 +190,7 @@ _RULES: list[tuple[str, Any, str]] = [
     ("loss.kl_coef", lambda v: v >= 0, "must be >= 0"),
     ("optim.lr", lambda v: v > 0, "must be > 0"),
     ("optim.schedule", lambda v: v in ("constant", "cosine"), "must be constant or cosine"),
+    ("sft.schedule", lambda v: v in ("constant", "cosine"), "must be constant or cosine"),
     ("train.steps", lambda v: v >= 0, "must be >= 0"),
     ("train.micro_batches", lambda v: v >= 1, "must be >= 1"),
     ("train.keep_checkpoints", lambda v: v >= 1, "must be >= 1"),
@@ -196,6 +213,8 @@ _RULES: list[tuple[str, Any, str]] = [
     ("reward.fc_schedule", lambda v: v in ("off", "rest"), "must be off or rest"),
     ("reward.fc_schedule_steps", lambda v: v >= 1, "must be >= 1"),
 ]
+_RULES += [(f"data.mix.{f}", lambda v: v >= 0, "must be >= 0 (a family weight)") for f in _FAMILY_TOOLS]
+_RULES += [(f"sft.tool_rate.{f}", lambda v: 0 <= v <= 1, "must be in [0, 1]") for f in _FAMILY_TOOLS]
 _RULES += [(f"algo.{group}.{name}", lambda v: v >= 0, "must be >= 0 (a ResT weight)")
            for group, names in (("rest_start", _ROLES), ("rest_end", _ROLES),
                                 ("rest_entropy_start", ("low", "high")),
@@ -283,10 +302,14 @@ def _check_data(c) -> None:
 
 def _check_tools(c) -> None:
     t = c.tools
-    if c.data.task == "synthetic" and not (t.python and t.search):
-        missing = "tools.python" if not t.python else "tools.search"
-        raise ConfigError(f"config.{missing}: the synthetic task needs both the python and the "
-                          "search tool (its arithmetic and multi-hop halves)")
+    if c.data.task == "synthetic":
+        if not any(w > 0 for w in c.data.mix.values()):
+            raise ConfigError("config.data.mix: no synthetic family has a positive weight")
+        for family, weight in c.data.mix.items():
+            tool = _FAMILY_TOOLS[family]
+            if weight > 0 and not t[tool]:
+                raise ConfigError(f"config.tools.{tool}: the synthetic family {family!r} needs it "
+                                  f"(or set config.data.mix.{family}=0)")
     if t.search and t.search_backend == "remote" and not t.search_url:
         raise ConfigError("config.tools.search_url: required for the remote search backend")
     # The synthetic task writes its own corpus; function calling does not use these tools.

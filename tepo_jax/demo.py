@@ -1,99 +1,181 @@
 """`make demo`: SFT warm start, then GRPO, TEPO-sparse and TEPO-dense from it, on the CPU.
 
-    python -m tepo_jax.demo [--workdir runs/demo] [--sft-steps N] [--rl-steps N]
+    python -m tepo_jax.demo [--workdir runs/demo] [--seed 0] [--sft-steps N] [--rl-steps N]
 
-1. Builds the synthetic tool tasks, a tiny BPE tokenizer and a tiny Qwen2-shaped model, and
-   runs SFT on tool-use trajectories (with some redundant calls) — exported as an HF checkpoint.
+1. Builds the demo's synthetic tool tasks (tepo_jax/data/synthetic.py: products that need
+   python, small products the SFT demonstrator does in its head, facts that need a search,
+   facts stated in the question), a tiny BPE tokenizer and a tiny Qwen2-shaped model, and
+   runs SFT on the demonstrator's trajectories — exported as an HF checkpoint.
 2. Runs RL three times from that checkpoint with the same seed and budget, one per advantage.
-3. Prints a table (accuracy, F1, tool calls per question, fraction of entropy-reducing calls,
-   wall time), writes it to <workdir>/results.md and plots reward, calls and ΔH over training
-   to <workdir>/curves.png.
+3. Evaluates every run greedily on the same held-out questions and prints a table with 95%
+   bootstrap intervals over questions (accuracy, the paired accuracy gain over SFT only,
+   tool calls per question), a per-family table, and the pilot study on the runs' own RL
+   rollouts (ΔH per call-quality class); writes them to <workdir>/results.md and plots
+   training reward, held-out accuracy, calls per question and ΔH to <workdir>/curves.png
+   and ΔH per quality class to <workdir>/pilot.png.
 Every step is an ordinary `tepo_jax.train` run with its own workdir, checkpoints and metrics,
-so an interrupted demo resumes where it stopped.
+so an interrupted demo resumes where it stopped. docs/demo.md explains the task design and
+the measured results; `python -m tepo_jax.study --seeds 3` repeats it over seeds.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import importlib.util
 import logging
 import time
 from pathlib import Path
+from typing import Optional
+
+from tepo_jax.analysis import compare, pilot
+from tepo_jax.analysis.plots import plot_dh_by_class, plot_training_curves
+from tepo_jax.data import jsonl, synthetic
+from tepo_jax.experiment import synthetic_data_dir
+from tepo_jax.rollout.trajectory import read_jsonl
+from tepo_jax.train import train
 
 ALGOS = ("grpo", "tepo_sparse", "tepo_dense")
-COLUMNS = [("accuracy", "eval/accuracy"), ("F1", "eval/f1"), ("calls/question", "eval/calls_per_question"),
-           ("entropy-reducing calls", "eval/tepo/frac_reducing"), ("tool failures", "eval/tool_failure_rate")]
+SFT_ONLY = "SFT only"
+CURVES = (("reward/score", (), "training reward (sampled rollouts)"),
+          ("accuracy", (), "held-out accuracy (greedy)"),
+          ("tepo/calls_per_traj", (), "tool calls per trajectory"),
+          ("tepo/dh_mean", (), "mean ΔH per call"))
 
 
-def sft_config(workdir: Path, steps: int):
-    from configs.demo_cpu import get_config
-    c = get_config()
-    c.mode, c.workdir, c.sft.steps = "sft", str(workdir / "sft"), steps
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.py"
+
+
+def base_config(seed: int):
+    """configs/demo_cpu.py, loaded by path (so the demo runs from any working directory)."""
+    spec = importlib.util.spec_from_file_location("demo_cpu_config", DEMO_CONFIG)
+    if spec is None or not DEMO_CONFIG.exists():
+        raise FileNotFoundError(f"{DEMO_CONFIG}: the demo's config is missing (run from a clone of the repo)")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.seed = seed
     return c
 
 
-def rl_config(workdir: Path, algo: str, steps: int):
-    from configs.demo_cpu import get_config
-    c = get_config()
+def sft_config(workdir: Path, steps: Optional[int] = None, seed: int = 0):
+    c = base_config(seed)
+    c.mode, c.workdir = "sft", str(workdir / "sft")
+    if steps is not None:
+        c.sft.steps = steps
+    return c
+
+
+def rl_config(workdir: Path, algo: str, steps: Optional[int] = None, seed: int = 0):
+    c = base_config(seed)
     sft_final = str(workdir / "sft" / "sft_final")
-    c.mode, c.workdir, c.train.steps = "rl", str(workdir / algo), steps
+    c.mode, c.workdir = "rl", str(workdir / algo)
     c.model.tiny, c.model.hf_checkpoint, c.tokenizer.path = False, sft_final, sft_final
     c.algo.advantage = algo
+    if steps is not None:
+        c.train.steps = steps
     return c
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None or value != value else f"{value:.3f}"
+LAST_STEPS = 5   # the sampled-rollout table averages the runs' last this many RL steps
 
 
-def results_table(rows: dict[str, dict], before: dict) -> str:
-    header = "| run | " + " | ".join(name for name, _ in COLUMNS) + " | wall time |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
-    lines.append("| SFT only | " + " | ".join(_fmt(before.get(key)) for _, key in COLUMNS) + " | |")
-    for algo, metrics in rows.items():
-        cells = " | ".join(_fmt(metrics.get(key)) for _, key in COLUMNS)
-        lines.append(f"| {algo} | {cells} | {metrics['wall_s']:.0f} s |")
-    return "\n".join(lines)
+@dataclasses.dataclass
+class DemoResult:
+    summaries: list[compare.RunSummary]
+    table: str
+    families: str
+    rollouts: str
+    rollout_rows: list[compare.RolloutSummary]   # one per algorithm, in ALGOS order
+    pilot: pilot.PilotReport
+    wall_s: float
 
 
-def first_eval(metrics_file: Path) -> dict:
-    for line in metrics_file.read_text().splitlines():
-        row = json.loads(line)
-        if row["phase"] == "eval" and row["step"] == 0:
-            return row
-    return {}
+def eval_file(run_dir: Path, step: int) -> Path:
+    path = run_dir / "trajectories" / f"eval_{step:06d}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no evaluation at step {step} (did the run finish?)")
+    return path
+
+
+def summarize_runs(workdir: Path, steps: int, walls: dict, seed: int = 0) -> tuple[list, str]:
+    """Summaries (SFT only first) with intervals, and the per-family markdown table."""
+    sft_trajs = read_jsonl(eval_file(workdir / ALGOS[0], 0))
+    reference = compare.question_outcomes(sft_trajs)
+    runs = {SFT_ONLY: sft_trajs, **{a: read_jsonl(eval_file(workdir / a, steps)) for a in ALGOS}}
+    rows = [compare.summarize(SFT_ONLY, sft_trajs, seed=seed)]
+    rows += [compare.summarize(a, runs[a], reference, seed=seed, wall_s=walls.get(a)) for a in ALGOS]
+    families = {ex.id: synthetic.family_of(ex) or ex.task
+                for ex in jsonl.read_records(synthetic_data_dir(sft_config(workdir)) / "eval.jsonl")}
+    return rows, compare.family_table(runs, lambda pid: families.get(pid, "?"))
+
+
+def rollout_summaries(workdir: Path, seed: int = 0) -> list[compare.RolloutSummary]:
+    """Each run's own sampled rollouts over its last LAST_STEPS steps: where a policy's
+    probabilities moved without changing its greedy choice (calls TEPO-sparse cut, say)."""
+    return [compare.summarize_rollouts(
+        a, [read_jsonl(f) for f in pilot.trajectory_files(workdir / a / "trajectories", LAST_STEPS, "rl")], seed=seed)
+        for a in ALGOS]
+
+
+def demo_pilot(workdir: Path, seed: int = 0) -> pilot.PilotReport:
+    """The pilot study on the three runs' RL rollouts (the policies' own calls)."""
+    data = synthetic_data_dir(sft_config(workdir))
+    examples = pilot.load_examples([data / "train.jsonl", data / "eval.jsonl"])
+    trajs = [t for a in ALGOS for t in pilot.load_trajectories(workdir / a / "trajectories", phase="rl")]
+    labels, report = pilot.run_pilot(trajs, examples=examples, resample="trajectory", seed=seed)
+    plot_dh_by_class(labels, report, workdir / "pilot.png")
+    return report
+
+
+def run_demo(workdir: Path, seed: int = 0, sft_steps: Optional[int] = None,
+             rl_steps: Optional[int] = None, log=print) -> DemoResult:
+    t0 = time.time()
+    sft = sft_config(workdir, sft_steps, seed)
+    log(f"[demo] SFT warm start: {sft.sft.steps} steps -> {workdir / 'sft'}")
+    train(sft)
+    log(f"[demo] SFT done in {time.time() - t0:.0f} s")
+    walls = {}
+    for algo in ALGOS:
+        t1 = time.time()
+        cfg = rl_config(workdir, algo, rl_steps, seed)
+        log(f"[demo] RL with {algo}: {cfg.train.steps} steps -> {workdir / algo}")
+        train(cfg)
+        walls[algo] = time.time() - t1
+    steps = rl_config(workdir, ALGOS[0], rl_steps, seed).train.steps
+    rows, families = summarize_runs(workdir, steps, walls, seed)
+    plot_training_curves({a: str(workdir / a / "metrics.jsonl") for a in ALGOS}, str(workdir / "curves.png"),
+                         curves=CURVES, smooth_window=3)
+    report = demo_pilot(workdir, seed)
+    rollout_rows = rollout_summaries(workdir, seed)
+    result = DemoResult(rows, compare.results_table(rows), families,
+                        compare.rollout_table(rollout_rows, LAST_STEPS), rollout_rows, report, time.time() - t0)
+    (workdir / "results.md").write_text(results_markdown(result))
+    return result
+
+
+def results_markdown(r: DemoResult) -> str:
+    return (f"## Held-out evaluation ({r.summaries[0].n_questions} questions, greedy; 95% bootstrap "
+            f"intervals over questions)\n\n{r.table}\n\n## Per task family (held-out, greedy)\n\n{r.families}\n\n"
+            f"## The runs' own sampled rollouts (training prompts, temperature 1; 95% bootstrap "
+            f"intervals over prompt groups)\n\n{r.rollouts}\n\n"
+            f"## Pilot study: ΔH by call quality (the runs' RL rollouts)\n\n```\n"
+            f"{pilot.format_class_summary(r.pilot)}\n```\n")
 
 
 def main(argv=None) -> None:
-    from tepo_jax.analysis.plots import plot_training_curves
-    from tepo_jax.train import train
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sft-steps", type=int, default=None, help="default: configs/demo_cpu.py")
     p.add_argument("--rl-steps", type=int, default=None, help="default: configs/demo_cpu.py")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     workdir = Path(args.workdir)
-
-    from configs.demo_cpu import get_config
-    defaults = get_config()
-    sft_steps = args.sft_steps if args.sft_steps is not None else defaults.sft.steps
-    rl_steps = args.rl_steps if args.rl_steps is not None else defaults.train.steps
-    t0 = time.time()
-    print(f"[demo] SFT warm start: {sft_steps} steps -> {workdir / 'sft'}", flush=True)
-    train(sft_config(workdir, sft_steps))
-    print(f"[demo] SFT done in {time.time() - t0:.0f} s", flush=True)
-    rows = {}
-    for algo in ALGOS:
-        t1 = time.time()
-        print(f"[demo] RL with {algo}: {rl_steps} steps -> {workdir / algo}", flush=True)
-        rows[algo] = dict(train(rl_config(workdir, algo, rl_steps)), wall_s=time.time() - t1)
-    table = results_table(rows, first_eval(workdir / ALGOS[0] / "metrics.jsonl"))
-    plot_training_curves({a: str(workdir / a / "metrics.jsonl") for a in ALGOS}, str(workdir / "curves.png"))
-    (workdir / "results.md").write_text(table + "\n")
-    print("\n" + table)
-    print(f"\n[demo] total {time.time() - t0:.0f} s; table: {workdir / 'results.md'}, "
-          f"plot: {workdir / 'curves.png'}")
+    result = run_demo(workdir, args.seed, args.sft_steps, args.rl_steps,
+                      log=lambda m: print(m, flush=True))
+    print("\n" + results_markdown(result))
+    print(f"[demo] total {result.wall_s:.0f} s; results: {workdir / 'results.md'}, "
+          f"plots: {workdir / 'curves.png'}, {workdir / 'pilot.png'}")
 
 
 if __name__ == "__main__":

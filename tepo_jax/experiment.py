@@ -30,7 +30,7 @@ from tepo_jax.data import jsonl, synthetic
 from tepo_jax.data.function_calling import (FUNCTION_CALLING, make_function_calling,
                                             read_function_calling, synthetic_functions)
 from tepo_jax.data.pipeline import DataSourceError
-from tepo_jax.data.prompts import system_prompt, user_prompt
+from tepo_jax.data.prompts import PROMPT_STYLES, system_prompt, user_prompt
 from tepo_jax.models.config import ModelConfig
 from tepo_jax.models.decoder import BATCH_AXES, Decoder
 from tepo_jax.models.presets import preset
@@ -75,24 +75,18 @@ def synthetic_data_dir(config) -> Path:
     return Path(config.workdir) / "data"
 
 
-def _interleave(a: list, b: list) -> list:
-    out = []
-    for x, y in zip(a, b):
-        out += [x, y]
-    return out + a[len(b):] + b[len(a):]
-
-
 def load_examples(config) -> tuple[list, list, Optional[str]]:
     """(train, eval, corpus JSONL path or None) for the configured task."""
     if config.data.task == FUNCTION_CALLING:
         return (*load_function_calling(config), None)
     if config.data.task == "synthetic":
-        paths = synthetic.write_synthetic(synthetic_data_dir(config), seed=config.seed,
-                                          n_train=config.data.n_train, n_eval=config.data.n_eval)
-        read = lambda name, layout: jsonl.read_jsonl(paths[name], layout=layout)  # noqa: E731
-        train = _interleave(read("arithmetic_train", "math"), read("multihop_train", "qa"))
-        evals = _interleave(read("arithmetic_eval", "math"), read("multihop_eval", "qa"))
-        return train[: config.data.n_train], evals[: config.data.n_eval], str(paths["corpus"])
+        try:
+            paths = synthetic.write_synthetic(synthetic_data_dir(config), seed=config.seed, n_train=config.data.n_train,
+                                              n_eval=config.data.n_eval, mix=config.data.mix.to_dict())
+        except ValueError as e:  # a family asked for more distinct questions than it has
+            raise ConfigError(f"config.data.n_train / n_eval / mix: {e}") from None
+        corpus = str(paths["corpus"]) if config.tools.search else None
+        return jsonl.read_records(paths["train"]), jsonl.read_records(paths["eval"]), corpus
     train = read_examples(config, config.data.train_path, TRAIN_SPLITS)
     evals = read_examples(config, config.data.eval_path, EVAL_SPLITS) if config.data.eval_path else []
     return train, evals, config.tools.search_corpus or None
@@ -158,11 +152,12 @@ def fc_format(tokenizer) -> JsonCallFormat:
 
 def tokenizer_texts(examples, corpus_path: Optional[str]) -> list[str]:
     """Text the demo's tiny BPE is trained on, as often as it occurs in the data: each
-    example's system and user prompt, its reference solution, and the corpus."""
+    example's system and user prompt, the solutions the SFT demonstrator may play, and the
+    corpus."""
     texts = []
     for ex in examples:
-        texts += [system_prompt(), user_prompt(ex)]
-        texts += [t["text"] for t in synthetic.reference_solution(ex) if "text" in t]
+        texts += [system_prompt(style=style) for style in PROMPT_STYLES] + [user_prompt(ex)]
+        texts += [t["text"] for turns in synthetic.solution_variants(ex) for t in turns if "text" in t]
     if corpus_path:
         texts += [p["text"] for p in jsonl.read_corpus(corpus_path)]
     return texts
@@ -200,6 +195,12 @@ def fc_entities(examples) -> list[str]:
     return sorted(out)
 
 
+# The demo tokenizer's numbers below this are one token each (Llama 3 cuts digit runs into
+# chunks of up to three digits): a 2-layer model copies a number as one token, which it learns
+# in a few hundred SFT steps; digit by digit it had not learned to copy after 800.
+TINY_NUMBER_TOKENS = 1000
+
+
 def build_tokenizer(config, examples, corpus_path, functions=None):
     from tepo_jax.testing.tokenizers import cached_tokenizer_dir  # offline builders
     from tepo_jax.tiny_tokenizer import build_tiny_fc_tokenizer, build_tiny_tokenizer
@@ -215,7 +216,8 @@ def build_tokenizer(config, examples, corpus_path, functions=None):
     if config.model.tiny:
         out = Path(config.workdir) / "tokenizer"
         if not (out / "tokenizer.json").exists():
-            build_tiny_tokenizer(tokenizer_texts(examples, corpus_path), out)
+            build_tiny_tokenizer(tokenizer_texts(examples, corpus_path), out, word_split=False,
+                                 number_tokens=TINY_NUMBER_TOKENS)
         return load_tokenizer(out)
     name = {"qwen2.5": "qwen2.5", "llama3": "llama3.1"}[config.tokenizer.builtin]
     return load_tokenizer(cached_tokenizer_dir(name))
@@ -238,7 +240,6 @@ def build_bridge(config, corpus_path: Optional[str]) -> ToolBridge:
 def _search_tool(config, corpus_path):
     from tepo_jax.tools.search import BM25Index, LocalSearch, RemoteSearch, build_index
 
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets DEBUG when imported
     kw = dict(top_k=config.tools.search_top_k, max_chars=config.tools.max_result_chars)
     if config.tools.search_backend == "remote":
         return RemoteSearch(config.tools.search_url, **kw)
@@ -367,7 +368,8 @@ def batch_shards(mesh) -> int:
 
 def optim_config(config, phase: str) -> OptimConfig:
     if phase == SFT:
-        return OptimConfig(learning_rate=config.sft.lr, schedule="cosine", warmup_steps=config.sft.steps // 10,
+        return OptimConfig(learning_rate=config.sft.lr, schedule=config.sft.schedule,
+                           warmup_steps=config.sft.steps // 10,
                            total_steps=max(config.sft.steps, 1), weight_decay=config.optim.weight_decay,
                            max_grad_norm=config.optim.clip_norm)
     return OptimConfig(learning_rate=config.optim.lr, schedule=config.optim.schedule,
@@ -394,4 +396,4 @@ def make_agent(config, model, exp: Experiment, slots: int) -> AgentLoop:
                             max_tokens=c.rollout.max_tokens, max_turn_tokens=c.rollout.max_turn_tokens,
                             temperature=c.rollout.temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k)
     return AgentLoop(sampler, exp.bridge, exp.tokenizer, exp.fmt, rollout, exp.tools,
-                     rewards=task_rewards(c, exp.fmt))
+                     rewards=task_rewards(c, exp.fmt), prompt_style=c.data.prompt)

@@ -40,9 +40,15 @@ CHATML_TEMPLATE = (
 )
 
 
-def build_tiny_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024) -> Path:
-    """Train a byte-level BPE on `texts` and save an HF tokenizer directory to `out_dir`."""
-    return _build(texts, out_dir, vocab_size, TAG_TOKENS, CHATML_TEMPLATE, "synthetic")
+def build_tiny_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024,
+                         word_split: bool = True, number_tokens: int = 0) -> Path:
+    """Train a byte-level BPE on `texts` and save an HF tokenizer directory to `out_dir`.
+    `word_split=False` lets merges cross word boundaries. Digits are one per token, unless
+    `number_tokens=N`: then the numbers 0 … N-1 are tokens of their own, and longer digit runs
+    split from the left into such numbers (N=1000: Llama 3's chunks of up to three digits)."""
+    numbers = [str(i) for i in range(number_tokens)]
+    return _build(texts, out_dir, vocab_size, TAG_TOKENS + numbers, CHATML_TEMPLATE, "synthetic",
+                  word_split=word_split)
 
 
 def build_tiny_fc_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2048,

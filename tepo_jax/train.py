@@ -32,7 +32,6 @@ import sys
 from typing import Optional, Sequence
 
 import jax
-import numpy as np
 from absl import app, flags
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -194,7 +193,8 @@ class Run:
         state = state or fresh
         trajs = build_sft_trajectories(self.exp.train_examples, self.exp.tokenizer, self.exp.bridge,
                                        tools=self.exp.tools, fmt=self.exp.fmt,
-                                       redundant_rate=c.sft.redundant_call_rate, seed=c.seed)
+                                       redundant_rate=c.sft.redundant_call_rate, seed=c.seed,
+                                       tool_rates=c.sft.tool_rate.to_dict(), prompt_style=c.data.prompt)
         self.log.save_trajectories("sft_data", trajs[:64])
         step_fn = make_sft_step(model_def, optimizer, self.loss_cfg, self.mesh, shardings, self.batch_sharding)
         data = make_dataset(list(range(len(trajs))), seed=c.seed, batch_size=c.sft.batch_size).__iter__()

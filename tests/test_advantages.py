@@ -393,3 +393,14 @@ def test_step_metrics_without_calls_are_nan_not_zero():
     m = tepo_step_metrics([build(NO_CALL)])
     assert math.isnan(m["tepo/dh_mean"]) and math.isnan(m["tepo/frac_reducing"])
     assert math.isnan(m["reward/f1"]) and m["tepo/no_call_rate"] == 1.0
+
+
+def test_zero_groups_counts_groups_without_any_signal():
+    from tepo_jax.rl.tepo_metrics import advantage_metrics
+    same = [build([("r", [1.0]), ("ans", [0.5])], group_id=0, reward=1.0, f1=1.0) for _ in range(3)]
+    mixed = [build([("r", [1.0]), ("ans", [0.5])], group_id=1, reward=r, f1=r) for r in (0.0, 1.0, 1.0)]
+    trajs = same + mixed
+    adv = batch_advantages(trajs, [t.f1 for t in trajs], AdvantageConfig(kind="grpo"))
+    m = advantage_metrics(adv.info, adv.advantages, trajs)
+    assert m["adv/zero_groups"] == 0.5                      # group 0: equal rewards, all advantages 0
+    assert all(not a.any() for a in adv.advantages[:3]) and all(a.any() for a in adv.advantages[3:])

@@ -196,6 +196,11 @@ def qa_without_corpus(c):
     (lambda c: c.tools.update(search=False), "config.tools.search"),
     (lambda c: c.tools.update(search_backend="remote"), "config.tools.search_url"),
     (qa_without_corpus, "config.tools.search_corpus"),
+    (lambda c: c.data.mix.update(product=-1.0), "config.data.mix.product=-1.0"),
+    (lambda c: c.data.mix.update(product=0.0, small_product=0.0, lookup=0.0, in_context=0.0), "config.data.mix"),
+    (lambda c: c.sft.tool_rate.update(lookup=1.5), "config.sft.tool_rate.lookup=1.5"),
+    (lambda c: c.data.update(prompt="tiny"), "config.data.prompt='tiny'"),
+    (lambda c: c.data.mix.update(multihop=1.0) or c.tools.update(search=False), "config.tools.search"),
 ])
 def test_invalid_values_name_the_field(mutate, field):
     c = tiny()
@@ -213,6 +218,7 @@ def test_invalid_values_name_the_field(mutate, field):
     lambda c: (qa_without_corpus(c), c.tools.update(search_backend="remote", search_url="http://r:8000")),
     lambda c: (c.data.update(task="math", train_path="/data/gsm8k.jsonl", layout="gsm8k"), c.tools.update(search=False)),
     lambda c: c.data.update(task="function_calling", layout="bfcl"),
+    lambda c: (c.data.mix.update(lookup=0.0, in_context=0.0), c.tools.update(search=False)),
     lambda c: c.sft.update(steps=0, redundant_call_rate=1.0),
 ])
 def test_valid_neighbours_of_the_rules_pass(mutate):
@@ -253,3 +259,14 @@ def test_prompts_per_step_must_split_over_the_processes():
     with pytest.raises(ConfigError, match=r"^config.data.prompts_per_step=4: must be a multiple of the "
                                           r"process count 3"):
         multihost.check_divisible(4, count=3)
+
+
+def test_a_synthetic_family_too_small_for_the_split_is_a_config_error(tmp_path):
+    c = tiny()
+    c.workdir = str(tmp_path)
+    c.data.n_train = 5000                # small_product has 720 distinct questions in all
+    c.data.mix.update(product=0.0, lookup=0.0, in_context=0.0)
+    validate(c)
+    with pytest.raises(ConfigError, match=r"^config.data.n_train / n_eval / mix: the synthetic family "
+                                          r"'small_product' has 720 distinct questions"):
+        experiment.setup(c)

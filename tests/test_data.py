@@ -1,6 +1,7 @@
 """Data: JSONL layouts and errors, synthetic tasks, tfds builders, grain pipelines."""
 import json
 import re
+from collections import Counter
 
 import pytest
 
@@ -56,7 +57,7 @@ def test_errors_name_file_and_line(tmp_path, line, layout, message):
 
 def test_corpus_and_records_round_trip(tmp_path):
     exs, corpus = synthetic.make_multihop(5, seed=1)
-    jsonl.write_jsonl(tmp_path / "r.jsonl", exs + synthetic.make_arithmetic(3, 1))
+    jsonl.write_jsonl(tmp_path / "r.jsonl", exs + synthetic.make_big_arithmetic(3, 1))
     assert jsonl.read_records(tmp_path / "r.jsonl")[:5] == exs
     jsonl.write_jsonl(tmp_path / "c.jsonl", corpus)
     assert jsonl.read_corpus(tmp_path / "c.jsonl") == corpus
@@ -78,15 +79,15 @@ def test_system_prompt_lists_only_enabled_tools():
     assert "<python>" not in prompts.system_prompt(())
     with pytest.raises(ValueError, match="unknown tools"):
         prompts.system_prompt(("browser",))
-    msgs = prompts.to_messages(synthetic.make_arithmetic(1, 0)[0], tools=("python",))
+    msgs = prompts.to_messages(synthetic.make_big_arithmetic(1, 0)[0], tools=("python",))
     assert [m["role"] for m in msgs] == ["system", "user"] and "`" in msgs[1]["content"]
 
 
 # ------------------------------------------------------------------ synthetic
 
 def test_synthetic_is_deterministic_in_seed():
-    assert synthetic.make_arithmetic(20, 7) == synthetic.make_arithmetic(20, 7)
-    assert synthetic.make_arithmetic(20, 7) != synthetic.make_arithmetic(20, 8)
+    assert synthetic.make_big_arithmetic(20, 7) == synthetic.make_big_arithmetic(20, 7)
+    assert synthetic.make_big_arithmetic(20, 7) != synthetic.make_big_arithmetic(20, 8)
     assert synthetic.make_multihop(20, 7) == synthetic.make_multihop(20, 7)
     assert synthetic.make_multihop(20, 7)[0] != synthetic.make_multihop(20, 8)[0]
 
@@ -106,7 +107,7 @@ def _independent_eval(expr):
 
 
 def test_arithmetic_gold_is_correct_and_needs_a_tool():
-    exs = synthetic.make_arithmetic(200, 0)
+    exs = synthetic.make_big_arithmetic(200, 0)
     assert len({e.question for e in exs}) == 200
     forms = set()
     for e in exs:
@@ -152,14 +153,73 @@ def test_reference_solution_for_arithmetic():
     assert turns[2]["text"] == "<answer>56088</answer>"
 
 
-def test_write_synthetic_splits_are_disjoint(tmp_path):
-    paths = synthetic.write_synthetic(tmp_path, seed=0, n_train=30, n_eval=10)
-    for task in ("arithmetic", "multihop"):
-        train = jsonl.read_records(paths[f"{task}_train"])
-        ev = jsonl.read_records(paths[f"{task}_eval"])
-        assert (len(train), len(ev)) == (30, 10)
-        assert not {e.question for e in train} & {e.question for e in ev}
-    assert len(jsonl.read_corpus(paths["corpus"])) > 100
+def test_write_synthetic_splits_are_disjoint_and_in_proportion(tmp_path):
+    paths = synthetic.write_synthetic(tmp_path, seed=0, n_train=90, n_eval=45, mix=synthetic.DEMO_MIX)
+    train, ev = jsonl.read_records(paths["train"]), jsonl.read_records(paths["eval"])
+    assert (len(train), len(ev)) == (90, 45)
+    assert not {e.question for e in train} & {e.question for e in ev}
+    counts = Counter(synthetic.family_of(e) for e in ev)
+    total = sum(synthetic.DEMO_MIX.values())
+    assert counts == {f: round(45 * w / total) for f, w in synthetic.DEMO_MIX.items()}
+    assert len(jsonl.read_corpus(paths["corpus"])) == 3 * 900   # one world of facts, not one per family
+
+
+def test_family_counts_and_errors():
+    assert synthetic.family_counts(10, {"product": 1, "lookup": 1, "in_context": 1}) == \
+        {"product": 4, "lookup": 3, "in_context": 3}
+    assert synthetic.family_counts(7, {"product": 1, "multihop": 0}) == {"product": 7}
+    with pytest.raises(ValueError, match="unknown synthetic family 'sums'"):
+        synthetic.family_counts(4, {"sums": 1})
+    with pytest.raises(ValueError, match="no family with a positive weight"):
+        synthetic.family_counts(4, {"product": 0})
+    with pytest.raises(ValueError, match="'small_product' has 720 distinct questions; 721"):
+        synthetic.make_small_arithmetic("small_product", 721, 0)
+
+
+def test_small_arithmetic_is_right_and_every_number_is_below_1000():
+    for family, (b_lo, b_hi) in (("product", (11, 99)), ("small_product", (2, 9))):
+        exs = synthetic.make_small_arithmetic(family, 300, seed=4)
+        assert len({e.question for e in exs}) == 300 and synthetic.make_small_arithmetic(family, 300, 4) == exs
+        for e in exs:
+            a, b = map(int, re.fullmatch(r"Compute `(\d+) \* (\d+)`\.", e.question).groups())
+            assert int(e.answer) == a * b < 1000 and b_lo <= b <= b_hi and 10 <= a <= 99
+            assert synthetic.family_of(e) == family and e.id.startswith(f"{family}-4-")
+
+
+def test_fact_questions_lookup_needs_the_corpus_in_context_states_it():
+    import bm25s
+
+    lookup, corpus = synthetic.make_lookup(60, seed=2)
+    in_ctx, corpus2 = synthetic.make_lookup(60, seed=2, in_context=True)
+    assert corpus == corpus2 and not {e.supporting_passages for e in lookup} & {e.supporting_passages for e in in_ctx}
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([p["title"] + " " + p["text"] for p in corpus], show_progress=False),
+                    show_progress=False)
+    for e in lookup + in_ctx:
+        fact, answer = e.supporting_passages[0], e.answers[0]
+        assert fact in {p["text"] for p in corpus} and re.search(rf"\b{answer}\b", fact)
+        assert (fact in e.question) == (e in in_ctx) and int(answer) < 1000
+        query = synthetic.lookup_subject(e.question)          # the reference solution's query
+        docs, _ = retriever.retrieve(bm25s.tokenize([query], show_progress=False), k=1, show_progress=False)
+        assert corpus[int(docs[0][0])]["text"] == fact
+
+
+def test_solutions_state_a_belief_then_answer_or_check():
+    product = synthetic.make_small_arithmetic("product", 1, 0)[0]
+    lookup = synthetic.make_lookup(1, 0)[0][0]
+    in_ctx = synthetic.make_lookup(1, 0, in_context=True)[0][0]
+    a = product.answer
+    assert synthetic.reference_solution(product) == [
+        {"role": "model", "text": f"Roughly {synthetic.rough(a)}. Checking.\n<python>print("
+                                  f"{product.question[9:-2]})</python>"},
+        {"role": "tool", "tool": "python", "text": a}, {"role": "model", "text": f"<answer>{a}</answer>"}]
+    assert synthetic.reference_solution(in_ctx) == synthetic.direct_solution(in_ctx) == [
+        {"role": "model", "text": f"I know it.\n<answer>{in_ctx.answers[0]}</answer>"}]
+    assert synthetic.tool_solution(in_ctx)[0]["text"].startswith("I know it. Checking.\n<search>")
+    assert synthetic.reference_solution(lookup)[0]["text"].endswith(
+        f"<search>{synthetic.lookup_subject(lookup.question)}</search>")
+    assert [synthetic.rough(v) for v in ("658", "17", "5", "0", "950", "999")] == \
+        ["700", "20", "5", "0", "1000", "1000"]
 
 
 # ------------------------------------------------------------------ tfds
@@ -183,7 +243,7 @@ def test_tfds_builders_round_trip_without_tensorflow(tmp_path):
                    layout="gsm8k")
     assert sorted(from_dict(r).answer for r in src["test"]) == ["0", "1", "2", "3"]
     syn = tb.build(tb.SyntheticArithmetic, tmp_path / "tfds", seed=5, n_train=12, n_eval=4)
-    want = synthetic.make_arithmetic(16, 5)
+    want = synthetic.make_big_arithmetic(16, 5)
     got = tfds.data_source("synthetic_arithmetic", data_dir=str(tmp_path / "tfds"))
     assert {k: len(v) for k, v in got.items()} == {"train": 12, "eval": 4}
     assert sorted((from_dict(r) for r in syn["eval"]), key=lambda e: e.id) == \
@@ -246,3 +306,16 @@ def test_pipeline_reads_a_tfds_source(tmp_path):
     src = tb.build(tb.SyntheticMultihop, tmp_path, seed=1, n_train=10, n_eval=2)["train"]
     batch = next(iter(make_dataset(src, seed=0, batch_size=5, transform=from_dict)))
     assert len(batch) == 5 and all(isinstance(e, QAExample) for e in batch)
+
+
+def test_short_prompt_names_the_tools_in_one_line_without_tags():
+    short = prompts.system_prompt(("python", "search"), style="short")
+    assert "\n" not in short and "python" in short and "search" in short
+    assert "<" not in short                                   # no literal tags to copy from
+    assert "search" not in prompts.system_prompt(("python",), style="short")
+    assert prompts.system_prompt((), style="short") == "Put the final answer in the answer tag."
+    assert len(short) < len(prompts.system_prompt()) / 4
+    with pytest.raises(ValueError, match="unknown prompt style 'tiny'"):
+        prompts.system_prompt(style="tiny")
+    msgs = prompts.to_messages(synthetic.make_small_arithmetic("product", 1, 0)[0], style="short")
+    assert msgs[0]["content"] == short

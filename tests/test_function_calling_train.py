@@ -14,7 +14,6 @@ import pytest
 
 from tepo_jax.data.function_calling import make_function_calling, synthetic_functions
 from tepo_jax.experiment import fc_tokenizer_texts
-from tepo_jax.models.decoder import Decoder
 from tepo_jax.rewards import compute_reward
 from tepo_jax.rollout.agent import AgentLoop, RolloutConfig, encode_prompt, model_text
 from tepo_jax.rollout.trajectory import TokenKind, TokenRole

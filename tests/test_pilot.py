@@ -338,6 +338,62 @@ def test_real_trajectories_are_labelled_as_designed(real_trajs):
     assert faulty_math[2] == ("python", True, "gold_answer")
     assert faulty_qa[0][:2] == ("search", False)
     assert all(not math.isnan(lb.dh) for lb in labels)
-    rep = pilot.pilot_report(labels, n_boot=200)
+    rep = pilot.pilot_report(labels, n_boot=200, min_class_n=1)
     assert rep.by_quality["high"]["n"] + rep.by_quality["low"]["n"] == len(labels) == 12
     assert -1 <= rep.r <= 1 and rep.ci_bootstrap[0] <= rep.ci_bootstrap[1]
+
+
+# ----------------------------------------------------------------------------- quality classes
+
+
+def test_quality_classes_useful_redundant_useless():
+    gold = ("870",)
+    first = ("search", "station 5", "Station 5 is 870 km from the capital.", "ok")
+    again = ("search", "station 5", "Station 5 is 870 km from the capital.", "ok")   # the same call
+    empty = ("search", "station 6", "No results found.", "ok")
+    t = make_traj([1.0, 0.5, 0.6, 0.7], [first, again, empty], gold=gold, final_text="<answer>870</answer>")
+    assert [lb.quality_class for lb in pilot.label_calls([t])] == ["useful", "redundant", "useless"]
+    # the question already states the answer: the first (gold-bearing) call is redundant too
+    stated = {"p0": pilot.ExampleInfo((), "Station 5 is 870 km from the capital. How far is station 5?")}
+    assert pilot.label_calls([t], examples=stated)[0].quality_class == "redundant"
+    assert pilot.is_redundant(t, 0, gold, "How far is station 5?") is False
+
+
+def _labels(n_useful, n_redundant, n_useless, seed=0):
+    rng = np.random.default_rng(seed)
+    out, i = [], 0
+    for cls, n, mean in (("useful", n_useful, -0.5), ("redundant", n_redundant, 0.2), ("useless", n_useless, 0.4)):
+        for _ in range(n):
+            dh = float(rng.normal(mean, 0.3))
+            out.append(pilot.CallLabel(i, f"p{i}", 1, "search", ("search",), "ok", cls != "useless", cls,
+                                       dh, int(dh < 0), redundant=cls == "redundant"))
+            i += 1
+    return out
+
+
+def test_class_means_have_bootstrap_intervals_when_the_class_is_big_enough():
+    labels = _labels(40, 25, 30)
+    rep = pilot.pilot_report(labels, n_boot=500, seed=3)
+    for cls in pilot.QUALITY_CLASSES:
+        dh = np.array([lb.dh for lb in labels if lb.quality_class == cls])
+        st = rep.by_class[cls]
+        assert st["n"] == dh.size and st["dh_mean"] == pytest.approx(dh.mean())
+        draws = np.random.default_rng(3).integers(0, dh.size, (500, dh.size))   # the same stream
+        naive = np.quantile(dh[draws].mean(axis=1), [0.025, 0.975])
+        np.testing.assert_allclose([st["dh_lo"], st["dh_hi"]], naive, atol=1e-12)
+    assert rep.by_class["useful"]["dh_hi"] < 0 < rep.by_class["useless"]["dh_lo"]
+    assert not rep.notes and not math.isnan(rep.ci_bootstrap[0])
+    assert "useful" in pilot.format_class_summary(rep) and "note:" not in pilot.format_class_summary(rep)
+
+
+def test_small_classes_get_no_interval_and_say_why():
+    """One high-quality call among many: a bootstrap CI of r would be narrow and meaningless."""
+    labels = _labels(1, 0, 60)
+    rep = pilot.pilot_report(labels, n_boot=300)
+    assert all(math.isnan(v) for v in rep.ci_bootstrap)
+    assert math.isnan(rep.by_class["useful"]["dh_lo"]) and not math.isnan(rep.by_class["useless"]["dh_lo"])
+    text = pilot.format_report(rep)
+    assert "only 1 high-quality call(s)" in text and "no CI for the useful class: 1 call(s)" in text
+    assert "not shown" in text
+    assert json.loads(json.dumps(rep.to_dict(), allow_nan=False))["ci_bootstrap"] == [None, None]
+    assert not math.isnan(pilot.pilot_report(labels, n_boot=300, min_class_n=1).ci_bootstrap[0])

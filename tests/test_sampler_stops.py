@@ -6,7 +6,6 @@ with a large logit for the successor). So the sampled ids are known in advance, 
 ids whose bytes put a stop string across token boundaries, or inside a token followed by
 more text.
 """
-import numpy as np
 import pytest
 
 from tepo_jax.models.decoder import Decoder

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tepo_jax.data.prompts import system_prompt, to_messages
-from tepo_jax.data.synthetic import make_arithmetic, make_multihop, reference_solution
+from tepo_jax.data.synthetic import make_big_arithmetic, make_multihop, reference_solution
 from tepo_jax.rollout.trajectory import TokenKind, TokenRole
 from tepo_jax.sft.data import build_sft_trajectories
 from tepo_jax.tiny_tokenizer import build_tiny_tokenizer
@@ -15,7 +15,7 @@ from tepo_jax.tools.search import BM25Index, LocalSearch, build_index
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft")
-    arith, (multihop, corpus) = make_arithmetic(6, 1), make_multihop(6, 1)
+    arith, (multihop, corpus) = make_big_arithmetic(6, 1), make_multihop(6, 1)
     texts = [system_prompt()] + [p["text"] for p in corpus]
     texts += [t.get("text", "") for e in arith + multihop for t in reference_solution(e)]
     tok = load_tokenizer(build_tiny_tokenizer(texts, d / "tok", vocab_size=600))

@@ -161,3 +161,18 @@ def test_exported_tiny_tokenizer_reloads_with_its_own_pre_tokenizer(tmp_path):
     reloaded = load_tokenizer(out)
     assert reloaded.encode(text) == tok.encode(text)
     assert len(reloaded.encode(text)) < 20  # merged across words, as trained
+
+
+def test_tiny_tokenizer_numbers_are_single_tokens(tmp_path):
+    """number_tokens=1000: 0…999 are one token each and longer digit runs split from the left
+    into such chunks (as Llama 3 does), so the demo's model copies a number as one token."""
+    from tepo_jax.tiny_tokenizer import build_tiny_tokenizer
+    texts = ["Compute `47 * 14`. Roughly 700. Checking.", "Crate 650 weighs 17 kg."] * 30
+    tok = load_tokenizer(build_tiny_tokenizer(texts, tmp_path / "t", vocab_size=300, word_split=False,
+                                              number_tokens=1000))
+    for n in ("0", "7", "17", "650", "999"):
+        assert tok.tokenize(n) == [n]
+    assert tok.tokenize("4042") == ["404", "2"] and tok.tokenize("1234567") == ["123", "456", "7"]
+    text = "print(47 * 14) gives 658, crate 007 weighs 1234 kg"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    assert len(tok) > 1000

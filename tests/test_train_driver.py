@@ -31,13 +31,14 @@ TINY_RL = ["--config.mode=rl", "--config.model.tiny_hidden=32", "--config.data.n
 
 # SFT on 4 examples until the tiny model has memorised their answers (nll 7 -> 0.4), then RL on
 # the same prompts: samples of a group now differ in reward, so advantages and gradients are
-# nonzero in RL too. Checkpoints every 2 steps: SFT 2..40, RL 42..46.
+# nonzero in RL too (at RL lr 1e-2 one step wrecked the memorised answers: every later group
+# scored 0 and every gradient was 0). Checkpoints every 2 steps: SFT 2..40, RL 42..46.
 SFT_STEPS, RL_STEPS, EVERY = 40, 6, 2
 LEARNING = ["--config.mode=sft_then_rl", "--config.model.tiny_hidden=32", "--config.model.tiny_layers=2",
             "--config.model.tiny_heads=4", "--config.model.tiny_kv_heads=2", "--config.data.n_train=4",
             "--config.data.n_eval=2", "--config.data.prompts_per_step=2", "--config.rollout.group_size=4",
             "--config.rollout.max_calls=3", "--config.rollout.max_tokens=96", "--config.rollout.max_turn_tokens=48",
-            "--config.rollout.cache_len=512", "--config.algo.advantage=tepo_sparse", "--config.optim.lr=1e-2",
+            "--config.rollout.cache_len=512", "--config.algo.advantage=tepo_sparse", "--config.optim.lr=1e-3",
             f"--config.sft.steps={SFT_STEPS}", "--config.sft.batch_size=4", "--config.sft.lr=3e-2",
             "--config.sft.seq_len=512", "--config.sft.redundant_call_rate=0.0",
             f"--config.train.steps={RL_STEPS}", f"--config.train.checkpoint_every={EVERY}",

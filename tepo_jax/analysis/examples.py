@@ -52,10 +52,10 @@ def with_entropies(traj: Trajectory, rng: np.random.Generator) -> Trajectory:
 
 def synthetic_examples(n_math: int = 3, n_qa: int = 3, seed: int = 0):
     """(arithmetic + multi-hop examples, the multi-hop corpus)."""
-    from tepo_jax.data.synthetic import make_arithmetic, make_multihop
+    from tepo_jax.data.synthetic import make_big_arithmetic, make_multihop
 
     qa, corpus = make_multihop(n_qa, seed)
-    return list(make_arithmetic(n_math, seed)) + list(qa), corpus
+    return list(make_big_arithmetic(n_math, seed)) + list(qa), corpus
 
 
 def build_trajectories(examples: Sequence, tokenizer, bridge, seed: int = 0,

@@ -3,28 +3,16 @@ signal of the call's quality?
 
 For every tool call of a set of trajectories we
 1. label its quality from what the tool returned, with a rule per tool (`QUALITY_RULES`,
-   pluggable: `register_quality_rule`), and
+   pluggable: `register_quality_rule`), and its class (useful / redundant / useless), and
 2. relate the binary quality to ΔH_k = H(r_k) − H(r_{k−1}) (`tepo_jax.rollout.trajectory`):
    mean ΔH by quality, the fraction of entropy-reducing calls (ΔH < 0) by quality, and the
    point-biserial correlation (Pearson between quality ∈ {0, 1} and ΔH) with a seeded
-   bootstrap CI and a Fisher-z CI. TEPO's premise predicts a negative correlation: good calls
-   lower the entropy of what the model writes next.
+   bootstrap CI and a Fisher-z CI, and the mean ΔH per class with its bootstrap CI. TEPO's
+   premise predicts a negative correlation: good calls lower the entropy of what the model
+   writes next. An interval is only given for a class of at least `min_class_n` calls (10):
+   over one or a few points a bootstrap is narrow and means nothing, and the report says so.
 
-Default rules (docs/analysis.md):
-* any tool: status `error` / `timeout` / `parse_error` (anything but `ok`) -> low.
-* search: high if the result contains a gold answer (normalised, whole words) or a needed
-  entity: an entity (capitalised span or number) of the gold chain (the example's supporting
-  passages) that the call's own query does not already name. Without supporting passages the
-  needed entities are those of the result that the model uses later. "No results" -> low.
-* python: high if the output contains a gold answer, or prints a value (a number, else a
-  whole output line) that appears later in the model's text (later calls' arguments, the
-  final turn, or all later model tokens when a decoder is given). Empty output, an error
-  trace in the output, or an unused value -> low.
-* other tools: the generic rule (status ok and the result holds a gold answer or a value the
-  model uses later).
-* a multi-call turn (function calling: one call record, tool names joined by ","): one ΔH,
-  one label, from the rule of its tool when all its calls used one tool, else the generic
-  rule, over its results (one text per call); per-tool statistics count it under each tool.
+The labels and their rules live in `tepo_jax.analysis.quality` (re-exported here).
 
 CLI:  python -m tepo_jax.analysis.pilot --trajectories FILE_OR_DIR [--phase rl|eval|sft|all]
           [--dataset records.jsonl] [--tokenizer DIR] [--rules-module my.rules] [--json out.json]
@@ -40,263 +28,20 @@ import dataclasses
 import importlib
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from tepo_jax.analysis.stats import bootstrap_ci, fisher_ci, fisher_p_value, pearson
-from tepo_jax.rewards.qa import as_gold_list, normalize_answer
-from tepo_jax.rl.tepo_metrics import call_tools
-from tepo_jax.rollout.trajectory import (MODEL_KINDS, ToolCallRecord, Trajectory,
-                                         entropy_deltas, read_jsonl)
-
-# ----------------------------------------------------------------------------- labelling
-
-
-@dataclasses.dataclass(frozen=True)
-class CallContext:
-    """Everything a quality rule may look at for one call."""
-    traj: Trajectory
-    index: int                        # 0-based position of the call in traj.tool_calls
-    call: ToolCallRecord
-    gold: tuple[str, ...]
-    later_text: str                   # model text after this call's result
-    supporting: tuple[str, ...] = ()  # gold-chain passages (QA datasets); may be empty
-    question: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class Quality:
-    high: bool
-    reason: str                       # short tag, e.g. 'gold_answer', 'status:error'
-
-
-QualityRule = Callable[[CallContext], Quality]
-QUALITY_RULES: dict[str, QualityRule] = {}
-
-
-def register_quality_rule(tool: str) -> Callable[[QualityRule], QualityRule]:
-    """Decorator: use `fn(ctx) -> Quality` for calls of `tool` (replaces any earlier rule)."""
-    def deco(fn: QualityRule) -> QualityRule:
-        QUALITY_RULES[tool] = fn
-        return fn
-    return deco
-
-
-_ENTITY_RE = re.compile(r"\b[A-Z][\w'’-]*(?:\s+(?:of\s+|de\s+|van\s+)?[A-Z][\w'’-]*)*")
-_NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.]*\d)")
-_NOT_ENTITIES = {"the", "a", "an", "in", "on", "at", "of", "who", "what", "which", "where",
-                 "when", "how", "doc", "title", "so", "now", "first", "let", "i", "it", "this",
-                 "that", "is", "was", "no", "results", "found", "yes"}
-_ERROR_MARKERS = ("Traceback (most recent call last)", "Error:", "[timed out", "[exit status",
-                  "[process killed")
-
-
-def entities(text: str) -> set[str]:
-    """Capitalised spans ("Zorblax Corp", "Ab Cd") and numbers of `text`, normalised
-    (`normalize_answer`); a lone sentence-initial function word ("The", "Which") is dropped."""
-    out = set()
-    for m in _ENTITY_RE.finditer(text):
-        words = m.group(0).split()
-        while words and words[0].lower() in _NOT_ENTITIES:   # "The mayor" -> no entity
-            words = words[1:]
-        norm = normalize_answer(" ".join(words))
-        if norm and norm not in _NOT_ENTITIES:
-            out.add(norm)
-    out.update(_numbers(text))
-    return out
-
-
-def _numbers(text: str) -> set[str]:
-    out = set()
-    for m in _NUMBER_RE.finditer(text):
-        s = m.group(0)
-        if "." in s and re.fullmatch(r"-?\d+\.0+", s):
-            s = s.split(".")[0]             # 12.0 -> 12
-        out.add(s)
-    return out
-
-
-_TAG_RE = re.compile(r"</?[A-Za-z_][\w-]*>")
-
-
-def contains_phrase(text: str, phrase: str) -> bool:
-    """Whole-word containment after normalisation (`normalize_answer`); markup tags such as
-    <answer> in `text` count as word breaks."""
-    p = normalize_answer(phrase)
-    return bool(p) and f" {p} " in f" {normalize_answer(_TAG_RE.sub(' ', text))} "
-
-
-def _contains_gold(ctx: CallContext) -> bool:
-    return any(contains_phrase(ctx.call.result, g) for g in ctx.gold)
-
-
-def _status_failure(ctx: CallContext) -> Quality | None:
-    if ctx.call.status != "ok":
-        return Quality(False, f"status:{ctx.call.status}")
-    return None
-
-
-def _value_used(value: str, later_text: str) -> bool:
-    if re.fullmatch(r"-?\d+(?:\.\d+)?", value):
-        return value in _numbers(later_text)
-    return contains_phrase(later_text, value)
-
-
-@register_quality_rule("search")
-def search_quality(ctx: CallContext) -> Quality:
-    failed = _status_failure(ctx)
-    if failed:
-        return failed
-    result = ctx.call.result.strip()
-    if not result or result.lower().startswith("no results"):
-        return Quality(False, "no_results")
-    if _contains_gold(ctx):
-        return Quality(True, "gold_answer")
-    known = entities(ctx.call.arguments) | entities(ctx.question)
-    found = entities(result) - known
-    if ctx.supporting:
-        needed = set().union(*(entities(p) for p in ctx.supporting)) - known
-        if found & needed:
-            return Quality(True, "needed_entity")
-        return Quality(False, "irrelevant")
-    if any(_value_used(e, ctx.later_text) for e in found):
-        return Quality(True, "entity_used_later")
-    return Quality(False, "irrelevant")
-
-
-def printed_values(output: str) -> list[str]:
-    """The values a python run printed: its numbers (single digits only when the output is
-    just that digit), else its non-empty lines."""
-    nums = _numbers(output)
-    if nums:
-        stripped = output.strip()
-        return sorted(n for n in nums if len(n.lstrip("-")) > 1 or n == stripped)
-    return [ln.strip() for ln in output.splitlines() if ln.strip()]
-
-
-@register_quality_rule("python")
-def python_quality(ctx: CallContext) -> Quality:
-    failed = _status_failure(ctx)
-    if failed:
-        return failed
-    out = ctx.call.result
-    if any(m in out for m in _ERROR_MARKERS):
-        return Quality(False, "error_output")
-    if not out.strip():
-        return Quality(False, "no_output")
-    if _contains_gold(ctx):
-        return Quality(True, "gold_answer")
-    if any(_value_used(v, ctx.later_text) for v in printed_values(out)):
-        return Quality(True, "value_used")
-    return Quality(False, "value_unused")
-
-
-def generic_quality(ctx: CallContext) -> Quality:
-    """Rule for tools without their own: ok, non-empty, and a gold answer or a used value."""
-    failed = _status_failure(ctx)
-    if failed:
-        return failed
-    if not ctx.call.result.strip():
-        return Quality(False, "no_output")
-    if _contains_gold(ctx):
-        return Quality(True, "gold_answer")
-    values = printed_values(ctx.call.result) + sorted(entities(ctx.call.result))
-    if any(_value_used(v, ctx.later_text) for v in values):
-        return Quality(True, "value_used")
-    return Quality(False, "value_unused")
-
-
-def later_model_text(traj: Trajectory, index: int,
-                     decode: Callable[[list[int]], str] | None = None) -> str:
-    """Model text after call `index`'s result: decoded later model tokens when `decode` is
-    given, else the later calls' arguments and the final turn's text."""
-    call = traj.tool_calls[index]
-    start = max(call.result_span[1], call.call_span[1])
-    if decode is not None:
-        later = np.isin(traj.kinds[start:], np.array(MODEL_KINDS, dtype=np.int8))
-        return decode(traj.token_ids[start:][later].tolist())
-    parts = [c.arguments for c in traj.tool_calls[index + 1:]] + [traj.final_text]
-    return "\n".join(parts)
-
-
-@dataclasses.dataclass(frozen=True)
-class CallLabel:
-    """One labelled call: identity, quality and its ΔH (NaN when a segment is empty)."""
-    traj_index: int
-    prompt_id: str
-    turn: int                         # k, 1-based
-    tool: str                         # the record's name ("a,b" for a multi-call turn)
-    tools: tuple[str, ...]            # its distinct tools: ("a", "b"); per-tool stats use these
-    status: str
-    high: bool
-    reason: str
-    dh: float
-    reducing: int                     # I_k = 1[ΔH_k < 0]
-
-
-@dataclasses.dataclass(frozen=True)
-class ExampleInfo:
-    """What a dataset knows about a prompt that the trajectory does not carry."""
-    supporting: tuple[str, ...] = ()
-    question: str = ""
-
-
-def turn_record(call: ToolCallRecord) -> ToolCallRecord:
-    """The record a rule sees: for a multi-call turn, whose result is the JSON list of the
-    calls' result texts, those texts one per line; a single call as it is."""
-    if "," not in call.name:
-        return call
-    try:
-        texts = json.loads(call.result)
-    except ValueError:
-        return call
-    if not isinstance(texts, list):
-        return call
-    return dataclasses.replace(call, result="\n".join(map(str, texts)))
-
-
-def rule_for(tools: Sequence[str], table: Mapping[str, QualityRule]) -> QualityRule:
-    """The rule of a turn's tool when it used one tool, else `generic_quality`."""
-    return table.get(tools[0], generic_quality) if len(tools) == 1 else generic_quality
-
-
-def label_calls(trajs: Sequence[Trajectory], *,
-                rules: Mapping[str, QualityRule] | None = None,
-                examples: Mapping[str, ExampleInfo] | None = None,
-                decode: Callable[[list[int]], str] | None = None) -> list[CallLabel]:
-    """Label every call of `trajs`. `rules` override `QUALITY_RULES` per tool name;
-    `examples` maps prompt_id to supporting passages/question (see `examples_from_records`);
-    `decode` (token ids -> text) lets rules see all later model text."""
-    table = {**QUALITY_RULES, **(rules or {})}
-    examples = examples or {}
-    out = []
-    for ti, traj in enumerate(trajs):
-        info = examples.get(traj.prompt_id, ExampleInfo())
-        for i, (call, dh) in enumerate(zip(traj.tool_calls, entropy_deltas(traj))):
-            tools = call_tools(call)
-            ctx = CallContext(traj=traj, index=i, call=turn_record(call),
-                              gold=tuple(as_gold_list(traj.gold)),
-                              later_text=later_model_text(traj, i, decode),
-                              supporting=info.supporting, question=info.question)
-            q = rule_for(tools, table)(ctx)
-            out.append(CallLabel(ti, traj.prompt_id, call.turn, call.name, tools, call.status,
-                                 bool(q.high), q.reason, float(dh), int(dh < 0)))
-    return out
-
-
-def examples_from_records(records: Iterable) -> dict[str, ExampleInfo]:
-    """prompt_id -> ExampleInfo from dataset records (QAExample / MathExample or dicts)."""
-    out = {}
-    for r in records:
-        get = r.get if isinstance(r, Mapping) else (lambda k, d=None, r=r: getattr(r, k, d))
-        out[str(get("id"))] = ExampleInfo(tuple(get("supporting_passages", ()) or ()),
-                                          str(get("question", "") or ""))
-    return out
-
+from tepo_jax.analysis.quality import (  # noqa: F401  (re-exported: the pilot's public names)
+    MIN_CLASS_N, QUALITY_CLASSES, QUALITY_RULES, CallContext, CallLabel, ExampleInfo, Quality, QualityRule,
+    contains_phrase, entities, examples_from_records, generic_quality, is_redundant, label_calls,
+    later_model_text, printed_values, python_quality, register_quality_rule, rule_for, search_quality,
+    turn_record)
+from tepo_jax.analysis.stats import (bootstrap_ci, bootstrap_mean_ci, fisher_ci,  # noqa: F401
+                                     fisher_p_value, pearson)
+from tepo_jax.rollout.trajectory import Trajectory, read_jsonl
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -319,13 +64,17 @@ class PilotReport:
                                           # turn counts under each of its tools)
     reasons: dict[str, int]               # 'tool/reason' -> count (all calls, per tool)
     r: float                              # point-biserial (quality, ΔH)
-    ci_bootstrap: tuple[float, float]
+    ci_bootstrap: tuple[float, float]     # NaN when a quality has < min_class_n calls
     ci_fisher: tuple[float, float]
     p_value: float
     level: float
     n_boot: int
     seed: int
     resample: str
+    by_class: dict[str, dict] = dataclasses.field(default_factory=dict)  # useful/redundant/useless ->
+                                          # n, dh_mean, dh_lo, dh_hi (NaN below min_class_n), frac_reducing
+    notes: list[str] = dataclasses.field(default_factory=list)  # why an interval is not given
+    min_class_n: int = MIN_CLASS_N
 
     def to_dict(self) -> dict:
         """JSON-ready: NaN becomes None."""
@@ -351,10 +100,42 @@ def _split_by_quality(labels: Sequence[CallLabel]) -> dict[str, dict]:
     return out
 
 
+def class_stats(labels: Sequence[CallLabel], *, n_boot: int, level: float, seed: int,
+                resample: str, min_n: int) -> dict[str, dict]:
+    """Mean ΔH per quality class with its bootstrap CI (calls, or trajectories as clusters),
+    NaN bounds for a class with fewer than `min_n` calls."""
+    out = {}
+    for name in QUALITY_CLASSES:
+        sel = [lb for lb in labels if lb.quality_class == name]
+        dh = np.array([lb.dh for lb in sel], np.float64)
+        stats = group_stats(dh, np.array([lb.reducing for lb in sel], np.float64))
+        lo = hi = math.nan
+        if len(sel) >= min_n:
+            clusters = np.array([lb.traj_index for lb in sel]) if resample == "trajectory" else None
+            _, lo, hi = bootstrap_mean_ci(dh, n_boot=n_boot, level=level, seed=seed, clusters=clusters)
+        out[name] = {**stats, "dh_lo": lo, "dh_hi": hi}
+    return out
+
+
+def small_class_notes(n_high: int, n_low: int, by_class: Mapping[str, dict], min_n: int) -> list[str]:
+    """Why an interval is left out: the classes with fewer than `min_n` calls."""
+    notes = []
+    smaller = min((n_high, "high"), (n_low, "low"))
+    if smaller[0] < min_n:
+        notes.append(f"no bootstrap CI for r: only {smaller[0]} {smaller[1]}-quality call(s); an "
+                     f"interval needs >= {min_n} in each quality (the Fisher-z one assumes a large sample too)")
+    for name, st in by_class.items():
+        if 0 < st["n"] < min_n:
+            notes.append(f"no CI for the {name} class: {st['n']} call(s) (needs >= {min_n})")
+    return notes
+
+
 def pilot_report(labels: Sequence[CallLabel], *, n_boot: int = 2000, level: float = 0.95,
-                 seed: int = 0, resample: str = "call") -> PilotReport:
+                 seed: int = 0, resample: str = "call", min_class_n: int = MIN_CLASS_N) -> PilotReport:
     """Quality vs ΔH over the calls with a defined ΔH. `resample`: 'call' (each call is a
-    bootstrap unit) or 'trajectory' (calls of one trajectory are resampled together)."""
+    bootstrap unit) or 'trajectory' (calls of one trajectory are resampled together).
+    Intervals are only given for classes of at least `min_class_n` calls (`notes` says which
+    were left out)."""
     if resample not in ("call", "trajectory"):
         raise ValueError(f"resample must be 'call' or 'trajectory', got {resample!r}")
     defined = [lb for lb in labels if not math.isnan(lb.dh)]
@@ -368,6 +149,10 @@ def pilot_report(labels: Sequence[CallLabel], *, n_boot: int = 2000, level: floa
             key = f"{tool}/{lb.reason}"
             reasons[key] = reasons.get(key, 0) + 1
     by_q = _split_by_quality(defined)
+    by_class = class_stats(defined, n_boot=n_boot, level=level, seed=seed, resample=resample,
+                           min_n=min_class_n)
+    notes = small_class_notes(by_q["high"]["n"], by_q["low"]["n"], by_class, min_class_n)
+    enough = min(by_q["high"]["n"], by_q["low"]["n"]) >= min_class_n
     return PilotReport(
         n_calls=len(labels), n_defined=len(defined),
         by_quality={"high": by_q["high"], "low": by_q["low"]},
@@ -375,9 +160,10 @@ def pilot_report(labels: Sequence[CallLabel], *, n_boot: int = 2000, level: floa
                  for t in sorted({t for lb in defined for t in lb.tools})},
         reasons=dict(sorted(reasons.items())), r=r,
         ci_bootstrap=bootstrap_ci(q, dh, n_boot=n_boot, level=level, seed=seed,
-                                  clusters=clusters),
+                                  clusters=clusters) if enough else (math.nan, math.nan),
         ci_fisher=fisher_ci(r, len(defined), level), p_value=fisher_p_value(r, len(defined)),
-        level=level, n_boot=n_boot, seed=seed, resample=resample)
+        level=level, n_boot=n_boot, seed=seed, resample=resample, by_class=by_class,
+        notes=notes, min_class_n=min_class_n)
 
 
 def run_pilot(trajs: Sequence[Trajectory], **kwargs) -> tuple[list[CallLabel], PilotReport]:
@@ -392,6 +178,26 @@ def run_pilot(trajs: Sequence[Trajectory], **kwargs) -> tuple[list[CallLabel], P
 
 def _fmt(v: float, spec: str = "+.4f") -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def format_class_summary(rep: PilotReport) -> str:
+    """Mean ΔH per quality class with its interval, r(quality, ΔH), and the notes."""
+    pct = f"{rep.level:.0%}"
+    lines = [f"{'class':<11}{'n':>6}{'mean ΔH':>10}  {pct + ' CI':<21}{'frac ΔH<0':>10}"]
+    for name, st in rep.by_class.items():
+        ci = "n/a" if math.isnan(st["dh_lo"]) else f"[{_fmt(st['dh_lo'])}, {_fmt(st['dh_hi'])}]"
+        lines.append(f"{name:<11}{st['n']:>6}{_fmt(st['dh_mean']):>10}  {ci:<21}"
+                     f"{_fmt(st['frac_reducing'], '.3f'):>10}")
+    boot = "n/a" if math.isnan(rep.ci_bootstrap[0]) else \
+        f"[{_fmt(rep.ci_bootstrap[0])}, {_fmt(rep.ci_bootstrap[1])}]"
+    lines += ["", f"r(high quality, ΔH) = {_fmt(rep.r)} (n = {rep.n_defined}); {pct} bootstrap CI "
+                  f"(resampling {'trajectories' if rep.resample == 'trajectory' else 'calls'}): {boot}; Fisher-z CI: [{_fmt(rep.ci_fisher[0])}, "
+                  f"{_fmt(rep.ci_fisher[1])}]",
+              "useful = result holds what the answer needed and it was not known before; redundant = "
+              "it was (in the question, an earlier result, or the same call ran before); useless = "
+              "failed or irrelevant. TEPO's premise: useful calls lower the entropy (ΔH < 0), the others do not."]
+    lines += [f"note: {n}" for n in rep.notes]
+    return "\n".join(lines)
 
 
 def format_report(rep: PilotReport) -> str:
@@ -409,12 +215,15 @@ def format_report(rep: PilotReport) -> str:
     for tool, parts in rep.by_tool.items():
         for qname in ("high", "low", "all"):
             row(f"{tool} {qname}", parts[qname])
+    boot = "not shown (see note)" if math.isnan(rep.ci_bootstrap[0]) else \
+        f"[{_fmt(rep.ci_bootstrap[0])}, {_fmt(rep.ci_bootstrap[1])}]"
     lines += ["", f"point-biserial r(quality, ΔH) = {_fmt(rep.r)}   (n = {rep.n_defined}, "
                   f"Fisher-z p = {_fmt(rep.p_value, '.3g')})",
               f"  {pct} bootstrap CI ({rep.n_boot} resamples of {rep.resample}s, seed "
-              f"{rep.seed}): [{_fmt(rep.ci_bootstrap[0])}, {_fmt(rep.ci_bootstrap[1])}]",
+              f"{rep.seed}): {boot}",
               f"  {pct} Fisher-z CI: [{_fmt(rep.ci_fisher[0])}, {_fmt(rep.ci_fisher[1])}]",
               "  (negative r: high-quality calls lower the entropy more)",
+              "", "mean ΔH by quality class:", format_class_summary(rep),
               "", "labels (tool/reason: count): " +
               ", ".join(f"{k}: {v}" for k, v in rep.reasons.items())]
     return "\n".join(lines)
@@ -485,6 +294,9 @@ def _parse_args(argv):
     ap.add_argument("--level", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resample", choices=("call", "trajectory"), default="call")
+    ap.add_argument("--min-class-n", type=int, default=MIN_CLASS_N,
+                    help="smallest class (calls) that gets an interval")
+    ap.add_argument("--plot", default=None, help="write ΔH by quality class as a PNG here")
     ap.add_argument("--json", default=None, help="write the report (and labels) as JSON here")
     return ap.parse_args(argv)
 
@@ -501,8 +313,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     examples = load_examples(args.dataset)
     decode = make_decoder(args.tokenizer) if args.tokenizer else None
     labels, rep = run_pilot(trajs, examples=examples, decode=decode, n_boot=args.n_boot,
-                            level=args.level, seed=args.seed, resample=args.resample)
+                            level=args.level, seed=args.seed, resample=args.resample,
+                            min_class_n=args.min_class_n)
     print(format_report(rep))
+    if args.plot:
+        from tepo_jax.analysis.plots import plot_dh_by_class
+        plot_dh_by_class(labels, rep, args.plot)
     if args.json:
         out = {"report": rep.to_dict(), "labels": [_nan_to_none(dataclasses.asdict(lb))
                                                    for lb in labels]}

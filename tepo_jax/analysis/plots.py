@@ -190,6 +190,34 @@ def plot_dh_distributions(labels: Sequence, out_png: str | os.PathLike | None = 
     return fig, groups
 
 
+CLASS_COLOURS = {"useful": "tab:green", "redundant": "tab:orange", "useless": "tab:red"}
+
+
+def plot_dh_by_class(labels: Sequence, report, out_png: str | os.PathLike | None = None):
+    """ΔH of every call by quality class (pilot `CallLabel.quality_class`), jittered, with
+    the class mean and its interval from `report.by_class` (no bar where the class is too
+    small for one). Returns (fig, {class: ΔH[]})."""
+    groups = {c: np.array([lb.dh for lb in labels if lb.quality_class == c and not math.isnan(lb.dh)])
+              for c in report.by_class}
+    fig, axes = new_figure(7, 4)
+    ax, rng = axes[0, 0], np.random.default_rng(0)
+    for i, (name, dh) in enumerate(groups.items()):
+        colour = CLASS_COLOURS.get(name, "tab:blue")
+        ax.scatter(i + rng.uniform(-0.2, 0.2, dh.size), dh, s=5, alpha=0.35, color=colour)
+        st = report.by_class[name]
+        if st["n"]:
+            has_ci = not math.isnan(st["dh_lo"])
+            err = [[st["dh_mean"] - st["dh_lo"]], [st["dh_hi"] - st["dh_mean"]]] if has_ci else None
+            ax.errorbar([i + 0.32], [st["dh_mean"]], yerr=err, fmt="D", color="black", capsize=4, ms=5)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(groups)), [f"{n}\n(n={groups[n].size})" for n in groups])
+    ax.set_ylabel("ΔH = H(r_k) − H(r_{k−1})")
+    ax.set_title(f"ΔH by call quality: mean and {report.level:.0%} CI (diamonds)", fontsize=10)
+    if out_png:
+        save_png(fig, out_png)
+    return fig, groups
+
+
 # ----------------------------------------------------------------------------- training curves
 
 

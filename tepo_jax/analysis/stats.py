@@ -68,3 +68,58 @@ def fisher_p_value(r: float, n: int) -> float:
         return math.nan
     z = math.atanh(min(max(r, -0.9999999), 0.9999999)) * math.sqrt(n - 3)
     return 2 * (1 - statistics.NormalDist().cdf(abs(z)))
+
+
+def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int,
+                     clusters: np.ndarray | None = None) -> np.ndarray:
+    """Means of `n_boot` resamples (with replacement) of `values`, or of whole `clusters`
+    (e.g. the calls of one trajectory together) when given."""
+    rng = np.random.default_rng(seed)
+    inv = np.arange(values.size) if clusters is None else np.unique(clusters, return_inverse=True)[1]
+    k = int(inv.max()) + 1
+    sums, counts = np.bincount(inv, weights=values, minlength=k), np.bincount(inv, minlength=k)
+    draws = rng.integers(0, k, (n_boot, k))
+    return sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+
+
+def bootstrap_mean_ci(values, *, n_boot: int = 4000, level: float = 0.95, seed: int = 0,
+                      clusters=None) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean of `values` (e.g. one per question) and its percentile-
+    bootstrap CI, resampling values (or whole `clusters`). NaN bounds for fewer than 2
+    values or clusters."""
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return math.nan, math.nan, math.nan
+    groups = None if clusters is None else np.asarray(clusters)
+    if (v.size if groups is None else np.unique(groups).size) < 2:
+        return float(v.mean()), math.nan, math.nan
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(_bootstrap_means(v, n_boot, seed, groups), [alpha, 1 - alpha])
+    return float(v.mean()), float(lo), float(hi)
+
+
+def paired_difference_ci(a, b, *, n_boot: int = 4000, level: float = 0.95,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """(mean(a − b), lo, hi) for paired per-question values (the same questions, in the same
+    order), resampling questions: the CI of an improvement on one evaluation set."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same shape, got {a.shape} and {b.shape}")
+    return bootstrap_mean_ci(a - b, n_boot=n_boot, level=level, seed=seed)
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_interval(values) -> tuple[float, float, float]:
+    """(mean, lo, hi): the 95% Student-t interval of the mean of a few values (e.g. one per
+    seed); NaN bounds for fewer than 2 values. Wide on purpose: 3 seeds say little."""
+    v = np.asarray(values, np.float64)
+    if v.size < 2:
+        return (float(v.mean()) if v.size else math.nan), math.nan, math.nan
+    t = _T975[v.size - 2] if v.size - 1 <= len(_T975) else statistics.NormalDist().inv_cdf(0.975)
+    half = t * float(v.std(ddof=1)) / math.sqrt(v.size)
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)

@@ -27,11 +27,26 @@ _NO_TOOLS = ("Give only the final answer inside <answer>...</answer>, for exampl
              "<answer>42</answer>.")
 
 
-def system_prompt(tools: Sequence[str] = ("python", "search")) -> str:
-    """The system prompt for the enabled `tools` (a subset of TOOL_DESCRIPTIONS, in order)."""
+# The "short" style: the same contract in one line, for models too small to need the
+# instructions, and without literal tags: a tag in the prompt ("<answer>...</answer>") is a
+# place a small model's induction heads copy from ("<answer>" -> "..."), which fights the
+# copying it has to learn (a 2-layer model learned to copy results in a few hundred SFT steps
+# with this prompt, and had not after 500 with the tags in it; docs/demo.md).
+PROMPT_STYLES = ("full", "short")
+_SHORT_TOOLS = {"python": "python runs code", "search": "search finds facts"}
+
+
+def system_prompt(tools: Sequence[str] = ("python", "search"), style: str = "full") -> str:
+    """The system prompt for the enabled `tools` (a subset of TOOL_DESCRIPTIONS, in order), in
+    `style` (PROMPT_STYLES)."""
     unknown = [t for t in tools if t not in TOOL_DESCRIPTIONS]
     if unknown:
         raise ValueError(f"unknown tools {unknown}; known: {sorted(TOOL_DESCRIPTIONS)}")
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; known: {', '.join(PROMPT_STYLES)}")
+    if style == "short":
+        calls = ", ".join(_SHORT_TOOLS[t] for t in tools)
+        return (f"Tools: {calls}. " if tools else "") + "Put the final answer in the answer tag."
     if not tools:
         return f"{_HEADER}\n\n{_NO_TOOLS}"
     lines = [f"- {TOOL_DESCRIPTIONS[t][0]}: {TOOL_DESCRIPTIONS[t][1]}." for t in tools]
@@ -45,7 +60,8 @@ def user_prompt(example: Example) -> str:
     return f"Answer the question with a short phrase.\n\nQuestion: {example.question}"
 
 
-def to_messages(example: Example, tools: Sequence[str] = ("python", "search")) -> list[dict]:
+def to_messages(example: Example, tools: Sequence[str] = ("python", "search"),
+                style: str = "full") -> list[dict]:
     """Chat messages (system + user) for `example`, ready for `tokenizer.encode_chat`."""
-    return [{"role": "system", "content": system_prompt(tools)},
+    return [{"role": "system", "content": system_prompt(tools, style)},
             {"role": "user", "content": user_prompt(example)}]

@@ -111,12 +111,12 @@ class _SyntheticBuilder(_LocalCode, tfds.core.GeneratorBasedBuilder):
 
 
 class SyntheticArithmetic(_SyntheticBuilder):
-    """Arithmetic that needs the python tool (see `synthetic.make_arithmetic`)."""
+    """Arithmetic that needs the python tool (see `synthetic.make_big_arithmetic`)."""
 
     _FEATURES = MATH_FEATURES
 
     def _make(self, n):
-        return synthetic.make_arithmetic(n, self._seed)
+        return synthetic.make_big_arithmetic(n, self._seed)
 
 
 class SyntheticMultihop(_SyntheticBuilder):

@@ -120,12 +120,19 @@ def advantage_metrics(info: Sequence, advantages: Sequence[np.ndarray], trajs: S
     adv/reward_mean  mean of the rewards it normalised: R_i (grpo: the outcome score;
                      tepo_sparse: F1·m/n) or, for tepo_dense, R_{i,k} over all calls;
     adv/bonus_mean   tepo_dense only (`bonus_alpha` = α): mean α·I_{i,k} over all calls;
-    adv/mean, adv/std  of the per-token advantages over all model tokens of the batch."""
+    adv/mean, adv/std  of the per-token advantages over all model tokens of the batch;
+    adv/zero_groups  the share of groups (prompts) whose every model token has advantage 0:
+                     groups that teach nothing (all rewards equal, e.g. all wrong)."""
     rewards = [r for i in info for r in i.rewards]
-    tokens = np.concatenate([a[model_mask(t.kinds)] for a, t in zip(advantages, trajs)]) if trajs else np.zeros(0)
+    per_traj = [a[model_mask(t.kinds)] for a, t in zip(advantages, trajs)]
+    tokens = np.concatenate(per_traj) if trajs else np.zeros(0)
+    signal: dict[int, bool] = defaultdict(bool)
+    for a, t in zip(per_traj, trajs):
+        signal[t.group_id] |= bool(np.any(a != 0))
     out = {"adv/reward_mean": _mean(rewards),
            "adv/mean": float(tokens.mean()) if tokens.size else math.nan,
-           "adv/std": float(tokens.std()) if tokens.size else math.nan}
+           "adv/std": float(tokens.std()) if tokens.size else math.nan,
+           "adv/zero_groups": _ratio(sum(not s for s in signal.values()), len(signal))}
     if bonus_alpha is not None:
         out["adv/bonus_mean"] = _mean([bonus_alpha * i_k for i in info for i_k in i.indicators])
     return out

@@ -59,12 +59,14 @@ def is_multi_call(fmt) -> bool:
     return callable(getattr(fmt, "parse_calls", None))
 
 
-def encode_prompt(tokenizer, example, tools: Sequence[str] = ("python", "search")) -> list[int]:
+def encode_prompt(tokenizer, example, tools: Sequence[str] = ("python", "search"),
+                  style: str = "full") -> list[int]:
     """Prompt ids of `example`: its own chat messages and tool schemas when it carries them
-    (function-calling examples), else the tag-format system + user prompt for `tools`."""
+    (function-calling examples), else the tag-format system + user prompt for `tools` in
+    `style` (data.prompts.PROMPT_STYLES)."""
     if hasattr(example, "messages"):
         return encode_chat(tokenizer, list(example.messages), tools=list(example.tools) or None)
-    return encode_chat(tokenizer, to_messages(example, tools))
+    return encode_chat(tokenizer, to_messages(example, tools, style))
 
 
 def model_text(traj: Trajectory, tokenizer) -> str:
@@ -106,9 +108,11 @@ class AgentLoop:
     """Runs rollouts of a policy (the sampler's current params) with tools."""
 
     def __init__(self, sampler: Sampler, bridge: ToolBridge, tokenizer, fmt: ToolFormat,
-                 config: RolloutConfig, tools: Sequence[str], rewards: TaskRewards = TaskRewards()):
+                 config: RolloutConfig, tools: Sequence[str], rewards: TaskRewards = TaskRewards(),
+                 prompt_style: str = "full"):
         self.sampler, self.bridge, self.tokenizer, self.fmt = sampler, bridge, tokenizer, fmt
         self.config, self.tools, self.rewards = config, tuple(tools), rewards
+        self.prompt_style = prompt_style
         self.multi_call = is_multi_call(fmt)
 
     # ---- public ----------------------------------------------------------------------------
@@ -134,11 +138,10 @@ class AgentLoop:
     def _request(self, example, index: int, sample: int, seed: int) -> _Request:
         meta = dict(tokenizer=self.tokenizer, prompt_id=example.id, group_id=index,
                     sample_index=sample, gold=example.gold, task=example.task)
+        prompt = encode_prompt(self.tokenizer, example, self.tools, self.prompt_style)
         if self.multi_call:
-            prompt = encode_prompt(self.tokenizer, example, self.tools)
             builder = TrajectoryBuilder(prompt, fmt=self.fmt.tag_format(), **meta)
         else:
-            prompt = encode_chat(self.tokenizer, to_messages(example, self.tools))
             builder = TrajectoryBuilder(prompt, **meta)
         return _Request(builder, prompt, request_seed(seed, index, sample))
 

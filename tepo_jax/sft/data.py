@@ -1,10 +1,12 @@
 """SFT warm-start data: tool-use trajectories for the synthetic tasks, with real tool results.
 
-Each example's reference solution (`tepo_jax.data.synthetic.reference_solution`) is played
-through the real tool bridge, so the results the model sees in SFT are byte for byte what the
-same calls return during RL. A share of the examples (`redundant_rate`) gets one extra call
-that adds nothing: a repeated python call for arithmetic, a search for the whole question for
-multi-hop. That gives RL behaviour to improve (TEPO-sparse rewards fewer, better calls).
+Each example's script is played through the real tool bridge, so the results the model sees
+in SFT are byte for byte what the same calls return during RL. The script is the
+demonstrator's (`demonstration`): with its family's tool rate (`sft.tool_rate`) a solution
+that calls the tool, else the direct answer (`tepo_jax.data.synthetic`); a share of the tool
+solutions (`redundant_rate`) repeats its first call right after the result ("Let me
+double-check that."), which adds nothing. That gives RL behaviour to improve: answers the
+model cannot give without a tool, and calls TEPO-sparse can cut.
 
 The model turns are tokenised once here (they are targets, not sampled), the results are the
 wrapped result text encoded exactly as the rollout encodes it, and the trajectories come out
@@ -24,10 +26,11 @@ from __future__ import annotations
 import json
 import random
 import re
-from typing import Callable, Sequence
+from types import MappingProxyType
+from typing import Callable, Mapping, Sequence
 
 from tepo_jax.data.prompts import to_messages
-from tepo_jax.data.synthetic import reference_solution
+from tepo_jax.data.synthetic import direct_solution, family_of, reference_solution, tool_solution
 from tepo_jax.rollout.agent import call_block_record, encode_prompt, is_multi_call
 from tepo_jax.rollout.builder import TrajectoryBuilder
 from tepo_jax.rollout.trajectory import Trajectory
@@ -37,38 +40,55 @@ from tepo_jax.tools import ToolBridge, ToolCall, ToolFormat, ToolResult, ToolSta
 _CALL_RE = re.compile(r"<(python|search)>(.*)</\1>\s*$", re.DOTALL)
 
 
-def with_redundant_call(turns: list[dict], question: str, rng: random.Random) -> list[dict]:
-    """Insert one useless call before the answer (math) or before the first search (qa)."""
-    first = turns[0]
-    tool = _CALL_RE.search(first["text"]).group(1)
-    if tool == "python":  # repeat the computation: the second result adds nothing
-        code = _CALL_RE.search(first["text"]).group(2)
-        extra = {"role": "model", "text": f"Let me double-check that.\n<python>{code}</python>"}
-        return turns[:2] + [extra, {"role": "tool", "tool": "python"}] + turns[2:]
-    extra = {"role": "model", "text": f"Let me search for the whole question first.\n<search>{question}</search>"}
-    return [extra, {"role": "tool", "tool": "search"}] + turns
+def with_redundant_call(turns: list[dict]) -> list[dict]:
+    """Repeat the first call right after its result: the second result adds nothing."""
+    call = _CALL_RE.search(turns[0]["text"])
+    extra = {"role": "model", "text": f"Let me double-check that.\n<{call.group(1)}>{call.group(2)}</{call.group(1)}>"}
+    return turns[:2] + [extra, {"role": "tool", "tool": call.group(1)}] + turns[2:]
 
 
-def scripts_for(examples: Sequence, redundant_rate: float, seed: int) -> list[list[dict]]:
+def tool_rate_of(example, tool_rates: Mapping[str, float]) -> float:
+    """How often the demonstrator uses a tool on `example`: its family's `tool_rates` entry;
+    for a family not listed (or a non-synthetic example), 1 when its ideal solution calls a
+    tool, else 0."""
+    family = family_of(example)
+    if family in tool_rates:
+        return float(tool_rates[family])
+    return 1.0 if len(reference_solution(example)) > 1 else 0.0
+
+
+def demonstration(example, rng: random.Random, tool_rates: Mapping[str, float],
+                  redundant_rate: float) -> list[dict]:
+    """The demonstrator's script for one example: with its family's tool rate a solution that
+    calls the tool (plus, at `redundant_rate`, one useless extra call), else the direct answer."""
+    if rng.random() >= tool_rate_of(example, tool_rates):
+        return direct_solution(example)
+    turns = reference_solution(example)
+    if len(turns) == 1:  # the ideal answer is direct (a sum): the tool call is itself redundant
+        turns = tool_solution(example)
+    if rng.random() < redundant_rate:
+        turns = with_redundant_call(turns)
+    return turns
+
+
+def scripts_for(examples: Sequence, redundant_rate: float, seed: int,
+                tool_rates: Mapping[str, float] = MappingProxyType({})) -> list[list[dict]]:
     rng = random.Random(f"sft-{seed}")
-    scripts = []
-    for ex in examples:
-        turns = reference_solution(ex)
-        if rng.random() < redundant_rate:
-            turns = with_redundant_call(turns, ex.question, rng)
-        scripts.append(turns)
-    return scripts
+    return [demonstration(ex, rng, tool_rates, redundant_rate) for ex in examples]
 
 
 def build_sft_trajectories(examples: Sequence, tokenizer, bridge: ToolBridge, *,
                            tools: Sequence[str] = ("python", "search"), fmt: ToolFormat = ToolFormat(),
-                           redundant_rate: float = 0.3, seed: int = 0) -> list[Trajectory]:
-    """Play every example's script, running the calls of all examples round by round."""
+                           redundant_rate: float = 0.3, seed: int = 0,
+                           tool_rates: Mapping[str, float] = MappingProxyType({}),
+                           prompt_style: str = "full") -> list[Trajectory]:
+    """Play every example's script (`demonstration`), running the calls of all examples round
+    by round."""
     if is_multi_call(fmt):
         return build_fc_sft_trajectories(examples, tokenizer, bridge, fmt=fmt,
                                          redundant_rate=redundant_rate, seed=seed)
-    scripts = scripts_for(examples, redundant_rate, seed)
-    builders = [TrajectoryBuilder(encode_chat(tokenizer, to_messages(ex, tools)), tokenizer=tokenizer,
+    scripts = scripts_for(examples, redundant_rate, seed, tool_rates)
+    builders = [TrajectoryBuilder(encode_chat(tokenizer, to_messages(ex, tools, prompt_style)), tokenizer=tokenizer,
                                   prompt_id=ex.id, group_id=i, sample_index=0, gold=_gold(ex),
                                   task=ex.task)
                 for i, ex in enumerate(examples)]

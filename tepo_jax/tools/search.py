@@ -42,6 +42,7 @@ def _import_bm25s():
             del sys.modules["jax.lax"]
         else:
             sys.modules["jax.lax"] = saved
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its logger to DEBUG on import
     return bm25s
 
 
