@@ -3,7 +3,7 @@
 Command:  python -m tepo_jax.demo            (SFT once, then grpo, tepo_sparse and tepo_dense)
           python -m tepo_jax.train --config=configs/demo_cpu.py --config.algo.advantage=tepo_dense
 Hardware: any CPU (2 cores are enough).
-Runtime:  `make demo`: about 13 minutes on 2 cores (SFT ~6 min, then ~2 min per RL run);
+Runtime:  `make demo`: 9-11 minutes on 2 cores after install (SFT ~5 min, then ~1.5-2 min per RL run);
           docs/demo.md has the measured table and the design.
 
 The tasks (tepo_jax/data/synthetic.py, docs/demo.md): products that need python, small
