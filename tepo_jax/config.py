@@ -5,7 +5,7 @@ A config file's `get_config()` returns `defaults()` with some fields changed and
 or an inconsistent combination is a one-line `ConfigError` naming the field.
 
 Defaults marked "paper" follow TEPO (arXiv 2602.02050); "ours" are our choices where the
-paper is silent (see shared DESIGN.md).
+paper is silent (docs/design.md).
 """
 from __future__ import annotations
 
@@ -95,8 +95,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.algo.advantage = "tepo_sparse"  # grpo | tepo_sparse | tepo_dense
     c.algo.alpha = 0.5                # dense bonus weight α (paper: a hyper-parameter; 0.5 ours)
     c.algo.no_call_scale = 1.0        # sparse reward for n = 0 calls: F1·c (ours)
-    c.algo.adv_eps = 1e-6             # (ours, tunix's)
-    c.algo.adv_std = "population"     # population (ddof 0, tunix) | sample (ddof 1, TRL/verl) (ours)
+    c.algo.adv_eps = 1e-6             # (ours; tunix and TRL use 1e-6 / 1e-4)
+    c.algo.adv_std = "population"     # population (ddof 0; ours) | sample (ddof 1, as tunix and TRL)
     c.algo.adv_scale_by_std = True    # GRPO's (v − mean)/std; False: mean-only (Dr. GRPO)
     # Ours, not a field: a call written but not run (past rollout.max_calls or the budget) is
     # UNRUN_CALL: it carries loss and the final segment's advantage but never enters H(r_n).

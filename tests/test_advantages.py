@@ -1,5 +1,5 @@
 """Advantages (grpo, tepo_sparse, tepo_dense) against an independent loop-based reference
-written from DESIGN.md's formulas, plus the per-step TEPO metrics."""
+written from docs/design.md's formulas, plus the per-step TEPO metrics."""
 import math
 
 import numpy as np

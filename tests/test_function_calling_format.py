@@ -377,7 +377,7 @@ def _llama_builder(llama):
 @pytest.mark.parametrize("prefix", ["", "<|python_tag|>"])
 def test_llama_call_turn_has_reasoning_then_call_k(llama, prefix):
     """Llama-3.1 writes calls as bare JSON: call_k starts at the first `{` line (or at
-    <|python_tag|>) and runs to <|eot_id|>; the text before it is r_k, as DESIGN.md needs."""
+    <|python_tag|>) and runs to <|eot_id|>; the text before it is r_k, as docs/design.md needs."""
     fmt = JsonCallFormat(LLAMA31)
     reasoning = "I will look it up.\n"
     call = prefix + fmt.render_call("get_weather", {"city": "Paris"})

@@ -20,7 +20,7 @@ TINY = ModelConfig(family="qwen2", vocab_size=64, hidden_size=16, intermediate_s
 
 # ----------------------------------------------------------------------------- numpy reference
 def numpy_loss(logp, entropy, b: TrainBatch, eps_low, eps_high, beta):
-    """The DESIGN.md loss, straight from the formulas, float64."""
+    """The docs/design.md loss, straight from the formulas, float64."""
     f = lambda x: np.asarray(x, np.float64)  # noqa: E731
     logp, old, ref, adv, w = f(logp), f(b.old_logprobs), f(b.ref_logprobs), f(b.advantages), f(b.token_weights)
     seg = np.asarray(b.segment_ids)

@@ -1,4 +1,4 @@
-"""Per-token advantages for one GRPO group: grpo, tepo_sparse, tepo_dense (DESIGN.md, TEPO).
+"""Per-token advantages for one GRPO group: grpo, tepo_sparse, tepo_dense (docs/design.md, TEPO).
 
 Every function has the signature
     fn(group: Sequence[Trajectory], scores: Sequence[float], config) -> GroupAdvantages
@@ -28,22 +28,23 @@ class AdvantageKind(enum.Enum):
 
 
 class StdKind(enum.Enum):
-    POPULATION = "population"   # ddof=0, as in tunix's algo_core (jnp.std)
-    SAMPLE = "sample"           # ddof=1, as torch.std in TRL / verl
+    POPULATION = "population"   # ddof=0 (ours: defined for a group of one)
+    SAMPLE = "sample"           # ddof=1, as tunix's algo_core and torch.std in TRL / verl
 
 
 @dataclasses.dataclass(frozen=True)
 class AdvantageConfig:
     """Advantage choices. Paper's (arXiv 2602.02050): the reward forms R_i = F1·m/n and
     R_{i,k} = F1·(1 + α·I_k), I_k = 1[ΔH_k < 0], and GRPO group normalisation.
-    Ours (DESIGN.md): I_k = 0 when a segment is empty; no_call_scale c = 1.0 for n = 0;
+    Ours (docs/design.md): I_k = 0 when a segment is empty; no_call_scale c = 1.0 for n = 0;
     dense tool-level advantages normalised over all calls of the group; the final segment gets
     the outcome advantage; a call the rollout did not run (UNRUN_CALL) is not in H(r_n) and
     gets the final segment's advantage. Also ours: alpha = 0.5 (the paper makes α a
     hyper-parameter; its value was not verified offline; config.algo.alpha has the same
-    default), eps = 1e-6 and population std (tunix's choices; population std is
-    defined for a single-element group, sample std is not — with SAMPLE a group of one gets
-    std 0). scale_by_std=False gives the mean-only baseline (Dr. GRPO style).
+    default), eps = 1e-6 and population std (ours; tunix and TRL use the sample std, ddof 1,
+    available as StdKind.SAMPLE; population std is defined for a single-element group,
+    sample std is not — with SAMPLE a group of one gets std 0). scale_by_std=False gives the
+    mean-only baseline (Dr. GRPO style).
     """
     kind: AdvantageKind = AdvantageKind.GRPO
     alpha: float = 0.5

@@ -1,5 +1,5 @@
 """The policy loss: token-level clipped policy gradient, token mean over all model tokens of the
-batch, optional ResT token weights, optional k3 KL to a frozen reference (DESIGN.md, "Loss").
+batch, optional ResT token weights, optional k3 KL to a frozen reference (docs/design.md, "Loss").
 
 Per model token t (m_t = 1), with logp the current policy's logprob, A the advantage and
 w the ResT weight:
@@ -31,10 +31,11 @@ from tepo_jax.seqlogprob import prediction_mask
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss hyper-parameters. Aggregation is fixed: token mean over all model tokens (DESIGN.md).
+    """Loss hyper-parameters. Aggregation is fixed: token mean over all model tokens (docs/design.md).
 
     eps_low / eps_high: the ratio clip range [1 − eps_low, 1 + eps_high]. Default 0.2 / 0.2
-      (PPO's symmetric clip; DESIGN.md gives no value). DAPO's clip-higher is eps_high=0.28.
+      (PPO's symmetric clip). DAPO's clip-higher, eps_high=0.28, is the config default
+      (tepo_jax/config.py, docs/design.md).
     kl_coef: β of the k3 KL to the reference model; 0 disables it (ref_logprobs are then not
       read and the `kl` metric is 0).
     seq_chunk: sequence positions per chunk of the logprob computation (memory B·seq_chunk·V);

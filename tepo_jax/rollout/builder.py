@@ -8,7 +8,7 @@ find the call and to label tokens), never re-encoded. Each token's character spa
 text comes from decoding growing prefixes of the turn, so labels follow the real token
 boundaries. A tool result is given as the ids the rollout inserted (the encoded wrapped result).
 
-Turn indices follow DESIGN.md: r_j (reasoning/answer of model turn j) has turn j; the call
+Turn indices follow docs/design.md: r_j (reasoning/answer of model turn j) has turn j; the call
 that ends model turn j is call_{j+1}, its tokens and its result obs_{j+1} have turn j+1.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 the sampler's logprob/entropy. It is the single source for rewards, advantages, loss masks and
 the entropy traces notebooks read (JSONL schema: docs/trajectory_schema.md).
 
-Turn layout (DESIGN.md, TEPO section): `r_0, call_1, obs_1, r_1, …, call_n, obs_n, r_n`.
+Turn layout (docs/design.md, TEPO section): `r_0, call_1, obs_1, r_1, …, call_n, obs_n, r_n`.
   prompt tokens            -> turn 0
   r_k (REASONING/ANSWER)   -> turn k      (answer tokens live in the final segment r_n)
   call_k (TOOL_CALL)       -> turn k      (k-th call, 1-based, tags included)
@@ -12,7 +12,7 @@ So turns never decrease along the sequence, and inside a turn k >= 1 the order i
 call_k, obs_k, r_k.
 
 UNRUN_CALL (ours): a call the model wrote but the rollout did not run (past rollout.max_calls,
-out of token budget, or cut mid-call by the turn budget). DESIGN.md ends r_k at the opening tag
+out of token budget, or cut mid-call by the turn budget). docs/design.md ends r_k at the opening tag
 of the next call, so these tokens are not part of r_n: they are model tokens (loss, the
 outcome / final-segment advantage, ResT roles) but never enter a segment entropy H(r_k).
 Counting them in H(r_n) would let the (usually low-entropy) call text pull H(r_n) down and
