@@ -28,7 +28,7 @@ sysdeps:
 demo: install sysdeps
 	$(PY) -m tepo_jax.demo
 
-# The demo's comparison over 3 seeds (about 10-13 minutes per seed on 2 cores).
+# The demo's comparison over 3 seeds (about 9-13 minutes per seed on 2 cores).
 study: install sysdeps
 	$(PY) -m tepo_jax.study --seeds 3
 

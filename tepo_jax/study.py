@@ -11,7 +11,7 @@ per-seed values, and how many seeds beat SFT only beyond their own question-boot
 interval. Writes the table to <workdir>/results.md. A seed whose demo already finished is
 read back, not rerun.
 
-Runtime: about 10-13 minutes per seed on 2 CPU cores (the demo's), so 35-40 minutes for
+Runtime: about 9-13 minutes per seed on 2 CPU cores (the demo's), so 35-40 minutes for
 `--seeds 3` (39 min measured, cold compilation cache, docs/demo.md).
 """
 from __future__ import annotations
