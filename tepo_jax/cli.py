@@ -108,7 +108,7 @@ def _size_model(args) -> int:
 def _size_config(args) -> int:
     """Each phase the config runs, sized with its own model, mesh and workload."""
     import jax.numpy as jnp
-    from tepo_jax import experiment, sizing
+    from tepo_jax import policy, sizing
     from tepo_jax.config import validate
     from tepo_jax.models.presets import preset
     from tepo_jax.sharding import MeshConfig
@@ -118,14 +118,14 @@ def _size_config(args) -> int:
         m = config.model
         cfg = preset(args.model, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
     else:
-        cfg = experiment.target_model_config(config)
+        cfg = policy.target_model_config(config)
     m = config.mesh
     devices, mesh = _devices_and_mesh(args, args.mesh or MeshConfig(m.data, m.fsdp, m.tensor))
     print(f"{args.config}: {cfg.num_params / 1e9:.2f}B params, mesh {dict(mesh.shape)} over {devices} devices")
     if config.model.tiny and not args.model:
-        print(f"note: tiny model sized with a vocabulary of {experiment.TINY_VOCAB_BOUND} (an upper bound)")
+        print(f"note: tiny model sized with a vocabulary of {policy.TINY_VOCAB_BOUND} (an upper bound)")
     failed = 0
-    for phase, workload in experiment.workloads(config).items():
+    for phase, workload in policy.config_workloads(config).items():
         print(f"-- {phase}: batch {workload.batch} x {workload.seq_len} tokens, {workload.slots} sampler slots")
         try:
             print(sizing.check_fits(cfg, mesh, workload, args.device_memory, args.headroom,

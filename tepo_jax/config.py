@@ -14,18 +14,17 @@ from typing import Any
 
 import ml_collections
 
+from tepo_jax.errors import ConfigError
+
 ADVANTAGES = ("grpo", "tepo_sparse", "tepo_dense")
 MODES = ("sft", "rl", "sft_then_rl")
+SFT, RL = "sft", "rl"                     # the phases a mode runs
 TASKS = ("synthetic", "math", "qa", "function_calling")
 _ROLES = ("reasoning", "format", "tool_name", "tool_args", "answer_content")   # ResT roles
 # The tool each synthetic family calls (tepo_jax/data/synthetic.py FAMILIES; a test keeps
 # the two in step without importing the data modules here).
 _FAMILY_TOOLS = {"product": "python", "small_product": "python", "lookup": "search",
                  "in_context": "search", "big_arithmetic": "python", "multihop": "search"}
-
-
-class ConfigError(ValueError):
-    """An invalid experiment config; the message names the field."""
 
 
 def defaults() -> ml_collections.ConfigDict:

@@ -30,7 +30,7 @@ from typing import Optional
 from tepo_jax.analysis import compare, pilot
 from tepo_jax.analysis.plots import plot_dh_by_class, plot_training_curves
 from tepo_jax.data import jsonl, synthetic
-from tepo_jax.experiment import synthetic_data_dir
+from tepo_jax.data.loading import synthetic_data_dir
 from tepo_jax.rollout.trajectory import read_jsonl
 from tepo_jax.train import train
 

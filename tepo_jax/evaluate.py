@@ -22,12 +22,12 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from tepo_jax import experiment
+from tepo_jax import experiment, policy
 from tepo_jax.checkpoints.hf import load_hf
 from tepo_jax.checkpoints.train_state import RunCheckpointer, abstract_like
 from tepo_jax.config import ConfigError, validate
 from tepo_jax.rl import loop as rl_loop
-from tepo_jax.rl.optim import build_optimizer
+from tepo_jax.rl.optim import OptimConfig, build_optimizer
 from tepo_jax.rl.train_step import create_train_state
 from tepo_jax.rollout import trajectory as traj_lib
 from tepo_jax.tokenizer import load_tokenizer
@@ -77,8 +77,8 @@ def load_policy(config, checkpoint: str, mesh, tokenizer):
         model = load_hf(str(path), mesh=mesh)
         check_vocab(model.cfg.vocab_size, tokenizer, path)
         return model
-    model = experiment.build_model(config, mesh, tokenizer)
-    optimizer = build_optimizer(experiment.optim_config(config, experiment.RL))
+    model = policy.build_model(config, mesh, tokenizer)
+    optimizer = build_optimizer(OptimConfig.for_rl(config))
     model_def, state, _ = create_train_state(model, optimizer, mesh)
     restored = RunCheckpointer(str(path), keep=config.train.keep_checkpoints).restore_latest(abstract_like(state))
     if restored is None:

@@ -296,3 +296,4 @@ def resolve_device_memory(explicit=None, device_kind: Optional[str] = None) -> i
         raise ValueError(f"cannot tell the memory of a {device.device_kind!r} device; pass it "
                          "explicitly (--device-memory 95GB) or name a device kind")
     return found
+

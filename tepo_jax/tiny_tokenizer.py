@@ -8,7 +8,7 @@ tokenizer_config.json with a ChatML chat template), loaded like any other throug
 digit by digit; the tool tags are single tokens so the tiny model learns the format quickly.
 
 `build_tiny_fc_tokenizer` is the function-calling variant: the same BPE, but its chat template
-is the real Qwen2.5-Instruct template (`tepo_jax.testing.chat_templates`), which writes the
+is the real Qwen2.5-Instruct template (`tepo_jax.chat_templates`), which writes the
 tool schemas into the system message and renders assistant tool calls and tool responses the
 Qwen2.5 way, and `<tool_call>`, `</tool_call>` (and the response/schema tags) are single added
 tokens. Its BPE merges across word boundaries (no pre-tokenizer regex; digits still one per
@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from tepo_jax.chat_templates import QWEN25_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TAG_TOKENS = ["<python>", "</python>", "<search>", "</search>", "<result>", "</result>",
@@ -56,8 +58,6 @@ def build_tiny_fc_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_siz
     """The function-calling variant: Qwen2.5's chat template (tools in the system message,
     `<tool_call>` calls, `<tool_response>` results), the call tags and `entities` as single
     tokens, merges across words."""
-    from tepo_jax.testing.chat_templates import QWEN25_CHAT_TEMPLATE
-
     added = FC_TAG_TOKENS + sorted(set(entities) - set(FC_TAG_TOKENS))
     return _build(texts, out_dir, vocab_size, added, QWEN25_CHAT_TEMPLATE, "function_calling",
                   word_split=False)

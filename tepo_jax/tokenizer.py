@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+from tepo_jax.builtin_tokenizers import cached_tokenizer_dir
+from tepo_jax.tiny_tokenizer import build_tiny_fc_tokenizer, build_tiny_tokenizer
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 # tokenizer_config.json classes that mean "exactly what tokenizer.json says".
@@ -38,6 +41,31 @@ def load_tokenizer(path: str | Path, **kwargs: Any):
     except Exception as e:  # transformers raises many types; collapse to one readable line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TokenizerLoadError(f"cannot load tokenizer from {str(p)!r}: {first}") from e
+
+
+# The demo tokenizer's numbers below this are one token each (Llama 3 cuts digit runs into
+# chunks of up to three digits): a 2-layer model copies a number as one token, which it learns
+# in a few hundred SFT steps; digit by digit it had not learned to copy after 800.
+TINY_NUMBER_TOKENS = 1000
+BUILTIN_TOKENIZERS = {"qwen2.5": "qwen2.5", "llama3": "llama3.1"}   # config.tokenizer.builtin
+
+
+def tokenizer_from_config(config, training_texts: Callable[[], Sequence[str]], *,
+                          function_calling: bool = False, entities: Sequence[str] = ()):
+    """The run's tokenizer: `config.tokenizer.path`; for the tiny model a BPE trained once on
+    `training_texts()` into the workdir (function calling: Qwen2.5's template, `entities` as
+    single tokens); else the built-in Qwen2.5 / Llama-3.1 tokenizer, built offline."""
+    if config.tokenizer.path:
+        return load_tokenizer(config.tokenizer.path)
+    if not config.model.tiny:
+        return load_tokenizer(cached_tokenizer_dir(BUILTIN_TOKENIZERS[config.tokenizer.builtin]))
+    out = Path(config.workdir) / ("tokenizer_fc" if function_calling else "tokenizer")
+    if not (out / "tokenizer.json").exists():
+        if function_calling:
+            build_tiny_fc_tokenizer(training_texts(), out, entities=entities)
+        else:
+            build_tiny_tokenizer(training_texts(), out, word_split=False, number_tokens=TINY_NUMBER_TOKENS)
+    return load_tokenizer(out)
 
 
 def _config_class(path: Path) -> str | None:

@@ -37,17 +37,18 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from tepo_jax import experiment, hostmem, multihost
+from tepo_jax import experiment, hostmem, multihost, policy
 from tepo_jax.checkpoints.hf import CheckpointError, load_hf, save_hf
 from tepo_jax.checkpoints.safetensors_io import SafetensorsFormatError
 from tepo_jax.checkpoints.train_state import PreemptionFlag, RunCheckpointer, abstract_like
-from tepo_jax.config import ConfigError, unknown_field, validate
+from tepo_jax.config import RL, SFT, ConfigError, unknown_field, validate
 from tepo_jax.data.jsonl import JsonlError
 from tepo_jax.data.pipeline import DataSourceError, make_dataset
 from tepo_jax.models.config import UnsupportedConfigError
 from tepo_jax.rl import loop as rl_loop
 from tepo_jax.rl.batch import power_of_two_buckets
-from tepo_jax.rl.optim import build_optimizer, build_schedule
+from tepo_jax.rl.loss import LossConfig
+from tepo_jax.rl.optim import OptimConfig, build_optimizer, build_schedule
 from tepo_jax.rl.train_step import create_train_state, make_compute_logprobs, make_train_step, split_model
 from tepo_jax.rollout.agent import AgentLoop
 from tepo_jax.runlog import RunLog
@@ -60,7 +61,6 @@ from tepo_jax.tokenizer import TokenizerLoadError
 from tepo_jax.tools import SandboxUnavailable
 
 log = logging.getLogger("tepo_jax.train")
-SFT, RL = experiment.SFT, experiment.RL
 # Errors about the user's inputs (config, files, hardware): one line, no traceback.
 USER_ERRORS = (ConfigError, CheckpointError, SafetensorsFormatError, UnsupportedConfigError, TokenizerLoadError,
                JsonlError, DataSourceError, MemoryBudgetError, SandboxUnavailable)
@@ -111,9 +111,9 @@ class Run:
         self.ckpt = self._open(RunCheckpointer(str(self.exp.workdir / "checkpoints"), keep=c.train.keep_checkpoints),
                                "close")
         self.preempt = self._open(PreemptionFlag().install(), "uninstall")
-        self.model = experiment.build_model(c, self.mesh, self.exp.tokenizer)
+        self.model = policy.build_model(c, self.mesh, self.exp.tokenizer)
         self.batch_sharding = batch_sharding(self.mesh)
-        self.loss_cfg = experiment.loss_config(c)
+        self.loss_cfg = LossConfig.from_config(c)
 
     def _open(self, part, release: str):
         self._opened.append(getattr(part, release))
@@ -134,9 +134,9 @@ class Run:
 
     def check_memory(self) -> None:
         """Refuse (MemoryBudgetError), before the model is allocated, a config that cannot fit."""
-        model_cfg = experiment.target_model_config(self.config, len(self.exp.tokenizer))
+        model_cfg = policy.target_model_config(self.config, len(self.exp.tokenizer))
         try:
-            estimates = experiment.check_memory(self.config, model_cfg, self.mesh)
+            estimates = policy.check_config_fits(self.config, model_cfg, self.mesh)
         except MemoryBudgetError:
             raise
         except ValueError as e:  # the device's memory is unknown: nothing to compare with
@@ -154,7 +154,7 @@ class Run:
 
     # ---- state and checkpoints ----------------------------------------------------------------
     def new_state(self, phase: str, params=None):
-        optimizer = build_optimizer(experiment.optim_config(self.config, phase))
+        optimizer = build_optimizer(OptimConfig.for_sft(self.config) if phase == SFT else OptimConfig.for_rl(self.config))
         model_def, state, shardings = create_train_state(self.model, optimizer, self.mesh, seed=self.config.seed)
         if params is not None:
             state = state.replace(params=jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings.params))
@@ -244,7 +244,7 @@ class Run:
         rows = c.data.prompts_per_step * c.rollout.group_size
         step_fn = make_train_step(model_def, optimizer, self.loss_cfg, self.mesh, shardings, self.batch_sharding,
                                   micro_batches=c.train.micro_batches,
-                                  schedule=build_schedule(experiment.optim_config(c, RL)))
+                                  schedule=build_schedule(OptimConfig.for_rl(c)))
         logprob_fn = make_compute_logprobs(model_def, self.loss_cfg, self.mesh, shardings.params, self.batch_sharding)
         ref_params = self.reference_params(model_def) if c.loss.kl_coef > 0 else None
         agent = self.agent(rows)

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import pytest
 
-from tepo_jax import cli, experiment, multihost, sizing
+from tepo_jax import cli, experiment, multihost, policy, sizing
 from tepo_jax.config import ConfigError, defaults, validate
 from tepo_jax.models.config import to_hf_config
 from tepo_jax.models.presets import preset
@@ -117,7 +117,7 @@ def _stand_in_checkpoint(model: str, path):
 
 def with_stand_in_files(config, size_args, tmp_path):
     """`config` with every /path/to/ placeholder replaced by a small file of the same kind."""
-    from tepo_jax.testing.tokenizers import cached_tokenizer_dir
+    from tepo_jax.builtin_tokenizers import cached_tokenizer_dir
     config = ml_collections.ConfigDict(config.to_dict())
     config.workdir = str(tmp_path / "run")
     model = size_args.model if size_args else None
@@ -153,11 +153,11 @@ def test_shipped_configs_pass_preflight(path, tmp_path):
     exp = experiment.setup(config)
     try:
         assert exp.train_examples and set(exp.tools) == set(exp.bridge.tools)  # every enabled tool was built
-        model_cfg = experiment.target_model_config(config, len(exp.tokenizer))
+        model_cfg = policy.target_model_config(config, len(exp.tokenizer))
         devices = size_args.devices if size_args else jax.device_count()
         mesh = sizing.abstract_mesh(MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor), devices)
-        estimates = experiment.check_memory(config, model_cfg, mesh, device_kind=size_args and size_args.device_kind)
-        assert set(estimates) == set(experiment.workloads(config))
+        estimates = policy.check_config_fits(config, model_cfg, mesh, device_kind=size_args and size_args.device_kind)
+        assert set(estimates) == set(policy.config_workloads(config))
     finally:
         exp.close()
 

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from tepo_jax.rollout.builder import TrajectoryBuilder, token_char_spans
-from tepo_jax.rollout.trajectory import TokenKind, TokenRole, roles_from_char_spans
-from tepo_jax.testing import tokenizers as tt
+from tepo_jax.rollout.trajectory import TokenKind, TokenRole
+from tepo_jax.tools.markup import roles_from_char_spans
+from tepo_jax import builtin_tokenizers as tt
 from tepo_jax.tokenizer import encode_chat, load_tokenizer, render_chat
-from tepo_jax.tools.base import AnswerTurn, ParseError, ToolCall
-from tepo_jax.tools.json_format import (LLAMA31, MULTI_CALL_TOOL, QWEN25, JsonCallFormat,
+from tepo_jax.tools.base import ParseError, ToolCall
+from tepo_jax.tools.json_format import (LLAMA31, QWEN25, JsonCallFormat,
                                         calls_as_dicts, dialect_from_chat_template)
 
 TOOLS = [{"type": "function", "function": {
@@ -169,17 +170,17 @@ FMT = JsonCallFormat(QWEN25, functions=("get_weather", "convert_currency"))
 
 def test_parse_single_multi_and_answer():
     one = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'
-    assert FMT.parse(one) == ToolCall("get_weather", '{"city": "Oslo"}')
+    assert FMT.parse_calls(one) == [ToolCall("get_weather", '{"city": "Oslo"}')]
     two = "I'll check both.\n" + one.replace("<|im_end|>", "\n") + \
         '<tool_call>\n{"name": "convert_currency", "arguments": {"amount": 5, ' \
         '"from_currency": "USD", "to_currency": "EUR"}}\n</tool_call><|im_end|>'
     calls = FMT.parse_calls(two)
     assert [c.tool for c in calls] == ["get_weather", "convert_currency"]
-    multi = FMT.parse(two)
-    assert multi.tool == MULTI_CALL_TOOL
-    assert [c["name"] for c in json.loads(multi.argument)] == ["get_weather", "convert_currency"]
-    assert FMT.parse("It is 12 degrees in Oslo.<|im_end|>") == AnswerTurn("It is 12 degrees in Oslo.")
-    assert FMT.parse("<|im_end|>") is None
+    # The record of the turn (one call_k): names joined, arguments the JSON list of calls.
+    assert [c["name"] for c in json.loads(FMT.call_arguments(calls))] == ["get_weather", "convert_currency"]
+    answer = "It is 12 degrees in Oslo.<|im_end|>"
+    assert FMT.parse_calls(answer) == [] and FMT.is_answer(answer, ended=True)
+    assert not FMT.is_answer("It is 12 degr", ended=False)   # cut by the token budget
     assert FMT.stop_strings == ("<|im_end|>",)
 
 
@@ -201,7 +202,7 @@ def test_toolrl_block_with_one_call_per_line_and_parameters_key():
     ("", "empty tool call"),
 ])
 def test_malformed_calls_are_parse_errors_the_model_can_act_on(body, needle):
-    result = FMT.parse(f"<tool_call>\n{body}\n</tool_call><|im_end|>")
+    [result] = FMT.parse_calls(f"<tool_call>\n{body}\n</tool_call><|im_end|>")
     assert isinstance(result, ParseError)
     assert needle in result.message
     assert "<tool_call>" in result.message or "available functions" in result.message
@@ -223,15 +224,15 @@ def test_good_and_bad_calls_in_one_turn_keep_their_order():
             '<tool_call>{"name": "get_weather", "arguments": {"city": "B"}}</tool_call>')
     calls = FMT.parse_calls(text)
     assert [type(c) for c in calls] == [ToolCall, ParseError, ToolCall]
-    assert isinstance(FMT.parse(text), ParseError)
 
 
 def test_llama_bare_json_calls_and_answers():
     fmt = JsonCallFormat(LLAMA31)
-    assert fmt.parse('<|python_tag|>{"name": "f", "parameters": {"x": 1}}<|eom_id|>') == \
-        ToolCall("f", '{"x": 1}')
-    assert fmt.parse("The answer is 4.<|eot_id|>") == AnswerTurn("The answer is 4.")
-    assert isinstance(fmt.parse('{"name": "f", "parameters": {"x": }<|eot_id|>'), ParseError)
+    assert fmt.parse_calls('<|python_tag|>{"name": "f", "parameters": {"x": 1}}<|eom_id|>') == \
+        [ToolCall("f", '{"x": 1}')]
+    assert fmt.parse_calls("The answer is 4.<|eot_id|>") == []
+    [bad] = fmt.parse_calls('{"name": "f", "parameters": {"x": }<|eot_id|>')
+    assert isinstance(bad, ParseError)
     assert fmt.stop_strings == ("<|eot_id|>",)
     assert fmt.wrap_result('say "hi"') == LLAMA31.result_prefix + '"say \\"hi\\""' + \
         LLAMA31.result_suffix
@@ -257,7 +258,7 @@ def test_rest_roles_over_json_calls_cover_every_model_token_once(qwen):
     assert spans[0][0] == 0 and spans[-1][1] == len(text)
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     kinds = np.full(len(ids), TokenKind.TOOL_CALL, dtype=np.int8)
-    roles = roles_from_char_spans(spans, text, kinds, fmt.tag_format())
+    roles = roles_from_char_spans(spans, text, kinds, fmt.markup())
     assert roles.shape == (len(ids),)
     assert set(roles.tolist()) <= {TokenRole.REASONING, TokenRole.FORMAT, TokenRole.TOOL_NAME,
                                    TokenRole.TOOL_ARGS}           # one role per model token
@@ -284,7 +285,7 @@ def test_rest_roles_over_json_calls_cover_every_model_token_once(qwen):
 def test_builder_records_a_multi_call_turn_as_one_call_block(qwen):
     fmt = JsonCallFormat(QWEN25)
     prompt = encode_chat(qwen, MSGS, TOOLS)
-    b = TrajectoryBuilder(prompt, tokenizer=qwen, fmt=fmt.tag_format(), prompt_id="p",
+    b = TrajectoryBuilder(prompt, tokenizer=qwen, markup=fmt.markup(), prompt_id="p",
                           group_id=0, sample_index=0, gold="[]", task="function_calling")
     turn = "Checking.\n" + fmt.render_call("get_weather", {"city": "Oslo"}) + "\n" + \
         fmt.render_call("get_weather", {"city": "Rome"}) + "<|im_end|>"
@@ -342,7 +343,7 @@ def test_rest_roles_toolrl_block_with_several_json_objects(qwen):
     text, spans = token_char_spans(qwen, ids)
     assert text == turn
     kinds = np.full(len(ids), TokenKind.TOOL_CALL, dtype=np.int8)
-    roles = roles_from_char_spans(spans, text, kinds, JsonCallFormat(QWEN25).tag_format())
+    roles = roles_from_char_spans(spans, text, kinds, JsonCallFormat(QWEN25).markup())
     want = _expected_token_roles(text, spans, ["get_weather", "convert_currency"], [f_args, g_args])
     np.testing.assert_array_equal(roles, want)
     # Every model token is in exactly one role run, the runs tile the text in call order.
@@ -358,7 +359,7 @@ def test_rest_roles_of_a_cut_json_call_run_to_the_end(qwen):
     turn = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os'
     ids = qwen.encode(turn, add_special_tokens=False)
     text, spans = token_char_spans(qwen, ids)
-    roles = roles_from_char_spans(spans, text, None, JsonCallFormat(QWEN25).tag_format())
+    roles = roles_from_char_spans(spans, text, None, JsonCallFormat(QWEN25).markup())
     runs = _role_runs(text, spans, roles)
     assert [r for r, _ in runs] == [TokenRole.FORMAT, TokenRole.TOOL_NAME, TokenRole.FORMAT,
                                     TokenRole.TOOL_ARGS]
@@ -369,7 +370,7 @@ def test_rest_roles_of_a_cut_json_call_run_to_the_end(qwen):
 
 def _llama_builder(llama):
     prompt = encode_chat(llama, MSGS, TOOLS)
-    return prompt, TrajectoryBuilder(prompt, tokenizer=llama, fmt=JsonCallFormat(LLAMA31).tag_format(),
+    return prompt, TrajectoryBuilder(prompt, tokenizer=llama, markup=JsonCallFormat(LLAMA31).markup(),
                                      prompt_id="p", group_id=0, sample_index=0, gold="[]",
                                      task="function_calling")
 

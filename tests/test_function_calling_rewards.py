@@ -173,7 +173,8 @@ def _fc_config(**reward):
 def test_config_schedule_moves_the_ranges_with_the_step():
     """reward.fc_schedule='rest': the rollout's TaskRewards score at the RL step, so the ranges
     move (T = reward.fc_schedule_steps); 'off' keeps ToolRL's static ranges at every step."""
-    from tepo_jax.rewards.function_calling import task_rewards
+    from tepo_jax.rewards import TaskRewards
+    task_rewards = TaskRewards.from_config
     text = call("get_weather", city="Bergen", unit="celsius")     # S / S_max = 0.75
     rewards = task_rewards(_fc_config(fc_schedule="rest", fc_schedule_steps=10))
     by_step = {s: rewards(text, gold(W_OSLO), "function_calling", s) for s in (0, 5, 10, 40)}
@@ -194,9 +195,8 @@ def test_config_schedule_moves_the_ranges_with_the_step():
 
 
 def test_parts_reach_the_trajectory_and_the_metrics():
-    from tepo_jax.rewards import attach_reward
     from tepo_jax.rl.tepo_metrics import tepo_step_metrics
-    from tepo_jax.rollout.trajectory import TokenKind, TokenRole, Trajectory
+    from tepo_jax.rollout.trajectory import TokenKind, TokenRole, Trajectory, attach_reward
     traj = Trajectory([1, 2], [TokenKind.PROMPT, TokenKind.REASONING], [0, 0],
                       [TokenRole.NONE, TokenRole.REASONING], [0.0, -0.1], [0.0, 0.5], [],
                       prompt_id="p", group_id=0, sample_index=0, gold=[gold(W_OSLO)],

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tepo_jax.data.function_calling import make_function_calling, synthetic_functions
-from tepo_jax.experiment import fc_tokenizer_texts
+from tepo_jax.sft.data import fc_tokenizer_texts
 from tepo_jax.rewards import compute_reward
 from tepo_jax.rollout.agent import AgentLoop, RolloutConfig, encode_prompt, model_text
 from tepo_jax.rollout.trajectory import TokenKind, TokenRole
@@ -115,12 +115,12 @@ def test_rollout_scores_at_the_rl_step_with_the_configured_schedule(loop):
     """reward.fc_schedule='rest' reaches the rollout: the same trajectory scored at step 0 and
     at step T has ResT's moving ranges, and its reward parts are kept on the trajectory."""
     from tepo_jax.config import defaults
-    from tepo_jax.rewards.function_calling import task_rewards
+    from tepo_jax.rewards import TaskRewards
     agent, tok, _, example, _ = loop
     c = defaults()
     c.reward.fc_schedule, c.reward.fc_schedule_steps = "rest", 10
     scheduled = AgentLoop(agent.sampler, agent.bridge, tok, agent.fmt, agent.config, agent.tools,
-                          rewards=task_rewards(c, agent.fmt))
+                          rewards=TaskRewards.from_config(c, agent.fmt))
     early, late = (scheduled.run([example], seed=0, greedy=True, step=s)[0] for s in (0, 10))
     assert early.token_ids.tolist() == late.token_ids.tolist()
     assert (early.reward_parts["format_hi"], late.reward_parts["format_hi"]) == (2.0, 1.0)

@@ -6,7 +6,8 @@ import pytest
 
 from tepo_jax.rl.rest import (EntropyWeights, RestConfig, RoleSource, RoleWeights, Schedule,
                               rest_weights, rest_weights_for_trajectories, schedule_progress)
-from tepo_jax.rollout.trajectory import TokenKind, TokenRole, Trajectory, roles_from_char_spans
+from tepo_jax.rollout.trajectory import TokenKind, TokenRole, Trajectory
+from tepo_jax.tools.markup import roles_from_char_spans
 
 R, K = TokenRole, TokenKind
 START = RoleWeights(reasoning=1.0, format=3.0, tool_name=2.0, tool_args=1.0, answer_content=0.5)

@@ -3,10 +3,10 @@ import threading
 
 import pytest
 
-from tepo_jax.rewards import (RewardResult, attach_reward, compute_reward, exact_match,
-                              extract_answer, extract_boxed, get_reward_fn, math_equivalent,
-                              normalize_answer, token_f1)
-from tepo_jax.rollout.trajectory import TokenKind, TokenRole, Trajectory
+from tepo_jax.rewards import (RewardResult, compute_reward, exact_match, extract_answer,
+                              extract_boxed, get_reward_fn, math_equivalent, normalize_answer,
+                              token_f1)
+from tepo_jax.rollout.trajectory import TokenKind, TokenRole, Trajectory, attach_reward
 
 
 # ------------------------------------------------------------------------------ extraction

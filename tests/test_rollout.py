@@ -27,7 +27,7 @@ from tepo_jax.rollout.trajectory import (TokenKind, TokenRole, entropy_deltas, s
 from tepo_jax.sampling.config import SamplerConfig
 from tepo_jax.sampling.sampler import Sampler
 from tepo_jax.testing.models import bigram_decoder
-from tepo_jax.testing.tokenizers import cached_tokenizer_dir
+from tepo_jax.builtin_tokenizers import cached_tokenizer_dir
 from tepo_jax.tokenizer import encode_chat, load_tokenizer
 from tepo_jax.tools import ToolBridge, ToolFormat
 from tepo_jax.tools.search import BM25Index, LocalSearch, build_index

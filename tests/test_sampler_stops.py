@@ -10,7 +10,7 @@ import pytest
 
 from tepo_jax.models.decoder import Decoder
 from tepo_jax.sampling import Sampler, SamplerConfig, SamplingParams, StopMatcher, token_bytes_fn
-from tepo_jax.testing import tokenizers as tt
+from tepo_jax import builtin_tokenizers as tt
 from tepo_jax.testing.models import bigram_decoder, chains_to_successors
 from tepo_jax.tokenizer import load_tokenizer
 

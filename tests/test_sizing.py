@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from tepo_jax import cli, sizing
+from tepo_jax import cli, policy, sizing
 from tepo_jax.models.config import ModelConfig
 from tepo_jax.models.decoder import init_cache
 from tepo_jax.models.presets import preset
@@ -147,16 +147,15 @@ def test_cli_exit_codes(capsys):
 
 
 def test_workloads_come_from_the_config():
-    from tepo_jax import experiment
     from tepo_jax.cli import load_config_file
     c = load_config_file(os.path.join(ROOT, "configs", "gpu_qwen25_0p5b.py"))
-    (rl,) = experiment.workloads(c).values()  # mode rl: one phase
+    (rl,) = policy.config_workloads(c).values()  # mode rl: one phase
     rows = c.data.prompts_per_step * c.rollout.group_size
     assert (rl.batch, rl.seq_len, rl.slots, rl.cache_len) == (rows // c.train.micro_batches, c.rollout.cache_len,
                                                               rows, c.rollout.cache_len)
     assert rl.remat == c.model.remat and rl.logits_chunk == LossConfig().seq_chunk and rl.frozen_params == 1
     c.mode, c.loss.kl_coef = "sft_then_rl", 0.1  # the SFT result is loaded as the KL reference too
-    w = experiment.workloads(c)
+    w = policy.config_workloads(c)
     assert list(w) == ["sft", "rl"] and w["rl"].frozen_params == 2
     assert (w["sft"].batch, w["sft"].seq_len, w["sft"].slots) == (c.sft.batch_size, c.sft.seq_len, 0)
 

@@ -10,7 +10,7 @@ import unicodedata
 
 import pytest
 
-from tepo_jax.testing import tokenizers as tt
+from tepo_jax import builtin_tokenizers as tt
 from tepo_jax.tokenizer import TokenizerLoadError, encode_chat, load_tokenizer, stop_token_ids
 
 CHAT = [{"role": "user", "content": "What is 2+2?"}]

@@ -277,7 +277,7 @@ def test_a_missing_config_file_is_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def qwen_tokenizer():
-    from tepo_jax.testing.tokenizers import cached_tokenizer_dir
+    from tepo_jax.builtin_tokenizers import cached_tokenizer_dir
     return str(cached_tokenizer_dir("qwen2.5"))
 
 
@@ -316,7 +316,7 @@ def test_a_config_that_cannot_fit_is_refused_before_the_model_is_allocated(tmp_p
 # ---------------------------------------------------------------------------- data and SFT
 
 def test_math_and_qa_read_a_tfds_data_dir(tmp_path):
-    from tepo_jax import experiment
+    from tepo_jax.data import loading
     from tepo_jax.config import defaults
     from tepo_jax.data import jsonl, tfds_builders
     from tepo_jax.data.pipeline import DataSourceError
@@ -330,11 +330,11 @@ def test_math_and_qa_read_a_tfds_data_dir(tmp_path):
                         splits={"train": tmp_path / "train.jsonl", "validation": tmp_path / "dev.jsonl"})
     c = defaults()
     c.data.task, c.data.train_path, c.data.eval_path = "qa", str(tmp_path / "tfds"), str(tmp_path / "tfds")
-    got_train, got_eval, _ = experiment.load_examples(c)
+    got_train, got_eval, _ = loading.examples_from_config(c)
     assert sorted(got_train, key=lambda e: e.id) == train and got_eval == evals
     c.data.task = "math"  # no math_jsonl dataset in that directory
     with pytest.raises(DataSourceError, match=f"^{tmp_path / 'tfds'}: no prepared tfds dataset 'math_jsonl'"):
-        experiment.load_examples(c)
+        loading.examples_from_config(c)
 
 
 def test_sft_loss_goes_down(tmp_path):

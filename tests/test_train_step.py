@@ -213,7 +213,7 @@ def rl_parts(tmp_path_factory):
     from tepo_jax.rollout.agent import AgentLoop, RolloutConfig
     from tepo_jax.sampling.config import SamplerConfig
     from tepo_jax.sampling.sampler import Sampler
-    from tepo_jax.testing.tokenizers import cached_tokenizer_dir
+    from tepo_jax.builtin_tokenizers import cached_tokenizer_dir
     from tepo_jax.tokenizer import load_tokenizer
     from tepo_jax.tools import ToolBridge, ToolFormat
     from tepo_jax.tools.search import BM25Index, LocalSearch, build_index

@@ -7,12 +7,11 @@ import random
 import numpy as np
 import pytest
 
-from tepo_jax.rollout.trajectory import (SCHEMA_VERSION, TagFormat, TokenKind, TokenRole,
-                                         ToolCallRecord, Trajectory, TrajectoryError,
-                                         entropy_deltas, entropy_reducing, from_jsonl_line,
-                                         kinds_from_char_spans, read_jsonl,
-                                         roles_from_char_spans, segment_entropies,
-                                         to_jsonl_line, write_jsonl)
+from tepo_jax.rollout.trajectory import (SCHEMA_VERSION, TokenKind, TokenRole, ToolCallRecord,
+                                         Trajectory, TrajectoryError, entropy_deltas,
+                                         entropy_reducing, from_jsonl_line, read_jsonl,
+                                         segment_entropies, to_jsonl_line, write_jsonl)
+from tepo_jax.tools.markup import CallMarkup, kinds_from_char_spans, roles_from_char_spans
 
 K, R = TokenKind, TokenRole
 
@@ -275,6 +274,6 @@ def test_non_model_tokens_get_none_and_unclosed_call_runs_to_end():
     kinds = [K.PROMPT, K.TOOL_CALL, K.TOOL_CALL]
     assert roles_from_char_spans(spans, text, kinds=kinds).tolist() == [
         R.NONE, R.TOOL_NAME, R.TOOL_ARGS]
-    fmt = TagFormat(tool_tags=("calc",))
-    assert roles_from_char_spans([(0, 1), (1, 9)], text, fmt=fmt).tolist() == [
+    markup = CallMarkup(tool_tags=("calc",))
+    assert roles_from_char_spans([(0, 1), (1, 9)], text, markup=markup).tolist() == [
         R.REASONING, R.REASONING]

@@ -62,7 +62,8 @@ def build_trajectories(examples: Sequence, tokenizer, bridge, seed: int = 0,
                        redundant_rate: float = 0.5) -> list[Trajectory]:
     """Scored trajectories (no entropies yet): SFT reference solutions of `examples` plus a
     faulty variant of the first example of each task, all through the real tools."""
-    from tepo_jax.rewards import attach_reward, compute_reward
+    from tepo_jax.rewards import compute_reward
+    from tepo_jax.rollout.trajectory import attach_reward
     from tepo_jax.sft.data import build_sft_trajectories
 
     trajs = build_sft_trajectories(examples, tokenizer, bridge, redundant_rate=redundant_rate,

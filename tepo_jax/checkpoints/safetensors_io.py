@@ -16,13 +16,14 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
-_DTYPES = {
+# safetensors' dtype codes (the file format's own names, not ours).
+_CODES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
-_NAMES = {v: k for k, v in _DTYPES.items()}
+_NAMES = {v: k for k, v in _CODES.items()}
 
 
 class SafetensorsFormatError(ValueError):
@@ -58,9 +59,9 @@ class SafetensorsReader:
 
     def dtype(self, name: str) -> np.dtype:
         code = self._header[name]["dtype"]
-        if code not in _DTYPES:
+        if code not in _CODES:
             raise SafetensorsFormatError(f"{self.path}: tensor {name!r} has unsupported dtype {code}")
-        return _DTYPES[code]
+        return _CODES[code]
 
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only numpy array backed by the memory map."""

@@ -18,11 +18,22 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
 }
 
-_DTYPES = {
+# The one table of dtype names (configs, the CLI, HF config.json torch_dtype).
+DTYPES = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
     "float16": jnp.float16,
 }
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_named(name: str):
+    """The jnp dtype of `name` (a DTYPES key or alias, any case); ValueError listing the
+    names otherwise."""
+    key = DTYPE_ALIASES.get(name.lower(), name.lower())
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; one of {sorted(DTYPES) + sorted(DTYPE_ALIASES)}")
+    return DTYPES[key]
 
 
 class UnsupportedConfigError(ValueError):
@@ -92,9 +103,9 @@ class ModelConfig:
 def _dtype_from_name(name: Optional[str], default):
     if name is None:
         return default
-    if name not in _DTYPES:
+    if name not in DTYPES:
         raise UnsupportedConfigError(f"unsupported dtype {name!r} in config.json")
-    return _DTYPES[name]
+    return DTYPES[name]
 
 
 def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, Optional[Llama3RopeScaling]]:

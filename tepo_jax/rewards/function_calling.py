@@ -44,7 +44,7 @@ import json
 from collections import Counter
 from typing import Any, Optional, Sequence
 
-from tepo_jax.rewards.registry import REWARD_FNS, RewardResult, TaskRewards
+from tepo_jax.rewards.base import RewardResult
 from tepo_jax.tools.base import ParseError
 from tepo_jax.tools.json_format import (LLAMA31, QWEN25, JsonCallFormat, calls_as_dicts,
                                         normalize_calls)
@@ -227,8 +227,6 @@ def function_calling_reward(text: str, gold: Any) -> FunctionCallRewardResult:
     return function_call_reward(text, gold)
 
 
-REWARD_FNS.setdefault("function_calling", function_calling_reward)
-
 
 def reward_config(config, dialect: str = "qwen2.5") -> FunctionCallRewardConfig:
     """The function-call reward of an experiment config (`config.reward`): ToolRL's static
@@ -240,10 +238,3 @@ def reward_config(config, dialect: str = "qwen2.5") -> FunctionCallRewardConfig:
             for name in ("format_lo", "format_hi", "correct_lo", "correct_hi")}
     return FunctionCallRewardConfig(schedule=r.fc_schedule == "rest", require_think=r.fc_require_think,
                                     dialect=dialect, **ends)
-
-
-def task_rewards(config, fmt=None) -> TaskRewards:
-    """The rollout's rewards for `config`: function calling scored at the RL step with
-    `reward_config` (in the dialect of `fmt`, a JsonCallFormat, when given)."""
-    dialect = fmt.dialect.name if isinstance(fmt, JsonCallFormat) else "qwen2.5"
-    return TaskRewards(scheduled={"function_calling": FunctionCallReward(reward_config(config, dialect))})

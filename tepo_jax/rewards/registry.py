@@ -5,35 +5,24 @@ advantages use: token F1 for QA (TEPO's F1_i), 1/0 correctness for math. A malfo
 (no closed <answer> tag, or an empty one) scores 0 with malformed=True so it can be counted.
 
 Rewards that move with the RL step (ResT's function-calling ranges) are held by a
-`TaskRewards`, built once from the config; the rollout scores every trajectory through it with
-the step, and `attach_reward` keeps the reward's parts on the trajectory for the metrics.
+`TaskRewards`, built once from the config (`TaskRewards.from_config`); the rollout scores every
+trajectory through it with the step, and `rollout.trajectory.attach_reward` keeps the reward's
+parts on the trajectory for the metrics.
+
+REWARD_FNS is written out in one place, here: a new task's reward is one more entry.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Sequence
+from typing import Mapping
 
+from tepo_jax.rewards.base import MALFORMED, Gold, RewardFn, RewardResult, StepRewardFn
 from tepo_jax.rewards.extract import extract_answer
+from tepo_jax.rewards.function_calling import (FunctionCallReward, function_calling_reward,
+                                               reward_config)
 from tepo_jax.rewards.math_equiv import math_equivalent
 from tepo_jax.rewards.qa import exact_match, token_f1
-from tepo_jax.rollout.trajectory import Trajectory
-
-Gold = Sequence[str] | str
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardResult:
-    score: float            # the outcome reward used for advantages
-    f1: float               # token F1 (QA) or correctness (math)
-    em: float               # normalised exact match (QA) or correctness (math)
-    malformed: bool
-    extracted: str | None   # the answer string compared with the gold
-    parts: Mapping[str, float] = dataclasses.field(default_factory=dict)  # named parts, logged
-
-
-RewardFn = Callable[[str, Gold], RewardResult]
-StepRewardFn = Callable[[str, Gold, int], RewardResult]   # (text, gold, RL step)
-MALFORMED = RewardResult(score=0.0, f1=0.0, em=0.0, malformed=True, extracted=None)
+from tepo_jax.tools.json_format import JsonCallFormat
 
 
 def qa_f1_reward(text: str, gold: Gold) -> RewardResult:
@@ -62,6 +51,7 @@ REWARD_FNS: dict[str, RewardFn] = {
     "qa": qa_f1_reward,
     "qa_em": qa_em_reward,
     "math": math_reward,
+    "function_calling": function_calling_reward,
 }
 
 
@@ -72,10 +62,10 @@ def get_reward_fn(task: str) -> RewardFn:
         raise ValueError(f"unknown reward task {task!r}; known: {sorted(REWARD_FNS)}") from None
 
 
-def compute_reward(text_or_traj: str | Trajectory, gold: Gold | None = None,
+def compute_reward(text_or_traj, gold: Gold | None = None,
                    task: str | None = None) -> RewardResult:
     """Score a model text (or a Trajectory's final_text, gold and task) for `task`."""
-    if isinstance(text_or_traj, Trajectory):
+    if not isinstance(text_or_traj, str):  # a Trajectory
         traj = text_or_traj
         return get_reward_fn(task or traj.task)(traj.final_text,
                                                 traj.gold if gold is None else gold)
@@ -92,15 +82,14 @@ class TaskRewards:
 
     scheduled: Mapping[str, StepRewardFn] = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def from_config(cls, config, fmt=None) -> "TaskRewards":
+        """The rollout's rewards for an experiment config: function calling scored at the RL
+        step with `reward_config` (`config.reward`), in the dialect of `fmt` when it is a
+        JsonCallFormat."""
+        dialect = fmt.dialect.name if isinstance(fmt, JsonCallFormat) else "qwen2.5"
+        return cls(scheduled={"function_calling": FunctionCallReward(reward_config(config, dialect))})
+
     def __call__(self, text: str, gold: Gold, task: str, step: int = 0) -> RewardResult:
         fn = self.scheduled.get(task)
         return fn(text, gold, step) if fn is not None else get_reward_fn(task)(text, gold)
-
-
-def attach_reward(traj: Trajectory, result: RewardResult) -> Trajectory:
-    """A copy of `traj` with its reward fields (and the reward's parts, if any) filled from
-    `result` (arrays are shared)."""
-    parts = {k: float(v) for k, v in result.parts.items()} or None
-    return dataclasses.replace(traj, reward=result.score, f1=result.f1, em=result.em,
-                               malformed=result.malformed, extracted=result.extracted,
-                               reward_parts=parts)

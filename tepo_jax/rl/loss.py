@@ -55,6 +55,13 @@ class LossConfig:
         if self.kl_coef < 0.0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
 
+    @classmethod
+    def from_config(cls, config) -> "LossConfig":
+        """The loss of an experiment config (`config.loss`; 0 chunk sizes mean none)."""
+        c = config.loss
+        return cls(eps_low=c.eps_low, eps_high=c.eps_high, kl_coef=c.kl_coef,
+                   seq_chunk=c.seq_chunk or None, vocab_chunk=c.vocab_chunk or None)
+
 
 # Metric sums a micro-batch returns; each is divided by N at the end (see `finalize_metrics`).
 SUM_METRICS = ("loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean",

@@ -36,6 +36,22 @@ class OptimConfig:
         if not isinstance(self.schedule, ScheduleKind):
             object.__setattr__(self, "schedule", ScheduleKind(self.schedule))
 
+    @classmethod
+    def for_sft(cls, config) -> "OptimConfig":
+        """The SFT optimizer of an experiment config (`config.sft`, 10% warmup)."""
+        c = config
+        return cls(learning_rate=c.sft.lr, schedule=c.sft.schedule, warmup_steps=c.sft.steps // 10,
+                   total_steps=max(c.sft.steps, 1), weight_decay=c.optim.weight_decay,
+                   max_grad_norm=c.optim.clip_norm)
+
+    @classmethod
+    def for_rl(cls, config) -> "OptimConfig":
+        """The RL optimizer of an experiment config (`config.optim`, over `train.steps`)."""
+        c = config
+        return cls(learning_rate=c.optim.lr, schedule=c.optim.schedule, warmup_steps=c.optim.warmup_steps,
+                   total_steps=max(c.train.steps, 1), b1=c.optim.b1, b2=c.optim.b2,
+                   weight_decay=c.optim.weight_decay, max_grad_norm=c.optim.clip_norm)
+
 
 def build_schedule(cfg: OptimConfig) -> optax.Schedule:
     """Learning rate as a function of the optimizer step (0-based)."""

@@ -11,36 +11,33 @@ The schedule is a fixed function of the inputs (results are appended after exact
 decode call, never "when ready"), and every request samples from its own seed, so a rollout
 is reproducible whatever the tools' latency — which kill-and-resume relies on.
 
-Two call formats (docs/function_calling.md):
-- the tag format (`ToolFormat`): one call per turn, parsed with `fmt.parse`, its result
-  inserted with `fmt.wrap_result`;
-- a multi-call format (one with `parse_calls`, e.g. `JsonCallFormat`): a turn may hold several
-  calls; all of them run as one bridge batch (in call order, malformed ones becoming their
-  PARSE_ERROR result) and `fmt.wrap_results([...])` is inserted as ONE result block, recorded
-  as ONE ToolCallRecord (TEPO's call_k: names joined by ",", arguments the JSON list of calls).
-  Prompts are the example's own messages with its tools (`encode_prompt`), and the reward
-  reads the model turns joined in order (`model_text`), since calls and answer are in
-  different turns.
+One path for every call format (the `CallFormat` protocol, tools/format.py): the format
+parses a turn into zero or more calls; all of them run as one bridge batch (in call order,
+malformed ones becoming their PARSE_ERROR result), and `fmt.wrap_results([...])` is inserted
+as ONE result block, recorded as ONE ToolCallRecord (TEPO's call_k; `call_record`). The tag
+format has at most one call per turn; JSON function calls may have several
+(docs/function_calling.md). Prompts are the example's own messages with its tools when it
+carries them (`encode_prompt`), and the reward reads the last turn, or every model turn when
+the format says so (`scores_all_turns`: calls and answer sit in different turns).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from collections import deque
 from typing import Optional, Sequence
 
 import numpy as np
 
 from tepo_jax.data.prompts import to_messages
-from tepo_jax.rewards import TaskRewards, attach_reward
+from tepo_jax.rewards import TaskRewards
 from tepo_jax.rollout.builder import TrajectoryBuilder
-from tepo_jax.rollout.trajectory import Trajectory, model_mask
+from tepo_jax.rollout.trajectory import Trajectory, attach_reward, model_mask
 from tepo_jax.sampling.config import FINISH_EOS, FINISH_STOP_STRING, SamplingParams
 from tepo_jax.sampling.sampler import Sampler, TurnOutput
 from tepo_jax.tokenizer import encode_chat
-from tepo_jax.tools import AnswerTurn, ParseError, ToolBridge, ToolCall, ToolFormat, ToolResult, ToolStatus
-from tepo_jax.tools.json_format import calls_as_dicts
+from tepo_jax.tools import ToolBridge
+from tepo_jax.tools.format import CallFormat, call_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +50,13 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
 
-
-def is_multi_call(fmt) -> bool:
-    """True for call formats whose turns may hold several calls (they have `parse_calls`)."""
-    return callable(getattr(fmt, "parse_calls", None))
+    @classmethod
+    def from_config(cls, config) -> "RolloutConfig":
+        """The rollout of an experiment config (`config.rollout`)."""
+        r = config.rollout
+        return cls(group_size=r.group_size, max_calls=r.max_calls, max_tokens=r.max_tokens,
+                   max_turn_tokens=r.max_turn_tokens, temperature=r.temperature, top_p=r.top_p,
+                   top_k=r.top_k)
 
 
 def encode_prompt(tokenizer, example, tools: Sequence[str] = ("python", "search"),
@@ -78,18 +78,6 @@ def model_text(traj: Trajectory, tokenizer) -> str:
                      for a, b in zip(edges[::2], edges[1::2]))
 
 
-def call_block_record(turn_calls: Sequence, results: Sequence[ToolResult]) -> tuple[str, str, str, str]:
-    """(name, arguments, result text, status) of the ONE ToolCallRecord of a multi-call turn:
-    names joined by ",", arguments the JSON list of the well-formed calls, the result text
-    itself for one call else the JSON list of result texts, status the first non-ok one."""
-    names = ",".join(c.tool if isinstance(c, ToolCall) else (c.tool or "invalid") for c in turn_calls)
-    arguments = json.dumps(calls_as_dicts(turn_calls), ensure_ascii=False)
-    texts = [r.text for r in results]
-    result_text = texts[0] if len(texts) == 1 else json.dumps(texts, ensure_ascii=False)
-    bad = [r.status.value for r in results if r.status is not ToolStatus.OK]
-    return names, arguments, result_text, bad[0] if bad else ToolStatus.OK.value
-
-
 def request_seed(*parts) -> int:
     """A stable 31-bit seed from (run seed, step, prompt index, sample index)."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
@@ -107,13 +95,12 @@ class _Request:
 class AgentLoop:
     """Runs rollouts of a policy (the sampler's current params) with tools."""
 
-    def __init__(self, sampler: Sampler, bridge: ToolBridge, tokenizer, fmt: ToolFormat,
+    def __init__(self, sampler: Sampler, bridge: ToolBridge, tokenizer, fmt: CallFormat,
                  config: RolloutConfig, tools: Sequence[str], rewards: TaskRewards = TaskRewards(),
                  prompt_style: str = "full"):
         self.sampler, self.bridge, self.tokenizer, self.fmt = sampler, bridge, tokenizer, fmt
         self.config, self.tools, self.rewards = config, tuple(tools), rewards
         self.prompt_style = prompt_style
-        self.multi_call = is_multi_call(fmt)
 
     # ---- public ----------------------------------------------------------------------------
     def run(self, examples: Sequence, *, seed: int, group_size: Optional[int] = None,
@@ -139,10 +126,7 @@ class AgentLoop:
         meta = dict(tokenizer=self.tokenizer, prompt_id=example.id, group_id=index,
                     sample_index=sample, gold=example.gold, task=example.task)
         prompt = encode_prompt(self.tokenizer, example, self.tools, self.prompt_style)
-        if self.multi_call:
-            builder = TrajectoryBuilder(prompt, fmt=self.fmt.tag_format(), **meta)
-        else:
-            builder = TrajectoryBuilder(prompt, **meta)
+        builder = TrajectoryBuilder(prompt, markup=self.fmt.markup(), **meta)
         return _Request(builder, prompt, request_seed(seed, index, sample))
 
     def _params(self, req: _Request, greedy: bool) -> SamplingParams:
@@ -175,41 +159,16 @@ class AgentLoop:
                     done[id(req)] = traj
                     self.sampler.release(req.slot)
                     del active[id(req)]
-            if calls:
-                if self.multi_call:  # every call of every turn, malformed ones included
-                    tool_calls = [c for _, turn_calls in calls for c in turn_calls]
-                else:
-                    tool_calls = [c for _, c in calls if isinstance(c, ToolCall)]
+            if calls:  # every call of every turn, malformed ones included, as one batch
+                tool_calls = [c for _, turn_calls in calls for c in turn_calls]
                 pending_calls = (self.bridge.submit(tool_calls), calls)
         return [done[id(r)] for r in requests]
 
     def _on_turn(self, req: _Request, out: TurnOutput, calls: list) -> Optional[Trajectory]:
-        """Record a finished turn; return the trajectory if it ends here, else queue its call."""
+        """Record a finished turn; return the trajectory if it ends here, else queue its
+        calls. A call that cannot be followed by another turn is not run: it stays text."""
         b = req.builder
         text = self.tokenizer.decode(out.tokens.tolist(), skip_special_tokens=False)
-        if self.multi_call:
-            return self._on_multi_call_turn(req, out, text, calls)
-        parsed = self.fmt.parse(text)
-        wants_call = isinstance(parsed, (ToolCall, ParseError))
-        # A call that cannot be followed by another turn is not run: it stays plain text.
-        out_of_calls = b.num_calls >= self.config.max_calls
-        out_of_tokens = b.model_tokens + len(out.tokens) >= self.config.max_tokens
-        runs_call = wants_call and not out_of_calls and not out_of_tokens
-        b.add_model_turn(out.tokens, out.logprobs, out.entropies, is_call=runs_call)
-        if isinstance(parsed, AnswerTurn):
-            return b.finish("answer")
-        if wants_call and out_of_calls:
-            return b.finish("max_calls")
-        if not runs_call:
-            return b.finish("eos" if out.finish_reason == FINISH_EOS and not wants_call else "max_tokens")
-        calls.append((req, parsed))
-        return None
-
-    def _on_multi_call_turn(self, req: _Request, out: TurnOutput, text: str,
-                            calls: list) -> Optional[Trajectory]:
-        """`_on_turn` for multi-call formats: every call of the turn is queued as one batch;
-        a turn without a call ends the trajectory (an answer if the turn ended properly)."""
-        b = req.builder
         turn_calls = self.fmt.parse_calls(text)
         out_of_calls = b.num_calls >= self.config.max_calls
         out_of_tokens = b.model_tokens + len(out.tokens) >= self.config.max_tokens
@@ -217,7 +176,9 @@ class AgentLoop:
         b.add_model_turn(out.tokens, out.logprobs, out.entropies, is_call=runs_call)
         if not turn_calls:
             ended = out.finish_reason in (FINISH_EOS, FINISH_STOP_STRING)
-            return b.finish("answer" if ended else "max_tokens")
+            if self.fmt.is_answer(text, ended):
+                return b.finish("answer")
+            return b.finish("eos" if out.finish_reason == FINISH_EOS else "max_tokens")
         if out_of_calls:
             return b.finish("max_calls")
         if not runs_call:
@@ -226,33 +187,15 @@ class AgentLoop:
         return None
 
     def _append_results(self, future, calls, *, greedy: bool) -> list[_Request]:
-        """Insert each call's result; returns the requests that no longer fit the cache."""
+        """Insert one result block per call turn; returns the requests that no longer fit
+        the cache."""
         tool_results = iter(future.result())
-        if self.multi_call:
-            return self._append_result_blocks(tool_results, calls, greedy)
-        overflow = []
-        for req, call in calls:
-            if isinstance(call, ToolCall):
-                result, name, argument = next(tool_results), call.tool, call.argument
-            else:  # a malformed call: the parser's message is the result the model sees
-                result = ToolResult(call.message, ToolStatus.PARSE_ERROR, 0.0, call.tool)
-                name, argument = call.tool or "invalid", ""
-            ids = self.tokenizer.encode(self.fmt.wrap_result(result.text), add_special_tokens=False)
-            req.builder.add_tool_result(name, argument, result.text, result.status.value, ids)
-            if len(req.builder.token_ids) >= self.sampler.config.max_len - 1:
-                overflow.append(req)
-            else:
-                self.sampler.append(req.slot, ids, self._params(req, greedy))
-        return overflow
-
-    def _append_result_blocks(self, tool_results, calls, greedy: bool) -> list[_Request]:
-        """Multi-call formats: one result block per turn, recorded as one call_k."""
         overflow = []
         for req, turn_calls in calls:
             results = [next(tool_results) for _ in turn_calls]
             ids = self.tokenizer.encode(self.fmt.wrap_results([r.text for r in results]),
                                         add_special_tokens=False)
-            req.builder.add_tool_result(*call_block_record(turn_calls, results), ids)
+            req.builder.add_tool_result(*call_record(self.fmt, turn_calls, results), ids)
             if len(req.builder.token_ids) >= self.sampler.config.max_len - 1:
                 overflow.append(req)
             else:
@@ -260,5 +203,5 @@ class AgentLoop:
         return overflow
 
     def _score(self, traj: Trajectory, example, step: int) -> Trajectory:
-        text = model_text(traj, self.tokenizer) if self.multi_call else traj.final_text
+        text = model_text(traj, self.tokenizer) if self.fmt.scores_all_turns else traj.final_text
         return attach_reward(traj, self.rewards(text, example.gold, example.task, step))

@@ -17,9 +17,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tepo_jax.rollout.trajectory import (TagFormat, TokenKind, TokenRole, ToolCallRecord,
-                                         Trajectory, kinds_from_char_spans,
-                                         roles_from_char_spans)
+from tepo_jax.rollout.trajectory import TokenKind, TokenRole, ToolCallRecord, Trajectory
+from tepo_jax.tools.markup import CallMarkup, kinds_from_char_spans, roles_from_char_spans
 
 
 def token_char_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
@@ -42,8 +41,8 @@ def token_char_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int
 class TrajectoryBuilder:
     """Accumulates one trajectory: prompt, then alternating model turns and tool results."""
 
-    def __init__(self, prompt_ids: Sequence[int], *, tokenizer, fmt: TagFormat = TagFormat(), **meta):
-        self.tokenizer, self.fmt, self.meta = tokenizer, fmt, meta
+    def __init__(self, prompt_ids: Sequence[int], *, tokenizer, markup: CallMarkup = CallMarkup(), **meta):
+        self.tokenizer, self.markup, self.meta = tokenizer, markup, meta
         n = len(prompt_ids)
         self._ids = list(map(int, prompt_ids))
         self._kinds = [int(TokenKind.PROMPT)] * n
@@ -67,9 +66,9 @@ class TrajectoryBuilder:
                        entropies: Optional[Sequence[float]] = None, *, is_call: bool) -> str:
         """Append one model turn; `is_call` says it ends in a tool call. Returns its text."""
         text, spans = token_char_spans(self.tokenizer, ids)
-        kinds = kinds_from_char_spans(spans, text, self.fmt)
+        kinds = kinds_from_char_spans(spans, text, self.markup)
         kinds = _normalise_turn_kinds(kinds, is_call)
-        roles = roles_from_char_spans(spans, text, kinds, self.fmt)
+        roles = roles_from_char_spans(spans, text, kinds, self.markup)
         j = self.num_calls
         turns = np.where(kinds == TokenKind.TOOL_CALL, j + 1, j)
         n = len(ids)

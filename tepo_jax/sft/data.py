@@ -12,7 +12,7 @@ The model turns are tokenised once here (they are targets, not sampled), the res
 wrapped result text encoded exactly as the rollout encodes it, and the trajectories come out
 of the same `TrajectoryBuilder` the rollout uses.
 
-Function-calling examples (a multi-call format such as `JsonCallFormat`, see
+Function-calling examples (`FunctionCallingExample`, played with `JsonCallFormat`, see
 docs/function_calling.md) get a script of their own (`fc_script`): one turn with a short
 reasoning line and all gold calls rendered with `fmt.render_call` (as the chat template renders
 an assistant tool call), ended with the end-of-turn token; the calls run through the real
@@ -29,13 +29,20 @@ import re
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
-from tepo_jax.data.prompts import to_messages
-from tepo_jax.data.synthetic import direct_solution, family_of, reference_solution, tool_solution
-from tepo_jax.rollout.agent import call_block_record, encode_prompt, is_multi_call
+from tepo_jax.chat_templates import QWEN25_CHAT_TEMPLATE
+from tepo_jax.data import jsonl
+from tepo_jax.data.function_calling import FunctionCallingExample
+from tepo_jax.data.prompts import PROMPT_STYLES, system_prompt, user_prompt
+from tepo_jax.data.synthetic import (direct_solution, family_of, reference_solution, solution_variants,
+                                     tool_solution)
+from tepo_jax.rollout.agent import encode_prompt
 from tepo_jax.rollout.builder import TrajectoryBuilder
 from tepo_jax.rollout.trajectory import Trajectory
-from tepo_jax.tokenizer import encode_chat
+from tepo_jax.tiny_tokenizer import render_template
 from tepo_jax.tools import ToolBridge, ToolCall, ToolFormat, ToolResult, ToolStatus
+from tepo_jax.tools.format import CallFormat, call_record
+from tepo_jax.tools.functions import function_tools
+from tepo_jax.tools.json_format import QWEN25, JsonCallFormat
 
 _CALL_RE = re.compile(r"<(python|search)>(.*)</\1>\s*$", re.DOTALL)
 
@@ -78,19 +85,19 @@ def scripts_for(examples: Sequence, redundant_rate: float, seed: int,
 
 
 def build_sft_trajectories(examples: Sequence, tokenizer, bridge: ToolBridge, *,
-                           tools: Sequence[str] = ("python", "search"), fmt: ToolFormat = ToolFormat(),
+                           tools: Sequence[str] = ("python", "search"), fmt: CallFormat = ToolFormat(),
                            redundant_rate: float = 0.3, seed: int = 0,
                            tool_rates: Mapping[str, float] = MappingProxyType({}),
                            prompt_style: str = "full") -> list[Trajectory]:
     """Play every example's script (`demonstration`), running the calls of all examples round
-    by round."""
-    if is_multi_call(fmt):
+    by round. Function-calling examples play `fc_script` instead."""
+    if examples and isinstance(examples[0], FunctionCallingExample):
         return build_fc_sft_trajectories(examples, tokenizer, bridge, fmt=fmt,
                                          redundant_rate=redundant_rate, seed=seed)
     scripts = scripts_for(examples, redundant_rate, seed, tool_rates)
-    builders = [TrajectoryBuilder(encode_chat(tokenizer, to_messages(ex, tools, prompt_style)), tokenizer=tokenizer,
-                                  prompt_id=ex.id, group_id=i, sample_index=0, gold=_gold(ex),
-                                  task=ex.task)
+    builders = [TrajectoryBuilder(encode_prompt(tokenizer, ex, tools, prompt_style), tokenizer=tokenizer,
+                                  markup=fmt.markup(), prompt_id=ex.id, group_id=i, sample_index=0,
+                                  gold=_gold(ex), task=ex.task)
                 for i, ex in enumerate(examples)]
     max_turns = max(len(s) for s in scripts)
     for t in range(0, max_turns, 2):  # model turn t, then (if any) its tool result at t + 1
@@ -102,16 +109,20 @@ def build_sft_trajectories(examples: Sequence, tokenizer, bridge: ToolBridge, *,
             is_call = t + 1 < len(script)
             builder.add_model_turn(tokenizer.encode(text, add_special_tokens=False), is_call=is_call)
             if is_call:
-                call = fmt.parse(builder.last_text)
-                if not isinstance(call, ToolCall):
-                    raise ValueError(f"reference turn is not a well-formed call: {text!r} ({call})")
-                pending.append((builder, call))
-        results = bridge.run_batch([call for _, call in pending])
-        for (builder, call), result in zip(pending, results):
-            wrapped = fmt.wrap_result(result.text)
-            builder.add_tool_result(call.tool, call.argument, result.text, result.status.value,
-                                    tokenizer.encode(wrapped, add_special_tokens=False))
+                calls = fmt.parse_calls(builder.last_text)
+                if not calls or not all(isinstance(c, ToolCall) for c in calls):
+                    raise ValueError(f"reference turn is not a well-formed call: {text!r} ({calls})")
+                pending.append((builder, calls))
+        results = iter(bridge.run_batch([c for _, calls in pending for c in calls]))
+        for builder, calls in pending:
+            _add_results(builder, fmt, tokenizer, calls, [next(results) for _ in calls])
     return [b.finish("answer") for b in builders]
+
+
+def _add_results(builder: TrajectoryBuilder, fmt: CallFormat, tokenizer, calls, results) -> None:
+    """Append one call turn's results as ONE block, as the rollout does."""
+    ids = tokenizer.encode(fmt.wrap_results([r.text for r in results]), add_special_tokens=False)
+    builder.add_tool_result(*call_record(fmt, calls, results), ids)
 
 
 def _gold(example):
@@ -177,12 +188,54 @@ def build_fc_sft_trajectories(examples: Sequence, tokenizer, bridge: ToolBridge,
     for i, ex in enumerate(examples):
         redundant = rng.random() < redundant_rate
         builder = TrajectoryBuilder(encode_prompt(tokenizer, ex), tokenizer=tokenizer,
-                                    fmt=fmt.tag_format(), prompt_id=ex.id, group_id=i,
+                                    markup=fmt.markup(), prompt_id=ex.id, group_id=i,
                                     sample_index=0, gold=ex.gold, task=ex.task)
         for text, calls, results in fc_script(ex, fmt, bridge.run_batch, redundant):
             builder.add_model_turn(tokenizer.encode(text, add_special_tokens=False), is_call=bool(calls))
             if calls:
-                ids = tokenizer.encode(fmt.wrap_results([r.text for r in results]), add_special_tokens=False)
-                builder.add_tool_result(*call_block_record(calls, results), ids)
+                _add_results(builder, fmt, tokenizer, calls, results)
         out.append(builder.finish("answer"))
     return out
+
+
+# ------------------------------------------------------------------ the tiny tokenizer's text
+
+def tokenizer_texts(examples, corpus_path: str | None) -> list[str]:
+    """Text the demo's tiny BPE is trained on, as often as it occurs in the data: each
+    example's system and user prompt, the solutions the SFT demonstrator may play, and the
+    corpus."""
+    texts = []
+    for ex in examples:
+        texts += [system_prompt(style=style) for style in PROMPT_STYLES] + [user_prompt(ex)]
+        texts += [t["text"] for turns in solution_variants(ex) for t in turns if "text" in t]
+    if corpus_path:
+        texts += [p["text"] for p in jsonl.read_corpus(corpus_path)]
+    return texts
+
+
+def fc_tokenizer_texts(examples, functions) -> list[str]:
+    """Function calling: each example's prompt as the Qwen2.5 template renders it, and the
+    turns and result blocks of its SFT script (the text the tiny model will read and write)."""
+    fmt, tools = JsonCallFormat(QWEN25), function_tools(functions)
+    run = lambda calls: [tools[c.tool].run(c.argument, 10.0) for c in calls]  # noqa: E731
+    texts = []
+    for ex in examples:
+        texts.append(render_template(QWEN25_CHAT_TEMPLATE, ex.messages, ex.tools, add_generation_prompt=True))
+        for text, calls, results in fc_script(ex, fmt, run):
+            texts.append(text)
+            if calls:
+                texts.append(fmt.wrap_results([r.text for r in results]))
+    return texts
+
+
+def fc_entities(examples) -> list[str]:
+    """Values the tiny model copies into calls: the digit-free string argument values of the
+    gold calls and the string enum values of the schemas (numbers are split into digits)."""
+    out = set()
+    for ex in examples:
+        values = [v for c in ex.gold_calls for v in c["arguments"].values()]
+        for entry in ex.tools:
+            props = entry.get("function", entry).get("parameters", {}).get("properties", {})
+            values += [v for p in props.values() if isinstance(p, dict) for v in p.get("enum", [])]
+        out.update(v for v in values if isinstance(v, str) and v.strip() and not any(ch.isdigit() for ch in v))
+    return sorted(out)

@@ -1,40 +1,78 @@
 """Tool-call formats: how calls, results and answers look in the model's text.
 
-A format is any object with `parse`, `stop_strings` and `wrap_result` (the `CallFormat`
-protocol); the bridge and the rollout only use that protocol, so a Qwen-style
-`<tool_call>{json}</tool_call>` format can be added as another class without touching them.
+A format is any object with the `CallFormat` protocol below. The agent loop, the SFT data
+builder and the bridge use only that protocol, so a new format (another chat family's call
+syntax) is one new class and no rollout change. Two ship: `ToolFormat` here, and
+`JsonCallFormat` (tools/json_format.py) for Qwen2.5 / Llama-3.1 JSON function calls.
 
 `ToolFormat` is the default, the tag format of the TEPO/ARPO line of work:
 `<python>code</python>`, `<search>query</search>`, results as `<result>…</result>`, and the
-final answer as `<answer>…</answer>`.
+final answer as `<answer>…</answer>`. One call per turn.
 
-Parsing contract: `parse(turn_text)` looks only at the END of one model turn, which must
-include the stop string the sampler stopped on (token-in, token-out: the rollout keeps the
-sampled closing tag). It returns a ToolCall, an AnswerTurn, a ParseError whose message
-becomes the tool result the model sees, or None for a turn without any call or answer.
+Parsing contract: `parse_calls(turn_text)` looks at one whole model turn, which must include
+the stop string the sampler stopped on (token-in, token-out: the rollout keeps the sampled
+closing tag), and returns its calls in order: ToolCall, or ParseError for a malformed one
+(its message becomes the result the model sees); [] for a turn without a call.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
-from typing import Protocol, Tuple, runtime_checkable
+from typing import List, Protocol, Sequence, Tuple, Union, runtime_checkable
 
-from tepo_jax.tools.base import AnswerTurn, ParseError, ParsedTurn, ToolCall
+from tepo_jax.tools.base import AnswerTurn, ParseError, ParsedTurn, ToolCall, ToolResult, ToolStatus
+from tepo_jax.tools.markup import CallMarkup
+
+CallOrError = Union[ToolCall, ParseError]
 
 
 @runtime_checkable
 class CallFormat(Protocol):
-    """What the rollout and the bridge need from a tool-call format."""
+    """What the rollout, the SFT data and the bridge need from a tool-call format."""
 
-    def parse(self, turn_text: str) -> ParsedTurn:
-        ...
+    # True when the reward reads every model turn (function calls and the answer sit in
+    # different turns), False when it reads the last turn only (`<answer>` is there).
+    scores_all_turns: bool
 
     @property
     def stop_strings(self) -> Tuple[str, ...]:
+        """Where the sampler ends a turn so the host can parse it."""
         ...
 
-    def wrap_result(self, text: str) -> str:
+    def parse_calls(self, turn_text: str) -> List[CallOrError]:
+        """Every call of one model turn, in order; [] for a turn without a call."""
         ...
+
+    def is_answer(self, turn_text: str, ended: bool) -> bool:
+        """Whether a turn without calls is the final answer; `ended`: the turn stopped on
+        EOS or a stop string (not on the token budget)."""
+        ...
+
+    def wrap_results(self, texts: Sequence[str]) -> str:
+        """ONE result block holding the results of one turn's calls, in call order."""
+        ...
+
+    def call_arguments(self, calls: Sequence[CallOrError]) -> str:
+        """The arguments of one turn's calls as the trajectory records them (call_k)."""
+        ...
+
+    def markup(self) -> CallMarkup:
+        """Where calls, tool names, arguments and answers lie in this format's text."""
+        ...
+
+
+def call_record(fmt: CallFormat, calls: Sequence[CallOrError],
+                results: Sequence[ToolResult]) -> tuple[str, str, str, str]:
+    """(name, arguments, result text, status) of the ONE ToolCallRecord of a call turn: names
+    joined by "," (a malformed call without a name is "invalid"), the format's arguments, the
+    result text itself for one call else the JSON list of result texts, status the first
+    non-ok one."""
+    names = ",".join(c.tool or "invalid" if isinstance(c, ParseError) else c.tool for c in calls)
+    texts = [r.text for r in results]
+    result_text = texts[0] if len(texts) == 1 else json.dumps(texts, ensure_ascii=False)
+    bad = [r.status.value for r in results if r.status is not ToolStatus.OK]
+    return names, fmt.call_arguments(calls), result_text, bad[0] if bad else ToolStatus.OK.value
 
 
 # A closing tag at the very end of the turn, e.g. "</python>" -> "python".
@@ -60,7 +98,9 @@ class ToolFormat:
             if not re.fullmatch(r"[A-Za-z_][\w\-]*", name):
                 raise ValueError(f"invalid tag name {name!r}")
 
-    # ---- what the sampler and the rollout use ------------------------------------------
+    scores_all_turns = False   # the answer is in the last turn
+
+    # ---- the CallFormat protocol -------------------------------------------------------
     @property
     def stop_strings(self) -> Tuple[str, ...]:
         """Closing tags of every tool and of the answer: the sampler stops on these so the
@@ -74,9 +114,30 @@ class ToolFormat:
         safe = text.replace(close, f"</ {self.result_tag}>")
         return f"\n{_open(self.result_tag)}\n{safe}\n{close}\n"
 
+    def wrap_results(self, texts: Sequence[str]) -> str:
+        if not texts:
+            raise ValueError("wrap_results needs at least one result")
+        return "".join(self.wrap_result(t) for t in texts)
+
+    def parse_calls(self, turn_text: str) -> List[CallOrError]:
+        """The turn's call (one at most in this format), or [] for an answer or plain text."""
+        parsed = self.parse(turn_text)
+        return [parsed] if isinstance(parsed, (ToolCall, ParseError)) else []
+
+    def is_answer(self, turn_text: str, ended: bool) -> bool:
+        """A turn ending in `</answer>` (after its opening tag) is the answer."""
+        return isinstance(self.parse(turn_text), AnswerTurn)
+
+    def call_arguments(self, calls: Sequence[CallOrError]) -> str:
+        """The call's argument text ("" for a malformed call)."""
+        return "\n".join(c.argument for c in calls if isinstance(c, ToolCall))
+
+    def markup(self) -> CallMarkup:
+        return CallMarkup(tool_tags=self.tools, answer_tag=self.answer_tag)
+
     # ---- parsing ----------------------------------------------------------------------
     def parse(self, turn_text: str) -> ParsedTurn:
-        """Parse the call (or answer) at the end of one model turn; see module docstring."""
+        """The call, answer, ParseError or None (plain text) at the END of one model turn."""
         match = _TRAILING_CLOSE.search(turn_text)
         if match is None:
             return self._unclosed_error(turn_text)

@@ -1,6 +1,6 @@
 """JSON function calls (Qwen2.5 / Hermes `<tool_call>{json}</tool_call>`, Llama-3.1 bare JSON).
 
-A second `CallFormat` beside the tag format (`tepo_jax.tools.format.ToolFormat`). The model
+A second `CallFormat` (tools/format.py) beside the tag format `ToolFormat`. The model
 calls functions the way the chat templates render assistant tool calls:
 
   Qwen2.5   <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>
@@ -20,35 +20,32 @@ Turn protocol (how the rollout must use this format):
   the turn says the model is done. `stop_strings` is that token (the sampler's stop ids hold it
   too); the stopping token is kept in the sampled ids (token-in, token-out).
 - Parse: `parse_calls(turn_text)` gives every call of the turn in order (ToolCall, or
-  ParseError for a malformed one). A turn with no call is the final answer (`parse` returns
-  AnswerTurn with the turn's text).
+  ParseError for a malformed one). A turn with no call that ended (EOS or end-of-turn) is the
+  final answer (`is_answer`).
 - Run: all calls of the turn go to the bridge as one batch (`ToolBridge.run_batch`); a
   ParseError's message is that call's result.
 - Insert: `wrap_results([r_1, …, r_m])` (in call order) is encoded once and appended as ONE
   tool-result block; its text equals what the chat template renders between the assistant's
   end-of-turn token and the next assistant header for m tool messages, so the inserted ids
   equal the template's ids.
+- Reward: the reward reads every model turn (`scores_all_turns`), since the calls and the
+  answer sit in different turns.
 - TEPO: the whole multi-call block is one call_k (the TrajectoryBuilder marks everything from
   the first `<tool_call>` (Llama: the bare call's start) to the end of the turn as call_k,
   and the result block is obs_k), so
   ΔH_k compares the reasoning before and after the block.
-- `parse` (the single-call CallFormat protocol) returns the ToolCall for a one-call turn, the
-  first ParseError if any call is malformed, and for several calls a ToolCall to the
-  pseudo-tool MULTI_CALL_TOOL whose argument is the JSON list of calls. No bridge registers
-  that name, so a rollout that only knows `parse` shows the model an 'unknown tool' error
-  instead of silently dropping calls; multi-call rollouts must use `parse_calls`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
-from tepo_jax.rollout.trajectory import TagFormat, bare_call_start
-from tepo_jax.tools.base import AnswerTurn, ParseError, ParsedTurn, ToolCall
+from tepo_jax.tokenizer import render_chat
+from tepo_jax.tools.base import ParseError, ToolCall
+from tepo_jax.tools.format import CallOrError
+from tepo_jax.tools.markup import CallMarkup, bare_call_start
 
-MULTI_CALL_TOOL = "__multi_call__"
-CallOrError = Union[ToolCall, ParseError]
 # End-of-sequence markers a turn may end with, stripped before parsing.
 _TURN_ENDS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 
@@ -100,8 +97,6 @@ def dialect_from_chat_template(tokenizer, base: ChatDialect) -> ChatDialect:
     Renders a probe conversation (one call, then two tool messages holding sentinels) and cuts
     the text after the assistant's end-of-turn token at the sentinels.
     """
-    from tepo_jax.tokenizer import render_chat
-
     call = {"type": "function", "function": {"name": "probe", "arguments": {"x": 1}}}
     head = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
             {"role": "assistant", "content": "", "tool_calls": [call]}]
@@ -138,11 +133,13 @@ class JsonCallFormat:
     max_calls_per_turn: int = 16
     max_argument_chars: int = 20_000
 
+    scores_all_turns = True   # calls and answer are in different turns
+
     def __post_init__(self):
         if self.functions is not None:
             object.__setattr__(self, "functions", tuple(self.functions))
 
-    # ---- what the sampler and the rollout use ------------------------------------------
+    # ---- the CallFormat protocol -------------------------------------------------------
     @property
     def stop_strings(self) -> Tuple[str, ...]:
         """The end-of-turn token: the turn is parsed only once the model has finished it."""
@@ -161,14 +158,22 @@ class JsonCallFormat:
                  for t in texts]
         return d.result_prefix + d.result_separator.join(items) + d.result_suffix
 
-    def tag_format(self) -> TagFormat:
-        """The TagFormat the TrajectoryBuilder needs to find call_k and paint ResT roles: the
-        `<tool_call>` blocks (Qwen2.5), or the bare JSON from `bare_call_start` on (Llama-3.1),
-        the same rule `parse_calls` uses, so call_k always holds the calls that were parsed."""
+    def is_answer(self, turn_text: str, ended: bool) -> bool:
+        """A turn without calls is the answer when it ended (EOS / end-of-turn)."""
+        return ended
+
+    def call_arguments(self, calls: Sequence[CallOrError]) -> str:
+        """The JSON list of the turn's well-formed calls ([{name, arguments}])."""
+        return json.dumps(calls_as_dicts(calls), ensure_ascii=False)
+
+    def markup(self) -> CallMarkup:
+        """The `<tool_call>` blocks (Qwen2.5), or the bare JSON from `bare_call_start` on
+        (Llama-3.1), the same rule `parse_calls` uses, so call_k always holds the calls that
+        were parsed."""
         d = self.dialect
-        return TagFormat(tool_tags=(), json_call_tag=_tag_name(d.call_open),
-                         format_tags=("<think>", "</think>", d.end_of_turn),
-                         bare_json_call=d.call_open is None, call_prefixes=d.call_prefixes)
+        return CallMarkup(tool_tags=(), json_call_tag=_tag_name(d.call_open),
+                          format_tags=("<think>", "</think>", d.end_of_turn),
+                          bare_json_call=d.call_open is None, call_prefixes=d.call_prefixes)
 
     def render_call(self, name: str, arguments: dict) -> str:
         """A call exactly as the chat template renders an assistant tool call (for SFT
@@ -178,19 +183,6 @@ class JsonCallFormat:
         return f"{d.call_open}\n{body}\n{d.call_close}" if d.call_open else body
 
     # ---- parsing ----------------------------------------------------------------------
-    def parse(self, turn_text: str) -> ParsedTurn:
-        calls = self.parse_calls(turn_text)
-        if not calls:
-            answer = _strip_turn_end(turn_text).strip()
-            return AnswerTurn(answer) if answer else None
-        errors = [c for c in calls if isinstance(c, ParseError)]
-        if errors:
-            return errors[0]
-        if len(calls) == 1:
-            return calls[0]
-        batch = [{"name": c.tool, "arguments": json.loads(c.argument)} for c in calls]
-        return ToolCall(MULTI_CALL_TOOL, json.dumps(batch, ensure_ascii=False))
-
     def parse_calls(self, turn_text: str) -> List[CallOrError]:
         """Every call of one model turn, in order; [] for a turn without any call."""
         text = _strip_turn_end(turn_text)

@@ -19,7 +19,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-from tepo_jax.testing.chat_templates import LLAMA31_CHAT_TEMPLATE, QWEN25_CHAT_TEMPLATE
+from tepo_jax.chat_templates import LLAMA31_CHAT_TEMPLATE, QWEN25_CHAT_TEMPLATE
 
 # Pre-tokenizer regexes of the two families (as in their tokenizer.json Split nodes).
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
