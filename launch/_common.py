@@ -23,6 +23,26 @@ def add_dry_run(parser: argparse.ArgumentParser) -> None:
                         help="print the exact commands (one per line, shell-quoted) instead of running them")
 
 
+def check_config(config: str, root: str) -> None:
+    """Refuse, with one `error: ...` line and before anything starts, a config that this checkout
+    loads and finds wrong: a missing file under `root` is left alone (it may exist only where the
+    job runs), but a missing or unknown variant of a family file (configs/X.py:VARIANT) is not.
+    Where this machine lacks the project's requirements, the job's own start-up checks it."""
+    path = config.split(":", 1)[0]
+    local = path if os.path.isabs(path) else os.path.join(root, path)
+    if not os.path.isfile(local):
+        return
+    if REPO_DIR not in sys.path:
+        sys.path.append(REPO_DIR)
+    try:
+        from tepo_jax.cli import load_config_file
+        load_config_file(local + config[len(path):])
+    except ImportError:
+        return
+    except ValueError as e:
+        raise SystemExit(f"error: {str(e).replace(local, path)}")  # the path as the user wrote it
+
+
 def render(cmd: Sequence[str], env: Optional[Mapping[str, str]] = None) -> str:
     """One shell-quoted line; environment variables as an `env K=V ...` prefix."""
     prefix = ["env"] + [f"{k}={v}" for k, v in env.items()] if env else []

@@ -10,7 +10,7 @@ Two modes:
           --coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=i
   Output is prefixed with [i]; the first failure stops the others and sets the exit code.
 
-    python launch/gpu.py --config configs/X.py -- --config.train.steps=100
+    python launch/gpu.py --config configs/gpu_qwen25.py:0p5b -- --config.train.steps=100
 """
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Runner, add_dry_run, coordinator_flags, free_port, run_group  # noqa: E402
+from _common import Runner, add_dry_run, check_config, coordinator_flags, free_port, run_group  # noqa: E402
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="experiment config file, e.g. configs/X.py")
+    p.add_argument("--config", required=True, help="experiment config file, e.g. configs/X.py or "
+                                                   "configs/X.py:VARIANT")
     p.add_argument("--mode", choices=("host", "per-gpu"), default="host")
     p.add_argument("--num-gpus", type=int, default=None, help="per-gpu mode: number of GPUs (processes)")
     p.add_argument("--port", type=int, default=12356, help="per-gpu mode: coordinator port; 0 = a free one")
@@ -48,6 +49,7 @@ def base_command(args) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_config(args.config, os.getcwd())
     env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": args.mem_fraction} if args.mem_fraction else {}
     if args.mode == "host":
         return Runner(args.dry_run).run(base_command(args), env or None, check=False)

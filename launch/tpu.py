@@ -3,9 +3,9 @@
 of create, setup, run). Every subcommand takes --dry-run and then prints the exact commands.
 
     python launch/tpu.py up --name my-v5p --zone Z --accelerator-type v5p-32 --spot \
-        --config configs/X.py -- --config.train.steps=1000
-    python launch/tpu.py logs   --name my-v5p --zone Z --run-name X
-    python launch/tpu.py stop   --name my-v5p --zone Z --run-name X
+        --config configs/tpu_v5p.py:qwen25_7b_grpo -- --config.train.steps=1000
+    python launch/tpu.py logs   --name my-v5p --zone Z --run-name tpu_v5p_qwen25_7b_grpo
+    python launch/tpu.py stop   --name my-v5p --zone Z --run-name tpu_v5p_qwen25_7b_grpo
     python launch/tpu.py delete --name my-v5p --zone Z          # asks you to type the name
 
 Every worker gets the same project copy (a tarball of this checkout, or a git clone) installed
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import REPO_DIR, Runner, add_dry_run  # noqa: E402
+from _common import REPO_DIR, Runner, add_dry_run, check_config  # noqa: E402
 
 GCLOUD_TPU = ["gcloud", "compute", "tpus"]
 # Runtime (software) versions by accelerator generation.
@@ -124,7 +125,12 @@ def do_setup(args, runner: Runner) -> int:
 # ---- run / logs / stop --------------------------------------------------------------------------
 
 def run_name(args) -> str:
-    return args.run_name or os.path.splitext(os.path.basename(args.config))[0]
+    """--run-name, else the config's name: configs/X.py -> X, configs/X.py:VARIANT -> X_VARIANT."""
+    if args.run_name:
+        return args.run_name
+    path, _, variant = args.config.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return f"{name}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', variant)}" if variant else name
 
 
 def run_commands(args) -> list[list[str]]:
@@ -234,8 +240,10 @@ def _setup_flags(p):
 
 
 def _run_flags(p):
-    p.add_argument("--config", required=True, help="experiment config, e.g. configs/X.py")
-    p.add_argument("--run-name", default=None, help="log/pid file name (default: the config's name)")
+    p.add_argument("--config", required=True, help="experiment config (a path in the project copy on the workers), "
+                                                   "e.g. configs/X.py or configs/X.py:VARIANT")
+    p.add_argument("--run-name", default=None, help="log/pid file name (default: the config's name, "
+                                                    "X or X_VARIANT)")
     p.add_argument("--module", default="tepo_jax.train", help="python -m MODULE; it gets --distributed "
                                                               "(tepo_jax.train accepts it)")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for the driver")
@@ -288,6 +296,8 @@ def main(argv=None) -> int:
         value = getattr(args, field, None)
         if value and value[0] == "--":
             setattr(args, field, value[1:])
+    if getattr(args, "config", None):
+        check_config(args.config, REPO_DIR)  # before a slice is created for a config that cannot start
     return args.func(args, Runner(args.dry_run))
 
 

@@ -2,7 +2,7 @@
 
     tepo_jax size --model Qwen2.5-7B --mesh 1,8,1 --devices 8 --device-memory 95GB \
         --slots 64 --cache-len 4096 --batch 8 --seq-len 4096 --remat
-    tepo_jax size --config configs/qwen25_7b_grpo_v5p.py --model Qwen2.5-7B --devices 32 \
+    tepo_jax size --config configs/tpu_v5p.py:qwen25_7b_grpo --model Qwen2.5-7B --devices 32 \
         --device-kind tpu-v5p      # model, mesh and workload of each phase from the config
 
 Exit codes: 0 = fits, 1 = does not fit (MemoryBudgetError), 2 = bad arguments.
@@ -37,8 +37,9 @@ def add_size_parser(sub) -> None:
     p = sub.add_parser("size", help="per-device memory of a model + mesh + workload; exit 1 if it does not fit",
                        description="Per-device memory of params, optimizer state, gradients, KV cache and "
                                    "activations (see tepo_jax/sizing.py for the formulas).")
-    p.add_argument("--config", default=None, help="an experiment config (configs/X.py): model, mesh and the "
-                                                  "workload of each phase come from it; the workload flags are ignored")
+    p.add_argument("--config", default=None, help="an experiment config (configs/X.py, configs/X.py:VARIANT for a "
+                                                  "family): model, mesh and the workload of each phase come from "
+                                                  "it; the workload flags are ignored")
     p.add_argument("--model", default=None, help="preset name, e.g. Qwen2.5-7B (tepo_jax.models.presets); with "
                                                  "--config, the shape to use instead of the config's model")
     p.add_argument("--mesh", type=_mesh, default=None, help="data,fsdp,tensor; one may be -1 (default 1,-1,1)")
@@ -70,7 +71,7 @@ def run_size(args: argparse.Namespace) -> int:
         if args.config:
             return _size_config(args)
         if not args.model:
-            raise ValueError("pass --model PRESET or --config configs/X.py")
+            raise ValueError("pass --model PRESET or --config configs/X.py[:VARIANT]")
         return _size_model(args)
     except sizing.MemoryBudgetError as e:
         print(f"does not fit: {e}")
@@ -136,17 +137,91 @@ def _size_config(args) -> int:
     return failed
 
 
-def load_config_file(path: str):
-    """`get_config()` of an experiment file (configs/X.py)."""
+def split_config_arg(arg: str) -> tuple[str, Optional[str]]:
+    """'configs/tpu_v5p.py:qwen25_7b_grpo' -> ('configs/tpu_v5p.py', 'qwen25_7b_grpo'); the variant
+    is None without a colon (ml_collections' config flag splits it the same way)."""
+    path, colon, variant = arg.partition(":")
+    return path, (variant if colon else None)
+
+
+def load_config_file(arg: str):
+    """The config an experiment file builds: `get_config()` of configs/X.py, or, for a family of
+    configs (a file with a `VARIANTS` table, e.g. configs/tpu_v5p.py), `get_config(VARIANT)` for
+    configs/X.py:VARIANT. A missing file, or a variant that is missing, unknown or given to a file
+    without variants, is a ValueError of one line (listing the variants there are)."""
+    import difflib
     import importlib.util
     import os
 
+    path, variant = split_config_arg(arg)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such config file")
     spec = importlib.util.spec_from_file_location("tepo_jax_config_file", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    variants = getattr(module, "VARIANTS", None)
+    if variants is None:
+        if variant is not None:
+            raise ValueError(f"{path} has no variants: pass --config {path} without ':{variant}'")
+        return module.get_config()
+    if variant in variants:
+        return module.get_config(variant)
+    names = ", ".join(variants)
+    if not variant:
+        raise ValueError(f"{path} is a family of configs: pass --config {path}:VARIANT, VARIANT one of {names}")
+    close = difflib.get_close_matches(variant, list(variants), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ValueError(f"{path}: unknown variant {variant!r}{hint}; the variants are {names}")
+
+
+def config_arg(argv: Sequence[str]) -> Optional[str]:
+    """The value of `--config=X` or `--config X` in `argv`, or None."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def flag_error(argv: Sequence[str], exc: Exception) -> str:
+    """One line for a failed flag parse: the first `--config.a.b=...` override that names no
+    field of the config file, else the first line of what the parser said."""
+    from tepo_jax.config import unknown_field
+    try:
+        config = load_config_file(config_arg(argv) or "")
+    except Exception:  # noqa: BLE001 — the file itself is the problem; the parser's message says so
+        config = None
+    for arg in argv:
+        if config is not None and arg.startswith("--config."):
+            message = unknown_field(config, arg[len("--config."):].split("=", 1)[0])
+            if message:
+                return message
+    return first_line(exc)
+
+
+def first_line(exc: Exception) -> str:
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)  # KeyError: no repr quotes
+    return (text.strip() or type(exc).__name__).splitlines()[0]
+
+
+def parse_config_flags(argv: list[str], flag_values=None) -> list[str]:
+    """absl's flag parsing for a program with an ml_collections `--config` file flag
+    (tepo_jax.train, tepo_jax.evaluate): `--config=configs/X.py[:VARIANT]` then `--config.a.b=v`
+    overrides. A missing file, a missing or unknown variant, a bad flag or override exits with
+    one `error: ...` line instead of absl's traceback or usage text."""
+    from absl import flags
+
+    arg = config_arg(argv[1:])
+    if arg is not None:
+        try:  # the file and its variant first: config_flags would fail later, in a traceback
+            load_config_file(arg)
+        except Exception as e:  # noqa: BLE001 — a broken config file is one line too
+            sys.exit(f"error: {first_line(e)}")
+    try:
+        return (flags.FLAGS if flag_values is None else flag_values)(argv)
+    except Exception as e:  # noqa: BLE001 — ml_collections raises Attribute/Key/Type/ValueError
+        sys.exit(f"error: {flag_error(argv[1:], e)}")
 
 
 # name -> function adding a subparser (with `func` set); the lead's train/eval commands go here.

@@ -1,4 +1,4 @@
-"""Evaluate a policy: `python -m tepo_jax.evaluate --config=configs/X.py --checkpoint=PATH`.
+"""Evaluate a policy: `python -m tepo_jax.evaluate --config=configs/X.py[:VARIANT] --checkpoint=PATH`.
 
 PATH is an HF checkpoint directory (config.json + safetensors, e.g. a run's `sft_final/`) or a
 run's orbax checkpoint directory (`<workdir>/checkpoints`, the latest readable step is used).
@@ -25,6 +25,7 @@ from ml_collections import config_flags
 from tepo_jax import experiment, policy
 from tepo_jax.checkpoints.hf import load_hf
 from tepo_jax.checkpoints.train_state import RunCheckpointer, abstract_like
+from tepo_jax.cli import parse_config_flags
 from tepo_jax.config import ConfigError, validate
 from tepo_jax.rl import loop as rl_loop
 from tepo_jax.rl.optim import OptimConfig, build_optimizer
@@ -121,7 +122,8 @@ def define_flags() -> None:
     """The CLI flags, defined only when run as a program: tepo_jax.train defines --config
     too, and a process (a test) may import both modules."""
     _FLAGS.update(
-        config=config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)"),
+        config=config_flags.DEFINE_config_file("config", None, "experiment config: configs/X.py, or "
+                                                "configs/X.py:VARIANT for a family of configs"),
         checkpoint=flags.DEFINE_string("checkpoint", None, "HF checkpoint dir or a run's checkpoints dir"),
         samples=flags.DEFINE_integer("samples", 0, "0: one greedy rollout per question; N: N sampled ones"),
         split=flags.DEFINE_enum("split", "eval", ["eval", "train"], "which examples to run"),
@@ -147,4 +149,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_config_flags)

@@ -1,4 +1,5 @@
-"""Training entry point: `python -m tepo_jax.train --config=configs/X.py [--config.a.b=v ...]`.
+"""Training entry point: `python -m tepo_jax.train --config=configs/X.py[:VARIANT] [--config.a.b=v ...]`
+(VARIANT picks one config of a family file such as configs/tpu_v5p.py; the file's docstring lists them).
 
 Runs SFT, RL, or SFT then RL, as the config says. Every `train.checkpoint_every` steps, at the
 end of a phase and on SIGTERM or SIGINT, an orbax checkpoint stores params, optimizer, step, RNG
@@ -26,10 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import sys
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 from absl import app, flags
@@ -41,7 +41,8 @@ from tepo_jax import experiment, hostmem, multihost, policy
 from tepo_jax.checkpoints.hf import CheckpointError, load_hf, save_hf
 from tepo_jax.checkpoints.safetensors_io import SafetensorsFormatError
 from tepo_jax.checkpoints.train_state import PreemptionFlag, RunCheckpointer, abstract_like
-from tepo_jax.config import RL, SFT, ConfigError, unknown_field, validate
+from tepo_jax.cli import parse_config_flags
+from tepo_jax.config import RL, SFT, ConfigError, validate
 from tepo_jax.data.jsonl import JsonlError
 from tepo_jax.data.pipeline import DataSourceError, make_dataset
 from tepo_jax.models.config import UnsupportedConfigError
@@ -339,7 +340,8 @@ def train(config) -> dict:
         run.close()
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file: configs/X.py, or "
+                                          "configs/X.py:VARIANT for a family of configs",
                                           lock_config=True)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
@@ -347,43 +349,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this proc
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "initialise jax.distributed from the environment "
                                  "(TPU pod metadata, SLURM) without explicit flags; on by itself where "
                                  "multihost.cluster_detected() sees several processes")
-
-
-def _config_path(argv: Sequence[str]) -> Optional[str]:
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
-def flag_error(argv: Sequence[str], exc: Exception) -> str:
-    """One line for a failed flag parse: the first `--config.a.b=...` override that names no
-    field of the config file, else the first line of what the parser said."""
-    from tepo_jax.cli import load_config_file
-    try:
-        config = load_config_file(_config_path(argv) or "")
-    except Exception:  # noqa: BLE001 — the file itself is the problem; the parser's message says so
-        config = None
-    for arg in argv:
-        if config is not None and arg.startswith("--config."):
-            message = unknown_field(config, arg[len("--config."):].split("=", 1)[0])
-            if message:
-                return message
-    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)  # KeyError: no repr quotes
-    return (text.strip() or type(exc).__name__).splitlines()[0]
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing; a bad flag or override exits with one `error: ...` line."""
-    path = _config_path(argv[1:])
-    if path and not os.path.isfile(path.split(":")[0]):  # config_flags would fail later, in a traceback
-        sys.exit(f"error: {path}: no such config file")
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 — ml_collections raises Attribute/Key/Type/ValueError
-        sys.exit(f"error: {flag_error(argv[1:], e)}")
 
 
 def _configure_logging() -> None:
@@ -411,7 +376,7 @@ def main(argv) -> None:
     try:
         _initialize_distributed()
         if _CONFIG.value is None:
-            raise ConfigError("--config=configs/<experiment>.py is required")
+            raise ConfigError("--config=configs/<experiment>.py[:VARIANT] is required")
         result = train(_CONFIG.value)
     except Preempted as e:
         log.warning("%s", e)
@@ -423,4 +388,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=parse_config_flags)

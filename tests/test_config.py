@@ -29,6 +29,19 @@ def load(path):
     return module
 
 
+def config_names(path) -> list[str]:
+    """What `--config` takes for a file: configs/X.py, or configs/X.py:VARIANT for each variant of a family."""
+    name, variants = os.path.relpath(path, ROOT), getattr(load(path), "VARIANTS", None)
+    return [f"{name}:{v}" for v in variants] if variants is not None else [name]
+
+
+CONFIGS = [c for path in CONFIG_FILES for c in config_names(path)]  # every config a user can run
+
+
+def file_of(config: str) -> str:
+    return os.path.join(ROOT, config.split(":", 1)[0])
+
+
 def launcher(name):
     spec = importlib.util.spec_from_file_location(f"launch_{name}", os.path.join(ROOT, "launch", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
@@ -36,57 +49,207 @@ def launcher(name):
     return module
 
 
-def doc_commands(doc: str, prefix: str) -> list[list[str]]:
-    """argv of each docstring line (after its `Heading:`) that starts with `prefix`."""
+def doc_commands(doc: str, prefix: str, config: str = None) -> list[list[str]]:
+    """argv of each docstring line (after its `Heading:`) that starts with `prefix` (and, given
+    `config`, runs that config: `--config=CONFIG` or `--config CONFIG`)."""
     out = []
     for line in doc.splitlines():
         text = line.split(":", 1)[1].strip() if line[:1].isupper() and ":" in line else line.strip()
         if text.startswith(prefix):
-            out.append(shlex.split(text))
+            argv = shlex.split(text)
+            if config is None or cli.config_arg(argv) == config:
+                out.append(argv)
     return out
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_shipped_configs_validate_and_document_themselves(path):
-    module = load(path)
-    doc = module.__doc__ or ""
+COMMANDS = ("python -m tepo_jax.train", "python launch/", "tepo_jax size")
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_shipped_configs_validate_and_document_themselves(config):
+    doc = load(file_of(config)).__doc__ or ""
     for heading in ("Command:", "Hardware:", "Runtime:"):
-        assert heading in doc, f"{path} docstring lacks {heading}"
-    validate(module.get_config())
-    name = os.path.relpath(path, ROOT)
-    (train,) = doc_commands(doc, "python -m tepo_jax.train")
-    assert f"--config={name}" in train, f"{path}: the Command: line runs another config"
+        assert heading in doc, f"{config}: docstring lacks {heading}"
+    validate(cli.load_config_file(os.path.join(ROOT, config)))
+    assert len(doc_commands(doc, "python -m tepo_jax.train", config)) == 1, \
+        f"{config}: the docstring needs one `python -m tepo_jax.train --config={config}` line"
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_docstring_launch_and_size_commands_work(path, capsys, monkeypatch):
-    """Every `python launch/X.py ...` line runs with --dry-run; every `tepo_jax size` line fits."""
+def test_docstring_commands_run_configs_of_their_file(path):
+    """No docstring line runs another file's config, or a variant that does not exist."""
+    doc, names = load(path).__doc__ or "", set(config_names(path))
+    for prefix in COMMANDS:
+        for argv in doc_commands(doc, prefix):
+            assert cli.config_arg(argv) in names, f"{path}: {shlex.join(argv)} runs none of {sorted(names)}"
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_docstring_launch_and_size_commands_work(config, capsys, monkeypatch):
+    """Every `python launch/X.py ...` line runs with --dry-run and passes the config, variant
+    included, to the job; every `tepo_jax size` line fits."""
     monkeypatch.chdir(ROOT)
-    doc, name = load(path).__doc__, os.path.relpath(path, ROOT)
-    if "launch/" in doc or "_v5p" in name or name.startswith("configs/gpu_"):
-        assert doc_commands(doc, "python launch/"), f"{path}: names a launcher but gives no launch command"
-    for argv in doc_commands(doc, "python launch/"):
+    doc = load(file_of(config)).__doc__
+    launches = doc_commands(doc, "python launch/", config)
+    if "launch/" in doc or config.startswith(("configs/tpu_", "configs/gpu_")):
+        assert launches, f"{config}: names a launcher but gives no launch command for it"
+    for argv in launches:
         script = os.path.splitext(os.path.basename(argv[1]))[0]
         rest = argv[2:]
         cut = rest.index("--") if "--" in rest else len(rest)
         assert launcher(script).main(rest[:cut] + ["--dry-run"] + rest[cut:]) == 0, argv
-        assert name in capsys.readouterr().out
-    for argv in doc_commands(doc, "tepo_jax size"):
-        assert cli.main(argv[1:]) == 0, f"{path}: {shlex.join(argv)} does not fit:\n{capsys.readouterr().out}"
+        assert f"--config={config}" in capsys.readouterr().out
+    sizes = doc_commands(doc, "tepo_jax size", config)
+    if config.startswith(("configs/tpu_", "configs/gpu_")):
+        assert len(sizes) == 1, f"{config}: needs one `tepo_jax size --config {config}` line"
+    for argv in sizes:
+        assert cli.main(argv[1:]) == 0, f"{config}: {shlex.join(argv)} does not fit:\n{capsys.readouterr().out}"
 
 
 def test_at_least_the_required_configs_exist():
-    names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
-    for adv in ("grpo", "tepo_sparse", "tepo_dense"):
-        assert f"qwen25_7b_{adv}_v5p" in names and f"llama31_8b_{adv}_v5p" in names
-    assert "demo_cpu" in names and "gpu_qwen25_0p5b" in names
+    for model in ("qwen25_7b", "llama31_8b"):
+        for adv in ("grpo", "tepo_sparse", "tepo_dense"):
+            assert f"configs/tpu_v5p.py:{model}_{adv}" in CONFIGS
+    for config in ("configs/demo_cpu.py", "configs/function_calling_cpu.py", "configs/gpu_qwen25.py:0p5b",
+                   "configs/gpu_qwen25.py:1p5b"):
+        assert config in CONFIGS
+
+
+# ---------------------------------------------------------------------------- families
+
+# The eight files that the two families replaced, frozen from them when they were deleted: what
+# each set on top of defaults() (shared by the family, then its own). A family must build exactly
+# these configs.
+OLD_POD = dict(
+    mode="rl",
+    model=dict(dtype="bfloat16", param_dtype="float32", remat=True),
+    mesh=dict(data=1, fsdp=-1, tensor=1),
+    data=dict(task="qa", train_path="/path/to/musique_train.jsonl", eval_path="/path/to/musique_dev.jsonl",
+              layout="musique", prompts_per_step=64),
+    tools=dict(search_corpus="/path/to/wiki18_passages.jsonl"),
+    rollout=dict(group_size=8, max_calls=5, max_tokens=4096, max_turn_tokens=1024, cache_len=8192),
+    optim=dict(lr=1e-6, warmup_steps=10),
+    train=dict(steps=300, micro_batches=8, eval_every=20, checkpoint_every=10))
+OLD_GPU = dict(
+    mode="rl",
+    model=dict(dtype="bfloat16", param_dtype="float32", remat=True),
+    mesh=dict(data=1, fsdp=-1, tensor=1),
+    data=dict(task="math", train_path="/path/to/gsm8k_train.jsonl", eval_path="/path/to/gsm8k_test.jsonl",
+              layout="gsm8k", prompts_per_step=16),
+    tools=dict(search=False),
+    rollout=dict(group_size=8, max_calls=5, max_tokens=1536, max_turn_tokens=512, cache_len=2048),
+    algo=dict(advantage="tepo_sparse"),
+    optim=dict(lr=1e-6, warmup_steps=10),
+    train=dict(steps=200, micro_batches=8, eval_every=20, checkpoint_every=10))
+
+
+def _own(workdir, checkpoint, advantage=None):
+    own = dict(workdir=workdir, model=dict(hf_checkpoint=f"/path/to/{checkpoint}"),
+               tokenizer=dict(path=f"/path/to/{checkpoint}"))
+    return {**own, "algo": dict(advantage=advantage)} if advantage else own
+
+
+OLD_FILES = {  # deleted file: (the config that replaces it, the family's fields, the file's own)
+    **{f"{model}_{adv}_v5p.py": (f"configs/tpu_v5p.py:{model}_{adv}", OLD_POD,
+                                 _own(f"/mnt/shared/runs/{model}_{adv}_v5p", checkpoint, adv))
+       for model, checkpoint in (("qwen25_7b", "Qwen2.5-7B-Instruct"), ("llama31_8b", "Llama-3.1-8B-Instruct"))
+       for adv in ("grpo", "tepo_sparse", "tepo_dense")},
+    "gpu_qwen25_0p5b.py": ("configs/gpu_qwen25.py:0p5b", OLD_GPU,
+                           _own("runs/gpu_qwen25_0p5b", "Qwen2.5-0.5B-Instruct")),
+    "gpu_qwen25_1p5b.py": ("configs/gpu_qwen25.py:1p5b", OLD_GPU,
+                           _own("runs/gpu_qwen25_1p5b", "Qwen2.5-1.5B-Instruct")),
+}
+
+
+def _set(c, fields: dict):
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            _set(c[key], value)
+        else:
+            c[key] = value
+
+
+@pytest.mark.parametrize("old", sorted(OLD_FILES))
+def test_families_build_exactly_the_configs_they_replaced(old):
+    config, family, own = OLD_FILES[old]
+    expected = defaults()
+    _set(expected, family)
+    _set(expected, own)
+    assert cli.load_config_file(os.path.join(ROOT, config)).to_dict() == expected.to_dict()
+    assert not os.path.exists(os.path.join(ROOT, "configs", old)), f"configs/{old} is back: a variant of {config}"
+
+
+def test_every_variant_is_frozen_above():
+    assert sorted(c for c in CONFIGS if ":" in c) == sorted(config for config, _, _ in OLD_FILES.values())
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("configs/tpu_v5p.py", "configs/tpu_v5p.py is a family of configs: pass --config configs/tpu_v5p.py:VARIANT, "
+                           "VARIANT one of qwen25_7b_grpo, qwen25_7b_tepo_sparse, qwen25_7b_tepo_dense, "
+                           "llama31_8b_grpo, llama31_8b_tepo_sparse, llama31_8b_tepo_dense"),
+    ("configs/tpu_v5p.py:", "configs/tpu_v5p.py is a family of configs: pass --config configs/tpu_v5p.py:VARIANT"),
+    ("configs/tpu_v5p.py:qwen25_7b_tepo_sprase", "configs/tpu_v5p.py: unknown variant 'qwen25_7b_tepo_sprase' (did "
+                                                 "you mean qwen25_7b_tepo_sparse?); the variants are qwen25_7b_grpo, "),
+    ("configs/gpu_qwen25.py:7b", "configs/gpu_qwen25.py: unknown variant '7b'; the variants are 0p5b, 1p5b"),
+    ("configs/demo_cpu.py:tiny", "configs/demo_cpu.py has no variants: pass --config configs/demo_cpu.py without "
+                                 "':tiny'"),
+    ("configs/no_such.py:x", "configs/no_such.py: no such config file"),
+])
+def test_a_wrong_variant_is_one_line_naming_the_variants(arg, message, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError) as e:
+        cli.load_config_file(arg)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def parse_config_flag(argv: list[str]):
+    """`argv` parsed as tepo_jax.train and tepo_jax.evaluate parse theirs: the same ml_collections
+    flag, in a FlagValues of its own."""
+    from absl import flags
+    from ml_collections import config_flags
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=["prog", *argv])
+    cli.parse_config_flags(["prog", *argv], flag_values=fv)
+    return fv.config
+
+
+def test_config_flag_takes_a_variant_with_overrides_on_top(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    c = parse_config_flag(["--config=configs/tpu_v5p.py:llama31_8b_grpo", "--config.train.steps=3",
+                           "--config.algo.advantage=tepo_dense"])
+    assert (c.train.steps, c.algo.advantage, c.workdir) == (3, "tepo_dense", "/mnt/shared/runs/llama31_8b_grpo_v5p")
+    assert c.model.hf_checkpoint == "/path/to/Llama-3.1-8B-Instruct"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config=configs/tpu_v5p.py"], "error: configs/tpu_v5p.py is a family of configs"),
+    (["--config", "configs/gpu_qwen25.py:2b"], "error: configs/gpu_qwen25.py: unknown variant '2b'; "
+                                              "the variants are 0p5b, 1p5b"),
+    (["--config=configs/gpu_qwen25.py:1p5b", "--config.rollout.groupsize=8"],
+     "error: config.rollout.groupsize: unknown field (did you mean config.rollout.group_size?)"),
+])
+def test_config_flag_errors_are_one_line(argv, message, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as e:
+        parse_config_flag(argv)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), e.value
+
+
+def test_size_takes_a_variant(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert cli.main(["size", "--config", "configs/gpu_qwen25.py:1p5b", "--model", "Qwen2.5-1.5B", "--devices", "1",
+                     "--device-kind", "h200"]) == 0
+    assert capsys.readouterr().out.startswith("configs/gpu_qwen25.py:1p5b: 1.")
+    assert cli.main(["size", "--config", "configs/gpu_qwen25.py", "--devices", "1"]) == 2
+    assert capsys.readouterr().err == ("error: configs/gpu_qwen25.py is a family of configs: pass --config "
+                                       "configs/gpu_qwen25.py:VARIANT, VARIANT one of 0p5b, 1p5b\n")
 
 
 # ---------------------------------------------------------------------------- preflight
 
-def _size_args(doc: str):
-    """The parsed `tepo_jax size` line of a docstring, or None."""
-    lines = doc_commands(doc, "tepo_jax size")
+def _size_args(doc: str, config: str):
+    """The parsed `tepo_jax size` line of a docstring for `config`, or None."""
+    lines = doc_commands(doc, "tepo_jax size", config)
     return cli.build_parser().parse_args(lines[0][1:]) if lines else None
 
 
@@ -141,15 +304,14 @@ def with_stand_in_files(config, size_args, tmp_path):
     return validate(config)
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_shipped_configs_pass_preflight(path, tmp_path):
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_pass_preflight(name, tmp_path):
     """validate -> experiment.setup (data, tokenizer, tools: what crashed when a config named no
     search corpus) on stand-in files -> the model's shape from its config.json -> the memory
     check on the hardware of the `Size:` line (else this machine). It stops where the real run
     allocates the model."""
-    module = load(path)
-    size_args = _size_args(module.__doc__)
-    config = with_stand_in_files(module.get_config(), size_args, tmp_path)
+    size_args = _size_args(load(file_of(name)).__doc__, name)
+    config = with_stand_in_files(cli.load_config_file(os.path.join(ROOT, name)), size_args, tmp_path)
     exp = experiment.setup(config)
     try:
         assert exp.train_examples and set(exp.tools) == set(exp.bridge.tools)  # every enabled tool was built

@@ -127,6 +127,13 @@ def test_bad_checkpoint_is_one_line_error(run, tmp_path):
     assert ev.checkpoint_kind(str(run / "checkpoints")) == ev.ORBAX
 
 
+def test_a_wrong_config_variant_is_one_line_error(tmp_path):
+    out = run_cli("tepo_jax.evaluate", "--config=configs/gpu_qwen25.py:7b", f"--checkpoint={tmp_path}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == ("error: configs/gpu_qwen25.py: unknown variant '7b'; "
+                                  "the variants are 0p5b, 1p5b"), out.stderr[-2000:]
+
+
 def test_tokenizer_of_the_checkpoint_must_match(run, tmp_path):
     from tepo_jax.tiny_tokenizer import build_tiny_tokenizer
     from tepo_jax.tokenizer import load_tokenizer

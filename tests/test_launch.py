@@ -95,6 +95,32 @@ def test_tpu_run_starts_config_on_every_worker_with_quoted_overrides(capsys):
     assert remote.startswith("cd tepo_jax && ")
 
 
+def test_tpu_run_passes_a_config_variant_and_names_the_run_after_it(capsys, monkeypatch):
+    monkeypatch.chdir("/")  # a family file is checked in this checkout, wherever the command runs
+    (cmd,) = dry(tpu, ["run", *LOC, "--config", "configs/tpu_v5p.py:llama31_8b_tepo_dense", "--",
+                       "--config.train.steps=3"], capsys)
+    words = shlex.split(flag(cmd, "--command"))
+    assert words[words.index("--config=configs/tpu_v5p.py:llama31_8b_tepo_dense") + 1:][:2] == [
+        "--distributed", "--config.train.steps=3"]
+    assert "logs/tpu_v5p_llama31_8b_tepo_dense.log" in words
+    (cmd,) = dry(tpu, ["run", *LOC, "--config", "configs/elsewhere.py:a=1,b=2"], capsys)  # not here: as given
+    assert "--config=configs/elsewhere.py:a=1,b=2" in shlex.split(flag(cmd, "--command"))
+    assert "logs/elsewhere_a_1_b_2.log" in shlex.split(flag(cmd, "--command"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["up", *LOC, "--accelerator-type", "v5p-64", "--config", "configs/tpu_v5p.py:qwen25_7b_ppo"],
+    ["run", *LOC, "--config", "configs/tpu_v5p.py"],
+])
+def test_tpu_refuses_a_wrong_variant_before_anything_starts(argv, capsys, monkeypatch):
+    ran = []
+    monkeypatch.setattr(tpu.Runner, "run", lambda self, c, *a, **k: ran.append(c))
+    with pytest.raises(SystemExit) as e:
+        tpu.main(argv)
+    assert str(e.value).startswith("error: configs/tpu_v5p.py") and "qwen25_7b_grpo, " in str(e.value)
+    assert "\n" not in str(e.value) and ran == []
+
+
 def test_tpu_up_is_create_setup_run(capsys):
     cmds = dry(tpu, ["up", *LOC, "--accelerator-type", "v5litepod-16", "--config", "configs/x.py",
                      "--run-name", "exp1"], capsys)
@@ -141,6 +167,16 @@ def test_gpu_launcher(capsys):
         assert cmd[-3:] == ["--coordinator_address=127.0.0.1:999", "--num_processes=4", f"--process_id={i}"]
     with pytest.raises(SystemExit):
         gpu.main(["--config", "configs/x.py", "--mode", "per-gpu", "--dry-run"])
+
+
+def test_gpu_launcher_passes_a_config_variant_and_refuses_a_wrong_one(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cmds = dry(gpu, ["--config", "configs/gpu_qwen25.py:1p5b", "--mode", "per-gpu", "--num-gpus", "2"], capsys)
+    assert [cmd[5] for cmd in cmds] == ["--config=configs/gpu_qwen25.py:1p5b"] * 2
+    with pytest.raises(SystemExit) as e:
+        gpu.main(["--config", "configs/gpu_qwen25.py:7b", "--dry-run"])
+    assert str(e.value) == "error: configs/gpu_qwen25.py: unknown variant '7b'; the variants are 0p5b, 1p5b"
+    assert capsys.readouterr().out == ""
 
 
 def test_local_launcher_dry_run(capsys, monkeypatch):

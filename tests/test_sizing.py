@@ -148,7 +148,7 @@ def test_cli_exit_codes(capsys):
 
 def test_workloads_come_from_the_config():
     from tepo_jax.cli import load_config_file
-    c = load_config_file(os.path.join(ROOT, "configs", "gpu_qwen25_0p5b.py"))
+    c = load_config_file(os.path.join(ROOT, "configs", "gpu_qwen25.py") + ":0p5b")
     (rl,) = policy.config_workloads(c).values()  # mode rl: one phase
     rows = c.data.prompts_per_step * c.rollout.group_size
     assert (rl.batch, rl.seq_len, rl.slots, rl.cache_len) == (rows // c.train.micro_batches, c.rollout.cache_len,
@@ -161,7 +161,7 @@ def test_workloads_come_from_the_config():
 
 
 def test_cli_size_from_a_config(capsys):
-    config = os.path.join(ROOT, "configs", "gpu_qwen25_0p5b.py")
+    config = os.path.join(ROOT, "configs", "gpu_qwen25.py") + ":0p5b"
     base = ["size", "--config", config, "--model", "Qwen2.5-0.5B", "--devices", "1"]
     assert cli.main(base + ["--device-kind", "h100"]) == 0
     out = capsys.readouterr().out

@@ -269,10 +269,16 @@ def test_a_bad_override_is_exactly_one_line(tmp_path, override, message):
     assert out.stderr.strip().startswith(f"error: {message}"), out.stderr
 
 
-def test_a_missing_config_file_is_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "tepo_jax.train", "--config=configs/no_such.py"], cwd=ROOT,
+@pytest.mark.parametrize("config, message", [
+    ("configs/no_such.py", "configs/no_such.py: no such config file"),
+    ("configs/tpu_v5p.py", "configs/tpu_v5p.py is a family of configs: pass --config configs/tpu_v5p.py:VARIANT, "
+                           "VARIANT one of qwen25_7b_grpo, qwen25_7b_tepo_sparse, qwen25_7b_tepo_dense, "
+                           "llama31_8b_grpo, llama31_8b_tepo_sparse, llama31_8b_tepo_dense"),
+])
+def test_a_missing_config_file_or_variant_is_one_line(config, message):
+    out = subprocess.run([sys.executable, "-m", "tepo_jax.train", f"--config={config}"], cwd=ROOT,
                          env=env(), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and out.stderr.strip() == "error: configs/no_such.py: no such config file"
+    assert out.returncode == 1 and out.stderr.strip() == f"error: {message}"
 
 
 @pytest.fixture(scope="module")
