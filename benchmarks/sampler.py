@@ -120,7 +120,7 @@ def run_once(sampler, prompts, params, new_tokens):
     t1 = time.perf_counter()
     outs = []
     while len(outs) < len(prompts):
-        outs += sampler.step()
+        outs += sampler.advance()
     t2 = time.perf_counter()
     for o in outs:
         sampler.release(o.slot)

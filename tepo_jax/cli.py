@@ -9,13 +9,11 @@ Exit codes: 0 = fits, 1 = does not fit (MemoryBudgetError), 2 = bad arguments.
 """
 from __future__ import annotations
 
+# JAX and the model code are imported inside the subcommands, not here: `tepo_jax --help`,
+# a bad flag or a bad config answers at once instead of after importing JAX (seconds).
 import argparse
 import sys
 from typing import Callable, Optional, Sequence
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16"}
-
 
 def _mesh(text: str):
     from tepo_jax.sharding import MeshConfig
@@ -28,9 +26,12 @@ def _mesh(text: str):
 
 def _dtype(text: str):
     import jax.numpy as jnp
-    if text.lower() not in _DTYPES:
-        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; one of {sorted(_DTYPES)}")
-    return jnp.dtype(_DTYPES[text.lower()])
+
+    from tepo_jax.models.config import dtype_named
+    try:
+        return jnp.dtype(dtype_named(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_size_parser(sub) -> None:

@@ -16,7 +16,7 @@ import ml_collections
 
 from tepo_jax.errors import ConfigError
 
-ADVANTAGES = ("grpo", "tepo_sparse", "tepo_dense")
+ADVANTAGES = ("grpo", "tepo_sparse", "tepo_dense")   # the one list (rl/advantages.AdvantageKind)
 MODES = ("sft", "rl", "sft_then_rl")
 SFT, RL = "sft", "rl"                     # the phases a mode runs
 TASKS = ("synthetic", "math", "qa", "function_calling")

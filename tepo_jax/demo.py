@@ -29,12 +29,13 @@ from typing import Optional
 
 from tepo_jax.analysis import compare, pilot
 from tepo_jax.analysis.plots import plot_dh_by_class, plot_training_curves
+from tepo_jax.config import ADVANTAGES
 from tepo_jax.data import jsonl, synthetic
 from tepo_jax.data.loading import synthetic_data_dir
 from tepo_jax.rollout.trajectory import read_jsonl
 from tepo_jax.train import train
 
-ALGOS = ("grpo", "tepo_sparse", "tepo_dense")
+ALGOS = ADVANTAGES   # every advantage the stack has, from the same SFT checkpoint
 SFT_ONLY = "SFT only"
 CURVES = (("reward/score", (), "training reward (sampled rollouts)"),
           ("accuracy", (), "held-out accuracy (greedy)"),

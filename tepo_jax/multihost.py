@@ -6,11 +6,11 @@ mesh are SPMD and every process must call them in the same order. The rollout's 
 flow (which slots stopped, when a tool result is appended) differs per host, so the sampler
 cannot run on the global mesh. Instead, per RL step:
 
-1. every process holds the same global prompt order and takes positions `p::P` of the step's
-   global batch (`local_positions`); a GRPO group stays on its host;
+1. every process holds the same global prompt order and takes batch slots `p::P` of the step's
+   global batch (`local_batch_slots`); a GRPO group stays on its host;
 2. it samples them with its own sampler on a host-local `(data, fsdp, tensor)` mesh over
    `jax.local_devices()` (`local_mesh`), with its own tool bridge; per-request seeds use the
-   GLOBAL positions, so what is sampled does not depend on the process count;
+   GLOBAL batch slots, so what is sampled does not depend on the process count;
 3. the policy reaches the local mesh through `LocalParams`: one jitted reshard of the train
    state's params onto a "hosts × local" mesh where they are replicated over hosts and laid
    out within each host as on the local mesh; each process then wraps its own shards as a
@@ -54,8 +54,8 @@ def is_multiprocess() -> bool:
 
 # ----------------------------------------------------------------------------- data split
 
-def local_positions(n: int, process: Optional[int] = None, count: Optional[int] = None) -> list[int]:
-    """Positions of a global batch of `n` items that `process` (default: this one) handles:
+def local_batch_slots(n: int, process: Optional[int] = None, count: Optional[int] = None) -> list[int]:
+    """Slots of a global batch of `n` items that `process` (default: this one) handles:
     p, p + P, p + 2P, … (strided: every process gets the same count when P divides n)."""
     p = jax.process_index() if process is None else process
     c = jax.process_count() if count is None else count
@@ -184,18 +184,18 @@ def allgather_objects(obj: Any) -> list:
     return [pickle.loads(everything[i, :n].tobytes()) for i, n in enumerate(sizes)]
 
 
-def gather_groups(trajs: Sequence, positions: Sequence[int]) -> list:
+def gather_groups(trajs: Sequence, batch_slots: Sequence[int]) -> list:
     """Every process's trajectories, in the global batch order, with `group_id` = global
-    position: what a single-process rollout of the whole batch returns. `trajs` are this
-    process's, with group_id = index into its `positions`."""
+    batch slot: what a single-process rollout of the whole batch returns. `trajs` are this
+    process's, with group_id = index into its `batch_slots`."""
     if not is_multiprocess():
         return list(trajs)
-    by_position = {}
-    for local_pos, local_trajs in allgather_objects((list(positions), list(trajs))):
+    by_slot = {}
+    for local_slots, local_trajs in allgather_objects((list(batch_slots), list(trajs))):
         for t in local_trajs:
-            g = local_pos[t.group_id]
-            by_position.setdefault(g, []).append(dataclasses.replace(t, group_id=g))
-    return [t for g in sorted(by_position) for t in by_position[g]]
+            g = local_slots[t.group_id]
+            by_slot.setdefault(g, []).append(dataclasses.replace(t, group_id=g))
+    return [t for g in sorted(by_slot) for t in by_slot[g]]
 
 
 def any_process(flag: bool) -> bool:

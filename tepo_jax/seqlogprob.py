@@ -94,10 +94,10 @@ def sequence_logprob_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.
     chunk_fn = lambda h, y, k: _chunk_logprob_entropy(h, k, y, vocab_chunk, entropy_grad)  # noqa: E731
     body = jax.checkpoint(chunk_fn) if entropy_grad else chunk_fn
 
-    def step(_, xs):
+    def scan_body(_, xs):
         return None, body(xs[0], xs[1], kernel)
 
-    _, (lp, ent) = jax.lax.scan(step, None, (hs, ys))
+    _, (lp, ent) = jax.lax.scan(scan_body, None, (hs, ys))
     unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * chunk_size)[:, :t]  # noqa: E731
     return unchunk(lp), unchunk(ent)
 

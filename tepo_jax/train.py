@@ -254,7 +254,7 @@ class Run:
             rest=rl_loop.rest_config(c, c.train.steps), kl_coef=c.loss.kl_coef,
             row_multiple=experiment.batch_shards(self.mesh) * c.train.micro_batches,
             seq_buckets=power_of_two_buckets(128, c.rollout.cache_len))
-        # One global prompt order on every process (indices); each rolls out positions p::P.
+        # One global prompt order on every process (example indices); each rolls out batch slots p::P.
         data = make_dataset(range(len(self.exp.train_examples)), seed=c.seed + 1,
                             batch_size=c.data.prompts_per_step).__iter__()
         if phase.data_state:
@@ -266,12 +266,12 @@ class Run:
             result = self.evaluate(agent, model_def, state, 0)
         stop = self.stop_requested()
         while phase.step < c.train.steps and not stop:
-            indices = next(data)
-            positions = multihost.local_positions(len(indices))
+            example_indices = next(data)
+            slots = multihost.local_batch_slots(len(example_indices))
             state, metrics, trajs = rl_loop.rl_step(
-                state, [self.exp.train_examples[indices[i]] for i in positions], phase.step, agent=agent,
+                state, [self.exp.train_examples[example_indices[i]] for i in slots], phase.step, agent=agent,
                 model_def=model_def, train_step=step_fn, logprob_fn=logprob_fn, put_batch=put, cfg=step_cfg,
-                seed=c.seed, ref_params=ref_params, positions=positions, localize=self.localize)
+                seed=c.seed, ref_params=ref_params, batch_slots=slots, localize=self.localize)
             phase.step, self.global_step = phase.step + 1, self.global_step + 1
             phase.data_state = data.get_state()
             self.log.write(phase.step, RL, metrics)
@@ -308,10 +308,10 @@ class Run:
             return {}
         params = rl_loop.sampler_state(model_def, state.params)
         agent.sampler.update_params(self.localize(params) if self.localize else params)
-        positions = multihost.local_positions(len(self.exp.eval_examples))
-        trajs = agent.run([self.exp.eval_examples[i] for i in positions], seed=self.config.seed, group_size=1,
-                          greedy=True, indices=positions)
-        trajs = multihost.gather_groups(trajs, positions)
+        slots = multihost.local_batch_slots(len(self.exp.eval_examples))
+        trajs = agent.run([self.exp.eval_examples[i] for i in slots], seed=self.config.seed, group_size=1,
+                          greedy=True, batch_slots=slots)
+        trajs = multihost.gather_groups(trajs, slots)
         metrics = rl_loop.eval_metrics(trajs)
         self.log.write(step, "eval", metrics)
         self.log.save_trajectories(f"eval_{step:06d}", trajs)

@@ -397,3 +397,24 @@ def test_small_classes_get_no_interval_and_say_why():
     assert "not shown" in text
     assert json.loads(json.dumps(rep.to_dict(), allow_nan=False))["ci_bootstrap"] == [None, None]
     assert not math.isnan(pilot.pilot_report(labels, n_boot=300, min_class_n=1).ci_bootstrap[0])
+
+
+def test_cli_rules_by_import_path(tmp_path, capsys, monkeypatch):
+    """--rules pkg.module:TABLE replaces a tool's rule; a bad path is a one-line error."""
+    from tepo_jax.runlog import RunLog
+    log = RunLog(tmp_path, tensorboard=False)
+    log.save_trajectories("rl_000001", [make_traj([2.0, 1.0], [("search", "q", "Efport", "ok")])])
+    (tmp_path / "my_rules.py").write_text(
+        "from tepo_jax.analysis import pilot\n"
+        "RULES = {'search': lambda ctx: pilot.Quality(False, 'mine')}\nNOT_A_TABLE = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "pilot.json"
+    args = ["--trajectories", str(tmp_path / "trajectories"), "--n-boot", "50", "--json", str(out)]
+    assert pilot.main(args + ["--rules", "my_rules:RULES"]) == 0
+    assert [lb["reason"] for lb in json.loads(out.read_text())["labels"]] == ["mine"]
+    capsys.readouterr()
+    for spec, needle in (("my_rules:MISSING", "has no 'MISSING'"), ("no_such_module:R", "cannot import"),
+                         ("my_rules:NOT_A_TABLE", "expected a dict"), ("my_rules", "package.module:NAME")):
+        assert pilot.main(args + ["--rules", spec]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1

@@ -76,7 +76,7 @@ class Recorder:
 
     def __init__(self, sampler):
         self.sampler, self.order, self.pieces, self.turns, self.logprobs = sampler, [], {}, {}, {}
-        submit, step, append = sampler.submit, sampler.step, sampler.append
+        submit, advance, append = sampler.submit, sampler.advance, sampler.append
 
         def rec_submit(prompt_ids, params=None, request_id=None):
             self.order.append(request_id)
@@ -84,8 +84,8 @@ class Recorder:
             self.logprobs[request_id] = [[0.0] * len(prompt_ids)]
             return submit(prompt_ids, params, request_id=request_id)
 
-        def rec_step():
-            outs = step()
+        def rec_advance():
+            outs = advance()
             for o in outs:
                 self.pieces[o.request_id].append(o.tokens.tolist())
                 self.turns[o.request_id].append(o.tokens.tolist())
@@ -98,7 +98,7 @@ class Recorder:
             self.logprobs[rid].append([0.0] * len(ids))
             return append(slot, ids, params)
 
-        sampler.submit, sampler.step, sampler.append = rec_submit, rec_step, rec_append
+        sampler.submit, sampler.advance, sampler.append = rec_submit, rec_advance, rec_append
 
     def sequence(self, k):
         rid = self.order[k]

@@ -134,7 +134,7 @@ def test_slot_refill_continuous_batching(models, samplers):
             i = queue.pop(0)
             refilled_while_running |= len(outs) > 0 and any(s.slot_state(j) == "running" for j in range(4))
             submitted[s.submit(ps[i], SamplingParams(greedy=True, max_tokens=budgets[i]), request_id=i)] = i
-        for out in s.step():
+        for out in s.advance():
             outs[out.request_id] = out
             s.release(out.slot)
     assert refilled_while_running and sorted(outs) == list(range(7))
@@ -159,14 +159,14 @@ def test_resume_after_stop_string_equals_full_forward(models, samplers):
     stop = f"<{free_run[j]}><{free_run[j + 1]}>"
     sampler = s
     slot = sampler.submit(prompt, SamplingParams(greedy=True, max_tokens=20, stop=stop))
-    (turn1,) = sampler.step() or sampler.step() or sampler.step()
+    (turn1,) = sampler.advance() or sampler.advance() or sampler.advance()
     assert turn1.finish_reason == "stop_string" and turn1.stop == stop and turn1.discarded > 0
     np.testing.assert_array_equal(turn1.tokens, free_run[:j + 2])
     tool = [5, 6, 7, 8, 9]
     sampler.append(slot, tool, SamplingParams(temperature=0.9, max_tokens=12, seed=5))
     turn2 = []
     while not turn2:
-        turn2 = sampler.step()
+        turn2 = sampler.advance()
     turn2 = turn2[0]
     assert sampler.sequence(slot) == prompt + list(turn1.tokens) + tool + list(turn2.tokens)
     assert_stats_match(torch_model, prompt, turn1)
@@ -186,7 +186,7 @@ def test_eos_max_tokens_and_full_cache(samplers):
     np.testing.assert_array_equal(out.tokens, free_run.tokens[:first + 1])
     long_prompt = prompts(1, seed=6, lengths=(CONFIG.max_len - 3,))[0]
     slot = s.submit(long_prompt, SamplingParams(greedy=True, max_tokens=50))
-    (out,) = s.step()
+    (out,) = s.advance()
     assert out.finish_reason == "length" and len(out.tokens) == 3  # positions 61, 62, 63
     with pytest.raises(ValueError, match="exceeds the cache"):
         s.append(slot, [5])

@@ -88,10 +88,10 @@ def test_stop_string_split_across_tokens_stops_at_the_completing_token(sampler, 
 def test_stop_strings_resume_with_appended_ids(sampler, chains):
     py = chains["python"]
     slot = sampler.submit(py[:1], SamplingParams(greedy=True, max_tokens=12, stop="</python>"))
-    (turn1,) = sampler.step()
+    (turn1,) = sampler.advance()
     # Stops match the turn's generated text only: ")</" would need the appended ")".
     sampler.append(slot, py[2:4], SamplingParams(greedy=True, max_tokens=12, stop=[")</", "</py"]))
-    (turn2,) = sampler.step()
+    (turn2,) = sampler.advance()
     assert list(turn2.tokens) == py[4:6] and turn2.stop == "</py"
     assert sampler.sequence(slot) == py[:8] + py[2:6]
     sampler.release(slot)

@@ -16,7 +16,20 @@ from typing import Sequence
 
 import numpy as np
 
-from tepo_jax.rollout.trajectory import MODEL_KINDS, TokenKind, Trajectory
+from tepo_jax.data.prompts import system_prompt, to_messages
+from tepo_jax.data.synthetic import make_big_arithmetic, make_multihop, reference_solution
+from tepo_jax.rewards import compute_reward
+from tepo_jax.rl.loop import eval_metrics
+from tepo_jax.rl.tepo_metrics import tepo_step_metrics
+from tepo_jax.rollout.builder import TrajectoryBuilder
+from tepo_jax.rollout.trajectory import MODEL_KINDS, TokenKind, Trajectory, attach_reward
+from tepo_jax.runlog import RunLog
+from tepo_jax.sft.data import build_sft_trajectories
+from tepo_jax.tiny_tokenizer import build_tiny_tokenizer
+from tepo_jax.tokenizer import encode_chat, load_tokenizer
+from tepo_jax.tools import PythonTool, SandboxConfig, ToolBridge, ToolFormat
+from tepo_jax.tools.format import call_record
+from tepo_jax.tools.search import BM25Index, LocalSearch, build_index
 
 _FAULTS = {
     "math": [{"role": "model", "text": "Let me check the size of the result first.\n"
@@ -52,8 +65,6 @@ def with_entropies(traj: Trajectory, rng: np.random.Generator) -> Trajectory:
 
 def synthetic_examples(n_math: int = 3, n_qa: int = 3, seed: int = 0):
     """(arithmetic + multi-hop examples, the multi-hop corpus)."""
-    from tepo_jax.data.synthetic import make_big_arithmetic, make_multihop
-
     qa, corpus = make_multihop(n_qa, seed)
     return list(make_big_arithmetic(n_math, seed)) + list(qa), corpus
 
@@ -62,10 +73,6 @@ def build_trajectories(examples: Sequence, tokenizer, bridge, seed: int = 0,
                        redundant_rate: float = 0.5) -> list[Trajectory]:
     """Scored trajectories (no entropies yet): SFT reference solutions of `examples` plus a
     faulty variant of the first example of each task, all through the real tools."""
-    from tepo_jax.rewards import compute_reward
-    from tepo_jax.rollout.trajectory import attach_reward
-    from tepo_jax.sft.data import build_sft_trajectories
-
     trajs = build_sft_trajectories(examples, tokenizer, bridge, redundant_rate=redundant_rate,
                                    seed=seed)
     firsts = {ex.task: ex for ex in reversed(examples)}
@@ -75,12 +82,6 @@ def build_trajectories(examples: Sequence, tokenizer, bridge, seed: int = 0,
 
 def play_faulty(examples: Sequence, tokenizer, bridge) -> list[Trajectory]:
     """Reference solutions with the task's faulty calls put first, played one by one."""
-    from tepo_jax.data.prompts import to_messages
-    from tepo_jax.data.synthetic import reference_solution
-    from tepo_jax.rollout.builder import TrajectoryBuilder
-    from tepo_jax.tokenizer import encode_chat
-    from tepo_jax.tools import ToolFormat
-
     fmt, out = ToolFormat(), []
     for i, ex in enumerate(examples):
         script = _FAULTS[ex.task] + reference_solution(ex)
@@ -93,10 +94,10 @@ def play_faulty(examples: Sequence, tokenizer, bridge) -> list[Trajectory]:
             b.add_model_turn(tokenizer.encode(script[t]["text"], add_special_tokens=False),
                              is_call=is_call)
             if is_call:
-                call = fmt.parse(b.last_text)
-                res = bridge.run_batch([call])[0]
-                b.add_tool_result(call.tool, call.argument, res.text, res.status.value,
-                                  tokenizer.encode(fmt.wrap_result(res.text),
+                calls = fmt.parse_calls(b.last_text)
+                results = bridge.run_batch(calls)
+                b.add_tool_result(*call_record(fmt, calls, results),
+                                  tokenizer.encode(fmt.wrap_results([r.text for r in results]),
                                                    add_special_tokens=False))
         out.append(b.finish("answer"))
     return out
@@ -109,10 +110,6 @@ def write_run(run_dir: str | Path, trajs: Sequence[Trajectory], steps: int = 3,
     eval_000000.jsonl, rl_000001.jsonl ... rl_<steps>.jsonl (the same prompts with fresh
     entropies each step), eval_<steps>.jsonl, and metrics.jsonl with the 'rl' rows of
     `tepo_step_metrics` and the 'eval' rows of `eval_metrics` (keys `eval/...`)."""
-    from tepo_jax.rl.loop import eval_metrics
-    from tepo_jax.rl.tepo_metrics import tepo_step_metrics
-    from tepo_jax.runlog import RunLog
-
     run = Path(run_dir)
     rng = np.random.default_rng(seed)
     (run / "metrics.jsonl").unlink(missing_ok=True)    # RunLog appends; a rewrite starts afresh
@@ -134,13 +131,6 @@ def write_run(run_dir: str | Path, trajs: Sequence[Trajectory], steps: int = 3,
 def tools_and_tokenizer(work_dir: str | Path, examples: Sequence, corpus: Sequence[dict]):
     """(tokenizer, bridge) for synthetic examples: a tiny BPE trained on their text, a BM25
     index over `corpus` and the sandboxed python tool. Close the bridge after use."""
-    from tepo_jax.data.prompts import system_prompt
-    from tepo_jax.data.synthetic import reference_solution
-    from tepo_jax.tiny_tokenizer import build_tiny_tokenizer
-    from tepo_jax.tokenizer import load_tokenizer
-    from tepo_jax.tools import PythonTool, SandboxConfig, ToolBridge
-    from tepo_jax.tools.search import BM25Index, LocalSearch, build_index
-
     work = Path(work_dir)
     texts = [system_prompt()] + [p["text"] for p in corpus] + \
         [t.get("text", "") for e in examples for t in reference_solution(e)] + \

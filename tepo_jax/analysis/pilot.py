@@ -2,8 +2,8 @@
 signal of the call's quality?
 
 For every tool call of a set of trajectories we
-1. label its quality from what the tool returned, with a rule per tool (`QUALITY_RULES`,
-   pluggable: `register_quality_rule`), and its class (useful / redundant / useless), and
+1. label its quality from what the tool returned, with a rule per tool (`QUALITY_RULES`;
+   your own: `rules={tool: fn}`, or `--rules pkg.module:TABLE` on the command line), and its class (useful / redundant / useless), and
 2. relate the binary quality to ΔH_k = H(r_k) − H(r_{k−1}) (`tepo_jax.rollout.trajectory`):
    mean ΔH by quality, the fraction of entropy-reducing calls (ΔH < 0) by quality, and the
    point-biserial correlation (Pearson between quality ∈ {0, 1} and ΔH) with a seeded
@@ -15,7 +15,7 @@ For every tool call of a set of trajectories we
 The labels and their rules live in `tepo_jax.analysis.quality` (re-exported here).
 
 CLI:  python -m tepo_jax.analysis.pilot --trajectories FILE_OR_DIR [--phase rl|eval|sft|all]
-          [--dataset records.jsonl] [--tokenizer DIR] [--rules-module my.rules] [--json out.json]
+          [--dataset records.jsonl] [--tokenizer DIR] [--rules my.rules:RULES] [--json out.json]
 
 A directory is a run's `trajectories/`, where the driver writes `rl_XXXXXX.jsonl` (RL
 rollouts), `eval_XXXXXX.jsonl` (greedy held-out rollouts) and `sft_data.jsonl` (SFT data, no
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import math
 import sys
@@ -37,11 +36,14 @@ import numpy as np
 from tepo_jax.analysis.quality import (  # noqa: F401  (re-exported: the pilot's public names)
     MIN_CLASS_N, QUALITY_CLASSES, QUALITY_RULES, CallContext, CallLabel, ExampleInfo, Quality, QualityRule,
     contains_phrase, entities, examples_from_records, generic_quality, is_redundant, label_calls,
-    later_model_text, printed_values, python_quality, register_quality_rule, rule_for, search_quality,
+    later_model_text, printed_values, python_quality, rule_for, search_quality,
     turn_record)
 from tepo_jax.analysis.stats import (bootstrap_ci, bootstrap_mean_ci, fisher_ci,  # noqa: F401
                                      fisher_p_value, pearson)
+from tepo_jax.data.jsonl import read_records
+from tepo_jax.importpath import ImportPathError, import_object
 from tepo_jax.rollout.trajectory import Trajectory, read_jsonl
+from tepo_jax.tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -263,7 +265,6 @@ def load_trajectories(path: str | Path, last: int | None = None,
 
 def load_examples(paths: Iterable[str | Path]) -> dict[str, ExampleInfo]:
     """prompt_id -> ExampleInfo from dataset records JSONL files (`tepo_jax.data` format)."""
-    from tepo_jax.data.jsonl import read_records
     out: dict[str, ExampleInfo] = {}
     for f in paths:
         out.update(examples_from_records(read_records(f)))
@@ -272,7 +273,6 @@ def load_examples(paths: Iterable[str | Path]) -> dict[str, ExampleInfo]:
 
 def make_decoder(tokenizer_dir: str | Path) -> Callable[[list[int]], str]:
     """token ids -> text with the run's tokenizer (special tokens kept)."""
-    from tepo_jax.tokenizer import load_tokenizer
     tok = load_tokenizer(tokenizer_dir)
     return lambda ids: tok.decode(ids, skip_special_tokens=False)
 
@@ -288,8 +288,9 @@ def _parse_args(argv):
                     help="records JSONL (ids, questions, supporting passages); repeatable")
     ap.add_argument("--tokenizer", default=None,
                     help="HF tokenizer dir: decode all later model text for the rules")
-    ap.add_argument("--rules-module", action="append", default=[],
-                    help="module imported first; it may call register_quality_rule")
+    ap.add_argument("--rules", action="append", default=[], metavar="PKG.MODULE:TABLE",
+                    help="a dict {tool name: rule(ctx) -> Quality} that adds to / overrides the "
+                         "default rules; repeatable")
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--level", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
@@ -301,23 +302,33 @@ def _parse_args(argv):
     return ap.parse_args(argv)
 
 
+def load_rules(specs: Sequence[str]) -> dict[str, QualityRule]:
+    """The rule tables named by `specs` ("pkg.module:TABLE"), merged in order."""
+    out = {}
+    for spec in specs:
+        table = import_object(spec, "--rules")
+        if not isinstance(table, Mapping) or not all(callable(fn) for fn in table.values()):
+            raise ImportPathError(f"--rules {spec!r}: expected a dict of tool name -> rule(ctx)")
+        out.update(table)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    for mod in args.rules_module:
-        importlib.import_module(mod)
     try:
+        rules = load_rules(args.rules)
         trajs = load_trajectories(args.trajectories, args.last, args.phase)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ImportPathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     examples = load_examples(args.dataset)
     decode = make_decoder(args.tokenizer) if args.tokenizer else None
-    labels, rep = run_pilot(trajs, examples=examples, decode=decode, n_boot=args.n_boot,
+    labels, rep = run_pilot(trajs, rules=rules, examples=examples, decode=decode, n_boot=args.n_boot,
                             level=args.level, seed=args.seed, resample=args.resample,
                             min_class_n=args.min_class_n)
     print(format_report(rep))
     if args.plot:
-        from tepo_jax.analysis.plots import plot_dh_by_class
+        from tepo_jax.analysis.plots import plot_dh_by_class  # matplotlib: only when asked to plot
         plot_dh_by_class(labels, rep, args.plot)
     if args.json:
         out = {"report": rep.to_dict(), "labels": [_nan_to_none(dataclasses.asdict(lb))

@@ -1,7 +1,7 @@
 """Tool-call quality labels for the pilot study (`tepo_jax.analysis.pilot`).
 
 Every call gets a binary quality from what the tool returned, with a rule per tool
-(`QUALITY_RULES`, pluggable: `register_quality_rule`), and a class: `useful` (high quality and
+(`QUALITY_RULES`; your own: `label_calls(rules={tool: fn})`), and a class: `useful` (high quality and
 new), `redundant` (high quality, but what it brought was already known: the same call ran
 before, or a gold answer was in the question or an earlier result) or `useless` (low quality).
 
@@ -54,15 +54,6 @@ class Quality:
 
 
 QualityRule = Callable[[CallContext], Quality]
-QUALITY_RULES: dict[str, QualityRule] = {}
-
-
-def register_quality_rule(tool: str) -> Callable[[QualityRule], QualityRule]:
-    """Decorator: use `fn(ctx) -> Quality` for calls of `tool` (replaces any earlier rule)."""
-    def deco(fn: QualityRule) -> QualityRule:
-        QUALITY_RULES[tool] = fn
-        return fn
-    return deco
 
 
 _ENTITY_RE = re.compile(r"\b[A-Z][\w'’-]*(?:\s+(?:of\s+|de\s+|van\s+)?[A-Z][\w'’-]*)*")
@@ -125,7 +116,6 @@ def _value_used(value: str, later_text: str) -> bool:
     return contains_phrase(later_text, value)
 
 
-@register_quality_rule("search")
 def search_quality(ctx: CallContext) -> Quality:
     failed = _status_failure(ctx)
     if failed:
@@ -157,7 +147,6 @@ def printed_values(output: str) -> list[str]:
     return [ln.strip() for ln in output.splitlines() if ln.strip()]
 
 
-@register_quality_rule("python")
 def python_quality(ctx: CallContext) -> Quality:
     failed = _status_failure(ctx)
     if failed:
@@ -187,6 +176,10 @@ def generic_quality(ctx: CallContext) -> Quality:
     if any(_value_used(v, ctx.later_text) for v in values):
         return Quality(True, "value_used")
     return Quality(False, "value_unused")
+
+
+# The default rule of each tool, written out here (tools without one use generic_quality).
+QUALITY_RULES: dict[str, QualityRule] = {"search": search_quality, "python": python_quality}
 
 
 def later_model_text(traj: Trajectory, index: int,

@@ -28,6 +28,7 @@ from tepo_jax.checkpoints.name_map import Rule, name_map
 from tepo_jax.checkpoints.safetensors_io import (SafetensorsFormatError, SafetensorsReader,
                                                  shard_groups, write_safetensors)
 from tepo_jax.models.config import ModelConfig, UnsupportedConfigError, from_hf_config, to_hf_config
+from tepo_jax.sharding import param_shardings
 from tepo_jax.models.decoder import Decoder
 
 CONFIG_FILE = "config.json"
@@ -147,8 +148,6 @@ def _target_shardings(abstract_state, mesh: Optional[Mesh]):
     if mesh is None:
         device = SingleDeviceSharding(jax.local_devices()[0])
         return jax.tree.map(lambda _: device, abstract_state)
-    from tepo_jax.sharding import param_shardings  # sharding imports the decoder; keep it lazy
-
     return param_shardings(abstract_state, mesh)
 
 

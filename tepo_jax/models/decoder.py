@@ -257,8 +257,8 @@ class Decoder(nnx.Module):
         new_cache = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
-            step = nnx.remat(Block.__call__) if self.remat else Block.__call__
-            x, layer_cache = step(layer, x, rope, mask, layer_cache, write_index)
+            block_fn = nnx.remat(Block.__call__) if self.remat else Block.__call__
+            x, layer_cache = block_fn(layer, x, rope, mask, layer_cache, write_index)
             x = self._constrain(x)
             new_cache.append(layer_cache)
         return self.final_norm(x), (None if cache is None else tuple(new_cache))

@@ -17,14 +17,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from tepo_jax.config import ADVANTAGES
 from tepo_jax.rollout.trajectory import (TokenKind, Trajectory, entropy_deltas,
                                          entropy_reducing, model_mask)
 
 
-class AdvantageKind(enum.Enum):
-    GRPO = "grpo"
-    TEPO_SPARSE = "tepo_sparse"
-    TEPO_DENSE = "tepo_dense"
+# The names are config.ADVANTAGES (the one list): AdvantageKind.GRPO.value == "grpo", etc.
+AdvantageKind = enum.Enum("AdvantageKind", {name.upper(): name for name in ADVANTAGES})
 
 
 class StdKind(enum.Enum):

@@ -77,21 +77,21 @@ def with_ref_logprobs(batch: TrainBatch, ref_logprobs) -> TrainBatch:
 
 def rl_step(state: TrainState, examples: Sequence, step: int, *, agent: AgentLoop, model_def: ModelDef,
             train_step: Callable, logprob_fn: Callable, put_batch: Callable, cfg: RLStepConfig,
-            seed: int, ref_params=None, positions: Optional[Sequence[int]] = None,
+            seed: int, ref_params=None, batch_slots: Optional[Sequence[int]] = None,
             localize: Optional[Callable] = None) -> tuple[TrainState, dict, list[Trajectory]]:
     """Run one RL step; returns (new state, metrics, the step's trajectories).
 
-    `examples` are this process's prompts, at `positions` of the global batch (default: all
-    of it, positions 0, 1, …); `localize` maps the sampler state to the local sampler's
+    `examples` are this process's prompts, at `batch_slots` of the global batch (default: all
+    of it, slots 0, 1, …); `localize` maps the sampler state to the local sampler's
     devices (multi-process). The returned trajectories are the whole global batch's.
     """
     t0 = time.perf_counter()
     params = sampler_state(model_def, state.params)
     agent.sampler.update_params(localize(params) if localize else params)
-    trajs = agent.run(examples, seed=seed * 1_000_003 + step, indices=positions, step=step)
+    trajs = agent.run(examples, seed=seed * 1_000_003 + step, batch_slots=batch_slots, step=step)
     t_rollout = time.perf_counter() - t0
-    if positions is not None:
-        trajs = multihost.gather_groups(trajs, positions)
+    if batch_slots is not None:
+        trajs = multihost.gather_groups(trajs, batch_slots)
     packed, adv, rest = build_batch(trajs, cfg, step)
     batch = put_batch(packed.batch)
     # The invariant: the trainer recomputes the sampler's logprobs with the same params.

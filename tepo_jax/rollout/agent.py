@@ -104,20 +104,20 @@ class AgentLoop:
 
     # ---- public ----------------------------------------------------------------------------
     def run(self, examples: Sequence, *, seed: int, group_size: Optional[int] = None,
-            greedy: bool = False, indices: Optional[Sequence[int]] = None,
+            greedy: bool = False, batch_slots: Optional[Sequence[int]] = None,
             step: int = 0) -> list[Trajectory]:
         """G trajectories per example (example-major order), scored with the task's reward at
         RL step `step` (scheduled rewards, e.g. ResT's function-calling ranges, read it).
 
-        `indices`: the examples' positions in the global batch (default 0, 1, …); the
+        `batch_slots`: the examples' slots in the global batch (default 0, 1, …); the
         per-request seeds use them, so a multi-host run, where each host rolls out its share
         of the batch, samples exactly what a single-host run samples.
         """
         g = group_size or self.config.group_size
         requests = [self._request(ex, i, s, seed) for i, ex in enumerate(examples) for s in range(g)]
-        if indices is not None:
+        if batch_slots is not None:
             for k, r in enumerate(requests):  # request k = (example k // g, sample k % g)
-                r.seed = request_seed(seed, int(indices[k // g]), k % g)
+                r.seed = request_seed(seed, int(batch_slots[k // g]), k % g)
         finished = self._drive(requests, greedy)
         return [self._score(traj, examples[traj.group_id], step) for traj in finished]
 
@@ -144,7 +144,7 @@ class AgentLoop:
                 req = queue.popleft()
                 req.slot = self.sampler.submit(req.prompt_ids, self._params(req, greedy), request_id=id(req))
                 active[id(req)] = req
-            outputs = self.sampler.step()
+            outputs = self.sampler.advance()
             if pending_calls is not None:  # the tools ran while the sampler decoded
                 for req in self._append_results(*pending_calls, greedy=greedy):
                     done[id(req)] = req.builder.finish("max_tokens")  # no room left in the cache

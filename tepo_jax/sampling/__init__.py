@@ -3,7 +3,7 @@
 See docs/sampler.md. Public API:
     Sampler(model, SamplerConfig(...), tokenizer=None)
     .generate(prompts, params) -> list[TurnOutput]
-    .submit(prompt_ids, params, request_id) -> slot ; .step() -> list[TurnOutput]
+    .submit(prompt_ids, params, request_id) -> slot ; .advance() -> list[TurnOutput]
     .append(slot, token_ids, params) ; .release(slot) ; .update_params(model_or_state)
 """
 from tepo_jax.sampling.config import (FINISH_EOS, FINISH_LENGTH, FINISH_MAX_TOKENS, FINISH_REASONS,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence, Union
 
-# Finish reasons reported by `Sampler.step()`.
+# Finish reasons reported by `Sampler.advance()`.
 FINISH_EOS = "eos"                  # sampled one of the stop token ids (kept as the last token)
 FINISH_STOP_STRING = "stop_string"  # the token that completes a stop string (kept)
 FINISH_MAX_TOKENS = "max_tokens"    # the turn reached its max_tokens

@@ -2,7 +2,7 @@
 
 Slot API (what the rollout loop uses):
     slot = sampler.submit(prompt_ids, params, request_id=...)   # fill a free slot
-    outs = sampler.step()          # prefill what is pending, run one device decode call;
+    outs = sampler.advance()       # prefill what is pending, run one device decode call;
                                    # -> list[TurnOutput] for the turns that finished
     sampler.append(slot, tool_result_ids, params)   # resume a finished turn (multi-turn)
     sampler.release(slot)          # free the slot for a new request
@@ -31,6 +31,7 @@ from tepo_jax.sampling.config import (FINISH_EOS, FINISH_LENGTH, FINISH_MAX_TOKE
                                       ResolvedParams, SamplerConfig, SamplingParams, resolve)
 from tepo_jax.sampling.sample import SlotSampling
 from tepo_jax.sampling.stops import StopMatcher, TokenBytes, token_bytes_fn
+from tepo_jax.sizing import kv_cache_shardings   # the one place that knows the cache layout
 
 _REASONS = {engine.STOP_EOS: FINISH_EOS, engine.STOP_MAX_TOKENS: FINISH_MAX_TOKENS,
             engine.STOP_LENGTH: FINISH_LENGTH}
@@ -93,7 +94,6 @@ class Sampler:
     def _make_cache_sharding(self):
         if self.mesh is None:
             return None
-        from tepo_jax.sizing import kv_cache_shardings   # the one place that knows the layout
         c = self.config
         return kv_cache_shardings(self.model_config, self.mesh, c.max_slots, c.max_len)[0].k
 
@@ -170,7 +170,7 @@ class Sampler:
         itself first; calling it separately lets a caller (a benchmark) time decode alone."""
         self._run_prefills()
 
-    def step(self) -> list[TurnOutput]:
+    def advance(self) -> list[TurnOutput]:
         """Prefill pending tokens, run one device decode call, return the turns that finished."""
         self._run_prefills()
         running = [i for i, s in enumerate(self.slots) if s.state == RUNNING]
@@ -204,7 +204,7 @@ class Sampler:
             while queue and self.free_slots:
                 i = queue.pop(0)
                 self.submit(prompts[i], params[i], request_id=i)
-            for o in self.step():
+            for o in self.advance():
                 results[o.request_id] = o
                 self.release(o.slot)
         return results
