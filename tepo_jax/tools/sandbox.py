@@ -23,6 +23,16 @@ it per (user namespace, real uid) and exempts real uid 0, so (`nproc_scope`):
            same uid (the trainer's threads included) do not count;
   None     root without a dedicated uid, a kernel older than 5.14 (the count would be
            host-wide for the uid) or no user namespaces: the limit is left out, with a warning.
+
+Three more layers close what the ones above leave open (issue 14; docs/tools.md has the table
+of what enforces what, on root and non-root hosts):
+4. A memory+pids cgroup per run (`cgroup.py`): RLIMIT_AS is per process and misses memfd,
+   tmpfs and buffer pages; the cgroup counts all of a run's memory and processes together.
+5. A seccomp filter (`seccomp.py`, via bwrap's `--seccomp FD`): no user/mount namespaces, no
+   mounts, no ptrace/keyctl/bpf/io_uring. On the root path nothing else stops the dropped uid
+   from creating a user namespace, gaining capabilities in it and mounting.
+6. uids leased host-wide (`uidpool.py`): one run per uid on the host, across tools and
+   processes, so one run's processes never count against another run's RLIMIT_NPROC.
 """
 from __future__ import annotations
 
@@ -31,7 +41,9 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
+
+from tepo_jax.tools import cgroup
 
 # System directories the interpreter and its shared libraries need inside the sandbox.
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc", "/opt")
@@ -56,6 +68,10 @@ class SandboxConfig:
     drop_privileges: bool = True     # run as an unprivileged uid when we are root
     uid_base: int = 61000            # uids uid_base .. uid_base+uid_pool-1 are used
     uid_pool: int = 64               # concurrent runs beyond this wait for a free uid
+    uid_lock_dir: str = "/run/tepo_jax/sandbox-uids"  # host-wide uid leases (one lock per uid)
+    max_open_files: int = 256        # RLIMIT_NOFILE (not the host's, which may be huge)
+    use_cgroup: bool = True          # a memory+pids cgroup per run where the host allows it
+    use_seccomp: bool = True         # the seccomp filter under bwrap (see seccomp.py)
     extra_ro_binds: Tuple[str, ...] = ()  # more host paths visible read-only (e.g. data)
     env: Tuple[Tuple[str, str], ...] = (("PATH", "/usr/local/bin:/usr/bin:/bin"),
                                         ("HOME", "/tmp"), ("LANG", "C.UTF-8"),
@@ -103,7 +119,7 @@ def prlimit_args(cfg: SandboxConfig, nproc: bool) -> List[str]:
     CPU: soft < hard gives SIGXCPU first (a clear "CPU limit" cause in the result) and SIGKILL
     a second later if the code ignores it."""
     limits = {"cpu": cfg.cpu_s, "as": cfg.memory_bytes, "fsize": cfg.max_file_bytes,
-              "core": 0}
+              "core": 0, "nofile": cfg.max_open_files}
     if nproc:
         limits["nproc"] = cfg.max_processes
     hard = dict(limits, cpu=cfg.cpu_s + 1)
@@ -133,10 +149,13 @@ def visible_paths(cfg: SandboxConfig) -> List[str]:
     return paths + [p for p in extra if not any(_is_under(p, s) for s in _SYSTEM_DIRS)]
 
 
-def bwrap_args(cfg: SandboxConfig, bwrap: str) -> List[str]:
-    """The bubblewrap command prefix (everything before the confined command)."""
+def bwrap_args(cfg: SandboxConfig, bwrap: str, seccomp_fd: Optional[int] = None) -> List[str]:
+    """The bubblewrap command prefix (everything before the confined command). `seccomp_fd`:
+    an fd holding the compiled filter (seccomp.program_fd), inherited by bwrap."""
     args = [bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session"]
+    if seccomp_fd is not None:
+        args += ["--seccomp", str(seccomp_fd)]
     if os.geteuid() == 0 and cfg.drop_privileges:
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]  # setpriv drops them
     else:  # unprivileged bwrap: a user namespace, nobody inside
@@ -185,21 +204,26 @@ def path_traversable_by_others(path: str) -> bool:
 
 
 def command(cfg: SandboxConfig, bwrap: Optional[str], uid: Optional[int],
-            nproc: Optional[str] = None) -> List[str]:
-    """The full argv: [bwrap … | unshare --user] prlimit … [setpriv …] python -I -u -.
-    `nproc` is the `nproc_scope`; "userns" without bwrap adds the `unshare --user`."""
+            nproc: Optional[str] = None, seccomp_fd: Optional[int] = None,
+            cgroup_procs: Sequence[str] = ()) -> List[str]:
+    """The full argv: [join cgroups] [bwrap … | unshare --user] prlimit … [setpriv …] python
+    -I -u -. `nproc` is the `nproc_scope`; "userns" without bwrap adds the `unshare --user`.
+    `uid` is dropped to with setpriv, inside bwrap or (without it) after prlimit; either way
+    after the cgroup join, which needs root's write access to cgroup.procs."""
     inner = prlimit_args(cfg, nproc is not None)
-    if bwrap and uid is not None:
+    if uid is not None:
         inner += setpriv_args(uid)
     argv = inner + python_argv(cfg)
     if bwrap:
-        return bwrap_args(cfg, bwrap) + argv
-    return (["unshare", "--user", "--"] + argv) if nproc == "userns" else argv
+        argv = bwrap_args(cfg, bwrap, seccomp_fd) + argv
+    elif nproc == "userns":
+        argv = ["unshare", "--user", "--"] + argv
+    return (cgroup.join_argv(list(cgroup_procs)) + argv) if cgroup_procs else argv
 
 
 def missing_helpers(cfg: SandboxConfig, bwrap: Optional[str]) -> List[str]:
     """util-linux helpers the command needs but this host lacks (named in the error)."""
     needed = ["prlimit"]
-    if bwrap and os.geteuid() == 0 and cfg.drop_privileges:
+    if os.geteuid() == 0 and cfg.drop_privileges:
         needed.append("setpriv")
     return [n for n in needed if shutil.which(n) is None]
