@@ -373,3 +373,18 @@ def test_protections_are_logged_once_at_start(caplog):
     assert len([ln for ln in lines if ln.startswith("python tool protections")]) == 1
     if CGROUP_HOST is None:
         assert any("cgroup" in ln and "NOT active" in ln for ln in lines)
+
+
+@needs_bwrap
+def test_proc_shows_the_run_not_the_host():
+    """/proc/meminfo gives the run's memory limit, and /proc/1/cmdline (bwrap's own argv)
+    no host paths or options."""
+    tool = _tool(True)
+    r = tool.run("print([ln.split() for ln in open('/proc/meminfo').read().splitlines()[:3]])\n"
+                 "print(repr(open('/proc/1/cmdline').read()))", timeout=5.0)
+    kib = str(LIMIT >> 10)
+    assert r.status is ToolStatus.OK, r.text
+    assert r.text.splitlines() == [
+        str([["MemTotal:", kib, "kB"], ["MemFree:", kib, "kB"], ["MemAvailable:", kib, "kB"]]),
+        repr("bwrap\x00")], r.text
+    _next_call_works(tool)

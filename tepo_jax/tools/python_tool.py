@@ -69,6 +69,7 @@ class PythonTool:
                         "only by the deadline%s", why, " and the PID namespace" if self.bwrap else "")
         self.cgroups, cg_why = _cgroup_host() if config.use_cgroup else (None, "disabled by config")
         self._reaper = cgroup.Reaper()
+        self._proc_overrides = sandbox.proc_overrides(config, _host_meminfo())
         self.seccomp, sc_why = _seccomp_program() if self.bwrap and config.use_seccomp else \
             (None, "disabled by config" if self.bwrap else "needs bubblewrap")
         self.mode = ("bwrap" if self.bwrap else "limits-only") + \
@@ -133,10 +134,16 @@ class PythonTool:
                 # under bwrap the run's cgroup also holds bwrap and its PID-namespace init
                 cg = cgroup.RunCgroup.create(self.cgroups, self.config.memory_bytes,
                                              self.config.max_processes + (2 if self.bwrap else 0))
+            seccomp_fd, proc_files = None, {}
             if self.seccomp is not None:
-                fds.append(seccomp.program_fd(self.seccomp))
-            argv = sandbox.command(self.config, self.bwrap, uid, self.nproc,
-                                   fds[0] if fds else None, cg.procs_files if cg else ())
+                seccomp_fd = seccomp.program_fd(self.seccomp)
+                fds.append(seccomp_fd)
+            if self.bwrap:
+                for path, data in self._proc_overrides.items():
+                    proc_files[path] = sandbox.data_fd(data)
+                    fds.append(proc_files[path])
+            argv = sandbox.command(self.config, self.bwrap, uid, self.nproc, seccomp_fd,
+                                   cg.procs_files if cg else (), proc_files)
             kwargs = dict(env=dict(self.config.env), start_new_session=True, pass_fds=fds)
             if not self.bwrap:
                 workdir = tempfile.mkdtemp(prefix="tepo_py_")
@@ -175,6 +182,14 @@ class PythonTool:
 def _cgroup_host():
     """Detected once per process: (cgroup.Host or None, why not)."""
     return cgroup.detect()
+
+
+def _host_meminfo() -> str:
+    try:
+        with open("/proc/meminfo") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 @functools.lru_cache(maxsize=None)

@@ -41,7 +41,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from tepo_jax.tools import cgroup
 
@@ -149,9 +149,12 @@ def visible_paths(cfg: SandboxConfig) -> List[str]:
     return paths + [p for p in extra if not any(_is_under(p, s) for s in _SYSTEM_DIRS)]
 
 
-def bwrap_args(cfg: SandboxConfig, bwrap: str, seccomp_fd: Optional[int] = None) -> List[str]:
+def bwrap_args(cfg: SandboxConfig, bwrap: str, seccomp_fd: Optional[int] = None,
+               proc_files: Mapping[str, int] = {}) -> List[str]:
     """The bubblewrap command prefix (everything before the confined command). `seccomp_fd`:
-    an fd holding the compiled filter (seccomp.program_fd), inherited by bwrap."""
+    an fd holding the compiled filter (seccomp.program_fd), inherited by bwrap;
+    `proc_files`: /proc paths to replace, each with the contents of an inherited fd
+    (`proc_overrides`)."""
     args = [bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session"]
     if seccomp_fd is not None:
@@ -166,10 +169,46 @@ def bwrap_args(cfg: SandboxConfig, bwrap: str, seccomp_fd: Optional[int] = None)
     created = {"/", "/tmp"}
     for path in visible_paths(cfg):
         args += _bind_args(path, created)
-    args += ["--proc", "/proc", "--dev", "/dev", "--chdir", "/tmp", "--clearenv"]
+    args += ["--proc", "/proc"]
+    for path, fd in sorted(proc_files.items()):
+        args += ["--perms", "0444", "--ro-bind-data", str(fd), path]  # bwrap makes it 0600
+    args += ["--dev", "/dev", "--chdir", "/tmp", "--clearenv"]
     for key, value in cfg.env:
         args += ["--setenv", key, value]
     return args + ["--"]
+
+
+def proc_overrides(cfg: SandboxConfig, host_meminfo: str) -> Dict[str, bytes]:
+    """Contents for /proc files that would show the host inside the sandbox: /proc/meminfo
+    gives the run's memory limit as total, free and available (code that sizes itself by it
+    sees what it may use, not the host's RAM), every other size 0; /proc/1/cmdline, the
+    sandbox's own bwrap command line, becomes just "bwrap"."""
+    kib = cfg.memory_bytes >> 10
+    lines = []
+    for line in host_meminfo.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("MemTotal", "MemFree", "MemAvailable"):
+            value = f"{kib} kB"
+        elif key != "Hugepagesize":
+            value = "0 kB" if value.strip().endswith("kB") else "0"
+        else:
+            value = value.strip()
+        lines.append(f"{key + ':':<16}{value:>12}" if value.endswith("kB") or value.isdigit()
+                     else f"{key}: {value}")
+    return {"/proc/meminfo": ("\n".join(lines) + "\n").encode(),
+            "/proc/1/cmdline": b"bwrap\0"}
+
+
+def data_fd(data: bytes, name: str = "tepo-sandbox-data") -> int:
+    """An fd at offset 0 holding `data` (a memfd: nothing on disk), for bwrap to read."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _bind_args(path: str, created: set) -> List[str]:
@@ -205,7 +244,7 @@ def path_traversable_by_others(path: str) -> bool:
 
 def command(cfg: SandboxConfig, bwrap: Optional[str], uid: Optional[int],
             nproc: Optional[str] = None, seccomp_fd: Optional[int] = None,
-            cgroup_procs: Sequence[str] = ()) -> List[str]:
+            cgroup_procs: Sequence[str] = (), proc_files: Mapping[str, int] = {}) -> List[str]:
     """The full argv: [join cgroups] [bwrap … | unshare --user] prlimit … [setpriv …] python
     -I -u -. `nproc` is the `nproc_scope`; "userns" without bwrap adds the `unshare --user`.
     `uid` is dropped to with setpriv, inside bwrap or (without it) after prlimit; either way
@@ -215,7 +254,7 @@ def command(cfg: SandboxConfig, bwrap: Optional[str], uid: Optional[int],
         inner += setpriv_args(uid)
     argv = inner + python_argv(cfg)
     if bwrap:
-        argv = bwrap_args(cfg, bwrap, seccomp_fd) + argv
+        argv = bwrap_args(cfg, bwrap, seccomp_fd, proc_files) + argv
     elif nproc == "userns":
         argv = ["unshare", "--user", "--"] + argv
     return (cgroup.join_argv(list(cgroup_procs)) + argv) if cgroup_procs else argv

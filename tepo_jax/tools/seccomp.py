@@ -101,13 +101,6 @@ def filter_program(machine: Optional[str] = None) -> bytes:
 
 
 def program_fd(program: bytes) -> int:
-    """A read-only-by-convention fd holding `program` at offset 0, for `bwrap --seccomp FD`
-    (bwrap reads it to EOF). A memfd: nothing on disk, gone when the last fd closes."""
-    fd = os.memfd_create("tepo-seccomp", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, program)
-        os.lseek(fd, 0, os.SEEK_SET)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
+    """An fd holding `program` at offset 0, for `bwrap --seccomp FD` (bwrap reads to EOF)."""
+    from tepo_jax.tools.sandbox import data_fd  # noqa: PLC0415  (sandbox imports this module's users)
+    return data_fd(program, "tepo-seccomp")
