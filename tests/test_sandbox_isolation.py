@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -388,3 +387,31 @@ def test_proc_shows_the_run_not_the_host():
         str([["MemTotal:", kib, "kB"], ["MemFree:", kib, "kB"], ["MemAvailable:", kib, "kB"]]),
         repr("bwrap\x00")], r.text
     _next_call_works(tool)
+
+
+@needs_cgroup
+def test_cgroups_of_a_killed_tool_process_are_swept_at_start():
+    """A SIGKILLed trainer leaves its run cgroups behind (empty: the runs die with it); the
+    next tool process removes them, and never one of a live process."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        live_dirs = cgroup.RunCgroup.create(CGROUP_HOST, LIMIT, 8).dirs
+        names = {f"tepo-{child.pid}-0": child.pid, f"tepo-{dead.pid}-0": dead.pid}
+        for name in names:
+            for base in set(CGROUP_HOST.bases.values()):
+                os.mkdir(os.path.join(base, name))
+        removed = cgroup.sweep_stale(CGROUP_HOST)
+        assert sorted(removed) == sorted(os.path.join(b, f"tepo-{dead.pid}-0")
+                                         for b in set(CGROUP_HOST.bases.values()))
+        assert all(os.path.isdir(d) for d in live_dirs)  # this process's own: alive
+    finally:
+        child.kill()
+        child.wait()
+        for base in set(CGROUP_HOST.bases.values()):
+            for name in (f"tepo-{child.pid}-0", f"tepo-{dead.pid}-0"):
+                if os.path.isdir(os.path.join(base, name)):
+                    os.rmdir(os.path.join(base, name))
+        for d in live_dirs:
+            os.rmdir(d)

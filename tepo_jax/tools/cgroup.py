@@ -26,6 +26,7 @@ import errno
 import itertools
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CONTROLLERS = ("memory", "pids")
 _PREFIX = "tepo-"
+_RUN_NAME = re.compile(r"tepo-(\d+)-\d+")  # tepo-<tool pid>-<n>
 _counter = itertools.count()
 _RMDIR_WAIT_S = 2.0  # killed processes leave a cgroup asynchronously
 
@@ -115,7 +117,33 @@ def detect(proc: str = "/proc") -> Tuple[Optional[Host], str]:
         RunCgroup.create(host, 64 << 20, 8).remove()
     except OSError as exc:
         return None, f"{host.describe()}: cannot create a run cgroup ({exc})"
+    sweep_stale(host)
     return host, ""
+
+
+def sweep_stale(host: Host, proc: str = "/proc") -> List[str]:
+    """Remove run cgroups left by tool processes that died (a SIGKILLed trainer cannot clean
+    up; its runs die with it, via bwrap's --die-with-parent, but their cgroups stay). Only
+    cgroups named after a pid that no longer exists are touched, and rmdir refuses any that
+    still holds a process. Returns the removed paths."""
+    removed = []
+    for base in sorted(set(host.bases.values())):
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            m = _RUN_NAME.fullmatch(name)
+            if m is None or os.path.exists(f"{proc}/{m.group(1)}"):
+                continue
+            try:
+                os.rmdir(os.path.join(base, name))
+                removed.append(os.path.join(base, name))
+            except OSError:
+                pass
+    if removed:
+        log.info("removed %d run cgroup(s) left by dead processes", len(removed))
+    return removed
 
 
 def _v1_host(mounts: Dict[str, str], own: Dict[str, str]) -> Tuple[Optional[Host], str]:
@@ -213,15 +241,6 @@ class RunCgroup:
         except OSError:
             return 0
         return _field(text, "oom_kill")
-
-    def peak_bytes(self) -> Optional[int]:
-        """Peak memory charged to the run (None where the kernel does not say)."""
-        d = self._dir_of("memory")
-        name = "memory.peak" if self.host.version == 2 else "memory.max_usage_in_bytes"
-        try:
-            return int(_read(os.path.join(d, name)))
-        except (OSError, ValueError):
-            return None
 
     def kill(self) -> None:
         """SIGKILL every process still in the run's cgroup (daemons that left the process

@@ -26,6 +26,8 @@ import os
 import struct
 from typing import Dict, List, Optional, Tuple
 
+from tepo_jax.tools.sandbox import data_fd
+
 # Syscall numbers: (x86-64, the generic table aarch64 uses), from the kernel's unistd headers.
 _SYSCALLS: Dict[str, Tuple[int, int]] = {
     "ptrace": (101, 117), "mount": (165, 40), "umount2": (166, 39), "swapon": (167, 224),
@@ -102,5 +104,4 @@ def filter_program(machine: Optional[str] = None) -> bytes:
 
 def program_fd(program: bytes) -> int:
     """An fd holding `program` at offset 0, for `bwrap --seccomp FD` (bwrap reads to EOF)."""
-    from tepo_jax.tools.sandbox import data_fd  # noqa: PLC0415  (sandbox imports this module's users)
     return data_fd(program, "tepo-seccomp")
