@@ -220,3 +220,107 @@ def test_silent_server_is_bounded_by_the_call_timeout():
         r = client.run("anything", timeout=1.2)
         assert time.monotonic() - t0 < 1.2 + 1.0
     assert r.status is ToolStatus.ERROR and "search error" in r.text
+
+
+# ---- one deadline per remote call (issue 14) --------------------------------------------------
+class TrickleServer:
+    """An HTTP server on 127.0.0.1 that, in mode "headers", sends its response headers one
+    byte every 0.1 s, in mode "body" sends them at once and then the body one byte every
+    0.1 s (each read succeeds well inside any per-read timeout; 30 bytes, then it hangs up),
+    and in mode "ok" answers at once with one passage per query."""
+
+    def __init__(self, mode: str):
+        import threading
+        self.mode, self.stop = mode, threading.Event()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn):
+        with conn:
+            try:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                head, _, body = request.partition(b"\r\n\r\n")
+                length = int([ln.split(b":")[1] for ln in head.split(b"\r\n")
+                              if ln.lower().startswith(b"content-length")][0])
+                while len(body) < length:
+                    body += conn.recv(65536)
+                if self.mode == "ok":
+                    rows = [[{"id": "1", "title": "T", "text": q}]
+                            for q in json.loads(body)["queries"]]
+                    data = json.dumps({"results": rows}).encode()
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+                    return
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" \
+                       b"Content-Length: 100000\r\n\r\n"
+                if self.mode == "body":
+                    conn.sendall(head)
+                # 30 bytes, 3 s: far past the test's deadline, short enough that a client
+                # without one fails the test by its wall time instead of hanging it
+                for byte in (head if self.mode == "headers" else b" " * 100000)[:30]:
+                    if self.stop.wait(0.1):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def trickle(request):
+    srv = TrickleServer(request.param)
+    yield srv
+    srv.close()
+
+
+@pytest.mark.parametrize("trickle", ["headers", "body"], indirect=True)
+def test_trickling_server_is_bounded_by_one_deadline(trickle):
+    """Each read gets a byte within 0.1 s, so per-read timeouts never fire: only a deadline
+    for the whole call ends it. The next call on the same client works."""
+    client = RemoteSearch(trickle.url, timeout=5.0, retries=2, backoff_s=0.05)
+    t0 = time.monotonic()
+    r = client.run("anything", timeout=1.0)
+    wall = time.monotonic() - t0
+    assert wall < 1.0 + 0.3, f"call took {wall:.2f} s past its 1 s deadline"
+    assert r.status is ToolStatus.ERROR and "no complete answer within the call's 1 s deadline" in r.text, r.text
+    trickle.mode = "ok"
+    again = client.run("second", timeout=2.0)
+    assert again.status is ToolStatus.OK and again.text == "Doc 1 (Title: T) second"
+
+
+@pytest.mark.parametrize("trickle", ["body"], indirect=True)
+def test_trickling_server_frees_the_bridge_worker(trickle):
+    """Through the bridge the call must end by itself (not be abandoned with its thread
+    stuck): with one worker, the next call then runs and succeeds."""
+    from tepo_jax.tools import ToolBridge, ToolCall
+    client = RemoteSearch(trickle.url, timeout=5.0, retries=0)
+    with ToolBridge({"search": client}, max_workers=1, default_timeout=1.0,
+                    grace_s=0.5) as bridge:
+        first = bridge.run_batch([ToolCall("search", "q1")])[0]
+        assert first.status is ToolStatus.ERROR and bridge.abandoned == 0, first
+        trickle.mode = "ok"
+        second = bridge.run_batch([ToolCall("search", "q2")])[0]
+    assert second.status is ToolStatus.OK and second.text == "Doc 1 (Title: T) q2", second
+
+
+def test_control_bytes_from_a_server_do_not_reach_the_model():
+    text = format_passages([Passage("1", "T\x1b[2J", "a\x00b")])
+    assert text == "Doc 1 (Title: T\ufffd[2J) a\ufffdb"

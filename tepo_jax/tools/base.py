@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from typing import Optional, Protocol, Union, runtime_checkable
 
 
@@ -81,3 +82,13 @@ def truncate(text: str, max_chars: int) -> str:
     if max_chars < 0 or len(text) <= max_chars:
         return text
     return f"{text[:max_chars]}…[truncated {len(text) - max_chars} chars]"
+
+
+# C0 controls but tab and newline, DEL, and C1 controls: NUL and ESC sequences in a tool's
+# output would reach the trajectory text (and any terminal or log that shows it) verbatim.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def model_text(text: str) -> str:
+    """Text safe to show the model: CRLF becomes LF, other control characters U+FFFD."""
+    return _CONTROL.sub("\ufffd", text.replace("\r\n", "\n"))

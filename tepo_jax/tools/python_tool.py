@@ -8,9 +8,9 @@ ToolResult. No call can hang the caller: every wait in here is bounded by the de
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
-import queue
 import selectors
 import shutil
 import signal
@@ -19,9 +19,10 @@ import tempfile
 import time
 from typing import Optional
 
-from tepo_jax.tools import sandbox
-from tepo_jax.tools.base import ToolResult, ToolStatus, truncate
+from tepo_jax.tools import cgroup, sandbox, seccomp
+from tepo_jax.tools.base import ToolResult, ToolStatus, model_text, truncate
 from tepo_jax.tools.sandbox import SandboxConfig
+from tepo_jax.tools.uidpool import UidPool
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class RawRun:
     returncode: Optional[int]
     timed_out: bool
     flooded: bool
+    oom_kills: int = 0   # processes the run's memory cgroup killed at its limit
 
 
 class PythonTool:
@@ -65,8 +67,18 @@ class PythonTool:
         if self.nproc is None:
             log.warning("python tool: no process limit (RLIMIT_NPROC): %s; a fork bomb is stopped "
                         "only by the deadline%s", why, " and the PID namespace" if self.bwrap else "")
+        self.cgroups, cg_why = _cgroup_host() if config.use_cgroup else (None, "disabled by config")
+        self._reaper = cgroup.Reaper()
+        self._proc_overrides = sandbox.proc_overrides(config, _host_meminfo())
+        self.seccomp, sc_why = _seccomp_program() if self.bwrap and config.use_seccomp else \
+            (None, "disabled by config" if self.bwrap else "needs bubblewrap")
         self.mode = ("bwrap" if self.bwrap else "limits-only") + \
-            (f"+uid{config.uid_base}.." if self._uids else "") + (f"+nproc/{self.nproc}" if self.nproc else "")
+            (f"+uid{config.uid_base}.." if self._uids else "") + \
+            (f"+nproc/{self.nproc}" if self.nproc else "") + \
+            (f"+cgroup{self.cgroups.version}" if self.cgroups else "") + \
+            ("+seccomp" if self.seccomp else "")
+        _log_protections(self.mode, {"cgroup (run memory+pids)": cg_why, "seccomp": sc_why,
+                                     "RLIMIT_NPROC": why if self.nproc is None else ""})
 
     def _no_sandbox(self):
         why = "disabled by config (use_bwrap=False)" if not self.config.use_bwrap \
@@ -77,8 +89,8 @@ class PythonTool:
                     "resource limits apply; model code can read host files and use the "
                     "network.", why)
 
-    def _uid_pool(self) -> Optional["queue.Queue[int]"]:
-        """One uid per concurrent run, so RLIMIT_NPROC is per run (see sandbox.py)."""
+    def _uid_pool(self) -> Optional[UidPool]:
+        """Host-wide uid leases, one uid per concurrent run, so RLIMIT_NPROC is per run."""
         cfg = self.config
         if os.geteuid() != 0 or not cfg.drop_privileges:
             return None
@@ -86,10 +98,7 @@ class PythonTool:
             log.warning("python tool: %s is not reachable by an unprivileged uid without "
                         "bubblewrap; running as root with limits only", cfg.python)
             return None
-        pool: "queue.Queue[int]" = queue.Queue()
-        for uid in range(cfg.uid_base, cfg.uid_base + cfg.uid_pool):
-            pool.put(uid)
-        return pool
+        return UidPool(cfg.uid_base, cfg.uid_pool, cfg.uid_lock_dir)
 
     # ---- public --------------------------------------------------------------------------
     def run(self, argument: str, timeout: Optional[float] = None) -> ToolResult:
@@ -112,40 +121,105 @@ class PythonTool:
 
     # ---- one confined process ------------------------------------------------------------
     def _run_confined(self, program: bytes, deadline: float) -> Optional[RawRun]:
-        uid = None
+        lease = None
         if self._uids is not None:
-            try:
-                uid = self._uids.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+            lease = self._uids.acquire(deadline)
+            if lease is None:
                 return None
-        workdir = None
+        uid = lease.uid if lease else None
+        workdir = cg = None
+        fds = []
         try:
-            argv = sandbox.command(self.config, self.bwrap, uid, self.nproc)
-            kwargs = dict(env=dict(self.config.env), start_new_session=True)
+            if self.cgroups is not None:
+                # under bwrap the run's cgroup also holds bwrap and its PID-namespace init
+                cg = cgroup.RunCgroup.create(self.cgroups, self.config.memory_bytes,
+                                             self.config.max_processes + (2 if self.bwrap else 0))
+            seccomp_fd, proc_files = None, {}
+            if self.seccomp is not None:
+                seccomp_fd = seccomp.program_fd(self.seccomp)
+                fds.append(seccomp_fd)
+            if self.bwrap:
+                for path, data in self._proc_overrides.items():
+                    proc_files[path] = sandbox.data_fd(data)
+                    fds.append(proc_files[path])
+            argv = sandbox.command(self.config, self.bwrap, uid, self.nproc, seccomp_fd,
+                                   cg.procs_files if cg else (), proc_files)
+            kwargs = dict(env=dict(self.config.env), start_new_session=True, pass_fds=fds)
             if not self.bwrap:
                 workdir = tempfile.mkdtemp(prefix="tepo_py_")
                 argv, kwargs = self._unsandboxed(argv, kwargs, uid, workdir)
-            return run_process(argv, program, deadline, self.config.max_capture_bytes,
-                               **kwargs)
+            raw = run_process(argv, program, deadline, self.config.max_capture_bytes,
+                              **kwargs)
+            if cg is not None:
+                raw.oom_kills = cg.oom_kills()
+            return raw
         finally:
-            if uid is not None:
-                if not self.bwrap:
-                    _kill_uid(uid)  # daemonised leftovers; bwrap's PID namespace does this
-                self._uids.put(uid)
+            for fd in fds:
+                _close_quietly(fd)
+            if cg is not None:
+                self._reaper.release(cg)  # kills leftovers (daemons) and removes the cgroup
+            elif uid is not None and not self.bwrap:
+                _kill_uid(uid)  # daemonised leftovers; bwrap's PID namespace does this
+            if lease is not None:
+                lease.release()
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
 
     @staticmethod
     def _unsandboxed(argv, kwargs, uid, workdir):
-        """Without bwrap: a private working dir, and either a dropped uid or, failing that,
-        a shell in between so the code's parent is not the host process."""
+        """Without bwrap: a private working dir owned by the run's uid (the uid is dropped by
+        setpriv in argv, after the cgroup join), or, without a uid, a shell in between so the
+        code's parent is not the host process."""
         kwargs["cwd"] = workdir
         if uid is not None:
             os.chown(workdir, uid, uid)
-            kwargs.update(user=uid, group=uid, extra_groups=[])
         else:
             argv = ["/bin/sh", "-c", '"$@"; exit $?', "sh"] + argv
         return argv, kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _cgroup_host():
+    """Detected once per process: (cgroup.Host or None, why not)."""
+    return cgroup.detect()
+
+
+def _host_meminfo() -> str:
+    try:
+        with open("/proc/meminfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _seccomp_program():
+    """(compiled filter or None, why not), once per process."""
+    try:
+        return seccomp.filter_program(), ""
+    except ValueError as exc:
+        return None, str(exc)
+
+
+_logged_protections: set = set()
+
+
+def _log_protections(mode: str, missing: dict) -> None:
+    """Say once per process and sandbox mode which protections are active and which not."""
+    if mode in _logged_protections:
+        return
+    _logged_protections.add(mode)
+    absent = "; ".join(f"{k}: {v}" for k, v in missing.items() if v)
+    log.info("python tool protections: %s%s", mode, f" | NOT active: {absent}" if absent else "")
+    if absent:
+        log.warning("python tool: some protections are not active: %s", absent)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def run_process(argv, stdin_data: bytes, deadline: float, cap: int, **popen_kwargs) -> RawRun:
@@ -264,21 +338,28 @@ def _kill_uid(uid: int) -> None:
 
 
 def render(raw: RawRun, cfg: SandboxConfig, timeout: float):
-    """Turn a RawRun into (model-facing text, status)."""
-    text = truncate(raw.stdout.decode("utf-8", "replace"), cfg.max_output_chars)
+    """Turn a RawRun into (model-facing text, status). Control bytes (NUL, ESC, …) are
+    replaced, so model code cannot put them into the trajectory's text."""
+    text = truncate(model_text(raw.stdout.decode("utf-8", "replace")), cfg.max_output_chars)
+    if raw.oom_kills:
+        # whatever else happened (even exit 0 of the top process), part of the run was
+        # killed at its memory limit: say so, it is what the model must change
+        text = _join(text, f"[memory limit of {cfg.memory_bytes >> 20} MiB for the run "
+                           f"exceeded: {raw.oom_kills} process(es) killed]")
     if raw.timed_out:
         return _join(text, f"[timed out after {timeout:g} s]"), ToolStatus.TIMEOUT
     if raw.flooded:
         return _join(text, f"[output exceeded {cfg.max_capture_bytes} bytes; run stopped]"), \
             ToolStatus.ERROR
     if raw.returncode == 0:
-        return text, ToolStatus.OK
+        return text, ToolStatus.ERROR if raw.oom_kills else ToolStatus.OK
     return _join(text, _failure_line(raw)), ToolStatus.ERROR
 
 
 def _failure_line(raw: RawRun) -> str:
     """The last error line (e.g. 'ZeroDivisionError: division by zero'), or the exit cause."""
-    lines = [ln for ln in raw.stderr_tail.decode("utf-8", "replace").splitlines() if ln.strip()]
+    lines = [ln for ln in model_text(raw.stderr_tail.decode("utf-8", "replace")).splitlines()
+             if ln.strip()]
     if lines:
         return truncate(lines[-1].strip(), 500)
     rc = raw.returncode

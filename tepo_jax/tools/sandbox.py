@@ -23,6 +23,16 @@ it per (user namespace, real uid) and exempts real uid 0, so (`nproc_scope`):
            same uid (the trainer's threads included) do not count;
   None     root without a dedicated uid, a kernel older than 5.14 (the count would be
            host-wide for the uid) or no user namespaces: the limit is left out, with a warning.
+
+Three more layers close what the ones above leave open (issue 14; docs/tools.md has the table
+of what enforces what, on root and non-root hosts):
+4. A memory+pids cgroup per run (`cgroup.py`): RLIMIT_AS is per process and misses memfd,
+   tmpfs and buffer pages; the cgroup counts all of a run's memory and processes together.
+5. A seccomp filter (`seccomp.py`, via bwrap's `--seccomp FD`): no user/mount namespaces, no
+   mounts, no ptrace/keyctl/bpf/io_uring. On the root path nothing else stops the dropped uid
+   from creating a user namespace, gaining capabilities in it and mounting.
+6. uids leased host-wide (`uidpool.py`): one run per uid on the host, across tools and
+   processes, so one run's processes never count against another run's RLIMIT_NPROC.
 """
 from __future__ import annotations
 
@@ -31,7 +41,9 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from tepo_jax.tools import cgroup
 
 # System directories the interpreter and its shared libraries need inside the sandbox.
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc", "/opt")
@@ -56,6 +68,10 @@ class SandboxConfig:
     drop_privileges: bool = True     # run as an unprivileged uid when we are root
     uid_base: int = 61000            # uids uid_base .. uid_base+uid_pool-1 are used
     uid_pool: int = 64               # concurrent runs beyond this wait for a free uid
+    uid_lock_dir: str = "/run/tepo_jax/sandbox-uids"  # host-wide uid leases (one lock per uid)
+    max_open_files: int = 256        # RLIMIT_NOFILE (not the host's, which may be huge)
+    use_cgroup: bool = True          # a memory+pids cgroup per run where the host allows it
+    use_seccomp: bool = True         # the seccomp filter under bwrap (see seccomp.py)
     extra_ro_binds: Tuple[str, ...] = ()  # more host paths visible read-only (e.g. data)
     env: Tuple[Tuple[str, str], ...] = (("PATH", "/usr/local/bin:/usr/bin:/bin"),
                                         ("HOME", "/tmp"), ("LANG", "C.UTF-8"),
@@ -103,7 +119,7 @@ def prlimit_args(cfg: SandboxConfig, nproc: bool) -> List[str]:
     CPU: soft < hard gives SIGXCPU first (a clear "CPU limit" cause in the result) and SIGKILL
     a second later if the code ignores it."""
     limits = {"cpu": cfg.cpu_s, "as": cfg.memory_bytes, "fsize": cfg.max_file_bytes,
-              "core": 0}
+              "core": 0, "nofile": cfg.max_open_files}
     if nproc:
         limits["nproc"] = cfg.max_processes
     hard = dict(limits, cpu=cfg.cpu_s + 1)
@@ -133,10 +149,16 @@ def visible_paths(cfg: SandboxConfig) -> List[str]:
     return paths + [p for p in extra if not any(_is_under(p, s) for s in _SYSTEM_DIRS)]
 
 
-def bwrap_args(cfg: SandboxConfig, bwrap: str) -> List[str]:
-    """The bubblewrap command prefix (everything before the confined command)."""
+def bwrap_args(cfg: SandboxConfig, bwrap: str, seccomp_fd: Optional[int] = None,
+               proc_files: Mapping[str, int] = {}) -> List[str]:
+    """The bubblewrap command prefix (everything before the confined command). `seccomp_fd`:
+    an fd holding the compiled filter (seccomp.program_fd), inherited by bwrap;
+    `proc_files`: /proc paths to replace, each with the contents of an inherited fd
+    (`proc_overrides`)."""
     args = [bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session"]
+    if seccomp_fd is not None:
+        args += ["--seccomp", str(seccomp_fd)]
     if os.geteuid() == 0 and cfg.drop_privileges:
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]  # setpriv drops them
     else:  # unprivileged bwrap: a user namespace, nobody inside
@@ -147,10 +169,46 @@ def bwrap_args(cfg: SandboxConfig, bwrap: str) -> List[str]:
     created = {"/", "/tmp"}
     for path in visible_paths(cfg):
         args += _bind_args(path, created)
-    args += ["--proc", "/proc", "--dev", "/dev", "--chdir", "/tmp", "--clearenv"]
+    args += ["--proc", "/proc"]
+    for path, fd in sorted(proc_files.items()):
+        args += ["--perms", "0444", "--ro-bind-data", str(fd), path]  # bwrap makes it 0600
+    args += ["--dev", "/dev", "--chdir", "/tmp", "--clearenv"]
     for key, value in cfg.env:
         args += ["--setenv", key, value]
     return args + ["--"]
+
+
+def proc_overrides(cfg: SandboxConfig, host_meminfo: str) -> Dict[str, bytes]:
+    """Contents for /proc files that would show the host inside the sandbox: /proc/meminfo
+    gives the run's memory limit as total, free and available (code that sizes itself by it
+    sees what it may use, not the host's RAM), every other size 0; /proc/1/cmdline, the
+    sandbox's own bwrap command line, becomes just "bwrap"."""
+    kib = cfg.memory_bytes >> 10
+    lines = []
+    for line in host_meminfo.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("MemTotal", "MemFree", "MemAvailable"):
+            value = f"{kib} kB"
+        elif key != "Hugepagesize":
+            value = "0 kB" if value.strip().endswith("kB") else "0"
+        else:
+            value = value.strip()
+        lines.append(f"{key + ':':<16}{value:>12}" if value.endswith("kB") or value.isdigit()
+                     else f"{key}: {value}")
+    return {"/proc/meminfo": ("\n".join(lines) + "\n").encode(),
+            "/proc/1/cmdline": b"bwrap\0"}
+
+
+def data_fd(data: bytes, name: str = "tepo-sandbox-data") -> int:
+    """An fd at offset 0 holding `data` (a memfd: nothing on disk), for bwrap to read."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _bind_args(path: str, created: set) -> List[str]:
@@ -185,21 +243,26 @@ def path_traversable_by_others(path: str) -> bool:
 
 
 def command(cfg: SandboxConfig, bwrap: Optional[str], uid: Optional[int],
-            nproc: Optional[str] = None) -> List[str]:
-    """The full argv: [bwrap … | unshare --user] prlimit … [setpriv …] python -I -u -.
-    `nproc` is the `nproc_scope`; "userns" without bwrap adds the `unshare --user`."""
+            nproc: Optional[str] = None, seccomp_fd: Optional[int] = None,
+            cgroup_procs: Sequence[str] = (), proc_files: Mapping[str, int] = {}) -> List[str]:
+    """The full argv: [join cgroups] [bwrap … | unshare --user] prlimit … [setpriv …] python
+    -I -u -. `nproc` is the `nproc_scope`; "userns" without bwrap adds the `unshare --user`.
+    `uid` is dropped to with setpriv, inside bwrap or (without it) after prlimit; either way
+    after the cgroup join, which needs root's write access to cgroup.procs."""
     inner = prlimit_args(cfg, nproc is not None)
-    if bwrap and uid is not None:
+    if uid is not None:
         inner += setpriv_args(uid)
     argv = inner + python_argv(cfg)
     if bwrap:
-        return bwrap_args(cfg, bwrap) + argv
-    return (["unshare", "--user", "--"] + argv) if nproc == "userns" else argv
+        argv = bwrap_args(cfg, bwrap, seccomp_fd, proc_files) + argv
+    elif nproc == "userns":
+        argv = ["unshare", "--user", "--"] + argv
+    return (cgroup.join_argv(list(cgroup_procs)) + argv) if cgroup_procs else argv
 
 
 def missing_helpers(cfg: SandboxConfig, bwrap: Optional[str]) -> List[str]:
     """util-linux helpers the command needs but this host lacks (named in the error)."""
     needed = ["prlimit"]
-    if bwrap and os.geteuid() == 0 and cfg.drop_privileges:
+    if os.geteuid() == 0 and cfg.drop_privileges:
         needed.append("setpriv")
     return [n for n in needed if shutil.which(n) is None]

@@ -4,8 +4,9 @@ Local backend: `build_index` reads a JSONL corpus (`{"id", "title", "text"}` per
 indexes "title + text" with bm25s and saves index and corpus to a directory; `BM25Index.load`
 memory-maps both, so many processes on one host share the pages.
 Remote backend: `RemoteSearch` POSTs `{"queries": [...], "top_k": k}` to `/retrieve` (see
-server.py) with timeouts, retries with exponential backoff and a bounded LRU cache. Both are
-Tools (`name = "search"`), so the bridge cannot tell them apart.
+server.py) with retries, exponential backoff and a bounded LRU cache, all inside one deadline
+per call that every socket operation obeys (`DeadlineBackend`). Both are Tools (`name =
+"search"`), so the bridge cannot tell them apart.
 
 CLI:  python -m tepo_jax.tools.search build --corpus X.jsonl --out DIR
       python -m tepo_jax.tools.search query --index DIR "some question"
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,7 +25,7 @@ import threading
 import time
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
-from tepo_jax.tools.base import ToolResult, ToolStatus, truncate
+from tepo_jax.tools.base import ToolResult, ToolStatus, model_text, truncate
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +135,12 @@ class BM25Index:
 
 
 def format_passages(passages: Sequence[Passage], max_chars: int = 600) -> str:
-    """Numbered passages as the model sees them: `Doc 1 (Title: …) text`, each truncated."""
+    """Numbered passages as the model sees them: `Doc 1 (Title: …) text`, each truncated;
+    control bytes from the corpus or a server are replaced (`model_text`)."""
     if not passages:
         return "No results found."
-    return "\n".join(f"Doc {i} (Title: {p.title}) {truncate(p.text.strip(), max_chars)}"
-                     for i, p in enumerate(passages, 1))
+    return model_text("\n".join(f"Doc {i} (Title: {p.title}) {truncate(p.text.strip(), max_chars)}"
+                                 for i, p in enumerate(passages, 1)))
 
 
 # ---- tools ----------------------------------------------------------------------------------
@@ -161,20 +164,108 @@ class RemoteSearchError(RuntimeError):
     """The retrieval server could not be reached or answered badly within the retry budget."""
 
 
+class DeadlineBackend:
+    """An httpcore network backend whose every socket operation (connect, each read, each
+    write) waits at most until the calling thread's deadline.
+
+    httpx/httpcore timeouts are per operation: a server that sends headers and then one byte
+    a second never trips a read timeout, so a call lasted as long as the server liked and held
+    its bridge worker (issue 14). With the deadline checked before, and bounding, each
+    operation, a call ends by its deadline plus one scheduling slice. Name resolution
+    (getaddrinfo) is not bounded: give the server as an IP address or a local name.
+    """
+
+    def __init__(self):
+        import httpcore  # noqa: PLC0415
+
+        self._httpcore = httpcore
+        self._inner = httpcore.SyncBackend()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def deadline(self, at: float):
+        """Operations of this thread inside the block end by `at` (time.monotonic())."""
+        saved = getattr(self._local, "at", None)
+        self._local.at = at
+        try:
+            yield
+        finally:
+            self._local.at = saved
+
+    def bound(self, timeout: Optional[float], exc_type) -> Optional[float]:
+        """`timeout` capped by the time left; `exc_type` raised when none is left."""
+        at = getattr(self._local, "at", None)
+        if at is None:
+            return timeout
+        left = at - time.monotonic()
+        if left <= 0:
+            raise exc_type("deadline of the search call reached")
+        return left if timeout is None else min(timeout, left)
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        t = self.bound(timeout, self._httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_tcp(host, port, t, local_address,
+                                                       socket_options), self)
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        t = self.bound(timeout, self._httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_unix_socket(path, t, socket_options), self)
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class _DeadlineStream:
+    """A network stream whose reads and writes obey the backend's per-thread deadline."""
+
+    _WRITE_CHUNK = 64 << 10  # the inner write resets its timeout per send(): bound each piece
+
+    def __init__(self, inner, backend: DeadlineBackend):
+        self._inner, self._backend = inner, backend
+
+    def read(self, max_bytes: int, timeout: Optional[float] = None) -> bytes:
+        t = self._backend.bound(timeout, self._backend._httpcore.ReadTimeout)
+        return self._inner.read(max_bytes, t)
+
+    def write(self, buffer: bytes, timeout: Optional[float] = None) -> None:
+        view = memoryview(buffer)
+        while len(view):
+            t = self._backend.bound(timeout, self._backend._httpcore.WriteTimeout)
+            self._inner.write(bytes(view[:self._WRITE_CHUNK]), t)
+            view = view[self._WRITE_CHUNK:]
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        t = self._backend.bound(timeout, self._backend._httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, t),
+                               self._backend)
+
+    def get_extra_info(self, info: str):
+        return self._inner.get_extra_info(info)
+
+
 class RemoteSearch:
     """Client for `POST {url}/retrieve`. Failures become ERROR results after `retries`
-    retries; the total time is bounded by the call's timeout, never a hang."""
+    retries; every call, retries and each byte of the answer included, ends by its
+    deadline (the call's timeout), never a hang, and leaves no thread behind."""
 
     def __init__(self, url: str, top_k: int = 3, max_chars: int = 600, timeout: float = 5.0,
                  retries: int = 2, backoff_s: float = 0.1, cache_size: int = 4096,
-                 name: str = "search"):
-        import httpx  # noqa: PLC0415  (only the remote backend needs it)
+                 name: str = "search", max_response_bytes: int = 64 << 20):
+        import httpcore  # noqa: PLC0415  (only the remote backend needs it)
 
         self.url = url.rstrip("/") + "/retrieve"
         self.top_k, self.max_chars, self.name = top_k, max_chars, name
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
-        self._client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=64))
-        self._httpx = httpx
+        self.max_response_bytes = max_response_bytes
+        self._httpcore = httpcore
+        self._backend = DeadlineBackend()
+        self._pool = httpcore.ConnectionPool(max_connections=64, network_backend=self._backend)
+        self._errors = (httpcore.TimeoutException, httpcore.NetworkError,
+                        httpcore.ProtocolError, httpcore.UnsupportedProtocol,
+                        RemoteSearchError, ValueError, KeyError, TypeError)
         self._cache: "collections.OrderedDict[tuple, List[Passage]]" = collections.OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -213,25 +304,46 @@ class RemoteSearch:
         return results  # type: ignore[return-value]
 
     def _post(self, queries: List[str], k: int, budget: float) -> List[List[Passage]]:
-        """POST with retries and exponential backoff, all inside `budget` seconds."""
+        """POST with retries and exponential backoff, all inside `budget` seconds: each
+        attempt ends by min(its own `timeout`, the call's deadline)."""
         deadline = time.monotonic() + budget
-        error = "no attempt"
+        body = json.dumps({"queries": queries, "top_k": k}).encode()
+        error, attempts = "no attempt", 0
         for attempt in range(self.retries + 1):
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if deadline - time.monotonic() <= 0:
                 break
+            attempts += 1
             try:
-                resp = self._client.post(self.url, json={"queries": queries, "top_k": k},
-                                         timeout=min(self.timeout, left))
-                resp.raise_for_status()
-                return _parse_response(resp.json(), len(queries))
-            except (self._httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                with self._backend.deadline(min(deadline, time.monotonic() + self.timeout)):
+                    payload = self._request(body)
+                return _parse_response(payload, len(queries))
+            except self._errors as exc:
                 error = f"{type(exc).__name__}: {exc}"
             pause = self.backoff_s * (2 ** attempt)
             if attempt < self.retries and time.monotonic() + pause < deadline:
                 time.sleep(pause)
+        if time.monotonic() >= deadline:
+            raise RemoteSearchError(f"retrieval server {self.url}: no complete answer within "
+                                    f"the call's {budget:g} s deadline ({attempts} attempt(s); "
+                                    f"last: {error})")
         raise RemoteSearchError(f"retrieval server {self.url} failed after "
-                                f"{self.retries + 1} attempts: {error}")
+                                f"{attempts} attempts: {error}")
+
+    def _request(self, body: bytes):
+        """One POST; the decoded JSON answer. The body is read in bounded pieces."""
+        headers = [(b"Content-Type", b"application/json"), (b"Accept", b"application/json")]
+        # the wait for a free pooled connection is no socket operation: bound it here
+        timeout = {"pool": self._backend.bound(None, self._httpcore.PoolTimeout)}
+        with self._pool.stream("POST", self.url, headers=headers, content=body,
+                               extensions={"timeout": timeout}) as resp:
+            if resp.status >= 400:
+                raise RemoteSearchError(f"HTTP {resp.status}")
+            data = bytearray()
+            for chunk in resp.iter_stream():
+                data += chunk
+                if len(data) > self.max_response_bytes:
+                    raise RemoteSearchError(f"answer larger than {self.max_response_bytes} bytes")
+        return json.loads(data)
 
     def run(self, argument: str, timeout: Optional[float] = None) -> ToolResult:
         t0 = time.monotonic()
@@ -244,7 +356,7 @@ class RemoteSearch:
                           time.monotonic() - t0, self.name)
 
     def close(self):
-        self._client.close()
+        self._pool.close()
 
 
 def _parse_response(payload, n: int) -> List[List[Passage]]:
