@@ -72,6 +72,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.tools.search = True
     c.tools.python_timeout_s = 5.0
     c.tools.require_sandbox = False   # refuse to run python without bubblewrap
+    c.tools.python_memory_mb = 1024   # one run's memory, all its processes (cgroup; docs/tools.md)
+    c.tools.python_max_processes = 32
+    c.tools.sandbox_cgroup = True     # a memory+pids cgroup per run where the host allows it
     c.tools.search_backend = "local"  # local | remote
     c.tools.search_url = ""           # retrieval server for the remote backend
     c.tools.search_index = ""         # bm25s index directory for the local backend
@@ -201,6 +204,8 @@ _RULES: list[tuple[str, Any, str]] = [
     ("sft.batch_size", lambda v: v >= 1, "must be >= 1"),
     ("sft.redundant_call_rate", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     ("tools.search_backend", lambda v: v in ("local", "remote"), "must be local or remote"),
+    ("tools.python_memory_mb", lambda v: v >= 64, "must be at least 64"),
+    ("tools.python_max_processes", lambda v: v >= 1, "must be at least 1"),
     ("tokenizer.builtin", lambda v: v in ("qwen2.5", "llama3"), "must be qwen2.5 or llama3"),
     ("algo.adv_std", lambda v: v in ("population", "sample"), "must be population or sample"),
     ("algo.adv_eps", lambda v: v >= 0, "must be >= 0"),

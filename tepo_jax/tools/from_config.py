@@ -31,9 +31,12 @@ def enabled_tools(config) -> tuple[str, ...]:
 def bridge_from_config(config, corpus_path: Optional[str]) -> ToolBridge:
     tools = {}
     if config.tools.python:
-        tools["python"] = PythonTool(SandboxConfig(timeout_s=config.tools.python_timeout_s,
-                                                   require_sandbox=config.tools.require_sandbox,
-                                                   max_output_chars=config.tools.max_result_chars))
+        t = config.tools
+        tools["python"] = PythonTool(SandboxConfig(timeout_s=t.python_timeout_s, require_sandbox=t.require_sandbox,
+                                                   max_output_chars=t.max_result_chars,
+                                                   memory_bytes=t.python_memory_mb << 20,
+                                                   max_processes=t.python_max_processes,
+                                                   use_cgroup=t.sandbox_cgroup))
     if config.tools.search:
         tools["search"] = search_from_config(config, corpus_path)
     return ToolBridge(tools, max_workers=config.tools.max_workers,
