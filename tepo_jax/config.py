@@ -82,6 +82,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.tools.search_top_k = 3
     c.tools.max_workers = 8
     c.tools.max_result_chars = 600
+    c.tools.extra = ""                # your tools by import path, comma-separated (docs/api.md)
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.group_size = 4          # G samples per prompt
@@ -127,6 +128,7 @@ def defaults() -> ml_collections.ConfigDict:
     # Function-calling reward (rewards/function_calling.py): ToolRL's static ranges, or the
     # ranges ResT trains with (ToolRL's SCHEDULEREWARD), which move with the RL step.
     c.reward = ml_collections.ConfigDict()
+    c.reward.fn = ""                  # your reward by import path, pkg.module:fn (docs/api.md)
     c.reward.fc_schedule = "off"      # off: format [0, 1], correctness [-3, 3] | rest: scheduled
     c.reward.fc_schedule_steps = 150  # T of the schedule (ToolRL/ResT: 150)
     c.reward.fc_require_think = False # ToolRL/ResT require <think>…</think>; ours need not
@@ -268,7 +270,7 @@ def _check_known_fields(config, reference, prefix="") -> None:
             raise ConfigError(f"config.{name}: expected {type(default).__name__}, got {value!r}")
 
 
-def _check_consistency(c) -> None:
+def _check_consistency(c, data_given: bool = False) -> None:
     sources = [bool(c.model.preset), bool(c.model.hf_checkpoint), bool(c.model.tiny)]
     if sum(sources) != 1:
         raise ConfigError("config.model: set exactly one of preset, hf_checkpoint, tiny")
@@ -277,8 +279,9 @@ def _check_consistency(c) -> None:
     if c.rollout.max_tokens >= c.rollout.cache_len:
         raise ConfigError("config.rollout.max_tokens: must be smaller than rollout.cache_len "
                           "(the prompt and tool results also live in the cache)")
-    _check_data(c)
-    _check_tools(c)
+    if not data_given:  # a user's data (tepo_jax.api) replaces config.data's source
+        _check_data(c)
+    _check_tools(c, data_given)
     batch = c.data.prompts_per_step * c.rollout.group_size
     if batch % c.train.micro_batches:
         raise ConfigError(f"config.train.micro_batches={c.train.micro_batches}: does not divide the "
@@ -304,9 +307,9 @@ def _check_data(c) -> None:
                           f"{c.data.task!r}; one of {('auto',) + layouts}")
 
 
-def _check_tools(c) -> None:
+def _check_tools(c, data_given: bool = False) -> None:
     t = c.tools
-    if c.data.task == "synthetic":
+    if c.data.task == "synthetic" and not data_given:
         if not any(w > 0 for w in c.data.mix.values()):
             raise ConfigError("config.data.mix: no synthetic family has a positive weight")
         for family, weight in c.data.mix.items():
@@ -323,12 +326,13 @@ def _check_tools(c) -> None:
                           "(or tools.search_index, or tools.search=False)")
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Raise ConfigError (one line, naming the field) unless `config` is usable."""
+def validate(config: ml_collections.ConfigDict, data_given: bool = False) -> ml_collections.ConfigDict:
+    """Raise ConfigError (one line, naming the field) unless `config` is usable; `data_given`:
+    the examples come from the caller (tepo_jax.api), not from config.data."""
     _check_known_fields(config, defaults())
     for field, ok, message in _RULES:
         value = _get(config, field)
         if not ok(value):
             raise ConfigError(f"config.{field}={value!r}: {message}")
-    _check_consistency(config)
+    _check_consistency(config, data_given)
     return config

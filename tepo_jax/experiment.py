@@ -24,6 +24,7 @@ import numpy as np
 from tepo_jax.data.function_calling import FUNCTION_CALLING
 from tepo_jax.data.loading import examples_from_config, functions_from_config
 from tepo_jax.models.decoder import BATCH_AXES
+from tepo_jax.plugins import UserParts, check_tool_names, merge, parts_from_config
 from tepo_jax.rewards import TaskRewards
 from tepo_jax.rollout.agent import AgentLoop, RolloutConfig
 from tepo_jax.sampling.config import SamplerConfig
@@ -47,6 +48,7 @@ class Experiment:
     train_examples: list
     eval_examples: list
     bridge: Optional[ToolBridge] = None
+    parts: UserParts = UserParts()   # the user's reward, tools and demonstrations (plugins.py)
 
     def close(self) -> None:
         if self.bridge is not None:
@@ -61,23 +63,31 @@ def enable_compilation_cache(path: str) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
 
 
-def setup(config) -> Experiment:
+def setup(config, parts: Optional[UserParts] = None) -> Experiment:
+    """The run's parts; `parts` (a user's reward, tools, data) add to those the config names by
+    import path and replace the config's data when given."""
+    parts = merge(parts_from_config(config), parts)
     enable_compilation_cache(config.train.get("compilation_cache_dir", ""))
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
-    train, evals, corpus = examples_from_config(config)
+    if parts.train_examples is not None:
+        train, evals, corpus = parts.train_examples, parts.eval_examples or [], config.tools.search_corpus or None
+    else:
+        train, evals, corpus = examples_from_config(config)
     if config.data.task == FUNCTION_CALLING:
         functions = functions_from_config(config, train + evals)
         tokenizer = tokenizer_from_config(config, lambda: fc_tokenizer_texts(train, functions),
                                           function_calling=True, entities=fc_entities(train))
         tools, bridge = tuple(f.name for f in functions), function_bridge(config, functions)
     else:
-        tokenizer = tokenizer_from_config(config, lambda: tokenizer_texts(train, corpus))
-        tools, bridge = enabled_tools(config), bridge_from_config(config, corpus)
+        check_tool_names(parts.tools, enabled_tools(config))
+        tokenizer = tokenizer_from_config(config, lambda: tokenizer_texts(train, corpus, parts.demonstrations))
+        bridge = bridge_from_config(config, corpus, extra=parts.tools)
+        tools = enabled_tools(config) + tuple(t.name for t in parts.tools)
     fmt = call_format(tokenizer, tools, function_calling=config.data.task == FUNCTION_CALLING)
     return Experiment(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer, fmt=fmt,
-                      tools=tools, train_examples=train, eval_examples=evals, bridge=bridge)
+                      tools=tools, train_examples=train, eval_examples=evals, bridge=bridge, parts=parts)
 
 
 def batch_shards(mesh) -> int:
@@ -94,4 +104,5 @@ def make_agent(config, model, exp: Experiment, slots: int) -> AgentLoop:
                                            eos_ids=tuple(stop_token_ids(exp.tokenizer))[:8], seed=c.seed),
                       tokenizer=exp.tokenizer)
     return AgentLoop(sampler, exp.bridge, exp.tokenizer, exp.fmt, RolloutConfig.from_config(c), exp.tools,
-                     rewards=TaskRewards.from_config(c, exp.fmt), prompt_style=c.data.prompt)
+                     rewards=TaskRewards.from_config(c, exp.fmt, custom=exp.parts.reward),
+                     prompt_style=c.data.prompt, tool_descriptions=exp.parts.tool_descriptions)

@@ -46,6 +46,7 @@ from tepo_jax.config import RL, SFT, ConfigError, validate
 from tepo_jax.data.jsonl import JsonlError
 from tepo_jax.data.pipeline import DataSourceError, make_dataset
 from tepo_jax.models.config import UnsupportedConfigError
+from tepo_jax.plugins import parts_from_config
 from tepo_jax.rl import loop as rl_loop
 from tepo_jax.rl.batch import power_of_two_buckets
 from tepo_jax.rl.loss import LossConfig
@@ -92,8 +93,8 @@ class Phase:
 class Run:
     """One training run: its parts, its state, and the checkpoint it resumes from."""
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, parts=None):
+        self.config, self.parts = config, parts   # parts: a user's reward/tools/data (plugins.py)
         self.global_step = 0  # checkpoint number: SFT steps + RL steps
         self.localize = None   # multi-process: global params -> the local sampler's mesh
         self._opened = []      # what close() releases, in reverse order
@@ -105,7 +106,7 @@ class Run:
 
     def _start(self) -> None:
         c = self.config
-        self.exp = self._open(self._setup(c), "close")
+        self.exp = self._open(self._setup(c, self.parts), "close")
         self.mesh = self.exp.mesh
         self.check_memory()
         self.log = self._open(RunLog(self.exp.workdir), "close")
@@ -121,14 +122,14 @@ class Run:
         return part
 
     @staticmethod
-    def _setup(config) -> experiment.Experiment:
+    def _setup(config, parts=None) -> experiment.Experiment:
         """experiment.setup; with several processes, process 0 first (it writes the shared
         data, tokenizer and index files), the others once those exist."""
         if not multihost.is_multiprocess():
-            return experiment.setup(config)
+            return experiment.setup(config, parts)
         if jax.process_index() != 0:
             multihost_utils.sync_global_devices("tepo_jax.setup")
-        exp = experiment.setup(config)
+        exp = experiment.setup(config, parts)
         if jax.process_index() == 0:
             multihost_utils.sync_global_devices("tepo_jax.setup")
         return exp
@@ -195,7 +196,9 @@ class Run:
         trajs = build_sft_trajectories(self.exp.train_examples, self.exp.tokenizer, self.exp.bridge,
                                        tools=self.exp.tools, fmt=self.exp.fmt,
                                        redundant_rate=c.sft.redundant_call_rate, seed=c.seed,
-                                       tool_rates=c.sft.tool_rate.to_dict(), prompt_style=c.data.prompt)
+                                       tool_rates=c.sft.tool_rate.to_dict(), prompt_style=c.data.prompt,
+                                       demonstrations=self.exp.parts.demonstrations,
+                                       tool_descriptions=self.exp.parts.tool_descriptions)
         self.log.save_trajectories("sft_data", trajs[:64])
         step_fn = make_sft_step(model_def, optimizer, self.loss_cfg, self.mesh, shardings, self.batch_sharding)
         data = make_dataset(list(range(len(trajs))), seed=c.seed, batch_size=c.sft.batch_size).__iter__()
@@ -322,18 +325,20 @@ class Run:
             self._opened.pop()()
 
 
-def startup_checks(config) -> None:
-    """What can be checked before any work (ConfigError): the config, and once jax.distributed
-    is up, that every process gets the same number of prompts per step."""
-    validate(config)
+def startup_checks(config, parts=None) -> None:
+    """What can be checked before any work (ConfigError): the config, the reward and tools it
+    names by import path, and once jax.distributed is up, that every process gets the same
+    number of prompts per step."""
+    validate(config, data_given=parts is not None and parts.train_examples is not None)
+    parts_from_config(config)
     multihost.check_divisible(config.data.prompts_per_step)
 
 
-def train(config) -> dict:
-    """Check `config`, run it, return the final evaluation metrics. Raises Preempted when a
-    stop signal ended it early."""
-    startup_checks(config)
-    run = Run(config)
+def train(config, parts=None) -> dict:
+    """Check `config`, run it (with a user's `parts`: plugins.UserParts), return the final
+    evaluation metrics. Raises Preempted when a stop signal ended it early."""
+    startup_checks(config, parts)
+    run = Run(config, parts)
     try:
         return run.run()
     finally:

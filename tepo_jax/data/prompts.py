@@ -6,7 +6,7 @@ The format matches `tepo_jax.tools.format.ToolFormat`: calls `<python>code</pyth
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from tepo_jax.data.records import MATH, Example
 
@@ -36,20 +36,24 @@ PROMPT_STYLES = ("full", "short")
 _SHORT_TOOLS = {"python": "python runs code", "search": "search finds facts"}
 
 
-def system_prompt(tools: Sequence[str] = ("python", "search"), style: str = "full") -> str:
-    """The system prompt for the enabled `tools` (a subset of TOOL_DESCRIPTIONS, in order), in
-    `style` (PROMPT_STYLES)."""
-    unknown = [t for t in tools if t not in TOOL_DESCRIPTIONS]
+def system_prompt(tools: Sequence[str] = ("python", "search"), style: str = "full",
+                  descriptions: Mapping[str, str] = {}) -> str:
+    """The system prompt for the enabled `tools` (built-ins from TOOL_DESCRIPTIONS, a user's
+    tools from `descriptions`), in order, in `style` (PROMPT_STYLES)."""
+    unknown = [t for t in tools if t not in TOOL_DESCRIPTIONS and t not in descriptions]
     if unknown:
-        raise ValueError(f"unknown tools {unknown}; known: {sorted(TOOL_DESCRIPTIONS)}")
+        raise ValueError(f"unknown tools {unknown}; known: {sorted(TOOL_DESCRIPTIONS)} "
+                         "(describe your own with `descriptions`)")
     if style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style {style!r}; known: {', '.join(PROMPT_STYLES)}")
     if style == "short":
-        calls = ", ".join(_SHORT_TOOLS[t] for t in tools)
+        calls = ", ".join(_SHORT_TOOLS.get(t) or f"{t} {descriptions[t]}".strip() for t in tools)
         return (f"Tools: {calls}. " if tools else "") + "Put the final answer in the answer tag."
     if not tools:
         return f"{_HEADER}\n\n{_NO_TOOLS}"
-    lines = [f"- {TOOL_DESCRIPTIONS[t][0]}: {TOOL_DESCRIPTIONS[t][1]}." for t in tools]
+    usage = {t: TOOL_DESCRIPTIONS.get(t) or (f"<{t}>argument</{t}>", descriptions[t] or "a tool")
+             for t in tools}
+    lines = [f"- {usage[t][0]}: {usage[t][1].rstrip('.')}." for t in tools]
     return f"{_HEADER}\n\nTools:\n" + "\n".join(lines) + f"\n\n{_FOOTER}"
 
 
@@ -61,7 +65,7 @@ def user_prompt(example: Example) -> str:
 
 
 def to_messages(example: Example, tools: Sequence[str] = ("python", "search"),
-                style: str = "full") -> list[dict]:
+                style: str = "full", descriptions: Mapping[str, str] = {}) -> list[dict]:
     """Chat messages (system + user) for `example`, ready for `tokenizer.encode_chat`."""
-    return [{"role": "system", "content": system_prompt(tools, style)},
+    return [{"role": "system", "content": system_prompt(tools, style, descriptions)},
             {"role": "user", "content": user_prompt(example)}]

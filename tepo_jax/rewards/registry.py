@@ -14,7 +14,7 @@ REWARD_FNS is written out in one place, here: a new task's reward is one more en
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 from tepo_jax.rewards.base import MALFORMED, Gold, RewardFn, RewardResult, StepRewardFn
 from tepo_jax.rewards.extract import extract_answer
@@ -81,15 +81,20 @@ class TaskRewards:
     every other task uses its REWARD_FNS entry, which has no step."""
 
     scheduled: Mapping[str, StepRewardFn] = dataclasses.field(default_factory=dict)
+    # A user reward (tepo_jax/plugins.py): fn(text, gold, trajectory), for every task.
+    custom: Optional[Callable] = None
 
     @classmethod
-    def from_config(cls, config, fmt=None) -> "TaskRewards":
+    def from_config(cls, config, fmt=None, custom: Optional[Callable] = None) -> "TaskRewards":
         """The rollout's rewards for an experiment config: function calling scored at the RL
         step with `reward_config` (`config.reward`), in the dialect of `fmt` when it is a
         JsonCallFormat."""
         dialect = fmt.dialect.name if isinstance(fmt, JsonCallFormat) else "qwen2.5"
-        return cls(scheduled={"function_calling": FunctionCallReward(reward_config(config, dialect))})
+        return cls(scheduled={"function_calling": FunctionCallReward(reward_config(config, dialect))},
+                   custom=custom)
 
-    def __call__(self, text: str, gold: Gold, task: str, step: int = 0) -> RewardResult:
+    def __call__(self, text: str, gold: Gold, task: str, step: int = 0, trajectory=None) -> RewardResult:
+        if self.custom is not None:
+            return self.custom(text, gold, trajectory)
         fn = self.scheduled.get(task)
         return fn(text, gold, step) if fn is not None else get_reward_fn(task)(text, gold)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections import deque
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -60,13 +60,13 @@ class RolloutConfig:
 
 
 def encode_prompt(tokenizer, example, tools: Sequence[str] = ("python", "search"),
-                  style: str = "full") -> list[int]:
+                  style: str = "full", descriptions: Mapping[str, str] = {}) -> list[int]:
     """Prompt ids of `example`: its own chat messages and tool schemas when it carries them
     (function-calling examples), else the tag-format system + user prompt for `tools` in
-    `style` (data.prompts.PROMPT_STYLES)."""
+    `style` (data.prompts.PROMPT_STYLES); `descriptions` describe a user's own tools."""
     if hasattr(example, "messages"):
         return encode_chat(tokenizer, list(example.messages), tools=list(example.tools) or None)
-    return encode_chat(tokenizer, to_messages(example, tools, style))
+    return encode_chat(tokenizer, to_messages(example, tools, style, descriptions))
 
 
 def model_text(traj: Trajectory, tokenizer) -> str:
@@ -97,10 +97,10 @@ class AgentLoop:
 
     def __init__(self, sampler: Sampler, bridge: ToolBridge, tokenizer, fmt: CallFormat,
                  config: RolloutConfig, tools: Sequence[str], rewards: TaskRewards = TaskRewards(),
-                 prompt_style: str = "full"):
+                 prompt_style: str = "full", tool_descriptions: Mapping[str, str] = {}):
         self.sampler, self.bridge, self.tokenizer, self.fmt = sampler, bridge, tokenizer, fmt
         self.config, self.tools, self.rewards = config, tuple(tools), rewards
-        self.prompt_style = prompt_style
+        self.prompt_style, self.tool_descriptions = prompt_style, dict(tool_descriptions)
 
     # ---- public ----------------------------------------------------------------------------
     def run(self, examples: Sequence, *, seed: int, group_size: Optional[int] = None,
@@ -125,7 +125,7 @@ class AgentLoop:
     def _request(self, example, index: int, sample: int, seed: int) -> _Request:
         meta = dict(tokenizer=self.tokenizer, prompt_id=example.id, group_id=index,
                     sample_index=sample, gold=example.gold, task=example.task)
-        prompt = encode_prompt(self.tokenizer, example, self.tools, self.prompt_style)
+        prompt = encode_prompt(self.tokenizer, example, self.tools, self.prompt_style, self.tool_descriptions)
         builder = TrajectoryBuilder(prompt, markup=self.fmt.markup(), **meta)
         return _Request(builder, prompt, request_seed(seed, index, sample))
 
@@ -204,4 +204,4 @@ class AgentLoop:
 
     def _score(self, traj: Trajectory, example, step: int) -> Trajectory:
         text = model_text(traj, self.tokenizer) if self.fmt.scores_all_turns else traj.final_text
-        return attach_reward(traj, self.rewards(text, example.gold, example.task, step))
+        return attach_reward(traj, self.rewards(text, example.gold, example.task, step, trajectory=traj))

@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 from tepo_jax.chat_templates import QWEN25_CHAT_TEMPLATE
 from tepo_jax.data import jsonl
+from tepo_jax.errors import ConfigError
 from tepo_jax.data.function_calling import FunctionCallingExample
 from tepo_jax.data.prompts import PROMPT_STYLES, system_prompt, user_prompt
 from tepo_jax.data.synthetic import (direct_solution, family_of, reference_solution, solution_variants,
@@ -79,23 +80,43 @@ def demonstration(example, rng: random.Random, tool_rates: Mapping[str, float],
 
 
 def scripts_for(examples: Sequence, redundant_rate: float, seed: int,
-                tool_rates: Mapping[str, float] = MappingProxyType({})) -> list[list[dict]]:
+                tool_rates: Mapping[str, float] = MappingProxyType({}),
+                demonstrations: Mapping[str, list] = MappingProxyType({})) -> list[list[dict]]:
+    """Each example's script: the user's demonstration when it has one (its model turns,
+    each call's result from the real tool), else the synthetic demonstrator's."""
     rng = random.Random(f"sft-{seed}")
-    return [demonstration(ex, rng, tool_rates, redundant_rate) for ex in examples]
+    missing = [ex.id for ex in examples if ex.id not in demonstrations and not family_of(ex)]
+    if demonstrations and missing:
+        raise ConfigError(f"SFT: example {missing[0]!r} has no demonstration (give every train_data row "
+                          "a 'demonstration', or set config.mode='rl')")
+    return [user_script(demonstrations[ex.id]) if ex.id in demonstrations
+            else demonstration(ex, rng, tool_rates, redundant_rate) for ex in examples]
+
+
+def user_script(turns: Sequence[str]) -> list[dict]:
+    """Model turns with a tool turn after every one but the last."""
+    script = []
+    for i, text in enumerate(turns):
+        script.append({"role": "model", "text": text})
+        if i + 1 < len(turns):
+            script.append({"role": "tool"})
+    return script
 
 
 def build_sft_trajectories(examples: Sequence, tokenizer, bridge: ToolBridge, *,
                            tools: Sequence[str] = ("python", "search"), fmt: CallFormat = ToolFormat(),
                            redundant_rate: float = 0.3, seed: int = 0,
                            tool_rates: Mapping[str, float] = MappingProxyType({}),
-                           prompt_style: str = "full") -> list[Trajectory]:
+                           prompt_style: str = "full",
+                           demonstrations: Mapping[str, list] = MappingProxyType({}),
+                           tool_descriptions: Mapping[str, str] = MappingProxyType({})) -> list[Trajectory]:
     """Play every example's script (`demonstration`), running the calls of all examples round
     by round. Function-calling examples play `fc_script` instead."""
     if examples and isinstance(examples[0], FunctionCallingExample):
         return build_fc_sft_trajectories(examples, tokenizer, bridge, fmt=fmt,
                                          redundant_rate=redundant_rate, seed=seed)
-    scripts = scripts_for(examples, redundant_rate, seed, tool_rates)
-    builders = [TrajectoryBuilder(encode_prompt(tokenizer, ex, tools, prompt_style), tokenizer=tokenizer,
+    scripts = scripts_for(examples, redundant_rate, seed, tool_rates, demonstrations)
+    builders = [TrajectoryBuilder(encode_prompt(tokenizer, ex, tools, prompt_style, tool_descriptions), tokenizer=tokenizer,
                                   markup=fmt.markup(), prompt_id=ex.id, group_id=i, sample_index=0,
                                   gold=_gold(ex), task=ex.task)
                 for i, ex in enumerate(examples)]
@@ -200,14 +221,20 @@ def build_fc_sft_trajectories(examples: Sequence, tokenizer, bridge: ToolBridge,
 
 # ------------------------------------------------------------------ the tiny tokenizer's text
 
-def tokenizer_texts(examples, corpus_path: str | None) -> list[str]:
+def tokenizer_texts(examples, corpus_path: str | None,
+                    demonstrations: Mapping[str, list] = MappingProxyType({})) -> list[str]:
     """Text the demo's tiny BPE is trained on, as often as it occurs in the data: each
-    example's system and user prompt, the solutions the SFT demonstrator may play, and the
-    corpus."""
+    example's system and user prompt, the solutions the SFT demonstrator may play (or the
+    user's demonstration), and the corpus."""
     texts = []
     for ex in examples:
         texts += [system_prompt(style=style) for style in PROMPT_STYLES] + [user_prompt(ex)]
-        texts += [t["text"] for turns in solution_variants(ex) for t in turns if "text" in t]
+        if ex.id in demonstrations:
+            texts += demonstrations[ex.id]
+        elif family_of(ex):
+            texts += [t["text"] for turns in solution_variants(ex) for t in turns if "text" in t]
+        else:  # an example from elsewhere: its answer is the text the model writes
+            texts += list(getattr(ex, "answers", ())) or [getattr(ex, "answer", "")]
     if corpus_path:
         texts += [p["text"] for p in jsonl.read_corpus(corpus_path)]
     return texts

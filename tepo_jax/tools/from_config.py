@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from tepo_jax.errors import ConfigError
+from tepo_jax.tools.base import Tool
 from tepo_jax.tools.bridge import ToolBridge
 from tepo_jax.tools.format import CallFormat, ToolFormat
 from tepo_jax.tools.functions import FunctionTool, function_tools
@@ -28,8 +29,9 @@ def enabled_tools(config) -> tuple[str, ...]:
     return tuple(t for t in TOOL_NAMES if config.tools[t])
 
 
-def bridge_from_config(config, corpus_path: Optional[str]) -> ToolBridge:
-    tools = {}
+def bridge_from_config(config, corpus_path: Optional[str], extra: Sequence[Tool] = ()) -> ToolBridge:
+    """The config's tools and `extra` (a user's, tools/plugins) behind one bridge."""
+    tools = {t.name: t for t in extra}
     if config.tools.python:
         t = config.tools
         tools["python"] = PythonTool(SandboxConfig(timeout_s=t.python_timeout_s, require_sandbox=t.require_sandbox,

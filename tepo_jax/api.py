@@ -1,0 +1,52 @@
+"""The library entry point: train on your own reward, tools and data in a few lines (docs/api.md).
+
+    from tepo_jax.api import Trainer
+    trainer = Trainer(config, reward=my_reward, tools=[my_tool], train_data=rows)
+    metrics = trainer.run()            # SFT and/or RL as config.mode says, then the final eval
+
+`python -m tepo_jax.train` and `make demo` run the same `tepo_jax.train.train(config, parts)`;
+a Trainer only adds the Python objects (tepo_jax/plugins.py says what each may be). The
+parts of a run, for a loop of your own, are `Trainer.open()`: a `tepo_jax.train.Run` with the
+experiment (`.exp`: tokenizer, tools, call format, examples), the policy (`.model`) and the
+rollout loop (`.agent(slots)`); `tepo_jax.rl.loop.rl_step` is one RL step over them.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import ml_collections
+
+from tepo_jax.config import defaults
+from tepo_jax.plugins import UserParts, as_examples, as_reward, as_tool
+from tepo_jax.train import Run, startup_checks, train
+
+
+class Trainer:
+    """A run of `config` (default: `tepo_jax.config.defaults()`) with your parts.
+
+    reward: fn(text, gold) or fn(trajectory) -> float | RewardResult, for every example.
+    tools: Tool objects, classes, or plain one-argument functions (called as <name>arg</name>).
+    train_data / eval_data: lists of dicts ({"question", "answer"} or {"question", "answers"},
+      optionally "demonstration": the model turns SFT learns from); None keeps config.data.
+    """
+
+    def __init__(self, config: Optional[ml_collections.ConfigDict] = None, *,
+                 reward: Optional[Callable] = None, tools: Sequence[Any] = (),
+                 train_data: Optional[Sequence] = None, eval_data: Optional[Sequence] = None):
+        self.config = config if config is not None else defaults()
+        train_examples, demos = as_examples(train_data, "train_data") if train_data is not None else (None, {})
+        eval_examples, _ = as_examples(eval_data, "eval_data") if eval_data is not None else (None, {})
+        self.parts = UserParts(reward=as_reward(reward) if reward is not None else None,
+                               tools=tuple(as_tool(t, f"tools[{i}]") for i, t in enumerate(tools)),
+                               train_examples=train_examples, eval_examples=eval_examples,
+                               demonstrations=demos)
+        startup_checks(self.config, self.parts)   # a bad config is an error here, not later
+
+    def run(self) -> dict:
+        """Train as `config.mode` says (resuming from the workdir's checkpoints), then return
+        the final evaluation metrics (`eval/...`)."""
+        return train(self.config, self.parts)
+
+    def open(self) -> Run:
+        """The run's parts without running it, for a loop of your own; call `.close()` after."""
+        return Run(self.config, self.parts)

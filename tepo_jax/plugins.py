@@ -1,0 +1,200 @@
+"""Your own reward, tools and data, as Python objects (`tepo_jax.api.Trainer`) or named by
+import path in the config (`--config.reward.fn=mypkg.rewards:score`,
+`--config.tools.extra=mypkg.tools:Calculator,mypkg.tools:lookup`). docs/api.md shows both.
+
+- A reward is `fn(text, gold)` (the final model turn's text and the example's gold answer) or
+  `fn(trajectory)` (the whole `Trajectory`: tokens, calls, results), returning a float or a
+  `RewardResult`. A float is the score GRPO and TEPO both use (TEPO's F1_i).
+- A tool is an object with `name` and `run(argument, timeout) -> ToolResult` (the `Tool`
+  protocol), a class building one with no arguments, or a plain function `fn(argument: str)`
+  whose return value (as text) is the result; the model calls it as `<name>argument</name>`
+  and the function's docstring (first line) describes it in the system prompt.
+- Data is a list of dicts (`{"question", "answer"}` for math, `{"question", "answers"}` for
+  QA; the fields `tepo_jax.data.records.from_dict` reads). A dict may carry a
+  `"demonstration"`: the model turns of a solution (each but the last ending in a tool call,
+  the last in `<answer>…</answer>`), which SFT plays through your tools as its warm start.
+
+Everything is checked when it is given, with a one-line error that names it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from tepo_jax.data.records import from_dict
+from tepo_jax.errors import ConfigError
+from tepo_jax.importpath import ImportPathError, import_object
+from tepo_jax.rewards.base import RewardResult
+from tepo_jax.tools.base import Tool, ToolResult, ToolStatus
+
+# fn(text, gold, trajectory) -> RewardResult: what the rollout calls for a user reward.
+UserRewardFn = Callable[[str, Any, Any], RewardResult]
+
+
+class PluginError(ConfigError):
+    """A user reward, tool or dataset that cannot be used; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UserParts:
+    """What a user plugs into a run (each part optional; None keeps the config's own)."""
+
+    reward: Optional[UserRewardFn] = None
+    tools: tuple[Tool, ...] = ()
+    train_examples: Optional[list] = None
+    eval_examples: Optional[list] = None
+    demonstrations: Mapping[str, list] = dataclasses.field(default_factory=dict)  # example id -> turns
+
+    @property
+    def tool_descriptions(self) -> dict[str, str]:
+        return {t.name: getattr(t, "description", "") for t in self.tools}
+
+
+# ----------------------------------------------------------------------------- rewards
+
+def as_reward(fn, where: str = "reward") -> UserRewardFn:
+    """`fn(text, gold)` or `fn(trajectory)` (returning a float or a RewardResult) as the
+    rollout's reward function."""
+    if not callable(fn):
+        raise PluginError(f"{where}: {fn!r} is not callable")
+    n = _required_positional(fn, where)
+    if n not in (1, 2):
+        raise PluginError(f"{where}: {_name(fn)} takes {n} required arguments; a reward takes "
+                          "(text, gold) or (trajectory)")
+
+    def reward(text: str, gold, trajectory) -> RewardResult:
+        value = fn(trajectory) if n == 1 else fn(text, gold)
+        return as_reward_result(value, _name(fn))
+    return reward
+
+
+def as_reward_result(value, name: str) -> RewardResult:
+    if isinstance(value, RewardResult):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PluginError(f"reward {name} returned {type(value).__name__}; it must return a float "
+                          "or a RewardResult")
+    score = float(value)
+    return RewardResult(score=score, f1=score, em=score, malformed=False, extracted=None)
+
+
+# ----------------------------------------------------------------------------- tools
+
+@dataclasses.dataclass(frozen=True)
+class FunctionAsTool:
+    """A plain function `fn(argument: str)` as a tag-format tool. The bridge enforces the
+    deadline (a call past it is abandoned); an exception is an ERROR result the model sees."""
+
+    name: str
+    fn: Callable[[str], Any]
+    description: str = ""
+
+    def run(self, argument: str, timeout: float) -> ToolResult:
+        t0 = time.perf_counter()
+        try:
+            out, status = self.fn(argument), ToolStatus.OK
+            text = out if isinstance(out, str) else repr(out)
+        except Exception as e:  # the model's argument broke the tool: tell the model
+            text, status = f"{type(e).__name__}: {e}", ToolStatus.ERROR
+        return ToolResult(text, status, time.perf_counter() - t0, self.name)
+
+
+def as_tool(obj, where: str = "tool") -> Tool:
+    """A Tool object, a class building one, or a plain one-argument function, as a Tool."""
+    if inspect.isclass(obj):
+        try:
+            obj = obj()
+        except Exception as e:
+            raise PluginError(f"{where}: {obj.__name__}() failed ({type(e).__name__}: {e})") from None
+    if callable(getattr(obj, "run", None)) and isinstance(getattr(obj, "name", None), str):
+        return obj
+    if inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.ismethod(obj):
+        if _required_positional(obj, where) != 1:
+            raise PluginError(f"{where}: {_name(obj)} must take one argument (the text the model "
+                              "writes between its tags)")
+        doc = (inspect.getdoc(obj) or "").strip().splitlines()
+        return FunctionAsTool(obj.__name__, obj, doc[0] if doc else "")
+    raise PluginError(f"{where}: {obj!r} is neither a tool (name + run(argument, timeout)) nor a "
+                      "one-argument function")
+
+
+def check_tool_names(tools: Sequence[Tool], taken: Sequence[str]) -> None:
+    names = [t.name for t in tools]
+    for name in names:
+        if names.count(name) > 1 or name in taken:
+            raise PluginError(f"tool name {name!r} is used twice")
+        if not name.replace("_", "a").replace("-", "a").isalnum() or name[0].isdigit():
+            raise PluginError(f"tool name {name!r}: letters, digits, '_' or '-' (it becomes a tag)")
+
+
+# ----------------------------------------------------------------------------- data
+
+def as_examples(data, where: str = "data") -> tuple[list, dict[str, list]]:
+    """(examples, {example id: demonstration turns}) from a list of dicts (or of examples); a
+    dict with "answer" is math, with "answers" QA (or say "task")."""
+    if isinstance(data, (str, bytes)) or not isinstance(data, Sequence):
+        raise PluginError(f"{where}: expected a list of dicts, got {type(data).__name__}")
+    out, demos = [], {}
+    for i, row in enumerate(data):
+        if not isinstance(row, Mapping):
+            out.append(row)
+            continue
+        row = dict(row)
+        row.setdefault("id", f"{where}-{i}")
+        try:
+            out.append(from_dict(row))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PluginError(f"{where}[{i}]: {type(e).__name__}: {e}") from None
+        if "demonstration" in row:
+            turns = row["demonstration"]
+            if isinstance(turns, str) or not all(isinstance(t, str) for t in turns) or not turns:
+                raise PluginError(f"{where}[{i}].demonstration: expected a list of model turn texts")
+            demos[out[-1].id] = list(turns)
+    if not out:
+        raise PluginError(f"{where}: no examples")
+    return out, demos
+
+
+# ----------------------------------------------------------------------------- from the config
+
+def parts_from_config(config) -> UserParts:
+    """The reward and tools a config names by import path (`reward.fn`, `tools.extra`),
+    imported and checked now: a one-line PluginError naming the field otherwise."""
+    reward = None
+    if config.reward.fn:
+        reward = as_reward(_import(config.reward.fn, "config.reward.fn"), f"config.reward.fn={config.reward.fn!r}")
+    specs = [s.strip() for s in config.tools.extra.split(",") if s.strip()]
+    tools = tuple(as_tool(_import(s, "config.tools.extra"), f"config.tools.extra={s!r}") for s in specs)
+    return UserParts(reward=reward, tools=tools)
+
+
+def merge(base: UserParts, extra: Optional[UserParts]) -> UserParts:
+    """`extra`'s parts where given, else `base`'s; tools from both."""
+    if extra is None:
+        return base
+    return UserParts(reward=extra.reward or base.reward, tools=base.tools + extra.tools,
+                     train_examples=extra.train_examples if extra.train_examples is not None else base.train_examples,
+                     eval_examples=extra.eval_examples if extra.eval_examples is not None else base.eval_examples,
+                     demonstrations={**base.demonstrations, **extra.demonstrations})
+
+
+def _import(spec: str, field: str):
+    try:
+        return import_object(spec, field)
+    except ImportPathError as e:
+        raise PluginError(str(e)) from None
+
+
+def _required_positional(fn, where: str) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        raise PluginError(f"{where}: cannot read the signature of {_name(fn)}") from None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+               for p in params)
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
