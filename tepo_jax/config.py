@@ -17,6 +17,7 @@ import ml_collections
 from tepo_jax.errors import ConfigError
 
 ADVANTAGES = ("grpo", "tepo_sparse", "tepo_dense")   # the one list (rl/advantages.AdvantageKind)
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")   # (rl/loss.AggMode)
 MODES = ("sft", "rl", "sft_then_rl")
 SFT, RL = "sft", "rl"                     # the phases a mode runs
 TASKS = ("synthetic", "math", "qa", "function_calling")
@@ -122,6 +123,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.loss.eps_low = 0.2
     c.loss.eps_high = 0.28            # clip-higher (ours; DAPO's default)
     c.loss.kl_coef = 0.0              # β for k3 KL to the frozen initial policy
+    # token_mean (ours) | seq_mean_token_mean (Tunix/TRL GRPO) | seq_mean_token_sum_norm
+    # (Dr. GRPO, constant L = rollout.max_tokens); rl/loss.py, docs/design.md.
+    c.loss.agg_mode = "token_mean"
     c.loss.seq_chunk = 256            # positions per chunk of the train logprob pass; 0: all at once
     c.loss.vocab_chunk = 0            # vocabulary chunk inside it; 0: whole vocabulary
 
@@ -192,6 +196,7 @@ _RULES: list[tuple[str, Any, str]] = [
     ("loss.eps_low", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("loss.eps_high", lambda v: v >= 0, "must be >= 0"),
     ("loss.kl_coef", lambda v: v >= 0, "must be >= 0"),
+    ("loss.agg_mode", lambda v: v in LOSS_AGG_MODES, f"must be one of {LOSS_AGG_MODES}"),
     ("optim.lr", lambda v: v > 0, "must be > 0"),
     ("optim.schedule", lambda v: v in ("constant", "cosine"), "must be constant or cosine"),
     ("sft.schedule", lambda v: v in ("constant", "cosine"), "must be constant or cosine"),

@@ -1,4 +1,5 @@
-"""Policy loss vs numpy written from the formulas; exact-zero gradients on masked tokens;
+"""Policy loss vs numpy written from the formulas (each aggregation mode, with and without ResT
+weights); exact-zero gradients on masked tokens;
 chunked sequence logprob vs the unchunked computation (values, gradients, memory); the packer."""
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,10 @@ from tepo_jax.models.config import ModelConfig
 from tepo_jax.models.decoder import Decoder
 from tepo_jax.rl.batch import (SequenceData, TrainBatch, bucket, pack_sequences,
                                sequence_from_trajectory)
-from tepo_jax.rl.loss import LossConfig, loss_and_metric_sums, per_token_terms, policy_loss
+from tepo_jax.config import defaults, validate
+from tepo_jax.errors import ConfigError
+from tepo_jax.rl.loss import (AggMode, LossConfig, loss_and_metric_sums, num_sequences, per_token_terms,
+                              policy_loss, sequence_token_counts)
 from tepo_jax.rl.train_step import forward_logprobs, split_model
 from tepo_jax.seqlogprob import sequence_logprob_entropy, token_logprob_entropy
 
@@ -86,6 +90,146 @@ def test_loss_matches_numpy(eps_low, eps_high, beta):
     for k, v in ref.items():
         np.testing.assert_allclose(float(metrics[k]), v, rtol=1e-5, atol=1e-7, err_msg=k)
     np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-5, atol=1e-8)
+
+
+# ------------------------------------------------------------------ loss aggregation modes
+def numpy_sequences(seg):
+    """(row, columns) of every sequence: runs of equal non-zero segment ids, by a plain loop."""
+    out = []
+    for r in range(seg.shape[0]):
+        t = 0
+        while t < seg.shape[1]:
+            u = t
+            while u + 1 < seg.shape[1] and seg[r, u + 1] == seg[r, t]:
+                u += 1
+            if seg[r, t] != 0:
+                out.append((r, np.arange(t, u + 1)))
+            t = u + 1
+    return out
+
+
+def numpy_agg_loss(logp, b: TrainBatch, eps_low, eps_high, beta, mode, norm_len):
+    """loss, pg_loss, kl and d loss / d logp of docs/design.md's aggregation modes, float64,
+    sequence by sequence: ℓ_t = w_t·pg_t + β·kl_t on model tokens; token_mean Σ ℓ / N;
+    seq_mean_token_mean mean over sequences of (Σ_s ℓ / n_s); seq_mean_token_sum_norm
+    Σ ℓ / (S·L); S counts the sequences with a model token."""
+    f = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    logp, old, ref, adv = f(logp), f(b.old_logprobs), f(b.ref_logprobs), f(b.advantages)
+    w = f(b.token_weights)
+    seg = np.asarray(b.segment_ids)
+    has_pred = np.zeros_like(seg, bool)
+    has_pred[:, 1:] = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+    m = (f(b.loss_mask) * has_pred) > 0
+    ratio = np.exp(logp - old)
+    pg = w * -np.minimum(ratio * adv, np.clip(ratio, 1 - eps_low, 1 + eps_high) * adv)
+    kl = np.exp(ref - logp) - (ref - logp) - 1
+    binds = ((adv > 0) & (ratio > 1 + eps_high)) | ((adv < 0) & (ratio < 1 - eps_low))
+    dl = w * np.where(binds, 0.0, -adv * ratio) + beta * (1 - np.exp(ref - logp))
+    seqs = [(r, cols[m[r, cols]]) for r, cols in numpy_sequences(seg)]
+    seqs = [(r, cols) for r, cols in seqs if len(cols)]
+    n_tokens, n_seqs = m.sum(), len(seqs)
+    out = {"pg_loss": 0.0, "kl": 0.0}
+    grad = np.zeros_like(logp)
+    for r, cols in seqs:
+        if mode == "token_mean":
+            scale = 1.0 / n_tokens
+        elif mode == "seq_mean_token_mean":
+            scale = 1.0 / len(cols) / n_seqs
+        else:
+            scale = 1.0 / (n_seqs * norm_len)
+        out["pg_loss"] += pg[r, cols].sum() * scale
+        out["kl"] += kl[r, cols].sum() * scale
+        grad[r, cols] = dl[r, cols] * scale
+    out["loss"] = out["pg_loss"] + beta * out["kl"]
+    return out, grad
+
+
+def multi_segment_batch(rng, rest: bool):
+    """5 rows × 32: 2 to 4 sequences per row, trailing padding, a sequence with no model token
+    and an all-padding row; with `rest`, random token weights (else ones)."""
+    b, t = 5, 32
+    seg = np.zeros((b, t), np.int32)
+    for r, lengths in enumerate([(7, 9, 10), (8, 8, 8, 8), (20, 12), (3, 13, 5, 6), ()]):
+        start = 0
+        for i, n in enumerate(lengths):
+            seg[r, start:start + n] = i + 1
+            start += n
+    pos = np.zeros((b, t), np.int32)
+    for r in range(b):
+        for s in np.unique(seg[r]):
+            idx = np.where(seg[r] == s)[0]
+            pos[r, idx] = np.arange(len(idx))
+    mask = (rng.random((b, t)) < 0.6).astype(np.float32)
+    mask[seg == 0] = 0
+    mask[2, 20:] = 0                      # row 2, sequence 2: no model token
+    old = -np.abs(rng.standard_normal((b, t))).astype(np.float32) - 0.5
+    weights = rng.uniform(0.2, 2.0, (b, t)) if rest else np.ones((b, t))
+    return TrainBatch(
+        tokens=rng.integers(0, 64, (b, t)).astype(np.int32), positions=pos, segment_ids=seg,
+        loss_mask=mask, advantages=(rng.standard_normal((b, t)) * mask).astype(np.float32),
+        old_logprobs=old, ref_logprobs=(old + 0.3 * rng.standard_normal((b, t))).astype(np.float32),
+        token_weights=weights.astype(np.float32))
+
+
+MODES = [m.value for m in AggMode]
+
+
+@pytest.mark.parametrize("rest", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_loss_aggregation_modes_match_numpy(mode, rest):
+    rng = np.random.default_rng(11)
+    batch = multi_segment_batch(rng, rest)
+    logp = (batch.old_logprobs + rng.uniform(-0.6, 0.6, batch.tokens.shape)).astype(np.float32)
+    entropy = rng.uniform(0, 3, batch.tokens.shape).astype(np.float32)
+    cfg = LossConfig(eps_low=0.2, eps_high=0.28, kl_coef=0.05, agg_mode=mode, norm_len=40)
+    (loss, metrics), grad = jax.value_and_grad(policy_loss, has_aux=True)(
+        jnp.asarray(logp), jnp.asarray(entropy), batch, cfg)
+    ref, ref_grad = numpy_agg_loss(logp, batch, 0.2, 0.28, 0.05, mode, 40)
+    np.testing.assert_allclose(float(loss), ref["loss"], rtol=1e-5, atol=1e-7)
+    for k in ("loss", "pg_loss", "kl"):
+        np.testing.assert_allclose(float(metrics[k]), ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-5, atol=1e-8)
+    # The diagnostics stay token means in every mode.
+    tm, _ = numpy_loss(logp, entropy, batch, 0.2, 0.28, 0.05)
+    for k in ("clip_frac_low", "clip_frac_high", "ratio_mean", "entropy_mean", "logprob_diff_mean_abs",
+              "num_model_tokens"):
+        np.testing.assert_allclose(float(metrics[k]), tm[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    # The batch tells the modes apart (else a mode mix-up could pass).
+    others = [numpy_agg_loss(logp, batch, 0.2, 0.28, 0.05, o, 40)[0]["loss"] for o in MODES if o != mode]
+    assert all(abs(o - ref["loss"]) > 1e-3 * abs(ref["loss"]) for o in others)
+
+
+def test_sequence_counts_match_numpy_loop():
+    batch = multi_segment_batch(np.random.default_rng(12), rest=False)
+    seg = np.asarray(batch.segment_ids)
+    mask = jnp.asarray(batch.loss_mask)
+    counts = np.asarray(sequence_token_counts(jnp.asarray(seg), mask))
+    want = np.zeros(seg.shape)
+    for r, cols in numpy_sequences(seg):
+        want[r, cols] = batch.loss_mask[r, cols].sum()
+    np.testing.assert_array_equal(counts, want)
+    n_seqs = sum(batch.loss_mask[r, cols].sum() > 0 for r, cols in numpy_sequences(seg))
+    assert float(num_sequences(jnp.asarray(seg), mask)) == n_seqs == 12
+
+
+def test_agg_mode_from_config_and_errors():
+    c = defaults()
+    c.model.tiny = True
+    assert LossConfig.from_config(c).agg_mode is AggMode.TOKEN_MEAN
+    c.loss.agg_mode = "seq_mean_token_sum_norm"
+    cfg = LossConfig.from_config(validate(c))
+    assert cfg.agg_mode is AggMode.SEQ_MEAN_TOKEN_SUM_NORM and cfg.norm_len == c.rollout.max_tokens
+    c.loss.agg_mode = "seq_mean"
+    with pytest.raises(ConfigError, match=r"^config\.loss\.agg_mode='seq_mean': must be one of") as e:
+        validate(c)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="norm_len"):
+        LossConfig(agg_mode="seq_mean_token_sum_norm")
+    # A non-default mode needs the whole batch's denominator: no silent token mean.
+    b = multi_segment_batch(np.random.default_rng(13), rest=False)
+    lp = jnp.asarray(b.old_logprobs)
+    with pytest.raises(ValueError, match="loss_denominator"):
+        loss_and_metric_sums(lp, lp, b, LossConfig(agg_mode="seq_mean_token_mean"), 1.0)
 
 
 def test_first_token_of_segment_never_carries_loss():

@@ -1,6 +1,7 @@
-"""The jitted train step: gradient accumulation is exact, the 8-device sharded step equals the
-single-device step (values and shardings), on-policy recompute gives logprob_diff ~0, the step
-compiles once, the state round-trips through orbax, and the optimizer schedule/decay mask."""
+"""The jitted train step: gradient accumulation is exact (in every loss aggregation mode), the
+8-device sharded step equals the single-device step (values and shardings), on-policy recompute
+gives logprob_diff ~0, the step compiles once, the state round-trips through orbax, and the
+optimizer schedule/decay mask."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +13,11 @@ from jax.sharding import PartitionSpec as P
 from tepo_jax.models.config import ModelConfig
 from tepo_jax.models.decoder import Decoder
 from tepo_jax.rl.batch import SequenceData, pack_sequences
-from tepo_jax.rl.loss import LossConfig
+from tepo_jax.rl.loss import (AggMode, LossConfig, finalize_metrics, loss_denominator, num_sequences,
+                              policy_loss)
 from tepo_jax.rl.optim import OptimConfig, ScheduleKind, build_optimizer, build_schedule
-from tepo_jax.rl.train_step import (accumulate_gradients, create_train_state, make_compute_logprobs,
-                                    make_train_step, split_model)
+from tepo_jax.rl.train_step import (accumulate_gradients, create_train_state, forward_logprobs,
+                                    make_compute_logprobs, make_train_step, split_micro_batches, split_model)
 from tepo_jax.sharding import MeshConfig, batch_sharding, create_sharded_model, make_mesh
 
 TINY = ModelConfig(family="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
@@ -66,7 +68,51 @@ def test_gradient_accumulation_equals_full_batch():
     assert optax.global_norm(grads[1][0]) > 0
 
 
-def _run_step(mesh_cfg, batch, micro_batches, steps=1):
+@pytest.mark.parametrize("mode", [m.value for m in AggMode])
+def test_gradient_accumulation_equals_unsplit_loss_in_every_agg_mode(mode):
+    """2 and 4 micro-batches give the loss, metrics and gradient of `policy_loss` on the whole
+    batch (ResT weights and KL on): the normalisers (N, the number of sequences, each
+    sequence's token count) are the whole batch's, not a micro-batch's."""
+    cfg = LossConfig(eps_low=0.2, eps_high=0.28, kl_coef=0.05, agg_mode=mode, norm_len=16, seq_chunk=8)
+    model_def, params = split_model(Decoder(TINY, rngs=nnx.Rngs(0)))
+    batch = make_batch()
+    # The micro-batches hold different numbers of sequences and tokens: a per-micro-batch
+    # normaliser would give a different result (see test_loss.py for the formulas themselves).
+    micro = split_micro_batches(batch, 4)
+    mask = lambda b: jnp.asarray(b.loss_mask)  # noqa: E731
+    counts = {(float(num_sequences(micro.segment_ids[i], mask(micro)[i])), float(micro.loss_mask[i].sum()))
+              for i in range(4)}
+    assert len(counts) > 1
+
+    def unsplit(p):
+        logp, ent = forward_logprobs(model_def, p, batch, cfg)
+        return policy_loss(logp, ent, batch, cfg)
+    (loss, metrics), g_full = jax.jit(jax.value_and_grad(unsplit, has_aux=True))(params)
+    assert float(loss) != 0 and optax.global_norm(g_full) > 0
+    for m in (1, 2, 4):
+        g, sums, n = jax.jit(lambda p, b, m=m: accumulate_gradients(model_def, p, b, cfg, m))(params, batch)
+        got = finalize_metrics(sums, n, loss_denominator(batch, cfg))
+        np.testing.assert_allclose(float(got["loss"]), float(loss), rtol=1e-5, atol=1e-8)
+        for k in metrics:
+            np.testing.assert_allclose(float(got[k]), float(metrics[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+        for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-8)
+
+
+def test_train_step_micro_batches_equal_one_batch_in_seq_mean_mode():
+    """The real jitted step (accumulation, finalize, update): 4 micro-batches = 1, for a
+    per-sequence aggregation mode."""
+    cfg = LossConfig(eps_low=0.2, eps_high=0.28, kl_coef=0.05, agg_mode="seq_mean_token_mean", seq_chunk=8)
+    ref_state, ref_metrics, _, _ = _run_step(None, make_batch(), 1, loss_cfg=cfg)
+    state, metrics, _, _ = _run_step(None, make_batch(), 4, loss_cfg=cfg)
+    assert set(metrics[0]) == set(ref_metrics[0])
+    for k in ref_metrics[0]:
+        np.testing.assert_allclose(metrics[0][k], ref_metrics[0][k], rtol=1e-5, atol=1e-7, err_msg=k)
+    for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def _run_step(mesh_cfg, batch, micro_batches, steps=1, loss_cfg=LOSS):
     mesh = single_device_mesh() if mesh_cfg is None else make_mesh(mesh_cfg)
     model = create_sharded_model(TINY, mesh, seed=3)
     # eps=1e-3: Adam's per-element direction m/(sqrt(v)+eps) divides by the gradient itself, so
@@ -77,8 +123,8 @@ def _run_step(mesh_cfg, batch, micro_batches, steps=1):
                        eps=1e-3)
     optimizer = build_optimizer(ocfg)
     model_def, state, shardings = create_train_state(model, optimizer, mesh, seed=0)
-    step = make_train_step(model_def, optimizer, LOSS, mesh, shardings, batch_sharding(mesh), micro_batches,
-                           schedule=build_schedule(ocfg))
+    step = make_train_step(model_def, optimizer, loss_cfg, mesh, shardings, batch_sharding(mesh),
+                           micro_batches, schedule=build_schedule(ocfg))
     out = []
     for _ in range(steps):
         state, metrics = step(state, jax.device_put(batch, batch_sharding(mesh)))

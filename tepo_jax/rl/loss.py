@@ -1,5 +1,5 @@
-"""The policy loss: token-level clipped policy gradient, token mean over all model tokens of the
-batch, optional ResT token weights, optional k3 KL to a frozen reference (docs/design.md, "Loss").
+"""The policy loss: token-level clipped policy gradient, optional ResT token weights, optional k3
+KL to a frozen reference, aggregated over the batch in one of three modes (docs/design.md, "Loss").
 
 Per model token t (m_t = 1), with logp the current policy's logprob, A the advantage and
 w the ResT weight:
@@ -7,37 +7,56 @@ w the ResT weight:
     ρ_t   = exp(logp_t − old_logp_t)
     pg_t  = −min(ρ_t · A_t, clip(ρ_t, 1 − ε_low, 1 + ε_high) · A_t)
     kl_t  = exp(ref_t − logp_t) − (ref_t − logp_t) − 1                    (k3, ≥ 0)
-    loss  = Σ_t m_t · w_t · pg_t / N  +  β · Σ_t m_t · kl_t / N,   N = Σ_t m_t over the batch
+    ℓ_t   = w_t · pg_t + β · kl_t
 
 ResT weights re-weight the policy-gradient term only (they are defined as weights of the policy
-gradient); the KL regulariser is a plain token mean. Prompt, tool-result and padding tokens
-(m_t = 0) carry no loss: their per-token terms are computed from sanitised inputs and then
-selected away, so their gradient is exactly zero even if their inputs are garbage.
+gradient). Aggregation (`AggMode`, config.loss.agg_mode), with s(t) the sequence (trajectory)
+of token t, n_s its model-token count, S the number of sequences with n_s > 0, N = Σ_s n_s:
 
-N is passed in explicitly, so that a micro-batch's loss uses the token count of the whole batch
-and summed micro-batch gradients equal the full-batch gradient (see `train_step.py`).
+    token_mean                loss = Σ_t m_t · ℓ_t / N                   (default; verl's token-mean)
+    seq_mean_token_mean       loss = Σ_t m_t · ℓ_t / n_s(t) / S         (Tunix/TRL GRPO)
+    seq_mean_token_sum_norm   loss = Σ_t m_t · ℓ_t / (S · L)            (Dr. GRPO; L = norm_len)
+
+Every mode is Σ_t a_t · ℓ_t / D: per-token aggregation weights a_t (m_t, or m_t / n_s(t)),
+which depend only on the token's own row because a sequence lives in one row, and one scalar
+D of the whole batch. D is passed in explicitly, so that a micro-batch's loss uses the
+normaliser of the whole batch and summed micro-batch gradients equal the full-batch gradient
+(see `train_step.py`).
+
+Prompt, tool-result and padding tokens (m_t = 0) carry no loss: their per-token terms are
+computed from sanitised inputs and then selected away, so their gradient is exactly zero even
+if their inputs are garbage.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from tepo_jax.config import LOSS_AGG_MODES
 from tepo_jax.rl.batch import TrainBatch
 from tepo_jax.seqlogprob import prediction_mask
+
+# The names are config.LOSS_AGG_MODES (the one list): AggMode.TOKEN_MEAN.value == "token_mean", etc.
+AggMode = enum.Enum("AggMode", {name.upper(): name for name in LOSS_AGG_MODES})
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss hyper-parameters. Aggregation is fixed: token mean over all model tokens (docs/design.md).
+    """Loss hyper-parameters.
 
     eps_low / eps_high: the ratio clip range [1 − eps_low, 1 + eps_high]. Default 0.2 / 0.2
       (PPO's symmetric clip). DAPO's clip-higher, eps_high=0.28, is the config default
       (tepo_jax/config.py, docs/design.md).
     kl_coef: β of the k3 KL to the reference model; 0 disables it (ref_logprobs are then not
       read and the `kl` metric is 0).
+    agg_mode: how per-token losses become the batch loss (module docstring); an AggMode or its
+      config string. Default token_mean (ours, as before).
+    norm_len: L of seq_mean_token_sum_norm (Dr. GRPO's constant); `from_config` sets it to
+      config.rollout.max_tokens, the most model tokens a trajectory can have. Unused otherwise.
     seq_chunk: sequence positions per chunk of the logprob computation (memory B·seq_chunk·V);
       None computes all logits at once.
     vocab_chunk: optional vocabulary chunk inside `logprob_and_entropy`.
@@ -46,31 +65,102 @@ class LossConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     kl_coef: float = 0.0
+    agg_mode: AggMode = AggMode.TOKEN_MEAN
+    norm_len: int = 0
     seq_chunk: Optional[int] = 256
     vocab_chunk: Optional[int] = None
 
     def __post_init__(self):
+        # Configs (ml_collections) carry strings; turn them into the enum once, here.
+        object.__setattr__(self, "agg_mode", AggMode(self.agg_mode))
         if not (0.0 <= self.eps_low < 1.0) or self.eps_high < 0.0:
             raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self}")
         if self.kl_coef < 0.0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.agg_mode is AggMode.SEQ_MEAN_TOKEN_SUM_NORM and self.norm_len < 1:
+            raise ValueError(f"agg_mode {self.agg_mode.value} needs norm_len >= 1, got {self.norm_len}")
 
     @classmethod
     def from_config(cls, config) -> "LossConfig":
         """The loss of an experiment config (`config.loss`; 0 chunk sizes mean none)."""
         c = config.loss
-        return cls(eps_low=c.eps_low, eps_high=c.eps_high, kl_coef=c.kl_coef,
+        return cls(eps_low=c.eps_low, eps_high=c.eps_high, kl_coef=c.kl_coef, agg_mode=c.agg_mode,
+                   norm_len=config.rollout.max_tokens,
                    seq_chunk=c.seq_chunk or None, vocab_chunk=c.vocab_chunk or None)
 
 
-# Metric sums a micro-batch returns; each is divided by N at the end (see `finalize_metrics`).
-SUM_METRICS = ("loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean",
-               "entropy_mean", "logprob_diff_mean_abs")
+# Metric sums a micro-batch returns. The objective and its two terms ("loss", "pg_loss", "kl")
+# are Σ a_t·(…) and are divided by the loss denominator D; the diagnostics are plain token sums
+# divided by N (see `finalize_metrics`). With token_mean, D = N and a_t = m_t.
+LOSS_METRICS = ("loss", "pg_loss", "kl")
+SUM_METRICS = LOSS_METRICS + ("clip_frac_low", "clip_frac_high", "ratio_mean", "entropy_mean",
+                              "logprob_diff_mean_abs")
 
 
 def loss_token_mask(batch: TrainBatch) -> jax.Array:
     """float32[B, T]: the loss mask, restricted to tokens that have a prediction."""
     return jnp.where(prediction_mask(batch.segment_ids), batch.loss_mask, 0.0).astype(jnp.float32)
+
+
+def _sequence_bounds(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """bool[B, T] (first token of its sequence, last token of its sequence); a sequence is a
+    run of equal segment ids in a row (padding runs of id 0 included; callers mask them)."""
+    seg = segment_ids
+    start = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    end = jnp.concatenate([seg[:, :-1] != seg[:, 1:], jnp.ones_like(seg[:, :1], bool)], axis=1)
+    return start, end
+
+
+def sequence_token_counts(segment_ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """float32[B, T]: Σ mask over the sequence of token t (its n_s), 0 on padding.
+
+    Row-local scans only (no scatter): with the running sum c of the mask, n_s = c at the
+    sequence's last token − c just before its first; c is non-decreasing, so "the nearest start
+    at or before t" is a running max and "the nearest end at or after t" a reverse running min.
+    """
+    start, end = _sequence_bounds(segment_ids)
+    c = jnp.cumsum(mask, axis=1)
+    before_start = jax.lax.cummax(jnp.where(start, c - mask, 0.0), axis=1)
+    at_end = jax.lax.cummin(jnp.where(end, c, jnp.inf), axis=1, reverse=True)
+    return jnp.where(segment_ids != 0, at_end - before_start, 0.0)
+
+
+def num_sequences(segment_ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """float32 []: sequences (non-padding segments) with at least one model token (S)."""
+    start, _ = _sequence_bounds(segment_ids)
+    counts = sequence_token_counts(segment_ids, mask)
+    return jnp.sum(jnp.where(start & (segment_ids != 0) & (counts > 0), 1.0, 0.0))
+
+
+def _token_weights_ones(batch: TrainBatch, mask: jax.Array) -> jax.Array:
+    return jnp.where(mask > 0, 1.0, 0.0)
+
+
+def _token_weights_inv_len(batch: TrainBatch, mask: jax.Array) -> jax.Array:
+    counts = sequence_token_counts(batch.segment_ids, mask)
+    return jnp.where(mask > 0, 1.0 / jnp.maximum(counts, 1.0), 0.0)
+
+
+# AggMode -> a_t [B, T] (row-local) and D [] (of the whole batch); chosen outside jit.
+_AGG_WEIGHTS = {AggMode.TOKEN_MEAN: _token_weights_ones,
+                AggMode.SEQ_MEAN_TOKEN_MEAN: _token_weights_inv_len,
+                AggMode.SEQ_MEAN_TOKEN_SUM_NORM: _token_weights_ones}
+_AGG_DENOMINATORS = {
+    AggMode.TOKEN_MEAN: lambda b, mask, cfg: jnp.maximum(jnp.sum(mask), 1.0),
+    AggMode.SEQ_MEAN_TOKEN_MEAN: lambda b, mask, cfg: jnp.maximum(num_sequences(b.segment_ids, mask), 1.0),
+    AggMode.SEQ_MEAN_TOKEN_SUM_NORM: lambda b, mask, cfg: (
+        jnp.maximum(num_sequences(b.segment_ids, mask), 1.0) * float(cfg.norm_len)),
+}
+
+
+def aggregation_weights(batch: TrainBatch, mask: jax.Array, cfg: LossConfig) -> jax.Array:
+    """float32[B, T]: a_t of `cfg.agg_mode` (0 where mask == 0); needs only each row itself."""
+    return _AGG_WEIGHTS[cfg.agg_mode](batch, mask)
+
+
+def loss_denominator(batch: TrainBatch, cfg: LossConfig) -> jax.Array:
+    """float32 []: D of `cfg.agg_mode` for `batch` (pass the whole batch, not a micro-batch)."""
+    return _AGG_DENOMINATORS[cfg.agg_mode](batch, loss_token_mask(batch), cfg)
 
 
 def per_token_terms(logp: jax.Array, batch: TrainBatch, mask: jax.Array, cfg: LossConfig) -> dict:
@@ -97,18 +187,27 @@ def per_token_terms(logp: jax.Array, batch: TrainBatch, mask: jax.Array, cfg: Lo
 
 
 def loss_and_metric_sums(logp: jax.Array, entropy: jax.Array, batch: TrainBatch, cfg: LossConfig,
-                         num_tokens: jax.Array) -> tuple[jax.Array, dict]:
-    """(loss, metric sums) of one (micro-)batch; loss is already divided by `num_tokens` (N).
+                         num_tokens: jax.Array,
+                         denominator: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+    """(loss, metric sums) of one (micro-)batch; loss is already divided by `denominator` (D).
 
-    Metric sums are Σ over model tokens (not yet divided by N), so micro-batches add up.
+    `num_tokens` (N) and `denominator` are of the whole batch (`loss_denominator`); D may be
+    left out for token_mean, where it is N. Metric sums are not yet divided (by D for the
+    LOSS_METRICS, by N for the rest), so micro-batches add up.
     """
+    if denominator is None:
+        if cfg.agg_mode is not AggMode.TOKEN_MEAN:
+            raise ValueError(f"agg_mode {cfg.agg_mode.value}: pass the whole batch's "
+                             "loss_denominator(batch, cfg)")
+        denominator = num_tokens
     mask = loss_token_mask(batch)
     terms = per_token_terms(logp, batch, mask, cfg)
-    w = jnp.where(mask > 0, batch.token_weights, 0.0)
-    pg_sum = jnp.sum(w * terms["pg"])
-    kl_sum = jnp.sum(terms["kl"])
-    loss = (pg_sum + cfg.kl_coef * kl_sum) / num_tokens
     on = mask > 0
+    a = aggregation_weights(batch, mask, cfg)
+    w = jnp.where(on, batch.token_weights, 0.0)
+    pg_sum = jnp.sum(a * w * terms["pg"])
+    kl_sum = jnp.sum(a * terms["kl"])
+    loss = (pg_sum + cfg.kl_coef * kl_sum) / denominator
     sg = jax.lax.stop_gradient
     sums = {
         "loss": sg(pg_sum + cfg.kl_coef * kl_sum),
@@ -123,16 +222,19 @@ def loss_and_metric_sums(logp: jax.Array, entropy: jax.Array, batch: TrainBatch,
     return loss, sums
 
 
-def finalize_metrics(sums: dict, num_tokens: jax.Array) -> dict:
-    """Token means from the summed metrics; N is also reported as `num_model_tokens`."""
-    out = {k: sums[k] / num_tokens for k in SUM_METRICS}
+def finalize_metrics(sums: dict, num_tokens: jax.Array, denominator: Optional[jax.Array] = None) -> dict:
+    """Metrics from the summed ones: loss, pg_loss and kl aggregated as the loss (÷ D, which
+    defaults to N: token_mean), the rest token means (÷ N); N is reported as `num_model_tokens`."""
+    d = num_tokens if denominator is None else denominator
+    out = {k: sums[k] / (d if k in LOSS_METRICS else num_tokens) for k in SUM_METRICS}
     out["num_model_tokens"] = num_tokens
     return out
 
 
 def policy_loss(logp: jax.Array, entropy: jax.Array, batch: TrainBatch,
                 cfg: LossConfig) -> tuple[jax.Array, dict]:
-    """Whole-batch loss and token-mean metrics (N = this batch's model-token count)."""
+    """Whole-batch loss and metrics (N and D of this batch)."""
     n = jnp.maximum(jnp.sum(loss_token_mask(batch)), 1.0)
-    loss, sums = loss_and_metric_sums(logp, entropy, batch, cfg, n)
-    return loss, finalize_metrics(sums, n)
+    d = loss_denominator(batch, cfg)
+    loss, sums = loss_and_metric_sums(logp, entropy, batch, cfg, n, d)
+    return loss, finalize_metrics(sums, n, d)

@@ -20,8 +20,10 @@ NNX model inside the jitted function.
 
 Gradient accumulation: the batch is split along B into `micro_batches` interleaved micro-batches
 (rows i·M + m form micro-batch m, so every batch shard holds a slice of each micro-batch) and a
-`lax.scan` sums their gradients. Each micro-batch loss is divided by the model-token count N of
-the *whole* batch, so the summed gradient is exactly the full-batch token-mean gradient.
+`lax.scan` sums their gradients. Each micro-batch loss is divided by the loss denominator D of
+the *whole* batch (N model tokens, or the number of sequences: `loss.loss_denominator`), and its
+per-token aggregation weights need only their own row (a sequence lives in one row), so the
+summed gradient is exactly the full-batch gradient in every aggregation mode.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tepo_jax.models.decoder import BATCH_AXES
 from tepo_jax.rl.batch import TrainBatch
-from tepo_jax.rl.loss import SUM_METRICS, LossConfig, finalize_metrics, loss_and_metric_sums, loss_token_mask
+from tepo_jax.rl.loss import (SUM_METRICS, LossConfig, finalize_metrics, loss_and_metric_sums,
+                              loss_denominator, loss_token_mask)
 from tepo_jax.seqlogprob import token_logprob_entropy
 from tepo_jax.sharding import param_shardings, replicated
 
@@ -123,12 +126,14 @@ def split_micro_batches(batch: TrainBatch, micro_batches: int) -> TrainBatch:
 def accumulate_gradients(model_def: ModelDef, params: PyTree, batch: TrainBatch, cfg: LossConfig,
                          micro_batches: int = 1, mesh: Optional[Mesh] = None,
                          grad_shardings: Optional[PyTree] = None) -> tuple[PyTree, dict, jax.Array]:
-    """(grads, metric sums, N): the full-batch token-mean loss gradient, over micro-batches."""
+    """(grads, metric sums, N): the full-batch loss gradient, over micro-batches (the loss
+    denominator D is `loss_denominator(batch, cfg)`, of the whole batch)."""
     num_tokens = jnp.maximum(jnp.sum(loss_token_mask(batch)), 1.0)
+    denominator = loss_denominator(batch, cfg)
 
     def micro_loss(p, mb):
         logp, entropy = forward_logprobs(model_def, p, mb, cfg)
-        return loss_and_metric_sums(logp, entropy, mb, cfg, num_tokens)
+        return loss_and_metric_sums(logp, entropy, mb, cfg, num_tokens, denominator)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
     if micro_batches == 1:
@@ -158,9 +163,10 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
                                                                           tuple[TrainState, dict]]:
     """The jitted `train_step(state, batch) -> (state, metrics)`; build it once per run.
 
-    Metrics (replicated scalars): the loss metrics of `rl/loss.py` (token means over the batch's
-    model tokens), `num_model_tokens`, `grad_norm` (before clipping) and, with `schedule`,
-    `learning_rate` (the one used for this update).
+    Metrics (replicated scalars): the loss metrics of `rl/loss.py` (loss, pg_loss and kl
+    aggregated as the loss, the rest token means over the batch's model tokens),
+    `num_model_tokens`, `grad_norm` (before clipping) and, with `schedule`, `learning_rate`
+    (the one used for this update).
     """
     batch_shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
@@ -173,7 +179,7 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
                                               mesh, state_shardings.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = finalize_metrics(sums, n)
+        metrics = finalize_metrics(sums, n, loss_denominator(batch, loss_cfg))
         metrics["grad_norm"] = optax.global_norm(grads)
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
