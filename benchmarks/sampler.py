@@ -102,12 +102,12 @@ def parse_args(argv=None):
 
 
 def sampler_config(args, batch: int) -> SamplerConfig:
-    total = args.prompt_len + args.new_tokens
-    buckets = tuple(sorted({b for b in (128, 256, 384, 512, 768, 1024) if b < total + 1} | {
-        -(-(total + 1) // 128) * 128}))
-    return SamplerConfig(max_slots=batch, cache_buckets=buckets, prefill_buckets=(args.prompt_len,),
-                         steps_per_call=args.steps_per_call, max_new_tokens=args.new_tokens,
-                         vocab_chunk=args.vocab_chunk)
+    """The driver's sizing rule (`SamplerConfig.for_rollout`) for a cache that holds the prompt
+    and every new token."""
+    max_len = -(-(args.prompt_len + args.new_tokens + 1) // 128) * 128
+    return SamplerConfig.for_rollout(max_len, batch, steps_per_call=args.steps_per_call,
+                                     prefill_buckets=(args.prompt_len,), max_new_tokens=args.new_tokens,
+                                     vocab_chunk=args.vocab_chunk)
 
 
 def run_once(sampler, prompts, params, new_tokens):
@@ -115,8 +115,7 @@ def run_once(sampler, prompts, params, new_tokens):
     t0 = time.perf_counter()
     for p, q in zip(prompts, params):
         sampler.submit(p, q)
-    sampler.prefill()
-    jax.block_until_ready(sampler.cache)
+    sampler.prefill(wait=True)
     t1 = time.perf_counter()
     outs = []
     while len(outs) < len(prompts):

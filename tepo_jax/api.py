@@ -12,12 +12,14 @@ rollout loop (`.agent(slots)`); `tepo_jax.rl.loop.rl_step` is one RL step over t
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
 
 from tepo_jax.config import defaults
-from tepo_jax.plugins import UserParts, as_examples, as_reward, as_tool
+from tepo_jax.data.loading import EVAL_SPLITS, TRAIN_SPLITS, read_examples
+from tepo_jax.plugins import PluginError, UserParts, as_examples, as_reward, as_tool
 from tepo_jax.train import Run, startup_checks, train
 
 
@@ -27,20 +29,36 @@ class Trainer:
     reward: fn(text, gold) or fn(trajectory) -> float | RewardResult, for every example.
     tools: Tool objects, classes, or plain one-argument functions (called as <name>arg</name>).
     train_data / eval_data: lists of dicts ({"question", "answer"} or {"question", "answers"},
-      optionally "demonstration": the model turns SFT learns from); None keeps config.data.
+      optionally "demonstration": the model turns SFT learns from), any indexable dataset of
+      them (a grain MapDataset), or a JSONL file / tfds data dir read as config.data.task and
+      config.data.layout say; None keeps config.data.
     """
 
     def __init__(self, config: Optional[ml_collections.ConfigDict] = None, *,
                  reward: Optional[Callable] = None, tools: Sequence[Any] = (),
                  train_data: Optional[Sequence] = None, eval_data: Optional[Sequence] = None):
         self.config = config if config is not None else defaults()
-        train_examples, demos = as_examples(train_data, "train_data") if train_data is not None else (None, {})
-        eval_examples, _ = as_examples(eval_data, "eval_data") if eval_data is not None else (None, {})
+        train_examples, demos = self._examples(train_data, "train_data", TRAIN_SPLITS)
+        eval_examples, _ = self._examples(eval_data, "eval_data", EVAL_SPLITS)
         self.parts = UserParts(reward=as_reward(reward) if reward is not None else None,
                                tools=tuple(as_tool(t, f"tools[{i}]") for i, t in enumerate(tools)),
                                train_examples=train_examples, eval_examples=eval_examples,
                                demonstrations=demos)
         startup_checks(self.config, self.parts)   # a bad config is an error here, not later
+
+    def _examples(self, data, where: str, splits: tuple[str, ...]) -> tuple[Optional[list], dict]:
+        """None (keep config.data), a JSONL file or tfds data dir (read as config.data.task /
+        layout say), or rows."""
+        if data is None:
+            return None, {}
+        if isinstance(data, (str, os.PathLike)):
+            if not os.path.exists(data):
+                raise PluginError(f"{where}: {os.fspath(data)!r} does not exist")
+            if self.config.data.task not in ("math", "qa"):
+                raise PluginError(f"{where}: a file is read as config.data.task says; set it to 'math' or "
+                                  f"'qa' (it is {self.config.data.task!r})")
+            return read_examples(self.config, os.fspath(data), splits), {}
+        return as_examples(data, where)
 
     def run(self) -> dict:
         """Train as `config.mode` says (resuming from the workdir's checkpoints), then return

@@ -151,6 +151,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.micro_batches = 1
     c.train.eval_every = 25
     c.train.checkpoint_every = 25
+    c.train.logprob_check_every = 1   # sampler-vs-trainer logprob check every N RL steps; 0 never
     c.train.keep_checkpoints = 3
     c.train.log_every = 1
     c.train.save_trajectories = True
@@ -212,6 +213,7 @@ _RULES: list[tuple[str, Any, str]] = [
     ("sft.redundant_call_rate", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     ("tools.search_backend", lambda v: v in ("local", "remote"), "must be local or remote"),
     ("tools.python_memory_mb", lambda v: v >= 64, "must be at least 64"),
+    ("train.logprob_check_every", lambda v: v >= 0, "must be >= 0 (0: never)"),
     ("tools.python_max_processes", lambda v: v >= 1, "must be at least 1"),
     ("tokenizer.builtin", lambda v: v in ("qwen2.5", "llama3"), "must be qwen2.5 or llama3"),
     ("algo.adv_std", lambda v: v in ("population", "sample"), "must be population or sample"),

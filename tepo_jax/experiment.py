@@ -99,10 +99,9 @@ def make_agent(config, model, exp: Experiment, slots: int) -> AgentLoop:
     c = config
     shards = batch_shards(exp.mesh)
     slots = -(-slots // shards) * shards
-    buckets = tuple(sorted({max(64, c.rollout.cache_len // 4), max(64, c.rollout.cache_len // 2), c.rollout.cache_len}))
-    sampler = Sampler(model, SamplerConfig(max_slots=slots, cache_buckets=buckets, steps_per_call=16,
-                                           eos_ids=tuple(stop_token_ids(exp.tokenizer))[:8], seed=c.seed),
-                      tokenizer=exp.tokenizer)
+    cfg = SamplerConfig.for_rollout(c.rollout.cache_len, slots, seed=c.seed,
+                                    eos_ids=tuple(stop_token_ids(exp.tokenizer))[:8])
+    sampler = Sampler(model, cfg, tokenizer=exp.tokenizer)
     return AgentLoop(sampler, exp.bridge, exp.tokenizer, exp.fmt, RolloutConfig.from_config(c), exp.tools,
                      rewards=TaskRewards.from_config(c, exp.fmt, custom=exp.parts.reward),
                      prompt_style=c.data.prompt, tool_descriptions=exp.parts.tool_descriptions)

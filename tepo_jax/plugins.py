@@ -132,12 +132,15 @@ def check_tool_names(tools: Sequence[Tool], taken: Sequence[str]) -> None:
 # ----------------------------------------------------------------------------- data
 
 def as_examples(data, where: str = "data") -> tuple[list, dict[str, list]]:
-    """(examples, {example id: demonstration turns}) from a list of dicts (or of examples); a
-    dict with "answer" is math, with "answers" QA (or say "task")."""
-    if isinstance(data, (str, bytes)) or not isinstance(data, Sequence):
-        raise PluginError(f"{where}: expected a list of dicts, got {type(data).__name__}")
+    """(examples, {example id: demonstration turns}) from a list of dicts (or of examples), or
+    any indexable dataset of them (a grain MapDataset / data source); a dict with "answer" is
+    math, with "answers" QA (or say "task")."""
+    if isinstance(data, (str, bytes, Mapping)) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        raise PluginError(f"{where}: expected a list of dicts, a dataset of them, or a path, "
+                          f"got {type(data).__name__}")
     out, demos = [], {}
-    for i, row in enumerate(data):
+    for i in range(len(data)):
+        row = data[i]
         if not isinstance(row, Mapping):
             out.append(row)
             continue

@@ -256,7 +256,8 @@ class Run:
             advantage=rl_loop.advantage_config(c),
             rest=rl_loop.rest_config(c, c.train.steps), kl_coef=c.loss.kl_coef,
             row_multiple=experiment.batch_shards(self.mesh) * c.train.micro_batches,
-            seq_buckets=power_of_two_buckets(128, c.rollout.cache_len))
+            seq_buckets=power_of_two_buckets(128, c.rollout.cache_len),
+            logprob_check_every=c.train.logprob_check_every)
         # One global prompt order on every process (example indices); each rolls out batch slots p::P.
         data = make_dataset(range(len(self.exp.train_examples)), seed=c.seed + 1,
                             batch_size=c.data.prompts_per_step).__iter__()

@@ -157,3 +157,23 @@ def test_python_objects_are_checked_when_given():
         as_examples([{"answer": "1"}])
     with pytest.raises(ConfigError, match="no examples"):
         as_examples([])
+
+
+def test_data_as_a_grain_dataset_or_a_jsonl_file(tmp_path):
+    import grain
+    from tepo_jax.api import Trainer
+    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(5)]
+    c = defaults()
+    c.workdir = str(tmp_path / "run")
+    trainer = Trainer(c, train_data=grain.MapDataset.source(rows))
+    assert [e.answer for e in trainer.parts.train_examples] == [r["answer"] for r in rows]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", **r}) + "\n" for i, r in enumerate(rows)))
+    with pytest.raises(PluginError, match="set it to 'math' or 'qa'"):
+        Trainer(c, train_data=str(path))
+    c.data.task = "math"
+    assert [e.id for e in Trainer(c, train_data=str(path)).parts.train_examples] == [f"q{i}" for i in range(5)]
+    with pytest.raises(PluginError, match="does not exist"):
+        Trainer(c, train_data=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(PluginError, match="expected a list of dicts"):
+        Trainer(c, train_data=42)

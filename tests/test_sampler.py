@@ -191,3 +191,28 @@ def test_eos_max_tokens_and_full_cache(samplers):
     with pytest.raises(ValueError, match="exceeds the cache"):
         s.append(slot, [5])
     s.release(slot)
+
+
+def test_timings_count_the_work_and_one_sizing_rule(samplers):
+    """`Sampler.timings` counts prefill tokens, decode calls and device steps; `window_buckets`
+    is the one rule for attention windows (a quarter, a half, all; never below 64 or above)."""
+    from tepo_jax.sampling import SamplerTimings, window_buckets
+    s = samplers["llama"]
+    s.timings = SamplerTimings()
+    ps = prompts(3, seed=5)
+    for p in ps:
+        s.submit(p, SamplingParams(greedy=True, max_tokens=6))
+    s.prefill(wait=True)
+    assert s.timings.prefill_tokens == sum(len(p) - 1 for p in ps) and s.timings.prefill_s > 0
+    outs, steps = [], []
+    while len(outs) < 3:
+        outs += s.advance()
+        steps.append(s.last_steps)
+    for o in outs:
+        s.release(o.slot)
+    assert s.timings.decode_calls == len(steps) and s.timings.decode_steps == sum(steps) >= 6
+    assert s.timings.decode_s > 0
+    assert window_buckets(1024) == (256, 512, 1024) and window_buckets(128) == (64, 128)
+    assert window_buckets(40) == (40,)
+    cfg = SamplerConfig.for_rollout(1024, 8, seed=3)
+    assert (cfg.cache_buckets, cfg.max_slots, cfg.max_len, cfg.seed) == ((256, 512, 1024), 8, 1024, 3)

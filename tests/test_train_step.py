@@ -2,6 +2,8 @@
 8-device sharded step equals the single-device step (values and shardings), on-policy recompute
 gives logprob_diff ~0, the step compiles once, the state round-trips through orbax, and the
 optimizer schedule/decay mask."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -313,11 +315,19 @@ def test_rl_step_sampler_and_trainer_agree_and_rest_weights_reach_the_batch(rl_p
         state, metrics, trajs = rl_step(state, examples, 3, agent=agent, model_def=model_def, train_step=train_step,
                                         logprob_fn=logprob_fn, put_batch=lambda b: jax.device_put(b, batch_sharding(mesh)),
                                         cfg=cfg, seed=0)
+        first_batch = seen["batch"]
+        # With the check every 2 steps, step 3 runs no separate logprob pass and logs no diff.
+        calls = []
+        counted = lambda *a: (calls.append(1), logprob_fn(*a))[1]  # noqa: E731
+        _, skipped, _ = rl_step(state, examples, 3, agent=agent, model_def=model_def, train_step=train_step,
+                                logprob_fn=counted, put_batch=lambda b: jax.device_put(b, batch_sharding(mesh)),
+                                cfg=dataclasses.replace(cfg, logprob_check_every=2), seed=0)
+        assert calls == [] and "rl/sampler_trainer_logprob_diff" not in skipped
     finally:
         agent.run = real_run
-    batch = seen["batch"]
+    batch = first_batch
     mask = batch.loss_mask > 0
-    assert steps == [3] and len(trajs) == 4 and batch.tokens.shape[1] > loss_cfg.seq_chunk
+    assert steps == [3, 3] and len(trajs) == 4 and batch.tokens.shape[1] > loss_cfg.seq_chunk
     assert sum(t.num_calls for t in trajs) > 0 and np.abs(batch.old_logprobs[mask]).max() > 0.01
     assert metrics["rl/sampler_trainer_logprob_diff"] < 1e-5
     assert abs(metrics["train/logprob_diff_mean_abs"]) < 1e-5 and metrics["train/ratio_mean"] == pytest.approx(1.0)

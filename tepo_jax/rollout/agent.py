@@ -1,7 +1,7 @@
 """The multi-turn agent loop: sampler ⇄ tool bridge, G samples per prompt, exact token ids.
 
 For every (prompt, sample) request the loop keeps a slot in the sampler and a
-`TrajectoryBuilder`. Each sampler step returns the turns that stopped (a closing tool tag or
+`TrajectoryBuilder`. Each `sampler.advance()` returns the turns that stopped (a closing tool tag or
 answer tag, EOS, or the turn budget); the loop parses each turn, records it, and either
 finishes the trajectory or hands the call to the tool bridge. The calls that stopped in one
 step run concurrently in the bridge *while the sampler decodes the other slots for one step*;

@@ -78,6 +78,26 @@ class SamplerConfig:
     def replace(self, **changes) -> "SamplerConfig":
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def for_rollout(cls, max_len: int, slots: int, *, steps_per_call: int = 16, **fields) -> "SamplerConfig":
+        """The sizing rule the driver, the library and the benchmarks share: a cache of
+        `max_len` positions with `window_buckets(max_len)`, `slots` sequences, and 16 decode
+        steps per device call (stop strings are checked between calls, so a turn overshoots
+        its stop by at most 15 discarded tokens)."""
+        return cls(max_slots=slots, cache_buckets=window_buckets(max_len), steps_per_call=steps_per_call,
+                   **fields)
+
+
+# Windows below this are not worth a compiled program of their own.
+MIN_WINDOW = 64
+
+
+def window_buckets(max_len: int) -> tuple[int, ...]:
+    """Attention windows for a cache of `max_len` positions: a quarter, a half and all of it
+    (none below MIN_WINDOW, none above max_len). Each window is one compiled decode program, so three keep early
+    tokens cheap without many compiles."""
+    return tuple(sorted({min(max_len, max(MIN_WINDOW, max_len // k)) for k in (4, 2, 1)}))
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:

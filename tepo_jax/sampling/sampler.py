@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -50,6 +51,20 @@ class TurnOutput:
     finish_reason: str       # "eos" | "stop_string" | "max_tokens" | "length"
     stop: Union[str, int, None] = None  # the stop string or stop token id that ended it
     discarded: int = 0       # tokens sampled past a stop string and dropped
+
+
+@dataclasses.dataclass
+class SamplerTimings:
+    """Where a sampler's time went, for users and benchmarks (`Sampler.timings`; reset by
+    assigning a new one). decode_s is the wall time of `advance()` calls, which wait for the
+    device (and include any prefill they ran first); prefill_s counts `prefill(wait=True)`."""
+
+    prefill_calls: int = 0
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_calls: int = 0
+    decode_steps: int = 0
+    decode_s: float = 0.0
 
 
 @dataclasses.dataclass
@@ -88,7 +103,8 @@ class Sampler:
         self.cache = self._init_cache()
         self.slots = [_Slot() for _ in range(config.max_slots)]
         self._requests = itertools.count()
-        self.last_steps = 0  # device loop iterations of the last step() (for benchmarks)
+        self.last_steps = 0  # device loop iterations of the last advance()
+        self.timings = SamplerTimings()
 
     # ---- setup -------------------------------------------------------------------------
     def _make_cache_sharding(self):
@@ -165,13 +181,19 @@ class Sampler:
         self._slot(slot)
         self.slots[slot] = _Slot()
 
-    def prefill(self) -> None:
-        """Write the pending tokens of every running slot into the cache now. step() does this
-        itself first; calling it separately lets a caller (a benchmark) time decode alone."""
+    def prefill(self, wait: bool = False) -> None:
+        """Write the pending tokens of every running slot into the cache now. advance() does
+        this itself first; calling it separately (with `wait`: until the device is done, the
+        time counted in `timings.prefill_s`) lets a caller time prefill and decode apart."""
+        t0 = time.perf_counter()
         self._run_prefills()
+        if wait:
+            jax.block_until_ready(self.cache)
+            self.timings.prefill_s += time.perf_counter() - t0
 
     def advance(self) -> list[TurnOutput]:
         """Prefill pending tokens, run one device decode call, return the turns that finished."""
+        t0 = time.perf_counter()
         self._run_prefills()
         running = [i for i, s in enumerate(self.slots) if s.state == RUNNING]
         if not running:
@@ -184,6 +206,9 @@ class Sampler:
                                        emit_stats=self.emit_stats)
         out = jax.device_get(out)
         self.last_steps = int(out.steps)
+        self.timings.decode_calls += 1
+        self.timings.decode_steps += self.last_steps
+        self.timings.decode_s += time.perf_counter() - t0
         return [o for i in running if (o := self._collect(i, out)) is not None]
 
     def generate(self, prompts: Sequence[Sequence[int]],
@@ -249,6 +274,8 @@ class Sampler:
                 s.cached += n
             window = self._bucket(int(positions[valid].max()) + 1)
             self.cache = self._prefill(self._state, self.cache, tokens, positions, valid, window=window)
+            self.timings.prefill_calls += 1
+            self.timings.prefill_tokens += int(valid.sum())
 
     def _slot_arrays(self) -> engine.SlotState:
         c, b = self.config, self.config.max_slots
