@@ -326,8 +326,9 @@ def _check_tools(c, data_given: bool = False) -> None:
                                   f"(or set config.data.mix.{family}=0)")
     if t.search and t.search_backend == "remote" and not t.search_url:
         raise ConfigError("config.tools.search_url: required for the remote search backend")
-    # The synthetic task writes its own corpus; function calling does not use these tools.
-    if (t.search and t.search_backend == "local" and c.data.task in ("math", "qa")
+    # The synthetic task writes its own corpus (a user's data does not); function calling does
+    # not use these tools.
+    if (t.search and t.search_backend == "local" and (c.data.task in ("math", "qa") or data_given)
             and not (t.search_index or t.search_corpus)):
         raise ConfigError("config.tools.search_corpus: the local search backend needs a JSONL corpus "
                           "(or tools.search_index, or tools.search=False)")

@@ -164,7 +164,10 @@ def test_data_as_a_grain_dataset_or_a_jsonl_file(tmp_path):
     from tepo_jax.api import Trainer
     rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(5)]
     c = defaults()
-    c.workdir = str(tmp_path / "run")
+    c.workdir, c.model.tiny = str(tmp_path / "run"), True
+    with pytest.raises(ConfigError, match="config.tools.search_corpus"):   # your data brings no corpus
+        Trainer(c, train_data=rows)
+    c.tools.search = False
     trainer = Trainer(c, train_data=grain.MapDataset.source(rows))
     assert [e.answer for e in trainer.parts.train_examples] == [r["answer"] for r in rows]
     path = tmp_path / "train.jsonl"
