@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from tepo_jax.models.config import ModelConfig
 from tepo_jax.models.decoder import Decoder
 from tepo_jax.rl.batch import SequenceData, pack_sequences
-from tepo_jax.rl.loss import (AggMode, LossConfig, finalize_metrics, loss_denominator, num_sequences,
+from tepo_jax.rl.loss import (AggMode, LossConfig, num_sequences,
                               policy_loss)
 from tepo_jax.rl.optim import OptimConfig, ScheduleKind, build_optimizer, build_schedule
 from tepo_jax.rl.train_step import (accumulate_gradients, create_train_state, forward_logprobs,
@@ -60,9 +60,9 @@ def test_gradient_accumulation_equals_full_batch():
         fn = jax.jit(lambda p, b, m=m, mdef=mdef: accumulate_gradients(mdef, p, b, LOSS, m))
         grads[m] = fn(params, batch)
     for m in (2, 4):
-        g, sums, n = grads[m]
-        g1, sums1, n1 = grads[1]
-        assert float(n) == float(n1) == float(batch.loss_mask.sum())
+        g, sums = grads[m]
+        g1, sums1 = grads[1]
+        assert float(sums["num_model_tokens"]) == float(sums1["num_model_tokens"]) == float(batch.loss_mask.sum())
         for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g)):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-8)
         for k in sums1:
@@ -92,8 +92,7 @@ def test_gradient_accumulation_equals_unsplit_loss_in_every_agg_mode(mode):
     (loss, metrics), g_full = jax.jit(jax.value_and_grad(unsplit, has_aux=True))(params)
     assert float(loss) != 0 and optax.global_norm(g_full) > 0
     for m in (1, 2, 4):
-        g, sums, n = jax.jit(lambda p, b, m=m: accumulate_gradients(model_def, p, b, cfg, m))(params, batch)
-        got = finalize_metrics(sums, n, loss_denominator(batch, cfg))
+        g, got = jax.jit(lambda p, b, m=m: accumulate_gradients(model_def, p, b, cfg, m))(params, batch)
         np.testing.assert_allclose(float(got["loss"]), float(loss), rtol=1e-5, atol=1e-8)
         for k in metrics:
             np.testing.assert_allclose(float(got[k]), float(metrics[k]), rtol=1e-5, atol=1e-7, err_msg=k)

@@ -125,9 +125,9 @@ def split_micro_batches(batch: TrainBatch, micro_batches: int) -> TrainBatch:
 
 def accumulate_gradients(model_def: ModelDef, params: PyTree, batch: TrainBatch, cfg: LossConfig,
                          micro_batches: int = 1, mesh: Optional[Mesh] = None,
-                         grad_shardings: Optional[PyTree] = None) -> tuple[PyTree, dict, jax.Array]:
-    """(grads, metric sums, N): the full-batch loss gradient, over micro-batches (the loss
-    denominator D is `loss_denominator(batch, cfg)`, of the whole batch)."""
+                         grad_shardings: Optional[PyTree] = None) -> tuple[PyTree, dict]:
+    """(grads, metrics): the full-batch loss gradient, over micro-batches, and the loss metrics
+    (`finalize_metrics`, with N and the loss denominator D of the whole batch)."""
     num_tokens = jnp.maximum(jnp.sum(loss_token_mask(batch)), 1.0)
     denominator = loss_denominator(batch, cfg)
 
@@ -138,7 +138,7 @@ def accumulate_gradients(model_def: ModelDef, params: PyTree, batch: TrainBatch,
     grad_fn = jax.grad(micro_loss, has_aux=True)
     if micro_batches == 1:
         grads, sums = grad_fn(params, batch)
-        return grads, sums, num_tokens
+        return grads, finalize_metrics(sums, num_tokens, denominator)
     micro = split_micro_batches(batch, micro_batches)
     if mesh is not None:
         micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, BATCH_AXES, None)))
@@ -153,7 +153,7 @@ def accumulate_gradients(model_def: ModelDef, params: PyTree, batch: TrainBatch,
     zero_g = constrain(jax.tree.map(jnp.zeros_like, params))
     zero_s = {k: jnp.zeros((), jnp.float32) for k in SUM_METRICS}
     (grads, sums), _ = jax.lax.scan(body, (zero_g, zero_s), micro)
-    return grads, sums, num_tokens
+    return grads, finalize_metrics(sums, num_tokens, denominator)
 
 
 def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
@@ -175,11 +175,10 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
         if b % (micro_batches * batch_shards):
             raise ValueError(f"batch size {b} must be a multiple of micro_batches × batch shards "
                              f"= {micro_batches} × {batch_shards} (use pack_sequences(row_multiple=...))")
-        grads, sums, n = accumulate_gradients(model_def, state.params, batch, loss_cfg, micro_batches,
+        grads, metrics = accumulate_gradients(model_def, state.params, batch, loss_cfg, micro_batches,
                                               mesh, state_shardings.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = finalize_metrics(sums, n, loss_denominator(batch, loss_cfg))
         metrics["grad_norm"] = optax.global_norm(grads)
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
