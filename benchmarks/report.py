@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from benchmarks._host import cpu_model, vector_extensions
+
 BENCH_DIR = Path(__file__).resolve().parent
 PACKAGE = "benchmarks"
 HEADLINE = re.compile(r"^\s*(?P<name>[^:]+?):\s*ours\s+(?P<ours>\S+)\s+(?P<ours_unit>.+?),"
@@ -118,16 +120,6 @@ def run_benchmark(module: str, *, quick: bool = False, timeout: float = 600.0,
 # ----------------------------------------------------------------------------- machine
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -150,7 +142,7 @@ def jax_backend(timeout: float = 120) -> str:
 
 
 def machine_info() -> dict[str, str]:
-    return {"cpu": cpu_model(), "cores": str(os.cpu_count()),
+    return {"cpu": cpu_model(), "cores": str(os.cpu_count()), "vector extensions": vector_extensions(),
             "python": platform.python_version(), "jax": _version("jax"),
             "jaxlib": _version("jaxlib"), "torch": _version("torch"),
             "jax backend": jax_backend(), "platform": platform.platform()}

@@ -70,15 +70,22 @@ _chunk_metric_entropy.defvjp(_chunk_fwd, _chunk_bwd)
 def sequence_logprob_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
                              chunk_size: Optional[int] = 256,
                              vocab_chunk: Optional[int] = None,
-                             entropy_grad: bool = False) -> tuple[jax.Array, jax.Array]:
+                             entropy_grad: bool = False,
+                             needed: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """hidden [B, T, D] (hidden[t] predicts targets[t]), kernel [D, V], targets int[B, T].
 
     Returns (logprob, entropy), float32 [B, T], of targets[t] under softmax(hidden[t] @ kernel).
     `chunk_size=None` (or >= T) computes all logits at once (the reference path).
     The entropy is a metric unless `entropy_grad` (e.g. an entropy bonus): by default it is
     stop-gradient'ed inside the chunk, so the backward scan does no work for it.
+
+    `needed` (bool[B, T], optional): the positions whose values are used; the others may be
+    returned as 0. The head (the [D, V] matmul, most of a small model's step) then runs only
+    on chunks that hold a needed position (`_needed_positions_first`).
     """
     b, t, d = hidden.shape
+    if needed is not None and chunk_size:
+        return _needed_positions_first(hidden, kernel, targets, needed, chunk_size, vocab_chunk, entropy_grad)
     if not chunk_size or chunk_size >= t:
         return _chunk_logprob_entropy(hidden, kernel, targets, vocab_chunk, entropy_grad)
     n = -(-t // chunk_size)
@@ -102,6 +109,44 @@ def sequence_logprob_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.
     return unchunk(lp), unchunk(ent)
 
 
+# Positions per chunk when skipping: small enough that little of a partly needed chunk is
+# waste, large enough that a chunk's [B·C, D] x [D, V] matmul stays efficient.
+SKIP_CHUNK = 32
+
+
+def _needed_positions_first(hidden, kernel, targets, needed, chunk_size, vocab_chunk, entropy_grad):
+    """`sequence_logprob_entropy` over the needed positions only, with static shapes.
+
+    Each row's positions are reordered, needed ones first (a stable sort, row-local, so the
+    batch sharding holds), and cut into chunks; a chunk past every row's needed count is
+    skipped by `lax.cond` (forward and backward), so the head runs on about max-row-count
+    positions instead of T. In RL batches the prompts, tool results and padding are a third
+    to a half of T. The values are put back in place; skipped positions read 0.
+    """
+    b, t, d = hidden.shape
+    chunk = min(chunk_size, SKIP_CHUNK) if t > SKIP_CHUNK else t
+    n = -(-t // chunk)
+    order = jnp.argsort(~needed, axis=1, stable=True)                       # needed first
+    pad = n * chunk - t
+    hs = jnp.pad(jnp.take_along_axis(hidden, order[..., None], axis=1), ((0, 0), (0, pad), (0, 0)))
+    ys = jnp.pad(jnp.take_along_axis(targets, order, axis=1), ((0, 0), (0, pad)))
+    active = jnp.arange(n) * chunk < jnp.max(jnp.sum(needed, axis=1))       # chunk holds a needed one
+    hs = jnp.moveaxis(hs.reshape(b, n, chunk, d), 1, 0)
+    ys = jnp.moveaxis(ys.reshape(b, n, chunk), 1, 0)
+    chunk_fn = lambda h, y, k: _chunk_logprob_entropy(h, k, y, vocab_chunk, entropy_grad)  # noqa: E731
+    body = jax.checkpoint(chunk_fn) if entropy_grad else chunk_fn
+    zeros = jnp.zeros((b, chunk), jnp.float32)
+
+    def scan_body(_, xs):
+        h, y, on = xs
+        return None, jax.lax.cond(on, lambda: body(h, y, kernel), lambda: (zeros, zeros))
+
+    _, (lp, ent) = jax.lax.scan(scan_body, None, (hs, ys, active))
+    inverse = jnp.argsort(order, axis=1)
+    unsort = lambda x: jnp.take_along_axis(jnp.moveaxis(x, 0, 1).reshape(b, n * chunk)[:, :t], inverse, axis=1)  # noqa: E731
+    return unsort(lp), unsort(ent)
+
+
 def prediction_mask(segment_ids: jax.Array) -> jax.Array:
     """bool[B, T]: token t has a prediction (t > 0, same non-padding segment as t − 1)."""
     prev = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)))
@@ -111,14 +156,19 @@ def prediction_mask(segment_ids: jax.Array) -> jax.Array:
 def token_logprob_entropy(hidden: jax.Array, kernel: jax.Array, tokens: jax.Array,
                           segment_ids: jax.Array, chunk_size: Optional[int] = 256,
                           vocab_chunk: Optional[int] = None,
-                          entropy_grad: bool = False) -> tuple[jax.Array, jax.Array]:
+                          entropy_grad: bool = False,
+                          needed: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """Batch-convention logprob/entropy [B, T]: value[t] belongs to token t (see rl/batch.py).
 
     logprob[t] = log p(tokens[t] | tokens[<t]) from hidden[t − 1]; entropy[t] = entropy of that
-    distribution (the one token t was sampled from). 0 where there is no prediction.
+    distribution (the one token t was sampled from). 0 where there is no prediction, and where
+    `needed` (bool[B, T], batch convention: the tokens whose values are used) is False.
     """
     next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
-    lp, ent = sequence_logprob_entropy(hidden, kernel, next_tokens, chunk_size, vocab_chunk, entropy_grad)
+    if needed is not None:   # token t's value comes from hidden[t − 1]
+        needed = jnp.pad(needed[:, 1:], ((0, 0), (0, 1)))
+    lp, ent = sequence_logprob_entropy(hidden, kernel, next_tokens, chunk_size, vocab_chunk, entropy_grad,
+                                       needed)
     has_pred = prediction_mask(segment_ids)
     shift = lambda x: jnp.where(has_pred, jnp.pad(x[:, :-1], ((0, 0), (1, 0))), 0.0)  # noqa: E731
     return shift(lp), shift(ent)

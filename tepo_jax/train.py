@@ -51,7 +51,7 @@ from tepo_jax.rl import loop as rl_loop
 from tepo_jax.rl.batch import power_of_two_buckets
 from tepo_jax.rl.loss import LossConfig
 from tepo_jax.rl.optim import OptimConfig, build_optimizer, build_schedule
-from tepo_jax.rl.train_step import create_train_state, make_compute_logprobs, make_train_step, split_model
+from tepo_jax.rl.train_step import create_train_state, make_train_step, split_model
 from tepo_jax.rollout.agent import AgentLoop
 from tepo_jax.runlog import RunLog
 from tepo_jax.sft.data import build_sft_trajectories
@@ -248,9 +248,10 @@ class Run:
         rows = c.data.prompts_per_step * c.rollout.group_size
         step_fn = make_train_step(model_def, optimizer, self.loss_cfg, self.mesh, shardings, self.batch_sharding,
                                   micro_batches=c.train.micro_batches,
-                                  schedule=build_schedule(OptimConfig.for_rl(c)))
-        logprob_fn = make_compute_logprobs(model_def, self.loss_cfg, self.mesh, shardings.params, self.batch_sharding)
-        ref_params = self.reference_params(model_def) if c.loss.kl_coef > 0 else None
+                                  schedule=build_schedule(OptimConfig.for_rl(c)), reference=c.loss.kl_coef > 0)
+        ref_params = None
+        if c.loss.kl_coef > 0:   # placed as the policy's params: the train step reads both
+            ref_params = jax.device_put(self.reference_params(model_def), shardings.params)
         agent = self.agent(rows)
         step_cfg = rl_loop.RLStepConfig(
             advantage=rl_loop.advantage_config(c),
@@ -274,7 +275,7 @@ class Run:
             slots = multihost.local_batch_slots(len(example_indices))
             state, metrics, trajs = rl_loop.rl_step(
                 state, [self.exp.train_examples[example_indices[i]] for i in slots], phase.step, agent=agent,
-                model_def=model_def, train_step=step_fn, logprob_fn=logprob_fn, put_batch=put, cfg=step_cfg,
+                model_def=model_def, train_step=step_fn, put_batch=put, cfg=step_cfg,
                 seed=c.seed, ref_params=ref_params, batch_slots=slots, localize=self.localize)
             phase.step, self.global_step = phase.step + 1, self.global_step + 1
             phase.data_state = data.get_state()

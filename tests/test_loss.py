@@ -349,6 +349,39 @@ def test_chunked_sequence_logprob_matches_unchunked(chunk):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("entropy_grad", [False, True])
+@pytest.mark.parametrize("counts", [(0, 17, 40), (100, 3, 0), (0, 0, 0)])
+def test_needed_positions_only_match_the_full_head(counts, entropy_grad):
+    """`needed=`: the head runs on needed-first chunks (the rest skipped); at the needed
+    positions logprob, entropy and the gradients of hidden and kernel equal the full path's,
+    elsewhere the values read 0 and the hidden gradient is exactly 0. Rows with no, few and
+    all positions needed, scattered (not a prefix), in chunks of 8 of T = 100 positions."""
+    rng = np.random.default_rng(11)
+    b, t, d, v = 3, 100, 16, 50
+    hidden = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+    kernel = jnp.asarray(0.5 * rng.standard_normal((d, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)))
+    needed = np.zeros((b, t), bool)
+    for row, n in enumerate(counts):
+        needed[row, rng.choice(t, n, replace=False)] = True
+    weights = jnp.asarray(rng.standard_normal((b, t)) * needed, jnp.float32)
+
+    def f(h, k, need):
+        lp, ent = sequence_logprob_entropy(h, k, targets, 8, entropy_grad=entropy_grad, needed=need)
+        return jnp.sum(lp * weights) + 0.1 * jnp.sum(jnp.where(needed, ent, 0.0)), (lp, ent)
+
+    (_, (lp0, ent0)), g0 = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hidden, kernel, None)
+    (_, (lp1, ent1)), g1 = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+        hidden, kernel, jnp.asarray(needed))
+    np.testing.assert_allclose(np.asarray(lp1)[needed], np.asarray(lp0)[needed], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(ent1)[needed], np.asarray(ent0)[needed], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(g1[1]), np.asarray(g0[1]), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g1[0]), np.asarray(g0[0]), atol=1e-5, rtol=1e-5)
+    assert np.all(np.asarray(g1[0])[~needed] == 0.0)
+    if sum(counts):
+        assert np.abs(np.asarray(g1[1])).sum() > 0
+
+
 def _temp_bytes(t, chunk, vocab=8192, b=2, d=32):
     def f(h, k, y):
         lp, ent = sequence_logprob_entropy(h, k, y, chunk)

@@ -25,7 +25,7 @@ from tepo_jax.rl.advantages import AdvantageConfig
 from tepo_jax.rl.batch import power_of_two_buckets
 from tepo_jax.rl.loss import LossConfig
 from tepo_jax.rl.optim import OptimConfig, build_optimizer
-from tepo_jax.rl.train_step import create_train_state, make_compute_logprobs, make_train_step
+from tepo_jax.rl.train_step import create_train_state, make_train_step
 from tepo_jax.rollout.agent import AgentLoop, RolloutConfig
 from tepo_jax.sampling.config import SamplerConfig
 from tepo_jax.sampling.sampler import Sampler
@@ -87,9 +87,7 @@ def parts(tokenizer):
                           RolloutConfig(group_size=GROUP, max_calls=0, max_tokens=1, max_turn_tokens=1),
                           tools=(), rewards=TaskRewards(scheduled={"math": digit_reward}), prompt_style="short")
         yield dict(mesh=mesh, cfg=cfg, optimizer=optimizer, model_def=model_def, agent=agent,
-                   step_fn=make_train_step(model_def, optimizer, loss_cfg, mesh, shardings, batch_sharding(mesh)),
-                   logprob_fn=make_compute_logprobs(model_def, loss_cfg, mesh, shardings.params,
-                                                    batch_sharding(mesh)))
+                   step_fn=make_train_step(model_def, optimizer, loss_cfg, mesh, shardings, batch_sharding(mesh)))
 
 
 def train_rewards(parts, advantage: str, mutation: str, monkeypatch) -> list[float]:
@@ -105,7 +103,7 @@ def train_rewards(parts, advantage: str, mutation: str, monkeypatch) -> list[flo
     for step in range(STEPS):
         state, metrics, _ = rl_loop.rl_step(
             state, examples, step, agent=parts["agent"], model_def=parts["model_def"], train_step=parts["step_fn"],
-            logprob_fn=parts["logprob_fn"], put_batch=lambda b: jax.device_put(b, batch_sharding(mesh)),
+            put_batch=lambda b: jax.device_put(b, batch_sharding(mesh)),
             cfg=step_cfg, seed=0)
         rewards.append(metrics["reward/score"])
     print(f"{advantage}, bug {mutation}: mean reward per step {np.round(rewards, 3).tolist()}")  # pytest -rP shows it

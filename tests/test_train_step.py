@@ -113,6 +113,38 @@ def test_train_step_micro_batches_equal_one_batch_in_seq_mean_mode():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mesh_cfg,micro_batches", [(None, 1), (None, 2), (MeshConfig(2, 2, 2), 2)])
+def test_reference_logprobs_in_the_update_program_equal_a_separate_pass(mesh_cfg, micro_batches):
+    """reference=True computes the KL reference inside the step from `ref_params`: the same
+    loss, kl, metrics and updated params as the old way (a separate jitted logprob pass whose
+    result is put into the batch's ref_logprobs), per micro-batch and sharded. The reference
+    is a different model (seed 7), so the kl term is far from 0 and a step that read the
+    batch's zero ref_logprobs, or the policy's own logprobs, would give another kl."""
+    mesh = single_device_mesh() if mesh_cfg is None else make_mesh(mesh_cfg)
+    bs = batch_sharding(mesh)
+    host_batch = make_batch()._replace(ref_logprobs=np.zeros((8, 32), np.float32))
+    optimizer = build_optimizer(OptimConfig(learning_rate=1e-2, eps=1e-3))
+    _, ref_params = split_model(create_sharded_model(TINY, mesh, seed=7))
+    results = {}
+    for inside in (False, True):
+        model_def, state, shardings = create_train_state(create_sharded_model(TINY, mesh, seed=3), optimizer, mesh)
+        step = make_train_step(model_def, optimizer, LOSS, mesh, shardings, bs, micro_batches, reference=inside)
+        if inside:
+            state, metrics = step(state, jax.device_put(host_batch, bs), ref_params)
+        else:
+            ref, _ = make_compute_logprobs(model_def, LOSS, mesh, shardings.params, bs)(ref_params,
+                                                                                        jax.device_put(host_batch, bs))
+            batch = host_batch._replace(ref_logprobs=np.asarray(jax.device_get(ref)))
+            state, metrics = step(state, jax.device_put(batch, bs))
+        results[inside] = (jax.device_get(metrics), jax.device_get(state.params))
+    (m0, p0), (m1, p1) = results[False], results[True]
+    assert m0["kl"] > 1e-3
+    for k in m0:
+        np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
 def _run_step(mesh_cfg, batch, micro_batches, steps=1, loss_cfg=LOSS):
     mesh = single_device_mesh() if mesh_cfg is None else make_mesh(mesh_cfg)
     model = create_sharded_model(TINY, mesh, seed=3)
@@ -307,21 +339,18 @@ def test_rl_step_sampler_and_trainer_agree_and_rest_weights_reach_the_batch(rl_p
     real_run, agent.run = agent.run, run
     try:
         step_fn = make_train_step(model_def, optimizer, loss_cfg, mesh, shardings, batch_sharding(mesh))
-        logprob_fn = make_compute_logprobs(model_def, loss_cfg, mesh, shardings.params, batch_sharding(mesh))
         rest_cfg = RestConfig(total_steps=10)
         cfg = RLStepConfig(advantage=AdvantageConfig(kind="tepo_dense"), rest=rest_cfg, kl_coef=0.0,
                            row_multiple=1, seq_buckets=power_of_two_buckets(128, 512))
         state, metrics, trajs = rl_step(state, examples, 3, agent=agent, model_def=model_def, train_step=train_step,
-                                        logprob_fn=logprob_fn, put_batch=lambda b: jax.device_put(b, batch_sharding(mesh)),
+                                        put_batch=lambda b: jax.device_put(b, batch_sharding(mesh)),
                                         cfg=cfg, seed=0)
         first_batch = seen["batch"]
-        # With the check every 2 steps, step 3 runs no separate logprob pass and logs no diff.
-        calls = []
-        counted = lambda *a: (calls.append(1), logprob_fn(*a))[1]  # noqa: E731
+        # With the check every 2 steps, step 3 logs no diff.
         _, skipped, _ = rl_step(state, examples, 3, agent=agent, model_def=model_def, train_step=train_step,
-                                logprob_fn=counted, put_batch=lambda b: jax.device_put(b, batch_sharding(mesh)),
+                                put_batch=lambda b: jax.device_put(b, batch_sharding(mesh)),
                                 cfg=dataclasses.replace(cfg, logprob_check_every=2), seed=0)
-        assert calls == [] and "rl/sampler_trainer_logprob_diff" not in skipped
+        assert "rl/sampler_trainer_logprob_diff" not in skipped
     finally:
         agent.run = real_run
     batch = first_batch

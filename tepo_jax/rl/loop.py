@@ -23,7 +23,7 @@ from flax import nnx
 from tepo_jax import multihost
 from tepo_jax.rl.advantages import (AdvantageConfig, AdvantageKind, GroupAdvantages,
                                     batch_advantages)
-from tepo_jax.rl.batch import PackedBatch, TrainBatch, pack_sequences, sequence_from_trajectory
+from tepo_jax.rl.batch import PackedBatch, pack_sequences, sequence_from_trajectory
 from tepo_jax.rl.rest import (EntropyWeights, RestConfig, RoleSource, RoleWeights, rest_metrics,
                               rest_weights_for_trajectories)
 from tepo_jax.rl.tepo_metrics import advantage_metrics, tepo_step_metrics
@@ -39,8 +39,8 @@ class RLStepConfig:
     kl_coef: float
     row_multiple: int                   # batch shards × micro-batches
     seq_buckets: tuple[int, ...]
-    # The sampler-vs-trainer logprob check (a forward pass, ~15% of a small step) runs on the
-    # RL steps divisible by this; 0 never. Its metric is logged on those steps only.
+    # The sampler-vs-trainer logprob difference (read off the update's own forward: no extra
+    # pass) is logged on the RL steps divisible by this; 0 never.
     logprob_check_every: int = 1
 
 
@@ -74,19 +74,21 @@ def step_advantage_metrics(trajs: Sequence[Trajectory], adv: GroupAdvantages, cf
     return advantage_metrics(adv.info, adv.advantages, trajs, cfg.advantage.alpha if dense else None)
 
 
-def with_ref_logprobs(batch: TrainBatch, ref_logprobs) -> TrainBatch:
-    return batch._replace(ref_logprobs=np.asarray(ref_logprobs, np.float32))
-
-
 def rl_step(state: TrainState, examples: Sequence, step: int, *, agent: AgentLoop, model_def: ModelDef,
-            train_step: Callable, logprob_fn: Callable, put_batch: Callable, cfg: RLStepConfig,
-            seed: int, ref_params=None, batch_slots: Optional[Sequence[int]] = None,
+            train_step: Callable, put_batch: Callable, cfg: RLStepConfig, seed: int, ref_params=None,
+            batch_slots: Optional[Sequence[int]] = None,
             localize: Optional[Callable] = None) -> tuple[TrainState, dict, list[Trajectory]]:
     """Run one RL step; returns (new state, metrics, the step's trajectories).
 
     `examples` are this process's prompts, at `batch_slots` of the global batch (default: all
     of it, slots 0, 1, …); `localize` maps the sampler state to the local sampler's
     devices (multi-process). The returned trajectories are the whole global batch's.
+    `train_step` is `make_train_step(...)`, built with `reference=True` when cfg.kl_coef > 0
+    (it then takes `ref_params` and computes the reference logprobs in the update's program).
+
+    No pass is run twice: the update's own forward is the sampler-vs-trainer check. Its
+    params are the ones the sampler decoded with (one update per batch), so its
+    `logprob_diff_mean_abs` is the mean |sampler − trainer| logprob over the model tokens.
     """
     t0 = time.perf_counter()
     params = sampler_state(model_def, state.params)
@@ -97,31 +99,19 @@ def rl_step(state: TrainState, examples: Sequence, step: int, *, agent: AgentLoo
         trajs = multihost.gather_groups(trajs, batch_slots)
     packed, adv, rest = build_batch(trajs, cfg, step)
     batch = put_batch(packed.batch)
-    metrics = {}
+    t_update = time.perf_counter()
+    state, train_metrics = (train_step(state, batch, ref_params) if cfg.kl_coef > 0 else train_step(state, batch))
+    train_metrics = jax.device_get(train_metrics)
+    metrics = {f"train/{k}": float(v) for k, v in train_metrics.items()}
     if cfg.logprob_check_every and step % cfg.logprob_check_every == 0:
-        metrics["rl/sampler_trainer_logprob_diff"] = sampler_trainer_diff(logprob_fn, state.params, batch,
-                                                                          packed.batch)
-    if cfg.kl_coef > 0:
-        ref, _ = logprob_fn(ref_params, batch)
-        batch = put_batch(with_ref_logprobs(packed.batch, multihost.to_host(ref)))
-    state, train_metrics = train_step(state, batch)
-    metrics.update({f"train/{k}": float(v) for k, v in jax.device_get(train_metrics).items()})
+        metrics["rl/sampler_trainer_logprob_diff"] = metrics["train/logprob_diff_mean_abs"]
     metrics.update(tepo_step_metrics(trajs))
     metrics.update(step_advantage_metrics(trajs, adv, cfg))
     metrics.update(rest)
-    metrics.update({"time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0,
+    t_end = time.perf_counter()
+    metrics.update({"time/rollout_s": t_rollout, "time/update_s": t_end - t_update, "time/step_s": t_end - t0,
                     "rl/batch_tokens": float(packed.batch.tokens.size)})
     return state, metrics, trajs
-
-
-def sampler_trainer_diff(logprob_fn: Callable, params, batch, host_batch) -> float:
-    """The invariant: the trainer recomputes the sampler's logprobs with the same params; the
-    mean |difference| over model tokens (the first position has no prediction)."""
-    recomputed, _ = logprob_fn(params, batch)
-    mask = np.asarray(host_batch.loss_mask) > 0
-    mask[:, 0] = False
-    diff = np.abs(multihost.to_host(recomputed) - host_batch.old_logprobs)[mask]
-    return float(diff.mean()) if diff.size else 0.0
 
 
 def eval_metrics(trajs: Sequence[Trajectory]) -> dict:

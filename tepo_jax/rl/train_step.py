@@ -7,12 +7,11 @@ Usage (the driver):
     optimizer = build_optimizer(OptimConfig(...))
     model_def, state, shardings = create_train_state(model, optimizer, mesh, seed=0)
     step_fn = make_train_step(model_def, optimizer, LossConfig(...), mesh, shardings,
-                              batch_sharding(mesh), micro_batches=2)
-    logprob_fn = make_compute_logprobs(model_def, LossConfig(...), mesh, shardings.params,
-                                       batch_sharding(mesh))
+                              batch_sharding(mesh), micro_batches=2, reference=kl_coef > 0)
     packed = pack_sequences(seqs, row_multiple=batch_shards * micro_batches)
     batch = jax.device_put(packed.batch, batch_sharding(mesh))
     state, metrics = step_fn(state, batch)       # `state` passed in is donated: do not reuse it
+    state, metrics = step_fn(state, batch, ref_params)   # reference=True: KL to ref_params
 
 The parameters live in `TrainState` as a plain nested dict (`nnx.to_pure_dict`), so the state is
 an nnx-free pytree that jit and orbax handle directly; `ModelDef.merge(params)` rebuilds the
@@ -105,13 +104,18 @@ def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformatio
     return model_def, state, shardings
 
 
-def forward_logprobs(model_def: ModelDef, params: PyTree, batch: TrainBatch,
-                     cfg: LossConfig) -> tuple[jax.Array, jax.Array]:
-    """(logprob, entropy) [B, T] of every token under `params`, batch convention (rl/batch.py)."""
+def forward_logprobs(model_def: ModelDef, params: PyTree, batch: TrainBatch, cfg: LossConfig,
+                     loss_tokens_only: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(logprob, entropy) [B, T] of every token under `params`, batch convention (rl/batch.py).
+
+    `loss_tokens_only`: only the loss tokens' values are needed (the others read 0), so the
+    output head skips the chunks of prompt, tool-result and padding positions
+    (`seqlogprob.sequence_logprob_entropy(needed=...)`)."""
     model = model_def.merge(params)
     hidden, _ = model.hidden_states(batch.tokens, batch.positions, segment_ids=batch.segment_ids)
+    needed = loss_token_mask(batch) > 0 if loss_tokens_only else None
     return token_logprob_entropy(hidden, model.unembed_kernel(), batch.tokens, batch.segment_ids,
-                                 cfg.seq_chunk, cfg.vocab_chunk)
+                                 cfg.seq_chunk, cfg.vocab_chunk, needed=needed)
 
 
 def split_micro_batches(batch: TrainBatch, micro_batches: int) -> TrainBatch:
@@ -123,16 +127,31 @@ def split_micro_batches(batch: TrainBatch, micro_batches: int) -> TrainBatch:
                         batch)
 
 
+def with_reference_logprobs(model_def: ModelDef, ref_params: Optional[PyTree], batch: TrainBatch,
+                            cfg: LossConfig) -> TrainBatch:
+    """`batch` with ref_logprobs computed from `ref_params` (no gradient); as it is without them."""
+    if ref_params is None:
+        return batch
+    ref, _ = forward_logprobs(model_def, ref_params, batch, cfg, loss_tokens_only=True)
+    return batch._replace(ref_logprobs=jax.lax.stop_gradient(ref))
+
+
 def accumulate_gradients(model_def: ModelDef, params: PyTree, batch: TrainBatch, cfg: LossConfig,
                          micro_batches: int = 1, mesh: Optional[Mesh] = None,
-                         grad_shardings: Optional[PyTree] = None) -> tuple[PyTree, dict]:
+                         grad_shardings: Optional[PyTree] = None,
+                         ref_params: Optional[PyTree] = None) -> tuple[PyTree, dict]:
     """(grads, metrics): the full-batch loss gradient, over micro-batches, and the loss metrics
-    (`finalize_metrics`, with N and the loss denominator D of the whole batch)."""
+    (`finalize_metrics`, with N and the loss denominator D of the whole batch).
+
+    With `ref_params`, each micro-batch's reference logprobs are computed here, beside its loss
+    (one program, no host round trip, one micro-batch of reference activations at a time);
+    without, the batch's own `ref_logprobs` are used."""
     num_tokens = jnp.maximum(jnp.sum(loss_token_mask(batch)), 1.0)
     denominator = loss_denominator(batch, cfg)
 
     def micro_loss(p, mb):
-        logp, entropy = forward_logprobs(model_def, p, mb, cfg)
+        mb = with_reference_logprobs(model_def, ref_params, mb, cfg)
+        logp, entropy = forward_logprobs(model_def, p, mb, cfg, loss_tokens_only=True)
         return loss_and_metric_sums(logp, entropy, mb, cfg, num_tokens, denominator)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
@@ -158,25 +177,30 @@ def accumulate_gradients(model_def: ModelDef, params: PyTree, batch: TrainBatch,
 
 def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
                     mesh: Mesh, state_shardings: TrainState, batch_sharding: NamedSharding,
-                    micro_batches: int = 1,
-                    schedule: Optional[optax.Schedule] = None) -> Callable[[TrainState, TrainBatch],
-                                                                          tuple[TrainState, dict]]:
+                    micro_batches: int = 1, schedule: Optional[optax.Schedule] = None,
+                    reference: bool = False) -> Callable[..., tuple[TrainState, dict]]:
     """The jitted `train_step(state, batch) -> (state, metrics)`; build it once per run.
 
+    `reference=True` (a KL term, loss.kl_coef > 0): the step is `train_step(state, batch,
+    ref_params)` and computes the reference logprobs itself, in the same program as the
+    update (`accumulate_gradients`); the batch's `ref_logprobs` are then not read. The
+    reference params take the policy params' shardings.
+
     Metrics (replicated scalars): the loss metrics of `rl/loss.py` (loss, pg_loss and kl
-    aggregated as the loss, the rest token means over the batch's model tokens),
+    aggregated as the loss, the rest token means over the batch's model tokens; on-policy,
+    `logprob_diff_mean_abs` is the sampler-vs-trainer logprob difference),
     `num_model_tokens`, `grad_norm` (before clipping) and, with `schedule`, `learning_rate`
     (the one used for this update).
     """
     batch_shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
-    def train_step(state: TrainState, batch: TrainBatch):
+    def train_step(state: TrainState, batch: TrainBatch, ref_params: Optional[PyTree] = None):
         b = batch.tokens.shape[0]
         if b % (micro_batches * batch_shards):
             raise ValueError(f"batch size {b} must be a multiple of micro_batches × batch shards "
                              f"= {micro_batches} × {batch_shards} (use pack_sequences(row_multiple=...))")
         grads, metrics = accumulate_gradients(model_def, state.params, batch, loss_cfg, micro_batches,
-                                              mesh, state_shardings.params)
+                                              mesh, state_shardings.params, ref_params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -187,7 +211,8 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
         return new_state, metrics
 
     batch_shardings = TrainBatch(*([batch_sharding] * len(TrainBatch._fields)))
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+    in_shardings = (state_shardings, batch_shardings) + ((state_shardings.params,) if reference else ())
+    return jax.jit(train_step, in_shardings=in_shardings,
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
 
 

@@ -42,7 +42,7 @@ def sft_batch(trajs: Sequence, seq_len: int, row_multiple: int) -> TrainBatch:
 
 
 def sft_loss(model_def: ModelDef, params, batch: TrainBatch, loss_cfg: LossConfig):
-    logp, entropy = forward_logprobs(model_def, params, batch, loss_cfg)
+    logp, entropy = forward_logprobs(model_def, params, batch, loss_cfg, loss_tokens_only=True)
     mask = loss_token_mask(batch)
     n = jnp.maximum(jnp.sum(mask), 1.0)
     nll = -jnp.sum(mask * logp) / n
