@@ -108,6 +108,15 @@ def copy_file(src: PathLike, dst: PathLike) -> None:
         shutil.copyfileobj(a, b, _COPY_CHUNK)
 
 
+def files_under(path: PathLike) -> Iterator[epath.Path]:
+    """Every file below `path`, walked one directory at a time (epath refuses `**` on GCS)."""
+    for child in as_path(path).iterdir():
+        if child.is_dir():
+            yield from files_under(child)
+        else:
+            yield child
+
+
 def copy_tree(src: PathLike, dst: PathLike) -> None:
     """Copy the files under `src` to `dst`, keeping relative paths."""
     src, dst = as_path(src), as_path(dst)

@@ -12,7 +12,8 @@ The workdir may be a URL (`gs://bucket/run`, tepo_jax/paths.py). Locally a row i
 to metrics.jsonl; an object store has no append, so there the file is rewritten whole at each
 row, one upload, which a kill leaves either before or after that row (never a torn file).
 The cost is the file's size per row (a few MB after thousands of steps, once per step).
-TensorBoard events go through tensorboardX, which writes gs:// and s3:// itself.
+TensorBoard events: tensorboardX writes them to a local directory, and on a store each flush
+uploads the events file whole (one upload, as metrics.jsonl).
 Weights & Biases (`config.log.wandb_project`) gets the same rows, from process 0, in one W&B
 run per workdir: its id is stored in `wandb_run_id` there, so a resumed run continues it.
 """
@@ -22,6 +23,8 @@ import json
 import math
 import os
 import secrets
+import shutil
+import tempfile
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -53,8 +56,7 @@ class RunLog:
         if self.enabled:
             (self.workdir / "trajectories").mkdir(parents=True, exist_ok=True)
             if tensorboard:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.fspath(self.workdir / "tensorboard"))
+                self._tb = TensorBoard(self.workdir / "tensorboard")
             if wandb_project:
                 self._wandb = open_wandb(self.workdir, wandb_project, wandb_config)
 
@@ -80,9 +82,7 @@ class RunLog:
                 f.write(line + "\n")
         values = {f"{phase}/{k}": v for k, v in row.items() if k not in ("step", "phase") and v is not None}
         if self._tb is not None:
-            for k, v in values.items():
-                self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+            self._tb.write(values, step)
         if self._wandb is not None:
             # W&B's step must grow, and rows of several phases share a step number: W&B's
             # step is the row's index in metrics.jsonl, the run's step a field. A resumed run
@@ -122,6 +122,36 @@ class RunLog:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class TensorBoard:
+    """tensorboardX's SummaryWriter into `logdir`; on a store (gs://...) it writes a local
+    directory whose files are uploaded at each flush (tensorboardX's own gs:// writer would
+    need google-cloud-storage credentials of its own, and uploads again when collected)."""
+
+    def __init__(self, logdir: epath.Path):
+        from tensorboardX import SummaryWriter
+
+        self.remote = logdir if paths.is_remote(logdir) else None
+        self.local = tempfile.mkdtemp(prefix="tepo_jax-tb-") if self.remote else os.fspath(logdir)
+        self.writer = SummaryWriter(self.local)
+
+    def write(self, values: Mapping[str, float], step: int) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+        self._upload()
+
+    def _upload(self) -> None:
+        if self.remote is not None:
+            for name in os.listdir(self.local):
+                paths.copy_file(os.path.join(self.local, name), self.remote / name)
+
+    def close(self) -> None:
+        self.writer.close()
+        self._upload()
+        if self.remote is not None:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 WANDB_ID_FILE = "wandb_run_id"
