@@ -175,3 +175,115 @@ def test_checkpoints_on_gcs_fall_back_from_a_corrupt_latest(bucket, caplog):
     step, state, _ = RunCheckpointer(directory).restore_latest(abstract_like(again))
     assert step == 2
     np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4, 3), 7.0))
+
+
+# ---------------------------------------------------------------------------- end to end (slow)
+# The kill -9 test of tests/test_train_driver.py with the interrupted run's workdir on gs://:
+# SFT (real gradients, memorising 4 answers) then RL with rewards, both compared with the same
+# run on local disk.
+
+
+def _fresh(fn):
+    """`fn` re-reading the store: another process writes it (gcsfs caches listings)."""
+    def call(*args):
+        forget_listings()
+        return fn(*args)
+    return call
+
+
+@pytest.fixture(scope="module")
+def runs(emulator, learning_run, tmp_path_factory):
+    """(local workdir, gs:// workdir, ...): the run straight on local disk (shared with
+    tests/test_train_driver.py), and on gs:// killed with SIGKILL mid-SFT, then resumed."""
+    from test_train_driver import LEARNING, ROOT, SFT_STEPS, env, metric_rows, train_cmd, wait_for
+
+    straight = learning_run
+    broken = emulator.create_bucket(f"run-{uuid.uuid4().hex[:8]}") + "/run"
+    run_env = dict(env(), **emulator.env)
+
+    # The gs:// run also logs to W&B (offline: files under WANDB_DIR).
+    wandb_dir = tmp_path_factory.mktemp("wandb")
+    run_env = dict(run_env, WANDB_MODE="offline", WANDB_DIR=str(wandb_dir), WANDB_SILENT="true")
+    cmd = train_cmd(broken, *LEARNING, "--config.log.wandb_project=tepo-test")
+    rows = _fresh(metric_rows)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(proc, "SFT step 21 on gs://", lambda: any(r["step"] > 20 for r in rows(broken)))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_after = max(r["step"] for r in rows(broken))
+    assert 20 < killed_after < SFT_STEPS
+
+    done = subprocess.run(cmd, cwd=ROOT, env=run_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from checkpoint 20" in done.stderr, done.stderr[-3000:]
+    forget_listings()
+    return straight, broken, ROOT, run_env, wandb_dir
+
+
+@pytest.mark.slow
+def test_sigkill_on_gcs_then_resume_equals_the_local_run_bit_for_bit(runs):
+    from test_train_driver import RL_STEPS, SFT_STEPS, assert_training_moves, final_state, metric_rows
+
+    straight, broken, _, _, _ = runs
+    rows_a, rows_b = metric_rows(straight), metric_rows(broken)
+    assert_training_moves(rows_a, RL_STEPS // 2)
+    assert rows_a == rows_b  # every SFT, RL and eval row once, in order, equal
+    step_a, state_a = final_state(straight)
+    step_b, state_b = final_state(broken)
+    assert step_a == step_b == SFT_STEPS + RL_STEPS
+    assert [p for p, _ in state_a] == [p for p, _ in state_b] and len(state_a) > 0
+    for (path, x), (_, y) in zip(state_a, state_b):
+        np.testing.assert_array_equal(x, y, err_msg=path)  # params, optimizer, step, rng
+    remote = paths.as_path(broken)
+    files = sorted(p.name for p in (straight / "trajectories").iterdir())
+    assert files == sorted(p.name for p in (remote / "trajectories").iterdir())
+    for name in files:
+        assert (straight / "trajectories" / name).read_bytes() == (remote / "trajectories" / name).read_bytes(), name
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):   # the HF export
+        assert (straight / "sft_final" / name).read_bytes() == (remote / "sft_final" / name).read_bytes(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in (remote / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_evaluate_and_the_pilot_study_read_a_gcs_workdir(runs, tmp_path):
+    from tepo_jax.analysis import pilot
+    from test_train_driver import LEARNING
+
+    straight, broken, root, run_env, _ = runs
+    args = [a for a in LEARNING if not a.startswith("--config.train.")]
+    for workdir in (straight, broken):
+        out = subprocess.run([sys.executable, "-m", "tepo_jax.evaluate", "--config=configs/demo_cpu.py",
+                              f"--config.workdir={workdir}", *args, f"--checkpoint={workdir}/checkpoints",
+                              f"--out={workdir}/evaluate"], cwd=root, env=run_env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    forget_listings()
+    local, remote = straight / "evaluate", paths.as_path(broken) / "evaluate"
+    assert json.loads((local / "metrics.json").read_text()) == json.loads((remote / "metrics.json").read_text())
+    assert (local / "trajectories.jsonl").read_bytes() == (remote / "trajectories.jsonl").read_bytes()
+
+    reports = []
+    for workdir, out in ((straight, tmp_path / "pilot"), (broken, f"{broken}/pilot")):
+        assert pilot.main(["--trajectories", f"{workdir}/trajectories", "--phase", "rl",
+                           "--dataset", f"{workdir}/data/train.jsonl", "--tokenizer", f"{workdir}/tokenizer",
+                           "--json", f"{out}.json", "--plot", f"{out}.png", "--n-boot", "50"]) == 0
+        reports.append(json.loads(paths.as_path(f"{out}.json").read_text()))
+        assert paths.as_path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
+    assert reports[0] == reports[1] and reports[0]["labels"]
+
+
+@pytest.mark.slow
+def test_the_resumed_run_continues_its_wandb_run(runs):
+    from test_wandb import wandb_runs
+
+    _, broken, _, _, wandb_dir = runs
+    run_id = (paths.as_path(broken) / "wandb_run_id").read_text().strip()
+    found = wandb_runs(wandb_dir)
+    assert [rid for rid, _ in found] == [run_id, run_id]   # the killed attempt and the resumed one
+    lines = (paths.as_path(broken) / "metrics.jsonl").read_text().splitlines()
+    expected = []
+    for i, line in enumerate(lines):
+        row = json.loads(line)
+        phase, step = row.pop("phase"), row.pop("step")
+        expected.append({f"{phase}/{k}": v for k, v in row.items() if v is not None} | {f"{phase}/step": step, "_step": i})
+    assert found[1][1] == expected[20:]   # from checkpoint 20's row count to the end, row by row

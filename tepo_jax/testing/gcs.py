@@ -1,5 +1,6 @@
-"""A local GCS emulator for tests: `gcp-storage-emulator` (the GCS JSON API on 127.0.0.1) in a
-subprocess, and the environment that points every GCS client of a run at it.
+"""A local GCS emulator for tests: `gcp-storage-emulator` (the GCS JSON API on 127.0.0.1, in
+memory; gcs_server.py) in a subprocess, and the environment that points every GCS client of a
+run at it.
 
     with GcsEmulator() as gcs:
         gcs.create_bucket("b")
@@ -26,6 +27,9 @@ import time
 import urllib.request
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,10 +50,10 @@ class GcsEmulator:
                 "GOOGLE_CLOUD_PROJECT": "emulator"}
 
     def start(self) -> "GcsEmulator":
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-             "--port", str(self.port), "--in-memory", "--quiet"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The emulator with the generation header tensorstore needs (gcs_server.py).
+        self._proc = subprocess.Popen([sys.executable, "-m", "tepo_jax.testing.gcs_server", str(self.port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      env={**os.environ, "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
         deadline = time.time() + self._timeout
         while True:
             try:
