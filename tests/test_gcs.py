@@ -287,3 +287,25 @@ def test_the_resumed_run_continues_its_wandb_run(runs):
         phase, step = row.pop("phase"), row.pop("step")
         expected.append({f"{phase}/{k}": v for k, v in row.items() if v is not None} | {f"{phase}/step": step, "_step": i})
     assert found[1][1] == expected[20:]   # from checkpoint 20's row count to the end, row by row
+
+
+def test_a_checkpoint_killed_mid_write_on_gcs_is_ignored_and_written_again(bucket):
+    # On GCS orbax marks a finished step with commit_success.txt (no rename on a store): a step
+    # whose writer died has files but no marker.
+    directory = f"{bucket}/ck"
+    ckpt = RunCheckpointer(directory)
+    state = {"w": jnp.ones(3)}
+    ckpt.save(1, state, {"phase": "rl", "phase_step": 1})
+    ckpt.close()
+    for f in paths.files_under(f"{directory}/1"):
+        rel = os.fspath(f)[len(f"{directory}/1/"):]
+        if "commit_success" not in rel:
+            paths.copy_file(f, f"{directory}/2/{rel}")
+    forget_listings()
+    ckpt = RunCheckpointer(directory)
+    assert ckpt.all_steps() == [1]
+    assert ckpt.restore_latest(abstract_like(state), discard_unreadable=True)[0] == 1
+    ckpt.save(2, {"w": jnp.full(3, 5.0)}, {"phase": "rl", "phase_step": 2})
+    step, restored, _ = RunCheckpointer(directory).restore_latest(abstract_like(state))
+    assert step == 2
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.full(3, 5.0))
