@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from typing import Iterator, Union
 
+import fsspec
 from etils import epath
 
 PathLike = Union[str, os.PathLike]
@@ -32,6 +33,11 @@ _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 # Schemes etils.epath sends to fsspec, and the fsspec package each needs.
 _BACKENDS = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs", "hf": "huggingface_hub"}
 _COPY_CHUNK = 16 << 20
+
+# gcsfs caches directory listings per process; the processes of a pod write one workdir (process
+# 0 the tokenizer, data and sft_final the others then read), so a cached listing would hide
+# their files. Listings are cheap next to what a run writes: no cache.
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 
 class PathError(ValueError):

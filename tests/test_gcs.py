@@ -271,6 +271,18 @@ def test_evaluate_and_the_pilot_study_read_a_gcs_workdir(runs, tmp_path):
         assert paths.as_path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
     assert reports[0] == reports[1] and reports[0]["labels"]
 
+    # The notebook's readers: runs found by a spec, their metrics and trajectories.
+    from tepo_jax.analysis import traces
+    from test_train_driver import metric_rows
+
+    found = traces.discover_metrics(f"local={straight},remote={broken}")
+    assert list(found) == ["local", "remote"] and os.fspath(found["remote"]) == f"{broken}/metrics.jsonl"
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert strip(traces.read_metrics(found["remote"], None)) == metric_rows(straight)
+    remote_dir = traces.resolve_path(f"{broken}/trajectories")
+    assert [f.name for f in pilot.trajectory_files(remote_dir, 2)] == \
+        [f.name for f in pilot.trajectory_files(straight / "trajectories", 2)]
+
 
 @pytest.mark.slow
 def test_the_resumed_run_continues_its_wandb_run(runs):
