@@ -85,12 +85,14 @@ def check_store(p: PathLike) -> None:
                         f"(pip install {package})") from None
     bucket = os.fspath(p)[len(s) + 3:].split("/", 1)[0]
     try:
-        found = epath.Path(f"{s}://{bucket}").exists()
-    except Exception as e:  # noqa: BLE001 — auth, network, permission errors: one line
-        raise PathError(f"{os.fspath(p)}: cannot reach bucket {bucket!r} ({_first_line(e)})") from None
-    if not found:
+        fsspec.filesystem(s).info(bucket)
+    except FileNotFoundError:
         raise PathError(f"{os.fspath(p)}: bucket {bucket!r} does not exist (create it first, "
-                        f"e.g. `gcloud storage buckets create {s}://{bucket}`)")
+                        f"e.g. `gcloud storage buckets create {s}://{bucket}`)") from None
+    except Exception as e:  # noqa: BLE001 — auth, network errors: one line
+        if "Forbidden" in str(e):  # may write objects without reading the bucket's metadata
+            return              # (roles/storage.objectUser): the run's first write tells
+        raise PathError(f"{os.fspath(p)}: cannot reach bucket {bucket!r} ({_first_line(e)})") from None
 
 
 def write_atomic(path: PathLike, data: str | bytes) -> None:
