@@ -30,8 +30,11 @@ EXTRAS = {
     # torch (CPU build) is only the reference implementation the parity tests compare against.
     # tiktoken: transformers' TikTokenConverter builds the Qwen2.5 / Llama-3 tokenizers in the tests.
     "test": ["pytest>=8", "pytest-timeout", "torch", "quicktok-v1", "tiktoken", "nbclient", "nbformat",
-             "ipykernel"],
-    "tpu": ["jax[tpu]>=0.10"],
+             "ipykernel", "gcsfs", "gcp-storage-emulator", "wandb"],
+    # gcsfs: gs:// workdirs (pods share no disk; tepo_jax/paths.py); wandb: config.log.wandb_project
+    "tpu": ["jax[tpu]>=0.10", "gcsfs>=2024.2"],
+    "gcs": ["gcsfs>=2024.2"],
+    "wandb": ["wandb>=0.17"],
     "gpu": ["jax[cuda12]>=0.10"],
 }
 

@@ -12,12 +12,12 @@ Command:  python -m tepo_jax.train --config=configs/tpu_v5p.py:qwen25_7b_grpo --
           python -m tepo_jax.train --config=configs/tpu_v5p.py:llama31_8b_grpo --config.model.hf_checkpoint=/path/to/Llama-3.1-8B-Instruct
           python -m tepo_jax.train --config=configs/tpu_v5p.py:llama31_8b_tepo_sparse --config.model.hf_checkpoint=/path/to/Llama-3.1-8B-Instruct
           python -m tepo_jax.train --config=configs/tpu_v5p.py:llama31_8b_tepo_dense --config.model.hf_checkpoint=/path/to/Llama-3.1-8B-Instruct
-Pod:      python launch/tpu.py up --name NAME --zone ZONE --accelerator-type v5p-64 --config configs/tpu_v5p.py:qwen25_7b_grpo
-          python launch/tpu.py up --name NAME --zone ZONE --accelerator-type v5p-64 --config configs/tpu_v5p.py:qwen25_7b_tepo_sparse
-          python launch/tpu.py up --name NAME --zone ZONE --accelerator-type v5p-64 --config configs/tpu_v5p.py:qwen25_7b_tepo_dense
-          python launch/tpu.py up --name NAME --zone ZONE --accelerator-type v5p-64 --config configs/tpu_v5p.py:llama31_8b_grpo
-          python launch/tpu.py up --name NAME --zone ZONE --accelerator-type v5p-64 --config configs/tpu_v5p.py:llama31_8b_tepo_sparse
-          python launch/tpu.py up --name NAME --zone ZONE --accelerator-type v5p-64 --config configs/tpu_v5p.py:llama31_8b_tepo_dense
+Pod:      python launch/tpu.py up --name NAME --zone ZONE --accelerator-type v5p-64 --config configs/tpu_v5p.py:qwen25_7b_grpo --workdir gs://BUCKET/runs/qwen25_7b_grpo
+          python launch/tpu.py up --name NAME --zone ZONE --accelerator-type v5p-64 --config configs/tpu_v5p.py:qwen25_7b_tepo_sparse --workdir gs://BUCKET/runs/qwen25_7b_tepo_sparse
+          python launch/tpu.py up --name NAME --zone ZONE --accelerator-type v5p-64 --config configs/tpu_v5p.py:qwen25_7b_tepo_dense --workdir gs://BUCKET/runs/qwen25_7b_tepo_dense
+          python launch/tpu.py up --name NAME --zone ZONE --accelerator-type v5p-64 --config configs/tpu_v5p.py:llama31_8b_grpo --workdir gs://BUCKET/runs/llama31_8b_grpo
+          python launch/tpu.py up --name NAME --zone ZONE --accelerator-type v5p-64 --config configs/tpu_v5p.py:llama31_8b_tepo_sparse --workdir gs://BUCKET/runs/llama31_8b_tepo_sparse
+          python launch/tpu.py up --name NAME --zone ZONE --accelerator-type v5p-64 --config configs/tpu_v5p.py:llama31_8b_tepo_dense --workdir gs://BUCKET/runs/llama31_8b_tepo_dense
           (create, install and start on every worker; then `logs`, `stop`, `delete` with
           `--run-name tpu_v5p_VARIANT`: docs/launch.md)
 Size:     tepo_jax size --config configs/tpu_v5p.py:qwen25_7b_grpo --model Qwen2.5-7B --devices 32 --device-kind tpu-v5p
@@ -34,9 +34,11 @@ Files:    the /path/to/ values are placeholders for files every worker can read 
           {"id", "title", "text"} (e.g. the 2018 Wikipedia passages Search-R1 uses), indexed with
           BM25 into <workdir>/search_index at the first start. Instead, tools.search_index names a
           prebuilt index, or tools.search_backend="remote" with tools.search_url a retrieval server.
-Workdir:  /mnt/shared/runs/VARIANT_v5p. Checkpoints are orbax multi-host saves, so workdir must be
-          one directory that every worker sees at the same path (an NFS/Filestore or gcsfuse
-          mount; gs:// URLs are not supported as workdir yet).
+Workdir:  gs://BUCKET/runs/VARIANT, given with `--workdir` (launch/tpu.py) or
+          `--config.workdir` (the default, gs://BUCKET/tepo_jax/VARIANT_v5p, names no real bucket).
+          The workers share no disk: checkpoints (orbax multi-host saves), metrics.jsonl,
+          TensorBoard, trajectories and sft_final go to the bucket, and a restarted job resumes
+          from it (docs/launch.md). A path every worker mounts (NFS/Filestore) works too.
 """
 from tepo_jax.config import defaults
 
@@ -49,7 +51,7 @@ VARIANTS = {f"{model}_{algo}": (checkpoint, algo) for model, checkpoint in CHECK
 def get_config(variant: str):
     checkpoint, advantage = VARIANTS[variant]
     c = defaults()
-    c.workdir = f"/mnt/shared/runs/{variant}_v5p"   # shared by all workers (Workdir above)
+    c.workdir = f"gs://BUCKET/tepo_jax/{variant}_v5p"   # a placeholder: --workdir gs://... (Workdir above)
     c.mode = "rl"
     c.model.hf_checkpoint = f"/path/to/{checkpoint}"
     c.model.dtype = "bfloat16"

@@ -3,7 +3,8 @@
 of create, setup, run). Every subcommand takes --dry-run and then prints the exact commands.
 
     python launch/tpu.py up --name my-v5p --zone Z --accelerator-type v5p-32 --spot \
-        --config configs/tpu_v5p.py:qwen25_7b_grpo -- --config.train.steps=1000
+        --config configs/tpu_v5p.py:qwen25_7b_grpo --workdir gs://my-bucket/runs/grpo \
+        -- --config.train.steps=1000
     python launch/tpu.py logs   --name my-v5p --zone Z --run-name tpu_v5p_qwen25_7b_grpo
     python launch/tpu.py stop   --name my-v5p --zone Z --run-name tpu_v5p_qwen25_7b_grpo
     python launch/tpu.py delete --name my-v5p --zone Z          # asks you to type the name
@@ -11,8 +12,10 @@ of create, setup, run). Every subcommand takes --dry-run and then prints the exa
 Every worker gets the same project copy (a tarball of this checkout, or a git clone) installed
 with `pip install -e .[tpu]` into `<remote-dir>/.venv`, and runs the same command
 (`--worker=all`) with `--distributed`: `jax.distributed.initialize()` then finds the other hosts
-from the TPU metadata. A run writes `<remote-dir>/logs/<run>.log` and `<run>.pid` on every
-worker. `stop` sends SIGINT (or --signal TERM): the driver finishes its step, checkpoints and
+from the TPU metadata. The workers of a slice share no filesystem: `--workdir gs://bucket/run`
+is where the run keeps checkpoints, metrics and traces (passed as `--config.workdir`; every
+worker reads and writes it; a restarted run resumes from it). A run writes
+`<remote-dir>/logs/<run>.log` and `<run>.pid` on every worker. `stop` sends SIGINT (or --signal TERM): the driver finishes its step, checkpoints and
 exits (code 130 / 143); `run` again resumes from that checkpoint.
 """
 from __future__ import annotations
@@ -137,12 +140,23 @@ def run_commands(args) -> list[list[str]]:
     name = run_name(args)
     env = ["env", *args.env] if args.env else []
     # --distributed: one JAX process per worker, joined through the TPU metadata.
+    workdir = [f"--config.workdir={args.workdir}"] if args.workdir else []
     train = [*env, ".venv/bin/python", "-m", args.module, f"--config={args.config}", "--distributed",
-             *args.overrides]
+             *workdir, *args.overrides]
     log, pid = shlex.quote(f"logs/{name}.log"), shlex.quote(f"logs/{name}.pid")
     remote = (f"cd {shlex.quote(args.remote_dir)} && mkdir -p logs && "
               f"nohup {shlex.join(train)} > {log} 2>&1 < /dev/null & echo $! > {pid}")
     return [ssh(args, remote)]
+
+
+def check_workdir(workdir: str | None) -> None:
+    """A workdir that is neither a URL nor absolute cannot be one place for every worker."""
+    if workdir is None:
+        print("note: no --workdir; the config's workdir is used. The workers of a multi-host slice "
+              "share no disk: give --workdir gs://BUCKET/RUN (or a path on a shared mount)", file=sys.stderr)
+    elif "://" not in workdir and not workdir.startswith("/"):
+        raise SystemExit(f"--workdir {workdir}: a relative path is a different directory on each worker; "
+                         "give gs://BUCKET/RUN (or an absolute path on a shared mount)")
 
 
 def do_run(args, runner: Runner) -> int:
@@ -246,6 +260,9 @@ def _run_flags(p):
                                                     "X or X_VARIANT)")
     p.add_argument("--module", default="tepo_jax.train", help="python -m MODULE; it gets --distributed "
                                                               "(tepo_jax.train accepts it)")
+    p.add_argument("--workdir", default=None, metavar="gs://BUCKET/RUN",
+                   help="the run's workdir, shared by all workers: a gs:// URL (the workers share no "
+                        "disk), or a path on a shared mount; default: the config's")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for the driver")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then --config.field=value ...")
 
@@ -298,6 +315,7 @@ def main(argv=None) -> int:
             setattr(args, field, value[1:])
     if getattr(args, "config", None):
         check_config(args.config, REPO_DIR)  # before a slice is created for a config that cannot start
+        check_workdir(args.workdir)
     return args.func(args, Runner(args.dry_run))
 
 

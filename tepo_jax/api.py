@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
 
+from tepo_jax import paths
 from tepo_jax.config import defaults
 from tepo_jax.data.loading import EVAL_SPLITS, TRAIN_SPLITS, read_examples
 from tepo_jax.plugins import PluginError, UserParts, as_examples, as_reward, as_tool
@@ -52,7 +53,7 @@ class Trainer:
         if data is None:
             return None, {}
         if isinstance(data, (str, os.PathLike)):
-            if not os.path.exists(data):
+            if not paths.as_path(data).exists():  # a local path or a URL (gs://...)
                 raise PluginError(f"{where}: {os.fspath(data)!r} does not exist")
             if self.config.data.task not in ("math", "qa"):
                 raise PluginError(f"{where}: a file is read as config.data.task says; set it to 'math' or "

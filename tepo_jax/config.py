@@ -32,7 +32,7 @@ def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.mode = "sft_then_rl"            # sft | rl | sft_then_rl
-    c.workdir = "runs/default"        # checkpoints, metrics, trajectories, plots
+    c.workdir = "runs/default"        # checkpoints, metrics, trajectories, plots; or gs://bucket/run
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = ""               # an HF model name, e.g. "Qwen2.5-0.5B" (random init)
@@ -165,6 +165,12 @@ def defaults() -> ml_collections.ConfigDict:
     # Keyed by the program, the compile options and the backend; "" turns it off. Keep it on a
     # local disk per machine type: a cache shared between different CPUs may not fit them all.
     c.train.compilation_cache_dir = "~/.cache/tepo_jax/xla"
+
+    # Run outputs besides metrics.jsonl (tepo_jax/runlog.py). W&B: "" off; a project name logs
+    # every metrics row there too, from process 0, one W&B run per workdir across resumes.
+    c.log = ml_collections.ConfigDict()
+    c.log.tensorboard = True
+    c.log.wandb_project = ""
 
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 100

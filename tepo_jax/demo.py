@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from tepo_jax import paths
 from tepo_jax.analysis import compare, pilot
 from tepo_jax.analysis.plots import plot_dh_by_class, plot_training_curves
 from tepo_jax.config import ADVANTAGES
@@ -171,7 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--rl-steps", type=int, default=None, help="default: configs/demo_cpu.py")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    workdir = Path(args.workdir)
+    workdir = paths.as_path(args.workdir)  # a local path or gs://bucket/demo
     result = run_demo(workdir, args.seed, args.sft_steps, args.rl_steps,
                       log=lambda m: print(m, flush=True))
     print("\n" + results_markdown(result))

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from tepo_jax import experiment, policy
+from tepo_jax import experiment, paths, policy
 from tepo_jax.checkpoints.hf import load_hf
 from tepo_jax.checkpoints.train_state import RunCheckpointer, abstract_like
 from tepo_jax.cli import parse_config_flags
@@ -41,7 +40,8 @@ _TOKENIZER_FILES = (  # the files tepo_jax.tokenizer.load_tokenizer looks for
 def checkpoint_kind(checkpoint: str) -> str:
     """'hf' (a directory with config.json) or 'orbax' (a directory of numbered step dirs);
     anything else is a FileNotFoundError, raised before anything is built."""
-    path = Path(checkpoint)
+    paths.check_store(checkpoint)   # gs://: gcsfs installed, the bucket there (one line if not)
+    path = paths.as_path(checkpoint)
     if not path.is_dir():
         raise FileNotFoundError(f"--checkpoint={checkpoint}: no such directory")
     if (path / "config.json").is_file():
@@ -53,7 +53,7 @@ def checkpoint_kind(checkpoint: str) -> str:
                             f"nor orbax step directories{hint}")
 
 
-def check_vocab(model_vocab: int, tokenizer, checkpoint: Path) -> None:
+def check_vocab(model_vocab: int, tokenizer, checkpoint) -> None:
     """The config's tokenizer fits the model, and equals the checkpoint's own tokenizer if
     the checkpoint carries one. ValueError (one line) otherwise."""
     if len(tokenizer) > model_vocab:
@@ -73,15 +73,15 @@ def check_vocab(model_vocab: int, tokenizer, checkpoint: Path) -> None:
 
 def load_policy(config, checkpoint: str, mesh, tokenizer):
     """The policy at `checkpoint`: an HF directory, or the latest orbax step of a run."""
-    path = Path(checkpoint)
+    path = paths.as_path(checkpoint)
     if checkpoint_kind(checkpoint) == HF:
-        model = load_hf(str(path), mesh=mesh)
+        model = load_hf(path, mesh=mesh)
         check_vocab(model.cfg.vocab_size, tokenizer, path)
         return model
     model = policy.build_model(config, mesh, tokenizer)
     optimizer = build_optimizer(OptimConfig.for_rl(config))
     model_def, state, _ = create_train_state(model, optimizer, mesh)
-    restored = RunCheckpointer(str(path), keep=config.train.keep_checkpoints).restore_latest(abstract_like(state))
+    restored = RunCheckpointer(path, keep=config.train.keep_checkpoints).restore_latest(abstract_like(state))
     if restored is None:
         raise FileNotFoundError(f"--checkpoint={checkpoint}: no readable orbax checkpoint")
     return model_def.merge(restored[1].params)
@@ -102,7 +102,7 @@ def evaluate(config, checkpoint: str, *, samples: int = 0, split: str = "eval", 
         agent = experiment.make_agent(config, model, exp, min(64, len(examples) * max(samples, 1)))
         trajs = agent.run(examples, seed=config.seed, group_size=max(samples, 1), greedy=samples == 0)
         metrics = rl_loop.eval_metrics(trajs)
-        out_dir = Path(out or Path(config.workdir) / "evaluate")
+        out_dir = paths.as_path(out or paths.as_path(config.workdir) / "evaluate")
         out_dir.mkdir(parents=True, exist_ok=True)
         traj_lib.write_jsonl(out_dir / "trajectories.jsonl", trajs)
         (out_dir / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=1))

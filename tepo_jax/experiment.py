@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Optional
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
+from tepo_jax import paths
 from tepo_jax.data.function_calling import FUNCTION_CALLING
 from tepo_jax.data.loading import examples_from_config, functions_from_config
 from tepo_jax.models.decoder import BATCH_AXES
@@ -40,7 +41,7 @@ from tepo_jax.tools.from_config import bridge_from_config, call_format, enabled_
 @dataclasses.dataclass
 class Experiment:
     config: ml_collections.ConfigDict
-    workdir: Path
+    workdir: epath.Path             # a local path or a URL (gs://bucket/run): tepo_jax/paths.py
     mesh: jax.sharding.Mesh
     tokenizer: object
     fmt: CallFormat                 # ToolFormat, or JsonCallFormat for function_calling
@@ -68,7 +69,8 @@ def setup(config, parts: Optional[UserParts] = None) -> Experiment:
     import path and replace the config's data when given."""
     parts = merge(parts_from_config(config), parts)
     enable_compilation_cache(config.train.get("compilation_cache_dir", ""))
-    workdir = Path(config.workdir)
+    paths.check_store(config.workdir)   # gs://: gcsfs installed, the bucket there (one line if not)
+    workdir = paths.as_path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
     if parts.train_examples is not None:

@@ -4,20 +4,35 @@ Only process 0 writes (multi-host runs call this on every host; the others get n
 `metrics.jsonl` holds one object per line: {"step", "phase", ...metric: float}; the notebooks
 and the demo's plot read it. A checkpoint records how many rows were written (`rows`); a run
 resumed from it cuts the file back to that many (`truncate`), so rows logged after the
-checkpoint by the interrupted attempt are not doubled when the resumed run logs them again. Trajectories go to `trajectories/<phase>_<step>.jsonl` in the
-schema of docs/trajectory_schema.md.
+checkpoint by the interrupted attempt are not doubled when the resumed run logs them again.
+Trajectories go to `trajectories/<phase>_<step>.jsonl` in the schema of
+docs/trajectory_schema.md.
+
+The workdir may be a URL (`gs://bucket/run`, tepo_jax/paths.py). Locally a row is appended
+to metrics.jsonl; an object store has no append, so there the file is rewritten whole at each
+row, one upload, which a kill leaves either before or after that row (never a torn file).
+The cost is the file's size per row (a few MB after thousands of steps, once per step).
+TensorBoard events: tensorboardX writes them to a local directory, and on a store each flush
+uploads the events file whole (one upload, as metrics.jsonl).
+Weights & Biases (`config.log.wandb_project`) gets the same rows, from process 0, in one W&B
+run per workdir: its id is stored in `wandb_run_id` there, so a resumed run continues it.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from pathlib import Path
-from typing import Mapping, Optional, Sequence
+import secrets
+import shutil
+import tempfile
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
+from etils import epath
 from tqdm.auto import tqdm
 
+from tepo_jax import paths
+from tepo_jax.errors import ConfigError
 from tepo_jax.rollout import trajectory as traj_lib
 
 
@@ -30,19 +45,23 @@ def _clean(metrics: Mapping[str, float]) -> dict:
 
 
 class RunLog:
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True, wandb_project: str = "",
+                 wandb_config: Optional[dict] = None):
+        self.workdir = paths.as_path(workdir)
         self.enabled = jax.process_index() == 0
-        self._tb = None
-        self.rows = len(self._read_lines())  # rows in metrics.jsonl (process 0; 0 elsewhere)
+        self._rewrite = paths.is_remote(self.workdir)  # an object store: no append (module doc)
+        self._tb = self._wandb = None
+        self._lines = self._read_lines()
+        self.rows = len(self._lines)  # rows in metrics.jsonl (process 0; 0 elsewhere)
         if self.enabled:
             (self.workdir / "trajectories").mkdir(parents=True, exist_ok=True)
             if tensorboard:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+                self._tb = TensorBoard(self.workdir / "tensorboard")
+            if wandb_project:
+                self._wandb = open_wandb(self.workdir, wandb_project, wandb_config)
 
     @property
-    def metrics_path(self) -> Path:
+    def metrics_path(self) -> epath.Path:
         return self.workdir / "metrics.jsonl"
 
     def _read_lines(self) -> list[str]:
@@ -54,14 +73,22 @@ class RunLog:
         if not self.enabled:
             return
         row = {"step": int(step), "phase": phase, **_clean(metrics)}
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        self.rows += 1
+        line = json.dumps(row)
+        self._lines.append(line)
+        if self._rewrite:
+            paths.write_atomic(self.metrics_path, "".join(x + "\n" for x in self._lines))
+        else:
+            with self.metrics_path.open("a") as f:
+                f.write(line + "\n")
+        values = {f"{phase}/{k}": v for k, v in row.items() if k not in ("step", "phase") and v is not None}
         if self._tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "phase") and v is not None:
-                    self._tb.add_scalar(f"{phase}/{k}", v, step)
-            self._tb.flush()
+            self._tb.write(values, step)
+        if self._wandb is not None:
+            # W&B's step must grow, and rows of several phases share a step number: W&B's
+            # step is the row's index in metrics.jsonl, the run's step a field. A resumed run
+            # logs the rows after its checkpoint again under the same W&B steps.
+            self._wandb.log({**values, f"{phase}/step": int(step)}, step=self.rows)
+        self.rows += 1
 
     def last_row(self, phase: str) -> dict:
         """The metrics of the last logged row of `phase` ({} if none), without step/phase."""
@@ -76,10 +103,10 @@ class RunLog:
         lines = self._read_lines()
         if rows is None or len(lines) <= rows:
             return
-        self.metrics_path.write_text("".join(line + "\n" for line in lines[:rows]))
-        self.rows = rows
+        paths.write_atomic(self.metrics_path, "".join(line + "\n" for line in lines[:rows]))
+        self._lines, self.rows = lines[:rows], rows
 
-    def save_trajectories(self, name: str, trajs: Sequence) -> Optional[Path]:
+    def save_trajectories(self, name: str, trajs: Sequence) -> Optional[epath.Path]:
         if not self.enabled:
             return None
         path = self.workdir / "trajectories" / f"{name}.jsonl"
@@ -93,3 +120,55 @@ class RunLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class TensorBoard:
+    """tensorboardX's SummaryWriter into `logdir`; on a store (gs://...) it writes a local
+    directory whose files are uploaded at each flush (tensorboardX's own gs:// writer would
+    need google-cloud-storage credentials of its own, and uploads again when collected)."""
+
+    def __init__(self, logdir: epath.Path):
+        from tensorboardX import SummaryWriter
+
+        self.remote = logdir if paths.is_remote(logdir) else None
+        self.local = tempfile.mkdtemp(prefix="tepo_jax-tb-") if self.remote else os.fspath(logdir)
+        self.writer = SummaryWriter(self.local)
+
+    def write(self, values: Mapping[str, float], step: int) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+        self._upload()
+
+    def _upload(self) -> None:
+        if self.remote is not None:
+            for name in os.listdir(self.local):
+                paths.copy_file(os.path.join(self.local, name), self.remote / name)
+
+    def close(self) -> None:
+        self.writer.close()
+        self._upload()
+        if self.remote is not None:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def open_wandb(workdir: epath.Path, project: str, config: Optional[dict]) -> Any:
+    """The workdir's W&B run: the id in `workdir/wandb_run_id` (written by the first attempt),
+    resumed, so every attempt of a run logs into one W&B run. wandb is imported only here."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("config.log.wandb_project is set but wandb is not installed "
+                              "(pip install wandb)") from None
+    id_file = workdir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
+    if not id_file.exists():
+        paths.write_atomic(id_file, run_id + "\n")
+    # W&B's own files (offline runs, logs) stay local: the workdir may be a bucket.
+    return wandb.init(project=project, id=run_id, resume="allow", config=config,
+                      name=os.path.basename(os.fspath(workdir).rstrip("/")) or None)

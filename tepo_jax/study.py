@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from tepo_jax import demo
+from tepo_jax import demo, paths
 from tepo_jax.analysis.compare import RolloutSummary, RunSummary
 from tepo_jax.analysis.stats import t_interval
 
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     if args.seeds < 1:
         raise SystemExit("error: --seeds must be >= 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    workdir, t0 = Path(args.workdir), time.time()
+    workdir, t0 = paths.as_path(args.workdir), time.time()  # local or gs://...
     results = {s: seed_result(workdir, s, args.sft_steps, args.rl_steps) for s in range(args.seeds)}
     table = study_table({s: (r.summaries, r.rollout_rows) for s, r in results.items()})
     header = (f"## {args.seeds} seed(s), {results[0].summaries[0].n_questions} held-out questions each "

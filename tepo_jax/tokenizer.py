@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tepo_jax import paths
 from tepo_jax.builtin_tokenizers import cached_tokenizer_dir
 from tepo_jax.tiny_tokenizer import build_tiny_fc_tokenizer, build_tiny_tokenizer
 
@@ -22,7 +23,13 @@ class TokenizerLoadError(ValueError):
 
 
 def load_tokenizer(path: str | Path, **kwargs: Any):
-    """Loads an HF tokenizer directory (tokenizer.json / tokenizer_config.json) offline."""
+    """Loads an HF tokenizer directory (tokenizer.json / tokenizer_config.json) offline; a
+    remote one (gs://...) from a local copy, since transformers reads local files only."""
+    if paths.is_remote(path):
+        if not paths.as_path(path).is_dir():
+            raise TokenizerLoadError(f"tokenizer directory not found: {str(path)!r}")
+        with paths.local_copy(path) as local:
+            return load_tokenizer(local, **kwargs)
     p = Path(path)
     if not p.is_dir():
         raise TokenizerLoadError(f"tokenizer directory not found: {str(p)!r}")
@@ -59,12 +66,13 @@ def tokenizer_from_config(config, training_texts: Callable[[], Sequence[str]], *
         return load_tokenizer(config.tokenizer.path)
     if not config.model.tiny:
         return load_tokenizer(cached_tokenizer_dir(BUILTIN_TOKENIZERS[config.tokenizer.builtin]))
-    out = Path(config.workdir) / ("tokenizer_fc" if function_calling else "tokenizer")
+    out = paths.as_path(config.workdir) / ("tokenizer_fc" if function_calling else "tokenizer")
     if not (out / "tokenizer.json").exists():
-        if function_calling:
-            build_tiny_fc_tokenizer(training_texts(), out, entities=entities)
-        else:
-            build_tiny_tokenizer(training_texts(), out, word_split=False, number_tokens=TINY_NUMBER_TOKENS)
+        with paths.staged(out) as local:
+            if function_calling:
+                build_tiny_fc_tokenizer(training_texts(), local, entities=entities)
+            else:
+                build_tiny_tokenizer(training_texts(), local, word_split=False, number_tokens=TINY_NUMBER_TOKENS)
     return load_tokenizer(out)
 
 

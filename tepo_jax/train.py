@@ -37,7 +37,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from tepo_jax import experiment, hostmem, multihost, policy
+from tepo_jax import experiment, hostmem, multihost, paths, policy
+from tepo_jax.paths import PathError
 from tepo_jax.checkpoints.hf import CheckpointError, load_hf, save_hf
 from tepo_jax.checkpoints.safetensors_io import SafetensorsFormatError
 from tepo_jax.checkpoints.train_state import PreemptionFlag, RunCheckpointer, abstract_like
@@ -65,7 +66,7 @@ from tepo_jax.tools import SandboxUnavailable
 log = logging.getLogger("tepo_jax.train")
 # Errors about the user's inputs (config, files, hardware): one line, no traceback.
 USER_ERRORS = (ConfigError, CheckpointError, SafetensorsFormatError, UnsupportedConfigError, TokenizerLoadError,
-               JsonlError, DataSourceError, MemoryBudgetError, SandboxUnavailable)
+               JsonlError, DataSourceError, MemoryBudgetError, SandboxUnavailable, PathError)
 
 
 class Preempted(Exception):
@@ -109,8 +110,9 @@ class Run:
         self.exp = self._open(self._setup(c, self.parts), "close")
         self.mesh = self.exp.mesh
         self.check_memory()
-        self.log = self._open(RunLog(self.exp.workdir), "close")
-        self.ckpt = self._open(RunCheckpointer(str(self.exp.workdir / "checkpoints"), keep=c.train.keep_checkpoints),
+        self.log = self._open(RunLog(self.exp.workdir, tensorboard=c.log.tensorboard,
+                                     wandb_project=c.log.wandb_project, wandb_config=c.to_dict()), "close")
+        self.ckpt = self._open(RunCheckpointer(self.exp.workdir / "checkpoints", keep=c.train.keep_checkpoints),
                                "close")
         self.preempt = self._open(PreemptionFlag().install(), "uninstall")
         self.model = policy.build_model(c, self.mesh, self.exp.tokenizer)
@@ -229,14 +231,15 @@ class Run:
     def export(self, model_def, params, path) -> None:
         """The policy as an HF checkpoint (+ tokenizer): loadable by transformers and by us.
         Every process calls it (save_hf gathers the arrays); process 0 writes."""
-        save_hf(model_def.merge(params), str(path))
+        save_hf(model_def.merge(params), path)
         if jax.process_index() == 0:
-            self.exp.tokenizer.save_pretrained(str(path))
+            with paths.staged(path) as local:  # transformers writes local files; gs:// gets a copy
+                self.exp.tokenizer.save_pretrained(local)
 
     def reference_params(self, model_def):
         """The frozen KL reference: the policy RL started from, rebuilt the same way on resume."""
         if self.config.mode == "sft_then_rl":
-            model = load_hf(str(self.exp.workdir / "sft_final"), mesh=self.mesh)
+            model = load_hf(self.exp.workdir / "sft_final", mesh=self.mesh)
         else:
             model = self.model
         return split_model(model)[1]

@@ -24,3 +24,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def learning_run(tmp_path_factory):
+    """test_train_driver.LEARNING run uninterrupted on local disk: the reference of the kill -9
+    tests in tests/test_train_driver.py and tests/test_gcs.py, run once per session."""
+    import subprocess
+
+    from test_train_driver import LEARNING, ROOT, env, train_cmd
+
+    straight = tmp_path_factory.mktemp("learning") / "straight"
+    subprocess.run(train_cmd(straight, *LEARNING), cwd=ROOT, env=env(), check=True, capture_output=True)
+    return straight

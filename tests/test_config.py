@@ -151,7 +151,8 @@ def _own(workdir, checkpoint, advantage=None):
 
 OLD_FILES = {  # deleted file: (the config that replaces it, the family's fields, the file's own)
     **{f"{model}_{adv}_v5p.py": (f"configs/tpu_v5p.py:{model}_{adv}", OLD_POD,
-                                 _own(f"/mnt/shared/runs/{model}_{adv}_v5p", checkpoint, adv))
+                                 # workdir: a shared mount before gs:// workdirs (issue 17)
+                                 _own(f"gs://BUCKET/tepo_jax/{model}_{adv}_v5p", checkpoint, adv))
        for model, checkpoint in (("qwen25_7b", "Qwen2.5-7B-Instruct"), ("llama31_8b", "Llama-3.1-8B-Instruct"))
        for adv in ("grpo", "tepo_sparse", "tepo_dense")},
     "gpu_qwen25_0p5b.py": ("configs/gpu_qwen25.py:0p5b", OLD_GPU,
@@ -217,7 +218,7 @@ def test_config_flag_takes_a_variant_with_overrides_on_top(monkeypatch):
     monkeypatch.chdir(ROOT)
     c = parse_config_flag(["--config=configs/tpu_v5p.py:llama31_8b_grpo", "--config.train.steps=3",
                            "--config.algo.advantage=tepo_dense"])
-    assert (c.train.steps, c.algo.advantage, c.workdir) == (3, "tepo_dense", "/mnt/shared/runs/llama31_8b_grpo_v5p")
+    assert (c.train.steps, c.algo.advantage, c.workdir) == (3, "tepo_dense", "gs://BUCKET/tepo_jax/llama31_8b_grpo_v5p")
     assert c.model.hf_checkpoint == "/path/to/Llama-3.1-8B-Instruct"
 
 

@@ -108,6 +108,18 @@ def test_tpu_run_passes_a_config_variant_and_names_the_run_after_it(capsys, monk
     assert "logs/elsewhere_a_1_b_2.log" in shlex.split(flag(cmd, "--command"))
 
 
+def test_tpu_run_gives_the_workers_a_gcs_workdir(capsys):
+    (cmd,) = dry(tpu, ["run", *LOC, "--config", "configs/x.py", "--workdir", "gs://bkt/runs/a b", "--",
+                       "--config.train.steps=3"], capsys)
+    words = shlex.split(flag(cmd, "--command"))
+    # the dry run prints it; it comes before the user's overrides, which may still change it
+    assert words[words.index("--distributed") + 1:][:2] == ["--config.workdir=gs://bkt/runs/a b",
+                                                           "--config.train.steps=3"]
+    dry(tpu, ["run", *LOC, "--config", "configs/x.py"], capsys)
+    with pytest.raises(SystemExit, match="a relative path is a different directory on each worker"):
+        tpu.main(["run", *LOC, "--config", "configs/x.py", "--workdir", "runs/a", "--dry-run"])
+
+
 @pytest.mark.parametrize("argv", [
     ["up", *LOC, "--accelerator-type", "v5p-64", "--config", "configs/tpu_v5p.py:qwen25_7b_ppo"],
     ["run", *LOC, "--config", "configs/tpu_v5p.py"],

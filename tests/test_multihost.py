@@ -5,7 +5,8 @@ each process rolls out its half of every step's prompts on its own 2-device samp
 processes train one model on the global 4-device mesh, the same global mesh as the
 single-process run. Compared: final params (float32 rounding of the cross-process reductions:
 ~1e-7), step and RNG (exact), every logged metric of both phases, and every trajectory file
-(identical token ids, kinds, rewards; logprobs and entropies to float tolerance).
+(identical token ids, kinds, rewards; logprobs and entropies to float tolerance). The
+2-process run writes to one gs:// workdir on a local GCS emulator, as a pod's workers do.
 
 Not bit-exact: the gradient all-reduce over 2 processes (gloo) sums in another order than
 over 4 devices of one process (SFT step 1 nll: 6.9075212 vs 6.9075208). A pure-RL run of this
@@ -15,13 +16,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tepo_jax import paths
+from tepo_jax.testing.gcs import forget_listings
 from test_train_driver import ROOT, TINY_RL
 
 # SFT (2 steps, real gradients) then RL (2 steps) with the KL term, so that the SFT export,
@@ -43,8 +45,10 @@ def _run(cmd, env, what):
     return out
 
 
-def _final_state(workdir: Path):
-    """The newest checkpoint's state as numpy (restored onto this process's one device)."""
+def _final_state(workdir):
+    """The newest checkpoint's state as numpy (restored onto this process's one device);
+    `workdir` may be gs://... (as in every helper here)."""
+    workdir = paths.as_path(workdir)
     step = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     path = workdir / "checkpoints" / str(step) / "state"
     ckpt = ocp.StandardCheckpointer()
@@ -55,17 +59,37 @@ def _final_state(workdir: Path):
     return step, jax.tree.map(np.asarray, ckpt.restore(path, abstract))
 
 
-def _metrics(workdir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+def _metrics(workdir) -> list[dict]:
+    rows = [json.loads(x) for x in (paths.as_path(workdir) / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
 
+@pytest.fixture
+def gcs_bucket():
+    """A bucket on a local GCS emulator (tepo_jax/testing/gcs.py), this process pointed at it."""
+    from tepo_jax.testing.gcs import GcsEmulator
+
+    with GcsEmulator() as gcs:
+        old = gcs.apply()
+        try:
+            yield gcs.create_bucket("multi"), gcs.env
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_process(tmp_path):
-    multi, single = tmp_path / "multi", tmp_path / "single"
+def test_two_processes_equal_one_process(tmp_path, gcs_bucket):
+    # The 2 processes share one gs:// workdir, as the workers of a TPU slice do; the 1-process
+    # run writes to local disk. Checkpoints (orbax, collectively), metrics, trajectories and
+    # the SFT export go to the bucket.
+    bucket, gcs_env = gcs_bucket
+    multi, single = f"{bucket}/run", tmp_path / "single"
     _run([sys.executable, "launch/local.py", "--num-processes", "2", "--devices-per-process", "2",
           "--port", "0", "--timeout", "800", "--", "--config=configs/demo_cpu.py",
-          f"--config.workdir={multi}", *CONFIG], _env(1), "2-process run")
+          f"--config.workdir={multi}", *CONFIG], dict(_env(1), **gcs_env), "2-process run")
+    forget_listings()
+    assert (paths.as_path(multi) / "sft_final" / "model.safetensors").exists()
     _run([sys.executable, "-m", "tepo_jax.train", "--config=configs/demo_cpu.py", f"--config.workdir={single}",
           *CONFIG], _env(4), "1-process run")
 
@@ -92,11 +116,11 @@ def test_two_processes_equal_one_process(tmp_path):
     sft_nll = [r["sft/nll"] for r in rows_m if r["phase"] == "sft"]
     assert len(sft_nll) == 2 and sft_nll[0] > 0  # real gradients went through the 2-process step
 
-    files_m = sorted(p.name for p in (multi / "trajectories").iterdir())
+    files_m = sorted(p.name for p in (paths.as_path(multi) / "trajectories").iterdir())
     files_s = sorted(p.name for p in (single / "trajectories").iterdir())
     assert files_m == files_s and any(f.startswith("rl_") for f in files_m)
     for name in files_m:  # process 0 writes the gathered global batch, in single-process order
-        tm, ts = _trajectories(multi / "trajectories" / name), _trajectories(single / "trajectories" / name)
+        tm, ts = _trajectories(paths.as_path(multi) / "trajectories" / name), _trajectories(single / "trajectories" / name)
         assert len(tm) == len(ts) > 0
         for a, b in zip(tm, ts):
             for k in ("logprobs", "entropies"):
@@ -104,7 +128,7 @@ def test_two_processes_equal_one_process(tmp_path):
             assert a == b, name  # token ids, kinds, tool calls, group ids, rewards
 
 
-def _trajectories(path: Path) -> list[dict]:
+def _trajectories(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

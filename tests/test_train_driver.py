@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tepo_jax import paths
 from tepo_jax.checkpoints.train_state import PreemptionFlag, RunCheckpointer, abstract_like
 from tepo_jax.runlog import RunLog
 
@@ -57,8 +58,9 @@ def env():
 
 
 def final_state(workdir):
-    """(step, [(path, array)]) of the newest checkpoint: params, opt_state, step, rng."""
-    mngr = ocp.CheckpointManager(str(Path(workdir) / "checkpoints"))
+    """(step, [(path, array)]) of the newest checkpoint: params, opt_state, step, rng.
+    `workdir` may be a URL (gs://...), as every helper here."""
+    mngr = ocp.CheckpointManager(paths.absolute(workdir) / "checkpoints")
     step = mngr.latest_step()
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     leaves = jax.tree_util.tree_flatten_with_path(restored["state"])[0]
@@ -67,13 +69,13 @@ def final_state(workdir):
 
 def metric_rows(workdir) -> list[dict]:
     """Every row of metrics.jsonl in file order (duplicates kept), without wall times."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = paths.as_path(workdir) / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in lines if x.strip()]
 
 
 def checkpoint_steps(workdir) -> list[int]:
-    d = Path(workdir) / "checkpoints"
+    d = paths.as_path(workdir) / "checkpoints"
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
@@ -102,9 +104,8 @@ def assert_training_moves(rows, stopped_at):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_sft_and_sigterm_mid_rl_then_resume_equal_uninterrupted(tmp_path):
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    subprocess.run(train_cmd(straight, *LEARNING), cwd=ROOT, env=env(), check=True, capture_output=True)
+def test_sigkill_mid_sft_and_sigterm_mid_rl_then_resume_equal_uninterrupted(tmp_path, learning_run):
+    straight, broken = learning_run, tmp_path / "broken"
 
     # 1. SIGKILL mid-SFT, once a row past checkpoint 20 is logged: no chance to save anything.
     proc = start(broken)

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from tepo_jax.data.prompts import system_prompt, to_messages
+from tepo_jax.paths import as_path
 from tepo_jax.data.synthetic import make_big_arithmetic, make_multihop, reference_solution
 from tepo_jax.rewards import compute_reward
 from tepo_jax.rl.loop import eval_metrics
@@ -110,7 +111,7 @@ def write_run(run_dir: str | Path, trajs: Sequence[Trajectory], steps: int = 3,
     eval_000000.jsonl, rl_000001.jsonl ... rl_<steps>.jsonl (the same prompts with fresh
     entropies each step), eval_<steps>.jsonl, and metrics.jsonl with the 'rl' rows of
     `tepo_step_metrics` and the 'eval' rows of `eval_metrics` (keys `eval/...`)."""
-    run = Path(run_dir)
+    run = as_path(run_dir)
     rng = np.random.default_rng(seed)
     (run / "metrics.jsonl").unlink(missing_ok=True)    # RunLog appends; a rewrite starts afresh
     log = RunLog(run, tensorboard=False)

@@ -41,6 +41,7 @@ from tepo_jax.analysis.quality import (  # noqa: F401  (re-exported: the pilot's
 from tepo_jax.analysis.stats import (bootstrap_ci, bootstrap_mean_ci, fisher_ci,  # noqa: F401
                                      fisher_p_value, pearson)
 from tepo_jax.data.jsonl import read_records
+from tepo_jax.paths import as_path
 from tepo_jax.importpath import ImportPathError, import_object
 from tepo_jax.rollout.trajectory import Trajectory, read_jsonl
 from tepo_jax.tokenizer import load_tokenizer
@@ -242,7 +243,7 @@ def trajectory_files(path: str | Path, last: int | None = None,
     `last` keeps only the last N files."""
     if phase not in PHASES + (None,):
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    p = Path(path)
+    p = as_path(path)   # a local path or a URL (gs://bucket/run/trajectories)
     if p.is_dir():
         pattern = "*.jsonl" if phase in (None, "all") else f"{phase}_*.jsonl"
         files = sorted(p.glob(pattern))
@@ -333,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         out = {"report": rep.to_dict(), "labels": [_nan_to_none(dataclasses.asdict(lb))
                                                    for lb in labels]}
-        Path(args.json).write_text(json.dumps(out, indent=1, allow_nan=False))
+        as_path(args.json).write_text(json.dumps(out, indent=1, allow_nan=False))
     return 0
 
 

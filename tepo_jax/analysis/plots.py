@@ -11,7 +11,6 @@ import io
 import math
 import os
 from collections import defaultdict
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -19,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from tepo_jax import paths
 from tepo_jax.analysis.traces import (entropy_trace, metric_series, read_metrics, smooth,
                                       EntropyTrace)
 from tepo_jax.rollout.trajectory import Trajectory
@@ -44,10 +44,11 @@ def new_figure(width: float = 10, height: float = 4, nrows: int = 1, ncols: int 
     return fig, axes
 
 
-def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
-    path = Path(path)
+def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 110):
+    """Write the figure as a PNG to `path` (a local path or a URL, e.g. gs://.../plot.png)."""
+    path = paths.as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
+    path.write_bytes(figure_png(fig, dpi))
     return path
 
 

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from tepo_jax import paths
 from tepo_jax.rollout.trajectory import (MODEL_KINDS, TokenKind, Trajectory, entropy_deltas,
                                          segment_entropies, segment_mask)
 
@@ -95,7 +96,7 @@ def read_metrics(path: str | os.PathLike, phase: str | None = "rl") -> list[dict
     """Rows of a metrics.jsonl (of `phase`, or all when None), in file order. Rows without a
     phase count as 'rl'. A malformed line is an error naming file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with paths.as_path(path).open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -137,7 +138,9 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 def resolve_path(path: str | os.PathLike) -> Path:
     """`path` as given when it exists, else relative to the repository root (notebooks run
-    with notebooks/ as their working directory), else as given."""
+    with notebooks/ as their working directory), else as given; a URL (gs://...) as given."""
+    if paths.is_remote(path):
+        return paths.as_path(path)
     p = Path(path).expanduser()
     if p.exists() or p.is_absolute():
         return p

@@ -11,6 +11,10 @@ Loading goes in one fixed order:
   6. merge into the module.
 Export reads the same table backwards. Missing, unexpected or misshaped tensors are a
 `CheckpointError` naming the tensor and the file.
+
+A checkpoint directory may be a URL (gs://bucket/run/sft_final): the shards are memory-mapped,
+so a remote one is read from a local copy, and one is written into a local directory that is
+then uploaded (tepo_jax/paths.py).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from tepo_jax import paths
 from tepo_jax.checkpoints.name_map import Rule, name_map
 from tepo_jax.checkpoints.safetensors_io import (SafetensorsFormatError, SafetensorsReader,
                                                  shard_groups, write_safetensors)
@@ -45,10 +50,9 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------- config
 
 
-def _read_json(file: str) -> dict:
+def _read_json(file) -> dict:
     try:
-        with open(file) as f:
-            return json.load(f)
+        return json.loads(paths.as_path(file).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{file}: not found") from None
     except (OSError, json.JSONDecodeError) as e:
@@ -57,14 +61,14 @@ def _read_json(file: str) -> dict:
 
 def _check_dir(path) -> str:
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    if not paths.as_path(path).is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     return path
 
 
 def load_hf_config(path, *, dtype=None, param_dtype=None) -> ModelConfig:
     """ModelConfig from `path/config.json` (old `rope_scaling`/`torch_dtype` or new form)."""
-    file = os.path.join(_check_dir(path), CONFIG_FILE)
+    file = paths.as_path(_check_dir(path)) / CONFIG_FILE
     try:
         return from_hf_config(_read_json(file), dtype=dtype, param_dtype=param_dtype)
     except UnsupportedConfigError as e:
@@ -159,6 +163,9 @@ def load_hf(path, *, mesh: Optional[Mesh] = None, dtype=None, param_dtype=None,
     each parameter is placed on the mesh's sharding for it (and activations are constrained).
     """
     path = _check_dir(path)
+    if paths.is_remote(path):  # the shards are memory-mapped: read a local copy
+        with paths.local_copy(path) as local:
+            return load_hf(local, mesh=mesh, dtype=dtype, param_dtype=param_dtype, remat=remat)
     cfg = load_hf_config(path, dtype=dtype, param_dtype=param_dtype)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), mesh=mesh, remat=remat))
     graphdef, abstract_state = nnx.split(abstract)
@@ -220,11 +227,17 @@ def save_hf(model: Decoder, path, *, dtype=None, max_shard_bytes: int = DEFAULT_
         tensors[rule.hf_name] = np.ascontiguousarray(rule.kind.to_hf(value))
     if jax.process_index() != 0:
         return
-    os.makedirs(path, exist_ok=True)
+    _remove_stale(path)
+    with paths.staged(path) as local:  # a remote path: written locally, then uploaded
+        _write_files(local, cfg, rules, tensors, out_dtype, max_shard_bytes)
+
+
+def _write_files(path: str, cfg: ModelConfig, rules: list[Rule], tensors: dict, out_dtype,
+                 max_shard_bytes: int) -> None:
+    """config.json and the safetensors shards (+ index) into the local directory `path`."""
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump(to_hf_config(cfg, dtype=out_dtype), f, indent=2, sort_keys=True)
     groups = shard_groups(((r.hf_name, tensors[r.hf_name].nbytes) for r in rules), max_shard_bytes)
-    _remove_stale(path)
     if len(groups) == 1:
         write_safetensors(os.path.join(path, SINGLE_FILE), tensors)
         return
@@ -239,8 +252,11 @@ def save_hf(model: Decoder, path, *, dtype=None, max_shard_bytes: int = DEFAULT_
         json.dump(index, f, indent=2)
 
 
-def _remove_stale(path: str) -> None:
+def _remove_stale(path) -> None:
     """Old weights in the target directory would be mixed with the new ones by a loader."""
-    for name in os.listdir(path):
-        if name.endswith(".safetensors") or name == INDEX_FILE:
-            os.remove(os.path.join(path, name))
+    path = paths.as_path(path)
+    if not path.is_dir():
+        return
+    for file in path.iterdir():
+        if file.name.endswith(".safetensors") or file.name == INDEX_FILE:
+            file.unlink()

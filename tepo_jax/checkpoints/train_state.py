@@ -7,11 +7,13 @@ checkpoint intact. On restore the newest checkpoint is tried first; one that fai
 (corrupt or truncated) is reported with a warning and the next older one is used. A resuming
 run (`discard_unreadable=True`) then deletes the unreadable newer ones: it will write those
 step numbers again, and orbax refuses to save over an existing step.
+
+`directory` may be a URL (`gs://bucket/run/checkpoints`): orbax writes the array data with
+tensorstore's own GCS driver and the rest through etils.epath (tepo_jax/paths.py).
 """
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from typing import Any, Optional
@@ -19,14 +21,16 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from tepo_jax import paths
+
 log = logging.getLogger(__name__)
 
 
 class RunCheckpointer:
     """Keeps the last `keep` checkpoints of a run under `directory`."""
 
-    def __init__(self, directory: str, keep: int = 3):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory, keep: int = 3):
+        self.directory = paths.absolute(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options)

@@ -31,6 +31,7 @@ import os
 import random
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
+from tepo_jax import paths
 from tepo_jax.data.jsonl import JsonlError, iter_json_lines
 from tepo_jax.tools.functions import FunctionTool, tools_for_prompt
 from tepo_jax.tools.json_format import normalize_calls
@@ -188,16 +189,15 @@ LAYOUTS: dict[str, Callable] = {"function_calling": _ours, "bfcl": _bfcl, "apiba
 def iter_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(line or item number, object): JSONL, or one JSON array when the file starts with '['."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.as_path(path).is_file():
         raise JsonlError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
+    with paths.as_path(path).open("r", encoding="utf-8") as f:
         head = f.read(4096).lstrip()
     if not head.startswith("["):
         yield from iter_json_lines(path)
         return
     try:
-        with open(path, encoding="utf-8") as f:
-            items = json.load(f)
+        items = json.loads(paths.as_path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise JsonlError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     for i, row in enumerate(items, start=1):
@@ -240,7 +240,7 @@ def read_function_calling(path: str | os.PathLike, layout: str = "function_calli
 
 def write_function_calling(path: str | os.PathLike, examples: Sequence[FunctionCallingExample]
                            ) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with paths.as_path(path).open("w", encoding="utf-8") as f:
         for ex in examples:
             row = {"id": ex.id, "messages": list(ex.messages), "tools": list(ex.tools),
                    "gold_calls": list(ex.gold_calls), "source": ex.source}

@@ -19,6 +19,7 @@ import json
 import os
 from typing import Any, Callable, Iterable, Iterator
 
+from tepo_jax import paths
 from tepo_jax.data.records import Example, MathExample, QAExample, from_dict
 
 
@@ -132,9 +133,9 @@ LAYOUTS: dict[str, Callable[[dict, str, str], Example]] = {
 def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line; bad JSON is a JsonlError."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.as_path(path).is_file():
         raise JsonlError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
+    with paths.as_path(path).open("r", encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -180,7 +181,7 @@ def read_records(path: str | os.PathLike) -> list[Example]:
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
     """Writes records (dataclasses with `to_dict`, or dicts), one JSON object per line."""
-    with open(path, "w", encoding="utf-8") as f:
+    with paths.as_path(path).open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r.to_dict() if hasattr(r, "to_dict") else r,
                                ensure_ascii=False) + "\n")

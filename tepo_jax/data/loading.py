@@ -8,9 +8,9 @@ function-calling run may call.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from etils import epath
 
+from tepo_jax import paths
 from tepo_jax.data import jsonl, synthetic
 from tepo_jax.data.function_calling import (FUNCTION_CALLING, make_function_calling,
                                             read_function_calling, synthetic_functions)
@@ -25,8 +25,8 @@ TFDS_DATASETS = {"math": "math_jsonl", "qa": "qa_jsonl"}
 TRAIN_SPLITS, EVAL_SPLITS = ("train",), ("eval", "validation", "test")
 
 
-def synthetic_data_dir(config) -> Path:
-    return Path(config.workdir) / "data"
+def synthetic_data_dir(config) -> epath.Path:
+    return paths.as_path(config.workdir) / "data"
 
 
 def examples_from_config(config) -> tuple[list, list, str | None]:
@@ -48,7 +48,7 @@ def examples_from_config(config) -> tuple[list, list, str | None]:
 
 def read_examples(config, path: str, splits: tuple[str, ...]) -> list:
     """math/qa examples from a JSONL file (in data.layout) or a prepared tfds data dir."""
-    if os.path.isdir(path):
+    if paths.as_path(path).is_dir():
         return tfds_examples(path, TFDS_DATASETS[config.data.task], splits)
     layout = config.data.task if config.data.layout == "auto" else config.data.layout
     return jsonl.read_jsonl(path, layout=layout)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from tepo_jax.data.jsonl import write_jsonl
+from tepo_jax.paths import as_path
 from tepo_jax.data.records import MathExample, QAExample
 
 SOURCE_PREFIX = "synthetic/"
@@ -442,7 +443,7 @@ def write_synthetic(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 51
     """Writes `make_tasks`' train and eval splits and the search corpus as JSONL
     (train.jsonl, eval.jsonl, corpus.jsonl; records read back with `jsonl.read_records`);
     returns their paths by name."""
-    out = Path(out_dir)
+    out = as_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, evals, corpus = make_tasks(n_train, n_eval, seed, mix)
     paths = {}

@@ -27,6 +27,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from tepo_jax import paths
 from tepo_jax.rewards.base import RewardResult
 # The token labels and the call grammar live below the rollout (tools/markup.py); the record
 # re-exports the labels, which every consumer of a trajectory reads.
@@ -257,11 +258,17 @@ def from_jsonl_line(line: str) -> Trajectory:
 
 
 def write_jsonl(path, trajs: Iterable[Trajectory], append: bool = False) -> None:
-    with open(path, "a" if append else "w", encoding="utf-8") as f:
-        for traj in trajs:
-            f.write(to_jsonl_line(traj) + "\n")
+    """`path` may be a URL (gs://...). An object store has no append: `append` there reads
+    the object and writes it back whole."""
+    path = paths.as_path(path)
+    text = "".join(to_jsonl_line(traj) + "\n" for traj in trajs)
+    if append and paths.is_remote(path):
+        text = (path.read_text(encoding="utf-8") if path.exists() else "") + text
+        append = False
+    with path.open("a" if append else "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def read_jsonl(path) -> list[Trajectory]:
-    with open(path, encoding="utf-8") as f:
+    with paths.as_path(path).open("r", encoding="utf-8") as f:
         return [from_jsonl_line(line) for line in f if line.strip()]

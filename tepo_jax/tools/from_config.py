@@ -9,9 +9,9 @@ family for function calling.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional, Sequence
 
+from tepo_jax import paths
 from tepo_jax.errors import ConfigError
 from tepo_jax.tools.base import Tool
 from tepo_jax.tools.bridge import ToolBridge
@@ -54,8 +54,8 @@ def search_from_config(config, corpus_path: Optional[str]):
     kw = dict(top_k=config.tools.search_top_k, max_chars=config.tools.max_result_chars)
     if config.tools.search_backend == "remote":
         return RemoteSearch(config.tools.search_url, **kw)
-    index_dir = config.tools.search_index or str(Path(config.workdir) / "search_index")
-    built = os.path.exists(os.path.join(index_dir, "params.index.json"))
+    index_dir = config.tools.search_index or os.fspath(paths.as_path(config.workdir) / "search_index")
+    built = (paths.as_path(index_dir) / "params.index.json").exists()
     if config.tools.search_index and not built:
         raise ConfigError(f"config.tools.search_index: {index_dir}: no bm25 index here (params.index.json)")
     if not built:

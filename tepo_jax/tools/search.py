@@ -19,12 +19,12 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import sys
 import threading
 import time
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
+from tepo_jax import paths
 from tepo_jax.tools.base import ToolResult, ToolStatus, model_text, truncate
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Passage:
 # ---- corpus and index ---------------------------------------------------------------------
 def read_corpus(path: str) -> Iterator[Dict[str, str]]:
     """Yield `{"id","title","text"}` records; a malformed line is an error naming it."""
-    with open(path, encoding="utf-8") as f:
+    with paths.as_path(path).open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -88,8 +88,8 @@ def build_index(records: Iterable[Dict[str, str]], out_dir: str) -> int:
     tokens = bm25s.tokenize([f"{r['title']}\n{r['text']}" for r in corpus], **_TOKENIZE)
     retriever = bm25s.BM25()
     retriever.index(tokens, show_progress=False)
-    os.makedirs(out_dir, exist_ok=True)
-    retriever.save(out_dir, corpus=corpus, show_progress=False)
+    with paths.staged(out_dir) as local:  # bm25s writes local files; gs:// gets a copy
+        retriever.save(local, corpus=corpus, show_progress=False)
     return len(corpus)
 
 
@@ -102,11 +102,12 @@ class BM25Index:
 
     @classmethod
     def load(cls, index_dir: str, mmap: bool = True) -> "BM25Index":
-        if not os.path.isfile(os.path.join(index_dir, "params.index.json")):
+        if not (paths.as_path(index_dir) / "params.index.json").is_file():
             raise FileNotFoundError(f"no BM25 index in {index_dir!r}; build one with "
                                     "`python -m tepo_jax.tools.search build`")
         bm25s = _import_bm25s()
-        retriever = bm25s.BM25.load(index_dir, mmap=mmap, load_corpus=True,
+        # bm25s memory-maps local files: a gs:// index is downloaded once per process.
+        retriever = bm25s.BM25.load(paths.download(index_dir), mmap=mmap, load_corpus=True,
                                     show_progress=False)
         return cls(retriever)
 
