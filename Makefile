@@ -39,7 +39,9 @@ test: install sysdeps
 test-slow: install sysdeps
 	$(PY) -m pytest -q -m slow --run-slow $(SLOW_TESTS)
 
+# The peers the benchmarks measure against (TRL for benchmarks/rl_step.py), installed here only.
 bench: install
+	$(PY) -m pip install -q -r benchmarks/requirements.txt
 	$(PY) -m benchmarks.report
 
 clean:

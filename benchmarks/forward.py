@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks._host import host_line
 
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,6 +60,7 @@ def _forward(graphdef, state, tokens, positions):
 
 
 def main(argv=None) -> float:
+    print(host_line())
     import torch
 
     from tepo_jax.checkpoints import load_hf

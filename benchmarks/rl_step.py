@@ -235,7 +235,7 @@ def run_peer(args, ckpt: str, tok: str, workdir: str, prompts: list[str]) -> tup
     cfg = GRPOConfig(output_dir=workdir, per_device_train_batch_size=per_step, num_generations=args.group,
                      gradient_accumulation_steps=1, max_completion_length=args.new_tokens, beta=args.beta,
                      learning_rate=1e-6, max_steps=args.steps, use_cpu=True, bf16=False, report_to="none",
-                     save_strategy="no", logging_steps=1, temperature=1.0, top_p=1.0, shuffle_dataset=False,
+                     save_strategy="no", logging_strategy="no", disable_tqdm=True, temperature=1.0, top_p=1.0, shuffle_dataset=False,
                      generation_kwargs={"min_new_tokens": args.new_tokens}, seed=0)
     trainer = GRPOTrainer(model=ckpt, reward_funcs=reward, args=cfg, train_dataset=data,
                           processing_class=tokenizer)

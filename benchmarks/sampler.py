@@ -62,6 +62,7 @@ from tepo_jax.models.presets import preset
 from tepo_jax.sampling import Sampler, SamplerConfig, SamplingParams
 from tepo_jax.sampling.engine import decode_temp_bytes
 from tepo_jax.testing.hf_models import make_tiny_hf_checkpoint
+from benchmarks._host import host_line
 
 # Peak HBM bandwidth in GB/s by device kind (substring of jax's device_kind, first match).
 PEAK_GBPS = (("H200", 4800), ("H100 PCIe", 2000), ("H100", 3350), ("A100-SXM4-80GB", 2039),
@@ -223,6 +224,7 @@ def build_models(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    print(host_line())
     model, torch_model = build_models(args)
     c = model.cfg
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {jax.device_count()} devices, "

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 
+from benchmarks._host import host_line
 from tepo_jax.tools import PythonTool, SandboxConfig, ToolBridge, ToolCall, ToolStatus
 
 CODE = "import math\nprint(sum(math.isqrt(i) for i in range(20000)))"
@@ -96,6 +97,7 @@ def bench_search(docs: int, queries: int):
 
 
 def main(argv=None):
+    print(host_line())
     p = argparse.ArgumentParser(prog="python -m benchmarks.tools")
     p.add_argument("--calls", type=int, default=48)
     p.add_argument("--workers", type=int, default=8)

@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._host import host_line
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -76,6 +78,8 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--mfu", action="store_true")
+    ap.add_argument("--preset", default="", help="a real model shape with random weights (e.g. Qwen2.5-0.5B); "
+                    "no transformers checkpoint, no peer (accelerator hosts)")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     args = ap.parse_args(argv)
     if args.quick:
@@ -185,6 +189,17 @@ def step_flops(cfg, b, t):
     return b * (6 * cfg.num_params * t + attention)
 
 
+def preset_model(args):
+    """A preset's shape (models/presets.py) with random weights, in --dtype, remat as asked."""
+    from flax import nnx
+
+    from tepo_jax.models.decoder import Decoder
+    from tepo_jax.models.presets import preset
+
+    dtype = jnp.dtype(args.dtype)
+    return Decoder(preset(args.preset, dtype=dtype, param_dtype=jnp.float32), rngs=nnx.Rngs(0), remat=args.remat)
+
+
 def main(argv=None):
     args = parse_args(argv)
     from tepo_jax.hostmem import retain_freed_memory
@@ -197,14 +212,19 @@ def main(argv=None):
 
     ocfg = OptimConfig(learning_rate=1e-5, weight_decay=0.01, max_grad_norm=1.0)
     loss_cfg = LossConfig(eps_low=0.2, eps_high=0.28, seq_chunk=args.seq_chunk)
+    print(host_line())
+    if args.preset:
+        model, torch_model = preset_model(args), None
+        args.skip_peer, args.vocab = True, model.cfg.vocab_size
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            torch_model = make_tiny_hf_checkpoint(
+                d, args.family, vocab_size=args.vocab, hidden_size=args.hidden,
+                intermediate_size=args.intermediate, num_layers=args.layers, num_heads=args.heads,
+                num_kv_heads=args.kv_heads, max_position_embeddings=max(4096, args.seq_len))
+            dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
+            model = load_hf(d, remat=args.remat, dtype=dtype)
     work = make_workload(args)
-    with tempfile.TemporaryDirectory() as d:
-        torch_model = make_tiny_hf_checkpoint(
-            d, args.family, vocab_size=args.vocab, hidden_size=args.hidden,
-            intermediate_size=args.intermediate, num_layers=args.layers, num_heads=args.heads,
-            num_kv_heads=args.kv_heads, max_position_embeddings=max(4096, args.seq_len))
-        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
-        model = load_hf(d, remat=args.remat, dtype=dtype)
     cfg = model.cfg
     tokens = args.batch * args.seq_len
     print(f"model: {cfg.family} {cfg.num_params / 1e6:.1f}M params, batch {args.batch} x {args.seq_len}, "

@@ -151,7 +151,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.micro_batches = 1
     c.train.eval_every = 25
     c.train.checkpoint_every = 25
-    c.train.logprob_check_every = 1   # sampler-vs-trainer logprob check every N RL steps; 0 never
+    c.train.logprob_check_every = 1   # log the sampler-vs-trainer logprob diff every N RL steps; 0 never (free either way)
     c.train.keep_checkpoints = 3
     c.train.log_every = 1
     c.train.save_trajectories = True

@@ -42,6 +42,7 @@ from tepo_jax.rl.loss import (SUM_METRICS, LossConfig, finalize_metrics, loss_an
                               loss_denominator, loss_token_mask)
 from tepo_jax.seqlogprob import token_logprob_entropy
 from tepo_jax.sharding import param_shardings, replicated
+from tepo_jax.xla_options import program_options
 
 PyTree = Any
 
@@ -213,7 +214,8 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
     batch_shardings = TrainBatch(*([batch_sharding] * len(TrainBatch._fields)))
     in_shardings = (state_shardings, batch_shardings) + ((state_shardings.params,) if reference else ())
     return jax.jit(train_step, in_shardings=in_shardings,
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,),
+                   compiler_options=program_options(mesh.devices.flat[0].platform))
 
 
 def make_compute_logprobs(model_def: ModelDef, loss_cfg: LossConfig, mesh: Mesh, params_sharding: PyTree,
@@ -227,4 +229,5 @@ def make_compute_logprobs(model_def: ModelDef, loss_cfg: LossConfig, mesh: Mesh,
 
     batch_shardings = TrainBatch(*([batch_sharding] * len(TrainBatch._fields)))
     return jax.jit(compute, in_shardings=(params_sharding, batch_shardings),
-                   out_shardings=(batch_sharding, batch_sharding))
+                   out_shardings=(batch_sharding, batch_sharding),
+                   compiler_options=program_options(mesh.devices.flat[0].platform))

@@ -33,6 +33,7 @@ from jax import lax
 from tepo_jax.logprobs import logprob_entropy_from_stats, softmax_stats
 from tepo_jax.models.decoder import LayerCache, build_abstract, init_cache
 from tepo_jax.sampling.sample import SlotSampling, sample_tokens
+from tepo_jax.xla_options import program_options
 
 # Device-side finish codes (host maps them to the FINISH_* strings).
 RUNNING, STOP_EOS, STOP_MAX_TOKENS, STOP_LENGTH = 0, 1, 2, 3
@@ -151,11 +152,13 @@ def decode(graphdef, state, cache, slots: SlotState, n_steps, *, window: int, bu
 
 def compile_fns(graphdef, cache_sharding=None):
     """(prefill, decode) jitted with the cache donated; graphdef and window are bound/static."""
+    backend = cache_sharding.mesh.devices.flat[0].platform if cache_sharding is not None else None
+    options = program_options(backend)
     pre = jax.jit(functools.partial(prefill, graphdef, cache_sharding=cache_sharding),
-                  static_argnames=("window",), donate_argnames=("cache",))
+                  static_argnames=("window",), donate_argnames=("cache",), compiler_options=options)
     dec = jax.jit(functools.partial(decode, graphdef, cache_sharding=cache_sharding),
                   static_argnames=("window", "buf_len", "vocab_chunk", "emit_stats"),
-                  donate_argnames=("cache",))
+                  donate_argnames=("cache",), compiler_options=options)
     return pre, dec
 
 

@@ -17,6 +17,7 @@ from tepo_jax.rl.batch import SequenceData, TrainBatch, pack_sequences
 from tepo_jax.rl.loss import LossConfig, loss_token_mask
 from tepo_jax.rl.train_step import ModelDef, TrainState, forward_logprobs
 from tepo_jax.sharding import replicated
+from tepo_jax.xla_options import program_options
 
 
 def sft_sequence(traj) -> SequenceData:
@@ -64,4 +65,5 @@ def make_sft_step(model_def: ModelDef, optimizer: optax.GradientTransformation, 
 
     batch_shardings = TrainBatch(*([batch_sharding] * len(TrainBatch._fields)))
     return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,),
+                   compiler_options=program_options(mesh.devices.flat[0].platform))
