@@ -83,10 +83,19 @@ def coordinator_flags(address: str, num_processes: int, process_id: int) -> list
             f"--process_id={process_id}"]
 
 
-def _pump(stream, prefix: str) -> None:
+_PRINT_LOCK = threading.Lock()
+
+
+def _pump(stream, prefix: str, sink) -> None:
+    """Copy whole lines from a child's pipe to `sink`, each with the child's [i] prefix.
+
+    stdout and stderr get a pipe each: native libraries (gloo, XLA) write to stderr unbuffered,
+    and on one shared pipe their lines land in the middle of a Python print's line.
+    """
     for line in iter(stream.readline, ""):
-        sys.stdout.write(prefix + line)
-        sys.stdout.flush()
+        with _PRINT_LOCK:
+            sink.write(prefix + line)
+            sink.flush()
 
 
 def run_group(cmds: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str]], dry_run: bool,
@@ -102,10 +111,11 @@ def run_group(cmds: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str]], 
     procs, pumps = [], []
     for i, (cmd, env) in enumerate(zip(cmds, envs)):
         p = subprocess.Popen(list(cmd), env={**os.environ, **env}, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
         procs.append(p)
-        pumps.append(threading.Thread(target=_pump, args=(p.stdout, f"[{i}] "), daemon=True))
-        pumps[-1].start()
+        for stream, sink in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
+            pumps.append(threading.Thread(target=_pump, args=(stream, f"[{i}] ", sink), daemon=True))
+            pumps[-1].start()
     rc = _wait_all(procs, timeout)
     for t in pumps:
         t.join(timeout=5)

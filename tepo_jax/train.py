@@ -49,7 +49,7 @@ from tepo_jax.data.pipeline import DataSourceError, make_dataset
 from tepo_jax.models.config import UnsupportedConfigError
 from tepo_jax.plugins import parts_from_config
 from tepo_jax.rl import loop as rl_loop
-from tepo_jax.rl.batch import power_of_two_buckets
+from tepo_jax.rl.batch import sequence_length_buckets
 from tepo_jax.rl.loss import LossConfig
 from tepo_jax.rl.optim import OptimConfig, build_optimizer, build_schedule
 from tepo_jax.rl.train_step import create_train_state, make_train_step, split_model
@@ -260,7 +260,7 @@ class Run:
             advantage=rl_loop.advantage_config(c),
             rest=rl_loop.rest_config(c, c.train.steps), kl_coef=c.loss.kl_coef,
             row_multiple=experiment.batch_shards(self.mesh) * c.train.micro_batches,
-            seq_buckets=power_of_two_buckets(128, c.rollout.cache_len),
+            seq_buckets=sequence_length_buckets(128, c.rollout.cache_len),
             logprob_check_every=c.train.logprob_check_every)
         # One global prompt order on every process (example indices); each rolls out batch slots p::P.
         data = make_dataset(range(len(self.exp.train_examples)), seed=c.seed + 1,

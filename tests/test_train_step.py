@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from tepo_jax.models.config import ModelConfig
 from tepo_jax.models.decoder import Decoder
-from tepo_jax.rl.batch import SequenceData, pack_sequences
+from tepo_jax.rl.batch import SequenceData, pack_sequences, sequence_length_buckets
 from tepo_jax.rl.loss import (AggMode, LossConfig, num_sequences,
                               policy_loss)
 from tepo_jax.rl.optim import OptimConfig, ScheduleKind, build_optimizer, build_schedule
@@ -230,6 +230,17 @@ def test_step_compiles_once_donates_state_and_learns(reference_step):
     lp_after, _ = logprobs(state.params, batch)
     assert np.asarray(lp_after)[mask].mean() > np.asarray(lp)[mask].mean()
     assert float(history[2]["loss"]) < float(history[0]["loss"])
+
+
+def test_length_buckets_waste_at_most_a_third_of_a_row():
+    ladder = sequence_length_buckets(128, 4096)
+    assert ladder[:6] == (128, 192, 256, 384, 512, 768) and ladder[-1] == 4096
+    assert list(ladder) == sorted(set(ladder))
+    for n in range(129, 4097):   # the padded row of every length beyond the first bucket
+        mask = (np.arange(n) > 0).astype(np.float32)
+        t = pack_sequences([SequenceData(np.ones(n, np.int32), mask, np.zeros(n), np.zeros(n))],
+                           length_buckets=ladder).batch.tokens.shape[1]
+        assert n <= t and (t - n) / t < 1 / 3, (n, t)
 
 
 def test_train_state_orbax_round_trip(tmp_path):
