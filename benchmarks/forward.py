@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks._compile import compile_line, start_compile_log
 from benchmarks._host import host_line
 
 def _args(argv=None):
@@ -61,6 +62,7 @@ def _forward(graphdef, state, tokens, positions):
 
 def main(argv=None) -> float:
     print(host_line())
+    compiles = start_compile_log()
     import torch
 
     from tepo_jax.checkpoints import load_hf
@@ -94,6 +96,7 @@ def main(argv=None) -> float:
           f"({torch.get_num_threads()} threads); max |logit diff| {diff:.2e}")
     t_ours, t_peer = _median_seconds([ours, theirs], a.repeats, a.warmup)
     ours_tps, peer_tps = n / t_ours, n / t_peer
+    print(compile_line(compiles))
     print(f"forward: ours {ours_tps:.0f} tok/s, peer {peer_tps:.0f} tok/s, ratio {ours_tps / peer_tps:.2f}")
     return ours_tps / peer_tps
 

@@ -6,6 +6,8 @@ benchmarks whose `--help` lists it. A benchmark's LAST stdout line is its headli
 
     NAME: ours X UNIT, peer Y UNIT, ratio R
 
+and a JAX benchmark prints `compile: S s in N programs (...)` before it (benchmarks/_compile.py):
+our side's cold-start compile seconds, a column of the table.
 A benchmark that exits non-zero, times out, or prints no such line is a row with that
 status, never a crash of the report. One markdown block (the command, the date, the
 machine: CPU model, cores, jax/torch versions, jax backend and devices; then the table) goes
@@ -35,6 +37,7 @@ PACKAGE = "benchmarks"
 HEADLINE = re.compile(r"^\s*(?P<name>[^:]+?):\s*ours\s+(?P<ours>\S+)\s+(?P<ours_unit>.+?),"
                       r"\s*peer\s+(?P<peer>\S+)\s+(?P<peer_unit>.+?),\s*ratio\s+(?P<ratio>\S+)"
                       r"\s*$")
+COMPILE = re.compile(r"^compile:\s*(?P<seconds>[0-9.]+) s in (?P<programs>\d+) programs")
 
 
 @dataclasses.dataclass
@@ -46,6 +49,7 @@ class Result:
     peer: str = ""
     ratio: str = ""
     seconds: float = 0.0
+    compile: str = ""            # our compile seconds and programs, from the `compile:` line
     detail: str = ""             # last stderr/stdout lines when not ok
     quick: bool = False
 
@@ -65,6 +69,14 @@ def parse_headline(stdout: str) -> dict | None:
     g = m.groupdict()
     return {"name": g["name"].strip(), "ours": f"{g['ours']} {g['ours_unit'].strip()}",
             "peer": f"{g['peer']} {g['peer_unit'].strip()}", "ratio": g["ratio"]}
+
+
+def parse_compile(stdout: str) -> str:
+    """'9.1 s, 4 programs' from the last `compile:` line, or '' when there is none."""
+    found = [m for m in map(COMPILE.match, stdout.splitlines()) if m]
+    if not found:
+        return ""
+    return f"{float(found[-1]['seconds']):.1f} s, {found[-1]['programs']} programs"
 
 
 def _run(argv: Sequence[str], cwd: Path, timeout: float, env: dict) -> subprocess.CompletedProcess:
@@ -114,7 +126,7 @@ def run_benchmark(module: str, *, quick: bool = False, timeout: float = 600.0,
     if head is None:
         return Result(module, "no headline", seconds=secs, detail=_tail(out.stdout, 1),
                       quick=use_quick)
-    return Result(module, "ok", seconds=secs, quick=use_quick, **head)
+    return Result(module, "ok", seconds=secs, quick=use_quick, compile=parse_compile(out.stdout), **head)
 
 
 # ----------------------------------------------------------------------------- machine
@@ -164,17 +176,18 @@ def format_markdown(results: Sequence[Result], machine: dict[str, str], command:
              f"- Command: `{command}`",
              f"- Date: {now}",
              "- Machine: " + "; ".join(f"{k}: {v}" for k, v in machine.items()), "",
-             "| benchmark | ours | peer | ratio | status |", "|---|---|---|---|---|"]
+             "| benchmark | ours | peer | ratio | our compile | status |", "|---|---|---|---|---|---|"]
     for r in results:
         label = r.name or r.module
         if r.name and r.name != r.module:
             label = f"{r.name} ({r.module})"
         status = r.status + (", quick" if r.quick else "") + f", {r.seconds:.0f} s"
         lines.append(f"| {_cell(label)} | {_cell(r.ours)} | {_cell(r.peer)} | "
-                     f"{_cell(r.ratio)} | {_cell(status)} |")
+                     f"{_cell(r.ratio)} | {_cell(r.compile)} | {_cell(status)} |")
     lines += ["", "Each row is one `benchmarks/NAME.py`, run as a subprocess; ours and the peer "
                   "are measured in the same run on this machine, and the ratio is ours vs the "
-                  "peer as the benchmark's docstring defines it."]
+                  "peer as the benchmark's docstring defines it; our compile is the seconds JAX spent "
+                  "making our programs in that run (trace, lower, compile; no persistent cache)."]
     if quick:
         lines += ["", "`--quick`: the benchmarks marked quick ran at smoke-test sizes; their "
                       "figures are not comparable with a full `make bench` run."]

@@ -50,6 +50,7 @@ import statistics
 import tempfile
 import time
 
+from benchmarks._compile import compile_line, start_compile_log
 from benchmarks._host import host_line
 
 QUESTION = "What is {a} plus {b}?"
@@ -294,6 +295,7 @@ def phase_table(name: str, steps: list[dict]) -> list[str]:
 def main(argv=None):
     args = parse_args(argv)
     print(host_line())
+    compiles = start_compile_log()   # ours only: the peer is torch
     print(f"workload: qwen2 hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
           f"{args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens, beta {args.beta}, {args.steps} steps")
     with tempfile.TemporaryDirectory() as root:
@@ -303,12 +305,14 @@ def main(argv=None):
             print(line, flush=True)
         ours_s = statistics.median(s["total"] for s in ours[1:] or ours)
         if args.skip_peer:
+            print(compile_line(compiles))
             print(f"rl_step: ours {ours_s:.2f} s/step, peer nan s/step, ratio nan")
             return
         peer, notes = run_peer(args, ckpt, tok, os.path.join(root, "peer"), prompts)
         for line in notes + phase_table("peer", peer):
             print(line, flush=True)
     peer_s = statistics.median(s["total"] for s in peer[1:] or peer)
+    print(compile_line(compiles))
     print(f"rl_step: ours {ours_s:.2f} s/step, peer {peer_s:.2f} s/step, ratio {peer_s / ours_s:.2f}")
 
 

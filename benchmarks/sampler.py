@@ -62,6 +62,7 @@ from tepo_jax.models.presets import preset
 from tepo_jax.sampling import Sampler, SamplerConfig, SamplingParams
 from tepo_jax.sampling.engine import decode_temp_bytes
 from tepo_jax.testing.hf_models import make_tiny_hf_checkpoint
+from benchmarks._compile import compile_line, start_compile_log
 from benchmarks._host import host_line
 
 # Peak HBM bandwidth in GB/s by device kind (substring of jax's device_kind, first match).
@@ -225,6 +226,7 @@ def build_models(args):
 def main(argv=None):
     args = parse_args(argv)
     print(host_line())
+    compiles = start_compile_log()
     model, torch_model = build_models(args)
     c = model.cfg
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {jax.device_count()} devices, "
@@ -252,6 +254,7 @@ def main(argv=None):
                   f"({n_tokens / peer_dec:.0f} tok/s), end to end {peer_total:.2f}s "
                   f"({n_tokens / peer_total:.0f} tok/s)")
     ours, peer = n_tokens / dec, n_tokens / peer_dec
+    print(compile_line(compiles))
     print(f"sampler: ours {ours:.0f} tok/s, peer {peer:.0f} tok/s, ratio {ours / peer:.2f}")
 
 

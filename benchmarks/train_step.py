@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._compile import compile_line, start_compile_log
 from benchmarks._host import host_line
 
 
@@ -213,6 +214,7 @@ def main(argv=None):
     ocfg = OptimConfig(learning_rate=1e-5, weight_decay=0.01, max_grad_norm=1.0)
     loss_cfg = LossConfig(eps_low=0.2, eps_high=0.28, seq_chunk=args.seq_chunk)
     print(host_line())
+    compiles = start_compile_log()
     if args.preset:
         model, torch_model = preset_model(args), None
         args.skip_peer, args.vocab = True, model.cfg.vocab_size
@@ -265,6 +267,7 @@ def main(argv=None):
     if args.mfu:
         print(f"ours: MFU {flops / ours_s / (args.peak_tflops * 1e12) * 100:.1f}% "
               f"(peak {args.peak_tflops} TFLOP/s)")
+    print(compile_line(compiles))
     if args.skip_peer:
         print(f"train_step: ours {tokens / ours_s:.0f} tok/s, peer nan tok/s, ratio nan")
         return

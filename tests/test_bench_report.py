@@ -16,6 +16,7 @@ GOOD = textwrap.dedent("""
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     print("warming up")
+    print("compile: 3.31 s in 2 programs (trace 0.5, lower 0.31, compile 2.5; f 3.31)")
     print(f"good: ours {'2.0' if a.quick else '4.0'} tok/s, peer 1.0 tok/s, ratio "
           f"{'2.00' if a.quick else '4.00'}")
 """)
@@ -62,9 +63,10 @@ def test_report_table_with_good_failing_and_silent(fake_benchmarks, tmp_path, ca
             for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln}
     # --quick was passed through (the good benchmark reports 2.0 only under --quick)
     assert rows["good"][:3] == ["2.0 tok/s", "1.0 tok/s", "2.00"]
-    assert rows["good"][3].startswith("ok, quick")
-    assert rows["bad"][3].startswith("failed (rc 1)") and rows["bad"][0] == "—"
-    assert rows["silent"][3].startswith("no headline")
+    assert rows["good"][3] == "3.3 s, 2 programs" and rows["bad"][3] == "—"   # our compile
+    assert rows["good"][4].startswith("ok, quick")
+    assert rows["bad"][4].startswith("failed (rc 1)") and rows["bad"][0] == "—"
+    assert rows["silent"][4].startswith("no headline")
     assert "kaboom: no accelerator" in text               # the failure reason is shown
     assert "cores:" in text and "jax backend: cpu 1 x fake" in text and "torch:" in text
     lines = text.splitlines()
