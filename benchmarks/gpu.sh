@@ -8,6 +8,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET="${1:-Qwen2.5-0.5B}"
 PY="${PYTHON:-python}"
+# Fail in seconds, naming what is missing, before any device time goes to a compile: the
+# accelerator image has JAX, flax, optax and orbax; the rest must be carried in (wheels).
+"$PY" - <<'PY'
+import importlib.util, sys
+missing = [m for m in ("jax", "flax", "optax", "etils", "fsspec", "ml_dtypes", "numpy")
+           if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"gpu.sh: missing Python packages {missing}; install them (or carry their wheels) first")
+import benchmarks.sampler, benchmarks.train_step  # noqa: F401  (imports without torch/transformers)
+PY
 echo "== sampler, $PRESET, bfloat16"
 timeout 300 "$PY" -m benchmarks.sampler --preset "$PRESET" --dtype bfloat16 --batch 64,256 --skip-memory
 echo "== train step, $PRESET, bfloat16 compute, fp32 params"
