@@ -89,8 +89,8 @@ _PRINT_LOCK = threading.Lock()
 def _pump(stream, prefix: str, sink) -> None:
     """Copy whole lines from a child's pipe to `sink`, each with the child's [i] prefix.
 
-    stdout and stderr get a pipe each: native libraries (gloo, XLA) write to stderr unbuffered,
-    and on one shared pipe their lines land in the middle of a Python print's line.
+    stdout and stderr get a pipe each, so a child's stderr line never lands inside one of its
+    stdout lines (gloo and XLA print from their own threads while Python prints).
     """
     for line in iter(stream.readline, ""):
         with _PRINT_LOCK:

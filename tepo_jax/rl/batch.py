@@ -124,7 +124,7 @@ def sequence_length_buckets(min_size: int, max_size: int) -> tuple[int, ...]:
     out = []
     for b in power_of_two_buckets(min_size, max_size):
         out.append(b)
-        if b * 3 // 2 < max_size and b % 2 == 0:
+        if b * 3 // 2 < max_size:
             out.append(b * 3 // 2)
     return tuple(sorted(set(x for x in out if x <= max_size)))
 
