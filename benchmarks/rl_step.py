@@ -39,8 +39,8 @@ Measured (2-core AMD EPYC VM, AVX2, no AVX-512; jax 0.10.2 CPU, torch 2.13, TRL 
     rl_step: ours 4.03 s/step, peer 10.78 s/step, ratio 2.67
   then train rows padded to 192 instead of 256 (`rl/batch.sequence_length_buckets`), on a
   2-core AMD EPYC VM with AVX-512 (6 steps each, alternating runs): warm step 2.10 / 2.04 s
-  -> 1.86 / 1.70 s (update 1.23 -> 1.0 s); `make bench` there: ours 2.06 s/step (rollout
-  ~0.8, update ~1.0), peer 7.39 s/step, ratio 3.58; first step ~11 s, compile 8-11 s.
+  -> 1.86 / 1.70 s (update 1.23 / 1.22 -> 1.15 / 0.97 s); `make bench` there: ours 2.06
+  s/step, peer 7.39 s/step, ratio 3.58; first step 10-15 s, compile 8-12 s (11 runs).
 
 Last line: `rl_step: ours X s/step, peer Y s/step, ratio R` (median warm step; R = peer / ours).
 """

@@ -122,11 +122,9 @@ def sequence_length_buckets(min_size: int, max_size: int) -> tuple[int, ...]:
     run meets at most one more compiled shape per doubling of its longest sequence.
     """
     out = []
-    for b in power_of_two_buckets(min_size, max_size):
-        out.append(b)
-        if b * 3 // 2 < max_size:
-            out.append(b * 3 // 2)
-    return tuple(sorted(set(x for x in out if x <= max_size)))
+    for b in power_of_two_buckets(min_size, max_size):   # ascending; the last is max_size
+        out += [b, b * 3 // 2] if b * 3 // 2 < max_size else [b]
+    return tuple(out)
 
 
 def _assign_rows(lengths: Sequence[int], seq_len: int, pack: bool) -> list[tuple[int, int]]:
