@@ -39,10 +39,22 @@ test: install sysdeps
 test-slow: install sysdeps
 	$(PY) -m pytest -q -m slow --run-slow $(SLOW_TESTS)
 
-# The peers the benchmarks measure against (TRL for benchmarks/rl_step.py), installed here only.
-bench: install
+# Tunix, the peer of benchmarks/tunix_step.py, in a virtualenv of its own (it pins other
+# transformers/tokenizers releases than ours).
+TUNIX_VENV ?= .venv-tunix
+TUNIX_STAMP := $(TUNIX_VENV)/.installed
+
+$(TUNIX_STAMP): benchmarks/requirements-tunix.txt
+	test -x $(TUNIX_VENV)/bin/python || python3 -m venv $(TUNIX_VENV)
+	$(TUNIX_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TUNIX_VENV)/bin/python -m pip install -q -r benchmarks/requirements-tunix.txt
+	touch $@
+
+# The peers the benchmarks measure against (TRL for benchmarks/rl_step.py, Tunix for
+# benchmarks/tunix_step.py), installed for the benchmarks only.
+bench: install $(TUNIX_STAMP)
 	$(PY) -m pip install -q -r benchmarks/requirements.txt
-	$(PY) -m benchmarks.report
+	TUNIX_PYTHON=$(TUNIX_VENV)/bin/python $(PY) -m benchmarks.report
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TUNIX_VENV) *.egg-info .pytest_cache

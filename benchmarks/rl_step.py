@@ -144,6 +144,11 @@ def build_files(args, root: str) -> tuple[str, str]:
     return ckpt, tok
 
 
+def cache_len(args) -> int:
+    """KV cache positions of the rollout: the prompt (under 96 tokens) and every new token."""
+    return 64 * -(-(args.new_tokens + 96) // 64)
+
+
 def our_config(args, ckpt: str, tok: str, workdir: str):
     from tepo_jax.config import defaults
 
@@ -154,7 +159,7 @@ def our_config(args, ckpt: str, tok: str, workdir: str):
     c.tools.python = c.tools.search = False
     c.algo.advantage = "grpo"
     c.rollout.group_size, c.rollout.max_tokens, c.rollout.max_turn_tokens = args.group, args.new_tokens, args.new_tokens
-    c.rollout.cache_len = 64 * -(-(args.new_tokens + 96) // 64)
+    c.rollout.cache_len = cache_len(args)
     c.loss.kl_coef, c.optim.lr = args.beta, 1e-6
     c.train.compilation_cache_dir = ""      # the cold start is measured: no persistent cache
     c.train.save_trajectories = False
@@ -217,7 +222,7 @@ def run_ours(args, ckpt: str, tok: str, workdir: str) -> tuple[list[dict], list[
             phases = clock.take()
             phases["rollout"] = phases.get("rollout", 0.0) - phases.get("reward", 0.0)
             phases["host"] = total - sum(phases.values())
-            phases["total"], phases["compile"] = total, compiles.total_s
+            phases["total"], phases["compile"], phases["programs"] = total, compiles.total_s, compiles.programs
             phases["tokens"] = sum(int(t.model_mask().sum()) for t in trajs)
             steps.append(phases)
             if i == 0:

@@ -1,8 +1,8 @@
 """Every JAX benchmark runs end to end at smoke size and ends with its headline and our
 compile seconds, as `make bench` reads them (benchmarks/report.py): a benchmark that rots
 (an API it calls changes, its last line moves) fails here, not on the day someone measures.
-The peers (TRL, transformers' generate) are skipped where a benchmark allows it: their speed
-is not the point here, and TRL is a benchmark-only requirement."""
+The peers (TRL, transformers' generate, Tunix) are skipped where a benchmark allows it: their
+speed is not the point here, and TRL and Tunix are benchmark-only requirements."""
 import os
 import subprocess
 import sys
@@ -17,6 +17,7 @@ SMOKE = {
     "rl_step": ["--quick", "--skip-peer"],
     "train_step": ["--quick", "--skip-peer"],
     "sampler": ["--quick", "--skip-peer"],
+    "tunix_step": ["--quick", "--skip-peer", "--steps", "2"],
     "forward": ["--hidden", "64", "--intermediate", "128", "--layers", "1", "--heads", "2",
                 "--kv-heads", "1", "--vocab", "512", "--batch", "1", "--seq", "32",
                 "--repeats", "1", "--warmup", "1"],

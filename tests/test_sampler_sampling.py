@@ -1,4 +1,6 @@
 """Token selection (temperature, top-k, top-p, greedy) against sort-based numpy; bad inputs."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,6 +132,34 @@ def test_draw_from_softmax_stats_equals_its_own_passes(vocab, chunk):
     stats_plain = jax.tree.map(lambda x: x[plain], stats)
     np.testing.assert_array_equal(sample(z[plain], only_plain, pos[plain], chunk, stats_plain),
                                   np.asarray(mixed)[plain])
+    # The plain-only program (no truncation, tempered-mass or argmax paths compiled) draws
+    # the same tokens, with the stats and without them.
+    sample_plain = jax.jit(functools.partial(sample_tokens, plain=True), static_argnums=3)
+    np.testing.assert_array_equal(sample_plain(z[plain], only_plain, pos[plain], chunk, stats_plain),
+                                  np.asarray(mixed)[plain])
+    np.testing.assert_array_equal(sample_plain(z[plain], only_plain, pos[plain], chunk),
+                                  np.asarray(mixed)[plain])
+
+
+@pytest.mark.parametrize("params,plain", [
+    (dict(), True), (dict(temperature=0.7), False), (dict(top_p=0.9), False), (dict(top_k=5), False),
+    (dict(top_k=64), True), (dict(greedy=True), False), (dict(temperature=0.0), False)])
+def test_sampler_compiles_the_plain_draw_only_when_every_slot_is_plain(tiny_sampler, params, plain):
+    """One slot's parameters decide: any tempered, truncating (top-k below the vocabulary) or
+    greedy slot runs the full program, so its tokens follow its own parameters."""
+    seen, decode = [], tiny_sampler._decode
+
+    def spy(*args, **kw):
+        seen.append(kw["plain"])
+        return decode(*args, **kw)
+
+    tiny_sampler._decode = spy
+    try:
+        tiny_sampler.generate([[1, 2, 3], [4, 5]], [SamplingParams(max_tokens=3, seed=0),
+                                                    SamplingParams(max_tokens=3, seed=1, **params)])
+    finally:
+        tiny_sampler._decode = decode
+    assert seen and set(seen) == {plain}, seen
 
 @pytest.fixture(scope="module")
 def tiny_sampler():

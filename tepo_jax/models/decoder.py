@@ -254,6 +254,8 @@ class Decoder(nnx.Module):
         # (a numpy attribute would become a leaf).
         cfg = self.cfg
         rope = rope_tables(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        # Layers unrolled, not a lax.scan over stacked params: on XLA CPU the scanned RL train
+        # step (4 layers, fwd + bwd) compiled in 4.9 s against 3.1 s unrolled.
         new_cache = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]

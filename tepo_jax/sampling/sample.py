@@ -200,6 +200,11 @@ def _inverse_cdf(z, threshold, inv_t, u, chunk, m=None, masses=None):
     return (start + _first(hit, _last(w > 0))).astype(jnp.int32)
 
 
+def _stats_blocks_fit(stats: Optional[SoftmaxStats], v: int, vocab_chunk: Optional[int]) -> bool:
+    """The stats' chunk sums are the inverse-CDF search's block masses (same blocks)."""
+    return stats is not None and stats.chunk_sums.shape[-1] == -(-v // min(vocab_chunk or _CDF_BLOCK, v))
+
+
 def _argmax(z, chunk):
     b = z.shape[0]
 
@@ -214,8 +219,14 @@ def _argmax(z, chunk):
     return vocab_fold(z, chunk, fn, (jnp.full((b,), _NEG_INF), jnp.zeros((b,), jnp.int32)))[1]
 
 
+def is_plain(temperature: float, top_p: float, top_k: int, greedy: bool, vocab_size: int) -> bool:
+    """A row that draws from softmax(z) itself: temperature 1, no truncation, not greedy."""
+    return not greedy and temperature == 1.0 and top_p >= 1.0 and not 0 < top_k < vocab_size
+
+
 def sample_tokens(logits: jax.Array, s: SlotSampling, positions: jax.Array,
-                  vocab_chunk: Optional[int] = None, stats: Optional[SoftmaxStats] = None) -> jax.Array:
+                  vocab_chunk: Optional[int] = None, stats: Optional[SoftmaxStats] = None,
+                  plain: bool = False) -> jax.Array:
     """Next token per row: int32[B]. logits: float32 [B, V] (raw); positions: int32[B], the
     position the sampled token will occupy (the per-token index of the random stream).
 
@@ -224,21 +235,30 @@ def sample_tokens(logits: jax.Array, s: SlotSampling, positions: jax.Array,
     truncate draws from the same normaliser: its block masses are the stats' chunk sums (the
     same sums of e^(z - m) over the same blocks), so the draw needs no pass of its own over
     the logits; the other rows' masses take one pass, run only when some row needs it.
+
+    `plain` (static): the caller promises every row is plain (`is_plain`: temperature 1, no
+    top-k/top-p, not greedy; the RL rollout). Only the inverse-CDF draw is then compiled, not
+    the truncation bisections, the tempered masses and the argmax that no row would run;
+    the tokens are the same as without the promise.
     """
     z = logits.astype(jnp.float32)
     b, v = z.shape
-    inv_t = jnp.where(s.greedy, 1.0, 1.0 / jnp.maximum(s.temperature, 1e-6)).astype(jnp.float32)
     u = jax.vmap(lambda seed, pos: jax.random.uniform(jax.random.fold_in(jax.random.key(seed), pos)))(
         s.seed, positions)
-    truncates = jnp.any(~s.greedy & (((s.top_k > 0) & (s.top_k < v)) | (s.top_p < 1.0)))
     lowest = jnp.zeros((b,), jnp.uint32)
+    if plain:
+        ones = jnp.ones((b,), jnp.float32)
+        m, masses = (stats.m, stats.chunk_sums) if _stats_blocks_fit(stats, v, vocab_chunk) else (None, None)
+        return _inverse_cdf(z, lowest, ones, u, vocab_chunk, m, masses)
+    inv_t = jnp.where(s.greedy, 1.0, 1.0 / jnp.maximum(s.temperature, 1e-6)).astype(jnp.float32)
+    truncates = jnp.any(~s.greedy & (((s.top_k > 0) & (s.top_k < v)) | (s.top_p < 1.0)))
     threshold = lax.cond(truncates, lambda: truncation_threshold(z, s, inv_t, vocab_chunk), lambda: lowest)
     c = min(vocab_chunk or _CDF_BLOCK, v)
-    if stats is not None and stats.chunk_sums.shape[-1] == -(-v // c):
+    if _stats_blocks_fit(stats, v, vocab_chunk):
         m = stats.m
-        plain = s.greedy | ((inv_t == 1.0) & (threshold == 0))  # greedy rows: not drawn
-        masses = lax.cond(jnp.all(plain), lambda: stats.chunk_sums,
-                          lambda: jnp.where(plain[:, None], stats.chunk_sums,
+        from_stats = s.greedy | ((inv_t == 1.0) & (threshold == 0))  # greedy rows: not drawn
+        masses = lax.cond(jnp.all(from_stats), lambda: stats.chunk_sums,
+                          lambda: jnp.where(from_stats[:, None], stats.chunk_sums,
                                             _block_masses(z, threshold, inv_t, m, c)))
     else:
         m, masses = jnp.max(z, axis=-1), None

@@ -30,7 +30,7 @@ from tepo_jax.models.decoder import BATCH_AXES, Decoder, init_cache
 from tepo_jax.sampling import engine
 from tepo_jax.sampling.config import (FINISH_EOS, FINISH_LENGTH, FINISH_MAX_TOKENS, FINISH_STOP_STRING,
                                       ResolvedParams, SamplerConfig, SamplingParams, resolve)
-from tepo_jax.sampling.sample import SlotSampling
+from tepo_jax.sampling.sample import SlotSampling, is_plain
 from tepo_jax.sampling.stops import StopMatcher, TokenBytes, token_bytes_fn
 from tepo_jax.sizing import kv_cache_shardings   # the one place that knows the cache layout
 
@@ -201,9 +201,11 @@ class Sampler:
             return []
         n = self.config.steps_per_call
         window = self._bucket(max(len(self.slots[i].seq) - 1 for i in running) + n)
+        plain = all(is_plain(p.temperature, p.top_p, p.top_k, p.greedy, self.model_config.vocab_size)
+                    for p in (self.slots[i].params for i in running))
         self.cache, out = self._decode(self._state, self.cache, self._slot_arrays(), np.int32(n),
                                        window=window, buf_len=n, vocab_chunk=self.config.vocab_chunk,
-                                       emit_stats=self.emit_stats)
+                                       emit_stats=self.emit_stats, plain=plain)
         out = jax.device_get(out)
         self.last_steps = int(out.steps)
         self.timings.decode_calls += 1
