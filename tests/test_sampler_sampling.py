@@ -161,6 +161,7 @@ def test_sampler_compiles_the_plain_draw_only_when_every_slot_is_plain(tiny_samp
         tiny_sampler._decode = decode
     assert seen and set(seen) == {plain}, seen
 
+
 @pytest.fixture(scope="module")
 def tiny_sampler():
     cfg = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
