@@ -131,21 +131,12 @@ class Attention(nnx.Module):
         return out, cache
 
 
-# Sequences up to this length attend in one block: their T × T scores are small and
-# cache-sized anyway, and every block is more to trace and compile (the RL step's train step
-# at T = 192 in 3 blocks: trace + lower 0.84 s, compile 3.1-3.5 s; in one: 0.65 s, 2.7 s).
-MAX_UNBLOCKED_T = 256
-
-
 def _causal_query_block(t: int) -> Optional[int]:
-    """Query rows per block of the causal full forward: about 8 blocks, multiples of 64, for
-    sequences longer than MAX_UNBLOCKED_T (one block for shorter ones).
+    """Query rows per block of the causal full forward: about 8 blocks, multiples of 64.
 
     Block [i, e) attends to keys [0, e) only, so the score work is (n + 1) / 2n of the full
     T × T square (56% for 8 blocks) and each block's scores stay cache-sized on CPU.
     """
-    if t <= MAX_UNBLOCKED_T:
-        return None
     block = max(64, -(-t // 8 // 64) * 64)
     return block if block < t else None
 
