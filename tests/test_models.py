@@ -135,6 +135,25 @@ def test_packed_sequences_match_separate_transformers_runs(tmp_root):
     assert np.abs(unpacked[second] - ours[second]).max() > 100 * ATOL
 
 
+def test_long_packed_rows_attend_in_query_blocks_and_match_transformers(tmp_root):
+    """A long row attends in causal query blocks (block [i, e) sees keys [0, e) only); with two
+    packed sequences and padding it still equals transformers' separate runs, a sequence
+    boundary falling inside a block."""
+    from tepo_jax.models.decoder import _causal_query_block
+
+    torch_model, model = _checkpoint("qwen2-gqa2-headdim24", tmp_root)
+    parts = [170, 110, 20]
+    t = sum(parts)
+    assert _causal_query_block(t) is not None and t % _causal_query_block(t)
+    tokens = _tokens(np.random.RandomState(4), 1, t)
+    segment_ids = np.array([[1] * parts[0] + [2] * parts[1] + [0] * parts[2]], np.int32)
+    positions = np.array([list(range(parts[0])) + list(range(parts[1])) + [0] * parts[2]], np.int32)
+    ours = forward(model, tokens, positions, segment_ids)[0]
+    first, second = slice(0, parts[0]), slice(parts[0], parts[0] + parts[1])
+    np.testing.assert_allclose(ours[first], hf_logits(torch_model, tokens[:, first])[0], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(ours[second], hf_logits(torch_model, tokens[:, second])[0], atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["qwen2-gqa2-headdim24", "llama-gqa4-llama3"])
 def test_kv_cache_prefill_then_decode_matches_full_forward(name, tmp_root):
     """Ragged prompts (right-padded, `valid` mask), prefill, then one token at a time."""
