@@ -16,6 +16,8 @@ TensorBoard events: tensorboardX writes them to a local directory, and on a stor
 uploads the events file whole (one upload, as metrics.jsonl).
 Weights & Biases (`config.log.wandb_project`) gets the same rows, from process 0, in one W&B
 run per workdir: its id is stored in `wandb_run_id` there, so a resumed run continues it.
+W&B writes its local run file every second (WANDB_FLUSH_S, not its default 15 s), so a killed
+attempt's W&B file holds its run id and all but about its last second of rows.
 """
 from __future__ import annotations
 
@@ -171,4 +173,20 @@ def open_wandb(workdir: epath.Path, project: str, config: Optional[dict]) -> Any
         paths.write_atomic(id_file, run_id + "\n")
     # W&B's own files (offline runs, logs) stay local: the workdir may be a bucket.
     return wandb.init(project=project, id=run_id, resume="allow", config=config,
-                      name=os.path.basename(os.fspath(workdir).rstrip("/")) or None)
+                      name=os.path.basename(os.fspath(workdir).rstrip("/")) or None,
+                      settings=_wandb_settings(wandb))
+
+
+# Seconds between W&B's writes of the run to its local `.wandb` file. W&B's default, 15 s, lets
+# a run killed (preempted, OOM) within 15 s of its last write lose those rows from W&B, and a
+# run killed in its first 15 s leave a file without even its run id.
+WANDB_FLUSH_S = 1.0
+
+
+def _wandb_settings(wandb) -> Any:
+    """W&B settings with WANDB_FLUSH_S where this wandb release has the setting (an internal,
+    `x_` one, so it is checked rather than assumed)."""
+    fields = getattr(wandb.Settings, "model_fields", {})
+    if "x_transaction_log_flush_interval" in fields:
+        return wandb.Settings(x_transaction_log_flush_interval=WANDB_FLUSH_S)
+    return wandb.Settings()

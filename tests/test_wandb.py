@@ -91,3 +91,39 @@ def test_wandb_history_equals_metrics_jsonl_and_a_resumed_run_keeps_its_id(tmp_p
     assert first == expected[:4]
     assert second == expected[3:]   # the resumed attempt starts at the checkpoint's row count
     assert first + second[1:] == expected
+
+
+def test_a_running_attempt_has_its_run_and_rows_on_disk_within_seconds(tmp_path, monkeypatch):
+    """W&B writes a run's `.wandb` file every WANDB_FLUSH_S seconds (its default is 15 s), so
+    an attempt killed soon after logging (a preemption, an OOM kill) leaves its run id and its
+    rows on disk, and the resumed attempt can be matched to it. Read while the run is open; W&B
+    holds a step's row until the next step, so the first of two rows is the one to find."""
+    import time
+
+    from tepo_jax.runlog import WANDB_FLUSH_S
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    workdir = tmp_path / "run"
+    log = RunLog(workdir, tensorboard=False, wandb_project="tepo-test")
+    try:
+        log.write(1, "sft", {"sft/nll": 0.5})
+        log.write(2, "sft", {"sft/nll": 0.25})
+        run_id = (workdir / WANDB_ID_FILE).read_text().strip()
+        # The run's own file (W&B keeps the WANDB_DIR of its first run in a process).
+        run_file = Path(log._wandb.settings.sync_file)
+        deadline, run, rows = time.monotonic() + 5 * WANDB_FLUSH_S, None, []
+        while time.monotonic() < deadline and not rows:
+            time.sleep(0.2)
+            if run_file.exists() and run_file.stat().st_size > 7:
+                records = list(wandb_records(run_file))
+                run = next((r.run.run_id for r in records if r.WhichOneof("record_type") == "run"), None)
+                rows = [r for r in records if r.WhichOneof("record_type") == "history"]
+        assert run == run_id and rows, (run, len(rows))
+        first = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rows[0].history.item}
+        expected = as_wandb_rows(workdir / "metrics.jsonl")[0]
+        assert {k: v for k, v in first.items() if not k.startswith("_")} == \
+            {k: v for k, v in expected.items() if not k.startswith("_")}
+    finally:
+        log.close()
