@@ -119,17 +119,24 @@ def test_padding_matches_unpadded_transformers(side, tmp_root):
     assert np.isfinite(ours).all()
 
 
-def test_packed_sequences_match_separate_transformers_runs(tmp_root):
-    torch_model, model = _checkpoint("llama-gqa4-llama3", tmp_root)
-    rng = np.random.RandomState(3)
-    parts = [11, 7, 4]  # two sequences and 4 padding slots in one row of 22
-    tokens = _tokens(rng, 1, sum(parts))
+def _packed_row_matches_separate_runs(name, tmp_root, parts, seed):
+    """One row of two packed sequences and padding (`parts` lengths): each sequence's logits
+    equal transformers' run of it alone. Returns (model, tokens, positions, ours, second slice)."""
+    torch_model, model = _checkpoint(name, tmp_root)
+    tokens = _tokens(np.random.RandomState(seed), 1, sum(parts))
     segment_ids = np.array([[1] * parts[0] + [2] * parts[1] + [0] * parts[2]], np.int32)
     positions = np.array([list(range(parts[0])) + list(range(parts[1])) + [0] * parts[2]], np.int32)
     ours = forward(model, tokens, positions, segment_ids)[0]
     first, second = slice(0, parts[0]), slice(parts[0], parts[0] + parts[1])
     np.testing.assert_allclose(ours[first], hf_logits(torch_model, tokens[:, first])[0], atol=ATOL, rtol=0)
     np.testing.assert_allclose(ours[second], hf_logits(torch_model, tokens[:, second])[0], atol=ATOL, rtol=0)
+    return model, tokens, positions, ours, second
+
+
+def test_packed_sequences_match_separate_transformers_runs(tmp_root):
+    # Two sequences and 4 padding slots in one row of 22.
+    model, tokens, positions, ours, second = _packed_row_matches_separate_runs("llama-gqa4-llama3", tmp_root,
+                                                                               [11, 7, 4], seed=3)
     # Without segment ids the second sequence would see the first: the mask is doing the work.
     unpacked = forward(model, tokens, positions)[0]
     assert np.abs(unpacked[second] - ours[second]).max() > 100 * ATOL
@@ -141,17 +148,10 @@ def test_long_packed_rows_attend_in_query_blocks_and_match_transformers(tmp_root
     boundary falling inside a block."""
     from tepo_jax.models.decoder import _causal_query_block
 
-    torch_model, model = _checkpoint("qwen2-gqa2-headdim24", tmp_root)
     parts = [170, 110, 20]
     t = sum(parts)
     assert _causal_query_block(t) is not None and t % _causal_query_block(t)
-    tokens = _tokens(np.random.RandomState(4), 1, t)
-    segment_ids = np.array([[1] * parts[0] + [2] * parts[1] + [0] * parts[2]], np.int32)
-    positions = np.array([list(range(parts[0])) + list(range(parts[1])) + [0] * parts[2]], np.int32)
-    ours = forward(model, tokens, positions, segment_ids)[0]
-    first, second = slice(0, parts[0]), slice(parts[0], parts[0] + parts[1])
-    np.testing.assert_allclose(ours[first], hf_logits(torch_model, tokens[:, first])[0], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(ours[second], hf_logits(torch_model, tokens[:, second])[0], atol=ATOL, rtol=0)
+    _packed_row_matches_separate_runs("qwen2-gqa2-headdim24", tmp_root, parts, seed=4)
 
 
 @pytest.mark.parametrize("name", ["qwen2-gqa2-headdim24", "llama-gqa4-llama3"])
