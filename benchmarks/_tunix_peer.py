@@ -4,8 +4,8 @@
 
 Tunix (google-tunix, `benchmarks/requirements-tunix.txt`) pins other transformers and
 tokenizers releases than ours, so it lives in its own virtualenv (`make bench` makes it) and
-this script imports nothing of tepo_jax but `tepo_jax.compile_log` (jax only), found through
-PYTHONPATH, so both sides count compile seconds the same way.
+this script imports nothing of ours but `benchmarks._compile` and `tepo_jax.compile_log` (jax
+only), found through PYTHONPATH, so both sides time calls and count compile seconds alike.
 
 DIR (written by tunix_step.py): the transformers Qwen2 checkpoint and tokenizer, and
 prompts.json (the chat-rendered prompt texts our side samples from, and the answers).
@@ -24,7 +24,6 @@ import argparse
 import collections
 import json
 import os
-import statistics
 import time
 
 
@@ -74,8 +73,8 @@ def load_model(files: str, cfg, mesh):
 
 def run_sampler(args) -> dict:
     _, mesh, cfg, tok, rows = setup(args.files)
+    from benchmarks._compile import time_sampler_calls
     from tunix.generate import sampler as sampler_lib
-    from tepo_jax.compile_log import CompileLog
 
     sampler = sampler_lib.Sampler(load_model(args.files, cfg, mesh), tok, sampler_lib.CacheConfig(
         cache_size=args.cache_len, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim))
@@ -88,18 +87,7 @@ def run_sampler(args) -> dict:
                           temperature=1.0, top_p=1.0, top_k=None, seed=seed, echo=False)
         return sum(len(t) for t in out.tokens)   # host lists: the call has finished
 
-    with CompileLog() as first_compiles:
-        t0 = time.perf_counter()
-        call(0)
-        first_s = time.perf_counter() - t0
-    times, tokens = [], []
-    for i in range(args.sampler_calls):
-        t0 = time.perf_counter()
-        tokens.append(call(i + 1))
-        times.append(time.perf_counter() - t0)
-    print(f"tunix: first sampler call compiles {first_compiles.summary()}")
-    return {"first_call_s": first_s, "first_call_compile_s": first_compiles.total_s,
-            "tok_per_s": statistics.median(tokens) / statistics.median(times), "tokens": tokens}
+    return time_sampler_calls("tunix", call, args.sampler_calls)
 
 
 def run_grpo(args) -> dict:

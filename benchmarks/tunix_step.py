@@ -35,7 +35,8 @@ Measured (2-core AMD EPYC VM with AVX-512, jax 0.10.2 CPU, Tunix 0.1.7; `--round
     warm GRPO step:     ours 1.74 s (rollout 0.71, update 1.00 with the reference inside),
                         tunix 3.00 s (rollout 1.43, reference 0.33, update 1.21); ratio 1.72
   The host's speed moves both sides by 10-20% between runs (Tunix's first call: 3.30 vs
-  3.81 s); our decode programs' compile fell by a third in isolation (see sampling/engine.py).
+  3.81 s); one decode program's trace and compile fell by a quarter to a third in isolation
+  (see sampling/engine.py).
 
 Last line: `tunix_step: ours X s/step, peer Y s/step, ratio R` (median warm GRPO step; R =
 Tunix / ours).
@@ -50,10 +51,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from benchmarks import rl_step
+from benchmarks._compile import time_sampler_calls
 from benchmarks._host import host_line
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,7 +106,6 @@ def ours_sampler(work, files: str) -> dict:
     import jax
 
     from tepo_jax.checkpoints.hf import load_hf
-    from tepo_jax.compile_log import CompileLog
     from tepo_jax.sampling import Sampler, SamplerConfig, SamplingParams
     from tepo_jax.tokenizer import load_tokenizer
 
@@ -121,18 +121,7 @@ def ours_sampler(work, files: str) -> dict:
                   for i in range(len(prompts))]
         return sum(len(o.tokens) for o in sampler.generate(prompts, params))
 
-    with CompileLog() as first_compiles:
-        t0 = time.perf_counter()
-        call(0)
-        first_s = time.perf_counter() - t0
-    times, tokens = [], []
-    for i in range(3):
-        t0 = time.perf_counter()
-        tokens.append(call(i + 1))
-        times.append(time.perf_counter() - t0)
-    print(f"ours: first sampler call compiles {first_compiles.summary()}")
-    return {"first_call_s": first_s, "first_call_compile_s": first_compiles.total_s,
-            "tok_per_s": statistics.median(tokens) / statistics.median(times), "tokens": tokens}
+    return time_sampler_calls("ours", call, warm_calls=3)
 
 
 def ours_grpo(work, files: str) -> dict:
