@@ -17,7 +17,7 @@ passes over [B, C, V] and differentiated through the max: three more passes per 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,17 +43,21 @@ def _chunk_metric_entropy(hidden, kernel, targets, vocab_chunk):
     return logprob_and_entropy(_logits(hidden, kernel), targets, vocab_chunk)
 
 
+def _log_z(logits, targets, lp):
+    """log Z [B, C] of a chunk, as target logit − logprob."""
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return target_logit - lp
+
+
 def _chunk_fwd(hidden, kernel, targets, vocab_chunk):
     logits = _logits(hidden, kernel)
     lp, ent = logprob_and_entropy(logits, targets, vocab_chunk)
-    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return (lp, ent), (hidden, kernel, targets, target_logit - lp)   # last: log Z [B, C]
+    return (lp, ent), (hidden, kernel, targets, _log_z(logits, targets, lp))
 
 
-def _chunk_bwd(vocab_chunk, res, cts):
-    hidden, kernel, targets, log_z = res
-    g = cts[0]                                                        # the entropy's is dropped
-    logits = _logits(hidden, kernel)
+def _head_grads(hidden, kernel, targets, logits, log_z, g):
+    """(d hidden, d kernel) of Σ g · logprob(targets) through the head, from the chunk's logits
+    and log Z: d logits = g · (onehot(y) − exp(z − log Z))."""
     onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
     dz = g[..., None] * (onehot - jnp.exp(logits - log_z[..., None]))  # d logp / d z, [B, C, V]
     dz = dz.astype(hidden.dtype)
@@ -61,7 +65,13 @@ def _chunk_bwd(vocab_chunk, res, cts):
                           preferred_element_type=jnp.float32).astype(hidden.dtype)
     d_kernel = jnp.einsum("BCD,BCV->DV", hidden, dz,
                           preferred_element_type=jnp.float32).astype(kernel.dtype)
-    return d_hidden, d_kernel, None
+    return d_hidden, d_kernel
+
+
+def _chunk_bwd(vocab_chunk, res, cts):
+    hidden, kernel, targets, log_z = res
+    g = cts[0]                                                        # the entropy's is dropped
+    return _head_grads(hidden, kernel, targets, _logits(hidden, kernel), log_z, g) + (None,)
 
 
 _chunk_metric_entropy.defvjp(_chunk_fwd, _chunk_bwd)
@@ -116,37 +126,150 @@ def sequence_logprob_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.
 SKIP_CHUNK_ROWS = 512
 
 
+class _NeededFirst:
+    """Each row's positions reordered needed ones first (a stable sort, row-local, so the batch
+    sharding holds) and cut into `n` chunks of `chunk`; `active[i]`: chunk i holds a needed
+    position of some row. `chunks` / `unchunk` move [B, T, ...] arrays into and out of that
+    layout ([n, B, chunk, ...], the batch axis and its sharding where they were)."""
+
+    def __init__(self, needed, chunk_size):
+        b, t = needed.shape
+        # A power of two, at most SKIP_CHUNK_ROWS rows of the head's matmul per chunk.
+        self.chunk = min(chunk_size or t, t, max(16, 1 << (SKIP_CHUNK_ROWS // b).bit_length() - 1))
+        self.n = -(-t // self.chunk)
+        self.b, self.t = b, t
+        self.order = jnp.argsort(~needed, axis=1, stable=True)                   # needed first
+        self.active = jnp.arange(self.n) * self.chunk < jnp.max(jnp.sum(needed, axis=1))
+
+    def chunks(self, x, mode="constant"):
+        """`mode`: how the last chunk is padded past T (jnp.pad's)."""
+        order = self.order.reshape(self.order.shape + (1,) * (x.ndim - 2))
+        x = jnp.take_along_axis(x, order, axis=1)
+        x = jnp.pad(x, ((0, 0), (0, self.n * self.chunk - self.t)) + ((0, 0),) * (x.ndim - 2), mode=mode)
+        return jnp.moveaxis(x.reshape((self.b, self.n, self.chunk) + x.shape[2:]), 1, 0)
+
+    def unchunk(self, x):
+        x = jnp.moveaxis(x, 0, 1).reshape((self.b, self.n * self.chunk) + x.shape[3:])[:, :self.t]
+        inverse = jnp.argsort(self.order, axis=1)
+        return jnp.take_along_axis(x, inverse.reshape(inverse.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 def _needed_positions_first(hidden, kernel, targets, needed, chunk_size, vocab_chunk, entropy_grad):
     """`sequence_logprob_entropy` over the needed positions only, with static shapes.
 
-    Each row's positions are reordered, needed ones first (a stable sort, row-local, so the
-    batch sharding holds), and cut into chunks; a chunk past every row's needed count is
-    skipped by `lax.cond` (forward and backward), so the head runs on about max-row-count
-    positions instead of T. In RL batches the prompts, tool results and padding are a third
-    to a half of T. The values are put back in place; skipped positions read 0.
+    The positions are put needed first and cut into chunks (`_NeededFirst`); a chunk past every
+    row's needed count is skipped by `lax.cond` (forward and backward), so the head runs on
+    about max-row-count positions instead of T. In RL batches the prompts, tool results and
+    padding are a third to a half of T. The values are put back in place; skipped positions
+    read 0.
     """
-    b, t, d = hidden.shape
-    chunk = min(chunk_size, t, max(16, 1 << (SKIP_CHUNK_ROWS // b).bit_length() - 1))  # a power of two
-    n = -(-t // chunk)
-    order = jnp.argsort(~needed, axis=1, stable=True)                       # needed first
-    pad = n * chunk - t
-    hs = jnp.pad(jnp.take_along_axis(hidden, order[..., None], axis=1), ((0, 0), (0, pad), (0, 0)))
-    ys = jnp.pad(jnp.take_along_axis(targets, order, axis=1), ((0, 0), (0, pad)))
-    active = jnp.arange(n) * chunk < jnp.max(jnp.sum(needed, axis=1))       # chunk holds a needed one
-    hs = jnp.moveaxis(hs.reshape(b, n, chunk, d), 1, 0)
-    ys = jnp.moveaxis(ys.reshape(b, n, chunk), 1, 0)
+    layout = _NeededFirst(needed, chunk_size)
     chunk_fn = lambda h, y, k: _chunk_logprob_entropy(h, k, y, vocab_chunk, entropy_grad)  # noqa: E731
     body = jax.checkpoint(chunk_fn) if entropy_grad else chunk_fn
-    zeros = jnp.zeros((b, chunk), jnp.float32)
+    zeros = jnp.zeros((layout.b, layout.chunk), jnp.float32)
 
     def scan_body(_, xs):
         h, y, on = xs
         return None, jax.lax.cond(on, lambda: body(h, y, kernel), lambda: (zeros, zeros))
 
-    _, (lp, ent) = jax.lax.scan(scan_body, None, (hs, ys, active))
-    inverse = jnp.argsort(order, axis=1)
-    unsort = lambda x: jnp.take_along_axis(jnp.moveaxis(x, 0, 1).reshape(b, n * chunk)[:, :t], inverse, axis=1)  # noqa: E731
-    return unsort(lp), unsort(ent)
+    xs = (layout.chunks(hidden), layout.chunks(targets), layout.active)
+    _, (lp, ent) = jax.lax.scan(scan_body, None, xs)
+    return layout.unchunk(lp), layout.unchunk(ent)
+
+
+# --- The head with the loss's gradient formed in its forward pass -------------------------------
+#
+# A policy loss is a sum of per-token terms, ℓ_t(logprob_t) (rl/loss.py). Its gradient through
+# the head needs only g_t = dℓ_t/dlogprob_t, which the forward pass can compute as soon as a
+# chunk's logprobs exist, while that chunk's logits are still at hand. So the forward forms
+# d logits, d hidden and d kernel at once and keeps only those ([B, T, D] and [D, V]); the
+# backward pass scales them by the loss's cotangent. Against differentiating
+# `sequence_logprob_entropy`, this drops the backward's recompute of every chunk's logits (one
+# of the head's four [rows, D] × [D, V] matmuls, and an exp pass over [rows, V]) and stores no
+# logits either. The values are those of autodiff through the chunked head: same logits, same
+# log Z, same accumulation order of d kernel over chunks (last chunk first, as a transposed
+# scan adds them).
+
+
+def _head_loss_chunk(hidden, kernel, targets, needed, inputs, token_loss, vocab_chunk):
+    """One chunk's (logprob, entropy, loss sum, d hidden, d kernel) of Σ token_loss over the
+    needed positions."""
+    logits = _logits(hidden, kernel)
+    lp, ent = logprob_and_entropy(logits, targets, vocab_chunk)
+    losses, pullback = jax.vjp(lambda x: jnp.where(needed, token_loss(x, inputs), 0.0), lp)
+    (g,) = pullback(jnp.ones_like(losses))
+    d_hidden, d_kernel = _head_grads(hidden, kernel, targets, logits, _log_z(logits, targets, lp), g)
+    return lp, ent, jnp.sum(losses), d_hidden, d_kernel
+
+
+def _fused_forward(token_loss, chunk_size, vocab_chunk, hidden, kernel, targets, needed, inputs):
+    """((loss, logprob, entropy), (d hidden, d kernel)), over the needed positions' chunks."""
+    layout = _NeededFirst(needed, chunk_size)
+    zeros = jnp.zeros((layout.b, layout.chunk), jnp.float32)
+    zero_dh = jnp.zeros((layout.b, layout.chunk, hidden.shape[-1]), hidden.dtype)
+
+    def step(d_kernel, xs):   # carries d kernel; the rest is stacked per chunk
+        h, y, need, inp, on = xs
+
+        def compute():
+            lp, ent, loss, dh, dk = _head_loss_chunk(h, kernel, y, need, inp, token_loss, vocab_chunk)
+            return d_kernel + dk, (lp, ent, loss, dh)
+
+        def skip():
+            return d_kernel, (zeros, zeros, jnp.zeros((), jnp.float32), zero_dh)
+
+        return jax.lax.cond(on, compute, skip)
+
+    # The inputs are padded with their last value (not 0): a loss may divide by one of them.
+    inputs = jax.tree.map(lambda x: layout.chunks(x, "edge"), inputs)
+    xs = (layout.chunks(hidden), layout.chunks(targets), layout.chunks(needed), inputs, layout.active)
+    d_kernel, (lp, ent, losses, d_hidden) = jax.lax.scan(step, jnp.zeros_like(kernel), xs, reverse=True)
+    return (jnp.sum(losses), layout.unchunk(lp), layout.unchunk(ent)), (layout.unchunk(d_hidden), d_kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused_head_loss(token_loss, chunk_size, vocab_chunk, hidden, kernel, targets, needed, inputs):
+    return _fused_forward(token_loss, chunk_size, vocab_chunk, hidden, kernel, targets, needed, inputs)[0]
+
+
+def _fused_fwd(token_loss, chunk_size, vocab_chunk, hidden, kernel, targets, needed, inputs):
+    return _fused_forward(token_loss, chunk_size, vocab_chunk, hidden, kernel, targets, needed, inputs)
+
+
+def _fused_bwd(token_loss, chunk_size, vocab_chunk, res, cts):
+    d_hidden, d_kernel = res
+    ct_loss = cts[0]   # logprob and entropy leave `head_loss` without a gradient
+    return (ct_loss * d_hidden).astype(d_hidden.dtype), (ct_loss * d_kernel).astype(d_kernel.dtype), None, None, None
+
+
+_fused_head_loss.defvjp(_fused_fwd, _fused_bwd)
+
+
+def head_loss(hidden: jax.Array, kernel: jax.Array, tokens: jax.Array, segment_ids: jax.Array,
+              needed: jax.Array, token_loss: Callable, inputs, chunk_size: Optional[int] = 256,
+              vocab_chunk: Optional[int] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(loss, logprob, entropy) of a per-token loss through the output head, batch convention.
+
+    loss = Σ_t token_loss(logprob, inputs)_t over the `needed` tokens (bool[B, T]: the loss's
+    tokens); `token_loss(logprob [B, C], inputs chunk) -> [B, C]` is elementwise in logprob and
+    is also evaluated at other tokens of a chunk, whose terms are dropped: it must stay finite
+    there, with a finite gradient (sanitise what it does not read; `rl.loss.token_losses` does).
+    `inputs` is a pytree of [B, T] arrays in batch convention (rl/batch.py), cut into chunks
+    beside the logprobs. logprob and entropy [B, T] are those of `token_logprob_entropy(...,
+    needed=needed)` and carry no gradient (metrics). The loss's gradient is formed in the
+    forward pass (see above): differentiate a function that uses the loss linearly (`jax.grad`
+    of it, as a train step does); evaluating it without a gradient does that work for nothing.
+    """
+    # Token t's logprob comes from hidden[t − 1]: targets and inputs move one position left.
+    # The inputs' last position repeats the one before (not 0): a loss may divide by an input.
+    shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731
+    shift_edge = lambda x: jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)  # noqa: E731
+    loss, lp, ent = _fused_head_loss(token_loss, chunk_size, vocab_chunk, hidden, kernel, shift(tokens),
+                                     shift(needed), jax.tree.map(shift_edge, inputs))
+    has_pred = prediction_mask(segment_ids)
+    unshift = lambda x: jnp.where(has_pred, jnp.pad(x[:, :-1], ((0, 0), (1, 0))), 0.0)  # noqa: E731
+    sg = jax.lax.stop_gradient
+    return loss, sg(unshift(lp)), sg(unshift(ent))
 
 
 def prediction_mask(segment_ids: jax.Array) -> jax.Array:

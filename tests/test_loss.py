@@ -13,10 +13,11 @@ from tepo_jax.rl.batch import (SequenceData, TrainBatch, bucket, pack_sequences,
                                sequence_from_trajectory)
 from tepo_jax.config import defaults, validate
 from tepo_jax.errors import ConfigError
-from tepo_jax.rl.loss import (AggMode, LossConfig, loss_and_metric_sums, num_sequences, per_token_terms,
-                              policy_loss, sequence_token_counts)
+from tepo_jax.rl.loss import (AggMode, LossConfig, loss_and_metric_sums, loss_denominator, loss_token_mask,
+                              num_sequences, per_token_terms, policy_loss, sequence_token_counts,
+                              token_loss_inputs, token_losses)
 from tepo_jax.rl.train_step import forward_logprobs, split_model
-from tepo_jax.seqlogprob import sequence_logprob_entropy, token_logprob_entropy
+from tepo_jax.seqlogprob import head_loss, sequence_logprob_entropy, token_logprob_entropy
 
 TINY = ModelConfig(family="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=4, qkv_bias=True)
@@ -382,8 +383,88 @@ def test_needed_positions_only_match_the_full_head(counts, entropy_grad):
         assert np.abs(np.asarray(g1[1])).sum() > 0
 
 
-def _temp_bytes(t, chunk, vocab=8192, b=2, d=32):
+# ------------------------------------------------- the head with the loss gradient in its forward
+def _policy_loss_through_head(batch, cfg, chunk, fused):
+    """f(hidden, kernel) -> the policy loss of `batch` (whole-batch D), through `head_loss`
+    (fused) or by autodiff of the chunked logprobs (`token_logprob_entropy(needed=...)`)."""
+    mask = loss_token_mask(batch)
+    denominator = loss_denominator(batch, cfg)
+    inputs = token_loss_inputs(batch, cfg, denominator)
+
+    def f(h, k):
+        if fused:
+            loss, lp, ent = head_loss(h, k, batch.tokens, batch.segment_ids, mask > 0,
+                                      lambda x, inp: token_losses(x, inp, cfg), inputs, chunk)
+            return loss, (lp, ent)
+        lp, ent = token_logprob_entropy(h, k, batch.tokens, batch.segment_ids, chunk, needed=mask > 0)
+        return jnp.sum(token_losses(lp, token_loss_inputs(batch, cfg, denominator), cfg)), (lp, ent)
+    return f
+
+
+@pytest.mark.parametrize("mode", [m.value for m in AggMode])
+@pytest.mark.parametrize("chunk", [4, None])
+def test_head_loss_equals_autodiff_of_the_chunked_head(mode, chunk):
+    """`head_loss` (the loss gradient formed in the forward pass) gives the loss, logprobs,
+    entropies and hidden/kernel gradients of autodiff through the chunked head, in every
+    aggregation mode with KL and ResT weights, chunked or not, with a row that has no loss
+    token; garbage (inf, huge values) at masked tokens changes nothing, and those positions'
+    hidden gradient is exactly 0."""
+    rng = np.random.default_rng(12)
+    batch = random_batch(rng, b=4, t=40)
+    mask = batch.loss_mask.copy()
+    mask[2] = 0.0                                        # a row with no loss token
+    off = mask == 0
+    batch = batch._replace(loss_mask=mask, advantages=np.where(off, np.inf, batch.advantages).astype(np.float32),
+                           old_logprobs=np.where(off, 1e4, batch.old_logprobs).astype(np.float32),
+                           token_weights=np.where(off, np.nan, batch.token_weights).astype(np.float32))
+    hidden = jnp.asarray(rng.standard_normal((4, 40, 16)), jnp.float32)
+    kernel = jnp.asarray(0.3 * rng.standard_normal((16, 64)), jnp.float32)
+    cfg = LossConfig(eps_low=0.2, eps_high=0.28, kl_coef=0.1, agg_mode=mode, norm_len=30)
+    results = {}
+    for fused in (False, True):
+        f = _policy_loss_through_head(batch, cfg, chunk, fused)
+        results[fused] = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(hidden, kernel)
+    ((loss0, (lp0, ent0)), g0), ((loss1, (lp1, ent1)), g1) = results[False], results[True]
+    np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(lp1), np.asarray(lp0))
+    np.testing.assert_array_equal(np.asarray(ent1), np.asarray(ent0))
+    for a, b in zip(g0, g1):
+        assert np.all(np.isfinite(np.asarray(b)))
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-9)
+    target_off = np.concatenate([off[:, 1:], np.ones((4, 1), bool)], axis=1)   # hidden[t] predicts t + 1
+    assert np.all(np.asarray(g1[0])[target_off] == 0.0) and np.abs(np.asarray(g1[0])).sum() > 0
+
+
+def _vocab_matmuls(jaxpr, v) -> int:
+    """dot_generals of a jaxpr (sub-jaxprs included) with an operand of vocabulary size v."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and any(v in x.aval.shape for x in eqn.invars):
+            n += 1
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            n += _vocab_matmuls(sub, v)
+    return n
+
+
+def test_head_loss_backward_recomputes_no_logits():
+    """Differentiating `head_loss` runs three [rows, D] × [D, V] matmuls per chunk (logits,
+    d hidden, d kernel), autodiff of the chunked head four (the logits again in the backward)."""
+    rng = np.random.default_rng(13)
+    batch = random_batch(rng, t=32)
+    cfg = LossConfig(kl_coef=0.1)
+    args = (jnp.zeros((3, 32, 16), jnp.float32), jnp.zeros((16, 64), jnp.float32))
+    count = {fused: _vocab_matmuls(jax.make_jaxpr(jax.grad(
+        lambda h, k: _policy_loss_through_head(batch, cfg, 8, fused)(h, k)[0], argnums=(0, 1)))(*args).jaxpr, 64)
+        for fused in (False, True)}
+    assert count == {False: 4, True: 3}
+
+
+def _temp_bytes(t, chunk, vocab=8192, b=2, d=32, fused=False):
     def f(h, k, y):
+        if fused:   # the head with the loss gradient in its forward, every position a loss token
+            needed = jnp.ones(y.shape, bool)
+            return head_loss(h, k, y, needed.astype(jnp.int32), needed, lambda lp, w: w * lp,
+                             jnp.ones(y.shape, jnp.float32), chunk)[0]
         lp, ent = sequence_logprob_entropy(h, k, y, chunk)
         return jnp.sum(lp)
     args = (jax.ShapeDtypeStruct((b, t, d), jnp.float32), jax.ShapeDtypeStruct((d, vocab), jnp.float32),
@@ -392,9 +473,12 @@ def _temp_bytes(t, chunk, vocab=8192, b=2, d=32):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_chunked_memory_does_not_scale_with_sequence_times_vocab():
+@pytest.mark.parametrize("fused", [False, True])
+def test_chunked_memory_does_not_scale_with_sequence_times_vocab(fused):
+    """The chunked head's forward + backward (autodiff, or `head_loss`'s gradient formed in the
+    forward) holds one chunk's logits, not [B, T, V]."""
     logits_bytes = lambda t: 2 * t * 8192 * 4  # noqa: E731  (B·T·V float32)
-    chunked = {t: _temp_bytes(t, 64) for t in (256, 1024)}
+    chunked = {t: _temp_bytes(t, 64, fused=fused) for t in (256, 1024)}
     full = {t: _temp_bytes(t, None) for t in (256, 1024)}
     # The unchunked forward+backward holds at least the [B, T, V] logits: it grows with T·V ...
     assert full[1024] - full[256] >= logits_bytes(1024) - logits_bytes(256)

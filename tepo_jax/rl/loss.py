@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +184,35 @@ def per_token_terms(logp: jax.Array, batch: TrainBatch, mask: jax.Array, cfg: Lo
     else:
         terms["kl"] = jnp.zeros_like(logp)
     return terms
+
+
+class TokenLossInputs(NamedTuple):
+    """What `token_losses` reads per token, [B, T] each (batch convention); `token_loss_inputs`."""
+
+    mask: jax.Array           # m_t (the loss mask, restricted to tokens with a prediction)
+    old_logprobs: jax.Array
+    advantages: jax.Array
+    ref_logprobs: jax.Array
+    pg_weight: jax.Array      # a_t · w_t (0 where m_t = 0)
+    kl_weight: jax.Array      # a_t
+    denominator: jax.Array    # D of the whole batch, at every token
+
+
+def token_loss_inputs(batch: TrainBatch, cfg: LossConfig, denominator: jax.Array) -> TokenLossInputs:
+    """The per-token inputs of `token_losses` for `batch`, with the whole batch's D."""
+    mask = loss_token_mask(batch)
+    a = aggregation_weights(batch, mask, cfg)
+    w = jnp.where(mask > 0, batch.token_weights, 0.0)
+    return TokenLossInputs(mask, batch.old_logprobs, batch.advantages, batch.ref_logprobs, a * w, a,
+                           jnp.broadcast_to(denominator, mask.shape))
+
+
+def token_losses(logp: jax.Array, inputs: TokenLossInputs, cfg: LossConfig) -> jax.Array:
+    """(a_t · w_t · pg_t + β · a_t · kl_t) / D per token: the loss is their sum (the loss of
+    `loss_and_metric_sums`, term by term). Elementwise in logp, 0 with a 0 gradient where
+    m_t = 0, so `seqlogprob.head_loss` can form its gradient chunk by chunk."""
+    terms = per_token_terms(logp, inputs, inputs.mask, cfg)
+    return (inputs.pg_weight * terms["pg"] + cfg.kl_coef * (inputs.kl_weight * terms["kl"])) / inputs.denominator
 
 
 def loss_and_metric_sums(logp: jax.Array, entropy: jax.Array, batch: TrainBatch, cfg: LossConfig,

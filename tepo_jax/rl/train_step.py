@@ -26,6 +26,7 @@ summed gradient is exactly the full-batch gradient in every aggregation mode.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.struct
@@ -39,8 +40,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tepo_jax.models.decoder import BATCH_AXES
 from tepo_jax.rl.batch import TrainBatch
 from tepo_jax.rl.loss import (SUM_METRICS, LossConfig, finalize_metrics, loss_and_metric_sums,
-                              loss_denominator, loss_token_mask)
-from tepo_jax.seqlogprob import token_logprob_entropy
+                              loss_denominator, loss_token_mask, token_loss_inputs, token_losses)
+from tepo_jax.seqlogprob import head_loss, token_logprob_entropy
 from tepo_jax.sharding import param_shardings, replicated
 from tepo_jax.xla_options import program_options
 
@@ -119,6 +120,20 @@ def forward_logprobs(model_def: ModelDef, params: PyTree, batch: TrainBatch, cfg
                                  cfg.seq_chunk, cfg.vocab_chunk, needed=needed)
 
 
+def forward_loss(model_def: ModelDef, params: PyTree, batch: TrainBatch, cfg: LossConfig,
+                 token_loss: Callable, inputs: PyTree) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(loss, logprob, entropy): loss = Σ_t token_loss(logprob, inputs)_t over the loss tokens
+    of `batch` under `params`, through `seqlogprob.head_loss`, which forms the loss's gradient
+    through the output head in its forward pass (no logits recomputed in the backward).
+    `token_loss` is elementwise in logprob (e.g. `rl.loss.token_losses`; `head_loss` says what
+    it must do off the loss tokens) and `inputs` holds its per-token [B, T] inputs. logprob
+    and entropy [B, T] (loss tokens only, the rest 0) carry no gradient."""
+    model = model_def.merge(params)
+    hidden, _ = model.hidden_states(batch.tokens, batch.positions, segment_ids=batch.segment_ids)
+    return head_loss(hidden, model.unembed_kernel(), batch.tokens, batch.segment_ids,
+                     loss_token_mask(batch) > 0, token_loss, inputs, cfg.seq_chunk, cfg.vocab_chunk)
+
+
 def split_micro_batches(batch: TrainBatch, micro_batches: int) -> TrainBatch:
     """[B, T] -> [M, B/M, T]; micro-batch m = rows m, m + M, m + 2M, … (interleaved)."""
     b = batch.tokens.shape[0]
@@ -152,8 +167,9 @@ def accumulate_gradients(model_def: ModelDef, params: PyTree, batch: TrainBatch,
 
     def micro_loss(p, mb):
         mb = with_reference_logprobs(model_def, ref_params, mb, cfg)
-        logp, entropy = forward_logprobs(model_def, p, mb, cfg, loss_tokens_only=True)
-        return loss_and_metric_sums(logp, entropy, mb, cfg, num_tokens, denominator)
+        loss, logp, entropy = forward_loss(model_def, p, mb, cfg, functools.partial(token_losses, cfg=cfg),
+                                           token_loss_inputs(mb, cfg, denominator))
+        return loss, loss_and_metric_sums(logp, entropy, mb, cfg, num_tokens, denominator)[1]
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
     if micro_batches == 1:

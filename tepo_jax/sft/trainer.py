@@ -15,7 +15,7 @@ import optax
 
 from tepo_jax.rl.batch import SequenceData, TrainBatch, pack_sequences
 from tepo_jax.rl.loss import LossConfig, loss_token_mask
-from tepo_jax.rl.train_step import ModelDef, TrainState, forward_logprobs
+from tepo_jax.rl.train_step import ModelDef, TrainState, forward_loss
 from tepo_jax.sharding import replicated
 from tepo_jax.xla_options import program_options
 
@@ -42,12 +42,19 @@ def sft_batch(trajs: Sequence, seq_len: int, row_multiple: int) -> TrainBatch:
                           row_buckets=SFT_ROW_BUCKETS).batch
 
 
+def _token_nll(logp, inputs):
+    """−mask · log p / N per token (N: the batch's model tokens, at every token)."""
+    mask, num_tokens = inputs
+    return -(mask * logp) / num_tokens
+
+
 def sft_loss(model_def: ModelDef, params, batch: TrainBatch, loss_cfg: LossConfig):
-    logp, entropy = forward_logprobs(model_def, params, batch, loss_cfg, loss_tokens_only=True)
     mask = loss_token_mask(batch)
     n = jnp.maximum(jnp.sum(mask), 1.0)
-    nll = -jnp.sum(mask * logp) / n
-    return nll, {"sft/nll": nll, "sft/entropy": jnp.sum(mask * entropy) / n, "sft/tokens": n}
+    loss, logp, entropy = forward_loss(model_def, params, batch, loss_cfg, _token_nll,
+                                       (mask, jnp.broadcast_to(n, mask.shape)))
+    nll = -jnp.sum(mask * logp) / n   # the loss's value, summed as before (logp is a metric here)
+    return loss, {"sft/nll": nll, "sft/entropy": jnp.sum(mask * entropy) / n, "sft/tokens": n}
 
 
 def make_sft_step(model_def: ModelDef, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
