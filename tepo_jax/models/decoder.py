@@ -180,6 +180,18 @@ def _write_cache(cache: LayerCache, k, v, write_index):
     return new_k.astype(k.dtype), new_v.astype(v.dtype), LayerCache(new_k, new_v)
 
 
+def _matmul(x, kernel):
+    """x [B, T, K] · kernel [K, O] -> [B, T, O], computed as one 2-D matmul [B·T, K] × [K, O].
+
+    Why not the einsum "BTK,KO->BTO": on XLA CPU its autodiff computed each weight gradient
+    from a transposed copy of the activation gradient; the 2-D form's backward multiplies the
+    arrays as they are (the MLP's fwd + bwd at [4, 512, 512] × [512, 1408]: 198 → 146 ms),
+    with the same values, bit for bit. (The attention projections keep their einsums: in the
+    2-D form their values moved by float rounding.)
+    """
+    return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(x.shape[:-1] + kernel.shape[-1:])
+
+
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, keys: _InitKeys):
         d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
@@ -193,11 +205,11 @@ class MLP(nnx.Module):
             self.down_bias = _param(keys, (d,), (None,), pd, init="zeros")
 
     def __call__(self, x):
-        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...].astype(x.dtype))
-        up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(x.dtype))
+        gate = _matmul(x, self.gate_proj[...].astype(x.dtype))
+        up = _matmul(x, self.up_proj[...].astype(x.dtype))
         if self.bias:
             gate, up = gate + self.gate_bias[...].astype(x.dtype), up + self.up_bias[...].astype(x.dtype)
-        out = jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj[...].astype(x.dtype))
+        out = _matmul(jax.nn.silu(gate) * up, self.down_proj[...].astype(x.dtype))
         return out + self.down_bias[...].astype(x.dtype) if self.bias else out
 
 
