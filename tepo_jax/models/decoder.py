@@ -156,9 +156,13 @@ def _attend(q, k, v, mask, scale: float, q_block: Optional[int]):
     if q_block is None:
         out = _attend_block(q, k, v, mask, scale)
     else:
-        spans = [(i, min(i + q_block, t)) for i in range(0, t, q_block)]
-        out = jnp.concatenate([_attend_block(q[:, :, :, i:e], k[:, :, :e], v[:, :, :e],
-                                             mask[:, i:e, :e], scale) for i, e in spans], axis=3)
+        # One split, not a slice per block: the gradient of a split is one concatenate, that
+        # of each slice a zero-padded full-length copy, all summed (an [B, T, N, H] pass each).
+        ends = list(range(q_block, t, q_block)) + [t]
+        q_blocks = jnp.split(q, ends[:-1], axis=3)
+        out = jnp.concatenate([_attend_block(qb, k[:, :, :e], v[:, :, :e],
+                                             mask[:, e - qb.shape[3]:e, :e], scale)
+                               for qb, e in zip(q_blocks, ends)], axis=3)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
 
 
