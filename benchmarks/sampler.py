@@ -103,11 +103,11 @@ def parse_args(argv=None):
     return args
 
 
-def sampler_config(args, batch: int) -> SamplerConfig:
+def sampler_config(args, batch: int, model_config) -> SamplerConfig:
     """The driver's sizing rule (`SamplerConfig.for_rollout`) for a cache that holds the prompt
     and every new token."""
     max_len = -(-(args.prompt_len + args.new_tokens + 1) // 128) * 128
-    return SamplerConfig.for_rollout(max_len, batch, steps_per_call=args.steps_per_call,
+    return SamplerConfig.for_rollout(max_len, batch, model=model_config, steps_per_call=args.steps_per_call,
                                      prefill_buckets=(args.prompt_len,), max_new_tokens=args.new_tokens,
                                      vocab_chunk=args.vocab_chunk)
 
@@ -133,7 +133,7 @@ def time_ours(model, args, prompts):
     """{emit_stats: (end-to-end s, decode s)}, best of --repeats; the two samplers' runs are
     interleaved so load from other processes hits both alike."""
     params = [SamplingParams(temperature=1.0, max_tokens=args.new_tokens, seed=i) for i in range(len(prompts))]
-    samplers = {emit: Sampler(model, sampler_config(args, len(prompts)), emit_stats=emit) for emit in (True, False)}
+    samplers = {emit: Sampler(model, sampler_config(args, len(prompts), model.cfg), emit_stats=emit) for emit in (True, False)}
     for s in samplers.values():
         run_once(s, prompts, params, args.new_tokens)  # warm-up: compiles every bucket
     best = {emit: (float("inf"), float("inf")) for emit in samplers}

@@ -114,7 +114,8 @@ def ours_sampler(work, files: str) -> dict:
         rows = json.load(f)
     tok = load_tokenizer(files)
     prompts = [tok(r["prompt"])["input_ids"] for r in rows for _ in range(work.group)]
-    sampler = Sampler(load_hf(files), SamplerConfig.for_rollout(rl_step.cache_len(work), len(prompts)))
+    model = load_hf(files)
+    sampler = Sampler(model, SamplerConfig.for_rollout(rl_step.cache_len(work), len(prompts), model=model.cfg))
 
     def call(seed: int) -> int:
         params = [SamplingParams(temperature=1.0, max_tokens=work.new_tokens, seed=seed * len(prompts) + i)

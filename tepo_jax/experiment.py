@@ -101,7 +101,7 @@ def make_agent(config, model, exp: Experiment, slots: int) -> AgentLoop:
     c = config
     shards = batch_shards(exp.mesh)
     slots = -(-slots // shards) * shards
-    cfg = SamplerConfig.for_rollout(c.rollout.cache_len, slots, seed=c.seed,
+    cfg = SamplerConfig.for_rollout(c.rollout.cache_len, slots, model=model.cfg, seed=c.seed,
                                     eos_ids=tuple(stop_token_ids(exp.tokenizer))[:8])
     sampler = Sampler(model, cfg, tokenizer=exp.tokenizer)
     return AgentLoop(sampler, exp.bridge, exp.tokenizer, exp.fmt, RolloutConfig.from_config(c), exp.tools,

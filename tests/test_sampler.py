@@ -216,3 +216,45 @@ def test_timings_count_the_work_and_one_sizing_rule(samplers):
     assert window_buckets(40) == (40,)
     cfg = SamplerConfig.for_rollout(1024, 8, seed=3)
     assert (cfg.cache_buckets, cfg.max_slots, cfg.max_len, cfg.seed) == ((256, 512, 1024), 8, 1024, 3)
+
+
+def test_windows_are_kept_only_where_they_cut_the_bytes_a_decode_step_reads():
+    """`decode_step_bytes` against a count from the model's own arrays (the abstract model's
+    parameter leaves, minus the untied embedding that a step only indexes, plus the slots' KV
+    cache up to the window), and `window_buckets`' rule: a smaller window is kept only where
+    a step at it reads MIN_WINDOW_SAVING fewer bytes than at the next larger window kept."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from tepo_jax.models.config import ModelConfig
+    from tepo_jax.models.decoder import build_abstract, init_cache
+    from tepo_jax.sampling.config import MIN_WINDOW_SAVING, decode_step_bytes, window_buckets
+
+    def counted(cfg, slots, window):
+        model = build_abstract(cfg)
+        leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+        weights = sum(x.size * x.dtype.itemsize for x in leaves)
+        if not cfg.tie_word_embeddings:
+            weights -= model.embed.size * model.embed.dtype.itemsize
+        cache = jax.eval_shape(lambda: init_cache(cfg, slots, window))
+        return weights + sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+    small = ModelConfig(family="qwen2", vocab_size=32000, hidden_size=256, intermediate_size=544, num_layers=4,
+                        num_heads=4, num_kv_heads=2, head_dim=64, qkv_bias=True)
+    tied_bf16 = small.replace(tie_word_embeddings=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    for cfg in (small, tied_bf16):
+        for slots, window in ((8, 256), (64, 1024)):
+            assert decode_step_bytes(cfg, slots, window) == counted(cfg, slots, window)
+
+    # 8 slots, cache 256 (the rl_step benchmark): the weights dominate, one window.
+    assert window_buckets(256, small, 8) == (256,)
+    # Many slots and long sequences: the cache dominates, every candidate is kept.
+    assert window_buckets(4096, small, 64) == (1024, 2048, 4096)
+    for slots in (1, 4, 16, 64, 256):
+        kept = window_buckets(2048, small, slots)
+        assert kept[-1] == 2048 and set(kept) <= set(window_buckets(2048))
+        for smaller, larger in zip(kept, kept[1:]):
+            assert decode_step_bytes(small, slots, smaller) <= (1 - MIN_WINDOW_SAVING) * decode_step_bytes(
+                small, slots, larger)
+    assert SamplerConfig.for_rollout(256, 8, model=small).cache_buckets == (256,)
