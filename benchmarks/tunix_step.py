@@ -37,6 +37,13 @@ Measured (2-core AMD EPYC VM with AVX-512, jax 0.10.2 CPU, Tunix 0.1.7; `--round
   The host's speed moves both sides by 10-20% between runs (Tunix's first call: 3.30 vs
   3.81 s); one decode program's trace and compile fell by a quarter to a third in isolation
   (see sampling/engine.py).
+  after the byte rule for attention windows (`sampling.config.window_buckets`: this
+  workload's 8 slots on a 256-position cache keep one window, so one decode program instead
+  of two), two runs:
+    first sampler call: ours 2.23 / 2.62 s (compile 1.53 / 1.91 s), tunix 3.54 / 3.43 s (2.29 / 2.26 s)
+    sampling batch 8:   ours 1565 / 1359 tok/s, tunix 879 / 901 tok/s
+    first GRPO step:    ours 8.54 / 8.02 s (compile 6.57 / 6.22 s), tunix 11.35 / 10.11 s
+    warm GRPO step:     ours 1.56 / 1.41 s, tunix 2.79 / 2.99 s; ratio 1.79 / 2.12
 
 Last line: `tunix_step: ours X s/step, peer Y s/step, ratio R` (median warm GRPO step; R =
 Tunix / ours).
