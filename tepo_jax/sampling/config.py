@@ -101,9 +101,9 @@ MIN_WINDOW = 64
 # this fraction fewer bytes than at the next larger window kept. Each program is one more
 # compile in every cold start (~1 s on CPU for the benchmarks' 4-layer model; more for larger
 # models and on TPU), and a small saving buys little: on the rl_step benchmark's model (8
-# slots, cache 256) the 128 window saves 8% of a step's bytes, and the rollout with it ran 3%
-# faster (median 1289 against 1250 tok/s, 12 interleaved calls, 2-core AVX-512 host) while it
-# cost a second ~1.1 s decode compile in the first sampler call. At 64 slots and a 2048 cache
+# slots, cache 256) the 128 window saves 8% of a step's bytes, and the rollout with it ran
+# 1-5% faster (12 calls interleaved in one process: median 1289 against 1250 tok/s; 2-core
+# AVX-512 host) while it cost a second ~1.1 s decode compile in the first sampler call. At 64 slots and a 2048 cache
 # on Qwen2.5-0.5B a halved window saves ~40%, and all three are kept.
 MIN_WINDOW_SAVING = 0.2
 
