@@ -258,3 +258,6 @@ def test_windows_are_kept_only_where_they_cut_the_bytes_a_decode_step_reads():
             assert decode_step_bytes(small, slots, smaller) <= (1 - MIN_WINDOW_SAVING) * decode_step_bytes(
                 small, slots, larger)
     assert SamplerConfig.for_rollout(256, 8, model=small).cache_buckets == (256,)
+    assert SamplerConfig.for_rollout(4096, 64, model=build_abstract(small)).cache_buckets == (1024, 2048, 4096)
+    with pytest.raises(TypeError, match="model must be a ModelConfig"):
+        SamplerConfig.for_rollout(256, 8, model="Qwen2.5-0.5B")

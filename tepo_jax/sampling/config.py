@@ -84,13 +84,14 @@ class SamplerConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def for_rollout(cls, max_len: int, slots: int, *, model: Optional["ModelConfig"] = None,
+    def for_rollout(cls, max_len: int, slots: int, *, model=None,
                     steps_per_call: int = 16, **fields) -> "SamplerConfig":
         """The sizing rule the driver, the library and the benchmarks share: a cache of
         `max_len` positions with `window_buckets(max_len, model, slots)`, `slots` sequences,
         and 16 decode steps per device call (stop strings are checked between calls, so a turn
-        overshoots its stop by at most 15 discarded tokens). Pass the `model` config: without
-        it every candidate window is kept, paying programs that may save nothing."""
+        overshoots its stop by at most 15 discarded tokens). Pass the `model` (its ModelConfig
+        or the Decoder): without it every candidate window is kept, paying programs that may
+        save nothing."""
         return cls(max_slots=slots, cache_buckets=window_buckets(max_len, model, slots),
                    steps_per_call=steps_per_call, **fields)
 
@@ -121,17 +122,20 @@ def _itemsize(dtype) -> int:
     return np.dtype(dtype).itemsize  # jnp dtypes (bfloat16 too) are numpy dtypes
 
 
-def window_buckets(max_len: int, model: Optional["ModelConfig"] = None,
-                   slots: Optional[int] = None) -> tuple[int, ...]:
+def window_buckets(max_len: int, model=None, slots: Optional[int] = None) -> tuple[int, ...]:
     """Attention windows for a cache of `max_len` positions: among a quarter, a half and all of
     it (none below MIN_WINDOW, none above max_len), the ones that pay for their compiled
-    decode program. Each window is one program; with `model` and `slots`, a window is kept
-    only where a decode step at it reads MIN_WINDOW_SAVING fewer bytes than at the next
-    larger window kept (`decode_step_bytes`): small batches of short sequences are
-    weight-bound and get one window, long caches with many slots keep all three."""
+    decode program. Each window is one program; with `model` (a ModelConfig or a Decoder)
+    and `slots`, a window is kept only where a decode step at it reads MIN_WINDOW_SAVING
+    fewer bytes than at the next larger window kept (`decode_step_bytes`): small batches of
+    short sequences are weight-bound and get one window, long caches with many slots keep
+    all three."""
     candidates = sorted({min(max_len, max(MIN_WINDOW, max_len // k)) for k in (4, 2, 1)})
     if model is None or slots is None:
         return tuple(candidates)
+    model = getattr(model, "cfg", model)  # a Decoder passed for its config
+    if not hasattr(model, "num_params"):
+        raise TypeError(f"model must be a ModelConfig (or a Decoder), got {type(model).__name__}")
     kept = [max_len]
     for w in reversed(candidates[:-1]):
         if decode_step_bytes(model, slots, w) <= (1 - MIN_WINDOW_SAVING) * decode_step_bytes(model, slots, kept[-1]):
