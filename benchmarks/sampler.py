@@ -61,6 +61,7 @@ from tepo_jax.models.decoder import Decoder
 from tepo_jax.models.presets import preset
 from tepo_jax.sampling import Sampler, SamplerConfig, SamplingParams
 from tepo_jax.sampling.engine import decode_temp_bytes
+from tepo_jax.sampling.config import decode_step_bytes
 from tepo_jax.testing.hf_models import make_tiny_hf_checkpoint
 from benchmarks._compile import compile_line, start_compile_log
 from benchmarks._host import host_line
@@ -186,21 +187,10 @@ def peak_gbps(args):
     return next(((bw, kind) for key, bw in PEAK_GBPS if key in kind), (None, kind))
 
 
-def bytes_per_step(cfg, batch: int, context: float) -> float:
-    """HBM bytes one decode step must read: every weight once (of the untied input embedding
-    only the B looked-up rows), plus keys and values of `context` positions per sequence."""
-    w_size = jnp.dtype(cfg.param_dtype).itemsize
-    weights = cfg.num_params * w_size
-    if not cfg.tie_word_embeddings:
-        weights -= (cfg.vocab_size - batch) * cfg.hidden_size * w_size
-    kv = 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-    return weights + kv
-
-
 def roofline(args, cfg, batch, decode_s):
     context = args.prompt_len + (args.new_tokens - 1) / 2  # mean positions attended per step
     step_s = decode_s / args.new_tokens
-    gb = bytes_per_step(cfg, batch, context) / 1e9
+    gb = decode_step_bytes(cfg, batch, context) / 1e9
     peak, kind = peak_gbps(args)
     frac = f"{100 * gb / step_s / peak:.1f}% of peak {peak:.0f} GB/s ({kind})" if peak else \
         f"peak unknown for {kind!r}: pass --peak-gbps"

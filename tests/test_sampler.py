@@ -220,9 +220,10 @@ def test_timings_count_the_work_and_one_sizing_rule(samplers):
 
 def test_windows_are_kept_only_where_they_cut_the_bytes_a_decode_step_reads():
     """`decode_step_bytes` against a count from the model's own arrays (the abstract model's
-    parameter leaves, minus the untied embedding that a step only indexes, plus the slots' KV
-    cache up to the window), and `window_buckets`' rule: a smaller window is kept only where
-    a step at it reads MIN_WINDOW_SAVING fewer bytes than at the next larger window kept."""
+    parameter leaves, of an untied embedding only the slots' looked-up rows, plus the slots'
+    KV cache up to the window), and `window_buckets`' rule: a smaller candidate is kept if and
+    only if a step at it reads MIN_WINDOW_SAVING fewer bytes than at the next larger window
+    kept."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -235,8 +236,8 @@ def test_windows_are_kept_only_where_they_cut_the_bytes_a_decode_step_reads():
         model = build_abstract(cfg)
         leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
         weights = sum(x.size * x.dtype.itemsize for x in leaves)
-        if not cfg.tie_word_embeddings:
-            weights -= model.embed.size * model.embed.dtype.itemsize
+        if not cfg.tie_word_embeddings:  # a step reads only the looked-up rows
+            weights -= (cfg.vocab_size - slots) * cfg.hidden_size * model.embed.dtype.itemsize
         cache = jax.eval_shape(lambda: init_cache(cfg, slots, window))
         return weights + sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
 
@@ -251,12 +252,17 @@ def test_windows_are_kept_only_where_they_cut_the_bytes_a_decode_step_reads():
     assert window_buckets(256, small, 8) == (256,)
     # Many slots and long sequences: the cache dominates, every candidate is kept.
     assert window_buckets(4096, small, 64) == (1024, 2048, 4096)
+    kept_counts = set()
     for slots in (1, 4, 16, 64, 256):
         kept = window_buckets(2048, small, slots)
-        assert kept[-1] == 2048 and set(kept) <= set(window_buckets(2048))
-        for smaller, larger in zip(kept, kept[1:]):
-            assert decode_step_bytes(small, slots, smaller) <= (1 - MIN_WINDOW_SAVING) * decode_step_bytes(
+        kept_counts.add(len(kept))
+        assert kept[-1] == 2048
+        for w in window_buckets(2048)[:-1]:  # every smaller candidate
+            larger = min(k for k in kept if k > w)
+            saves = decode_step_bytes(small, slots, w) <= (1 - MIN_WINDOW_SAVING) * decode_step_bytes(
                 small, slots, larger)
+            assert (w in kept) == saves, (slots, w, kept)
+    assert kept_counts == {1, 2, 3}  # the sweep sees every outcome, so the check above has teeth
     assert SamplerConfig.for_rollout(256, 8, model=small).cache_buckets == (256,)
     assert SamplerConfig.for_rollout(4096, 64, model=build_abstract(small)).cache_buckets == (1024, 2048, 4096)
     with pytest.raises(TypeError, match="model must be a ModelConfig"):

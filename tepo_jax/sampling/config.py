@@ -104,18 +104,23 @@ MIN_WINDOW = 64
 # models and on TPU), and a small saving buys little: on the rl_step benchmark's model (8
 # slots, cache 256) the 128 window saves 8% of a step's bytes, and the rollout with it ran
 # 1-5% faster (12 calls interleaved in one process: median 1289 against 1250 tok/s; 2-core
-# AVX-512 host) while it cost a second ~1.1 s decode compile in the first sampler call. At 64 slots and a 2048 cache
-# on Qwen2.5-0.5B a halved window saves ~40%, and all three are kept.
+# AVX-512 host) while it cost a second ~1.1 s decode compile in the first sampler call. At 256
+# slots and a 2048 cache on Qwen2.5-0.5B (bf16) a halved window saves ~40% (1024 against
+# 2048: 43%; 512 against 1024: 38%), and all three are kept.
 MIN_WINDOW_SAVING = 0.2
 
 
-def decode_step_bytes(model: "ModelConfig", slots: int, window: int) -> int:
-    """Bytes one decode step reads: every weight once (the embedding table only as the tied
-    output head; an untied one is only indexed) and each slot's keys and values up to the
-    window. Decode is memory-bound at the batch sizes a sampler runs, so this is its cost."""
-    weights = model.num_params - (0 if model.tie_word_embeddings else model.vocab_size * model.hidden_size)
+def decode_step_bytes(model: "ModelConfig", slots: int, positions: float) -> float:
+    """Bytes one decode step reads: every weight once (of an untied input embedding only the
+    `slots` looked-up rows; a tied one is read whole as the output head) and each slot's keys
+    and values at `positions` positions (a window, or a mean context). Decode is
+    memory-bound at the batch sizes a sampler runs, so this is its cost (and the HBM
+    roofline of `benchmarks/sampler.py`)."""
+    weights = model.num_params
+    if not model.tie_word_embeddings:
+        weights -= (model.vocab_size - slots) * model.hidden_size
     kv_per_position = model.num_layers * 2 * model.num_kv_heads * model.head_dim * _itemsize(model.dtype)
-    return weights * _itemsize(model.param_dtype) + slots * window * kv_per_position
+    return weights * _itemsize(model.param_dtype) + slots * positions * kv_per_position
 
 
 def _itemsize(dtype) -> int:
