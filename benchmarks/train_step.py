@@ -35,7 +35,11 @@ transposed between layouts, and the full T × T square computed for a causal mas
 blocks that skip the keys after the block: block fwd+bwd 483 -> 250 ms); RoPE's
 concatenate-of-halves, whose backward was pad fusions (~300 ms), and its cos/sin per layer;
 the logprob chunk's autodiff backward (max / exp-sum / entropy passes recomputed, gradient
-through the max; now a custom VJP: head fwd+bwd 1.21 -> 0.80 s).
+through the max; now a custom VJP: head fwd+bwd 1.21 -> 0.80 s); the query blocks' key
+prefixes taken as slices, whose gradients were zero-padded full-length copies summed per layer
+(now key blocks split and joined; the same values bit for bit, and 3.22 -> 3.12 s/step,
+medians of 6 steps alternated in one process; `make bench` at 16:03 UTC, 2026-12-07, on a
+faster moment of the VM: ours 653 tok/s, peer 544 tok/s, ratio 1.20).
 
 `--mfu` (accelerator only): model FLOPs utilisation of our step, FLOPs = 6 · params · tokens
 + attention (12 · layers · T² · heads · head_dim per row, causal counted in full), peak from

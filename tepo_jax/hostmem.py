@@ -22,6 +22,17 @@ contend for malloc (the kill -9 test's tiny run: 79 s with it, 68 s without), an
 TPU/GPU hosts the big buffers live on the device, and host memory (data, checkpoint staging) is
 better returned to the OS.
 It is a no-op returning False where glibc's `mallopt` is not available (macOS, musl).
+
+The trade on the RL step of `benchmarks/rl_step.py` (hidden 256, 4 layers, vocab 32k, 8 rows of
+191 tokens; 2-core VM, measured 2026-12-07): by default each warm step took ~107k minor faults
+(~420 MB of fresh pages), with this none; its update fell from 0.75-0.85 to 0.66-0.69 s, while
+compiles slowed (LLVM's threads share the one arena): the first step's compile took 7.5 and 8.0
+s against 5.7-8.6 s in six default runs, and 7.3 and 6.3 s against 5.2 and 5.2 s on the
+`--quick` model. Applied after the first step it does nothing (the threads keep their arenas),
+and the mmap and trim settings alone leave the faults (a thread arena's emptied heap is
+unmapped). glibc's `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` cut the faults to a few hundred but
+made every other step twice as long (huge-page compaction). So it stays opt-in; that benchmark
+measures the default.
 """
 from __future__ import annotations
 

@@ -290,7 +290,7 @@ def test_the_resumed_run_continues_its_wandb_run(runs):
 
     _, broken, _, _, wandb_dir = runs
     run_id = (paths.as_path(broken) / "wandb_run_id").read_text().strip()
-    found = wandb_runs(wandb_dir)
+    found = wandb_runs(wandb_dir, finished=False)   # the attempts' processes have exited
     assert [rid for rid, _ in found] == [run_id, run_id]   # the killed attempt and the resumed one
     lines = (paths.as_path(broken) / "metrics.jsonl").read_text().splitlines()
     expected = []

@@ -154,6 +154,35 @@ def test_long_packed_rows_attend_in_query_blocks_and_match_transformers(tmp_root
     _packed_row_matches_separate_runs("qwen2-gqa2-headdim24", tmp_root, parts, seed=4)
 
 
+def test_query_blocked_attention_has_the_gradient_of_the_full_square():
+    """The causal query blocks (split q, keys as joined key blocks) give the values and the
+    q/k/v gradients of one softmax over the whole T x T square, at a T that is not a multiple
+    of the block and with packed-sequence and padding rows in the mask."""
+    from tepo_jax.models.decoder import _attend, _causal_query_block
+
+    b, t, n, kv, h = 2, 300, 4, 2, 8
+    block = _causal_query_block(t)
+    assert block is not None and t % block
+    rng = np.random.RandomState(7)
+    q, w = (jnp.asarray(rng.randn(b, t, n, h).astype(np.float32)) for _ in range(2))
+    k, v = (jnp.asarray(rng.randn(b, kv, t, h).astype(np.float32)) for _ in range(2))
+    segment = np.ones((b, t), np.int32)
+    segment[1, 170:280], segment[1, 280:] = 2, 0                    # a packed row, then padding
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] != 0)
+    causal = np.tril(np.ones((t, t), bool))[None]
+    mask = jnp.asarray(same & causal | np.eye(t, dtype=bool)[None])   # every row sees a key
+
+    def loss(q_block):
+        return lambda q, k, v: jnp.sum(_attend(q, k, v, mask, h ** -0.5, q_block) * w)
+
+    blocked = jax.jit(jax.value_and_grad(loss(block), argnums=(0, 1, 2)))(q, k, v)
+    full = jax.jit(jax.value_and_grad(loss(None), argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(blocked[0], full[0], rtol=1e-5)
+    for got, want in zip(blocked[1], full[1]):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        assert np.abs(want).max() > 0.1
+
+
 @pytest.mark.parametrize("name", ["qwen2-gqa2-headdim24", "llama-gqa4-llama3"])
 def test_kv_cache_prefill_then_decode_matches_full_forward(name, tmp_root):
     """Ragged prompts (right-padded, `valid` mask), prefill, then one token at a time."""

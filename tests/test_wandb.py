@@ -4,6 +4,7 @@ metrics.jsonl row by row, and a resumed run (a new RunLog on the same workdir) l
 same W&B run id."""
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -37,12 +38,30 @@ def wandb_records(path: Path):
             yield record
 
 
-def wandb_runs(wandb_dir: Path) -> list[tuple[str, list[dict]]]:
-    """(run id, history rows without W&B's own _ keys) of each offline run, oldest first."""
+def finished_records(path: Path, timeout_s: float = 60.0) -> list:
+    """The records of a run's `.wandb` file once W&B has written its last one ('exit').
+
+    `wandb.finish()` can return before W&B's service process has flushed the file (seen once
+    in a full test run on a loaded 2-core VM: the resumed run's file held no record yet)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(wandb_records(path))
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: no 'exit' record after {timeout_s:.0f} s, records "
+                                 f"{[r.WhichOneof('record_type') for r in records]}")
+        time.sleep(0.2)
+
+
+def wandb_runs(wandb_dir: Path, finished: bool = True) -> list[tuple[str, list[dict]]]:
+    """(run id, history rows without W&B's own _ keys) of each offline run, oldest first.
+    `finished`: every run was closed in this process; wait for W&B to finish writing it (runs of
+    processes that have exited, some killed, are read as they are)."""
     out = []
     for run_file in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):
         run_id, rows = None, []
-        for r in wandb_records(run_file):
+        for r in (finished_records(run_file) if finished else wandb_records(run_file)):
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 run_id = r.run.run_id

@@ -156,13 +156,19 @@ def _attend(q, k, v, mask, scale: float, q_block: Optional[int]):
     if q_block is None:
         out = _attend_block(q, k, v, mask, scale)
     else:
-        # One split, not a slice per block: the gradient of a split is one concatenate, that
-        # of each slice a zero-padded full-length copy, all summed (an [B, T, N, H] pass each).
+        # Splits and concatenates, no slices: the gradient of a split is one concatenate and
+        # that of a concatenate is slices, while the gradient of each slice k[:, :, :e] is a
+        # zero-padded full-length copy, all summed (an extra [B, K, S, H] pass per block and
+        # layer). Block i sees key blocks 0..i, so each block's keys are the first i + 1 key
+        # blocks joined: the same keys in the same order, the same values bit for bit.
         ends = list(range(q_block, t, q_block)) + [t]
         q_blocks = jnp.split(q, ends[:-1], axis=3)
-        out = jnp.concatenate([_attend_block(qb, k[:, :, :e], v[:, :, :e],
+        k_blocks = jnp.split(k, ends[:-1], axis=2)
+        v_blocks = jnp.split(v, ends[:-1], axis=2)
+        out = jnp.concatenate([_attend_block(qb, jnp.concatenate(k_blocks[:i + 1], axis=2),
+                                             jnp.concatenate(v_blocks[:i + 1], axis=2),
                                              mask[:, e - qb.shape[3]:e, :e], scale)
-                               for qb, e in zip(q_blocks, ends)], axis=3)
+                               for i, (qb, e) in enumerate(zip(q_blocks, ends))], axis=3)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
 
 
