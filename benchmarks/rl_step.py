@@ -2,6 +2,7 @@
 
     python -m benchmarks.rl_step [--quick] [--steps 4] [--hidden 256] [--layers 4]
         [--vocab 32000] [--prompts 2] [--group 4] [--new-tokens 128] [--skip-peer]
+        [--retain-host-memory]
 
 Workload (both sides, one process, CPU): one random Qwen2 checkpoint (hidden 256, 4 layers,
 vocab 32000) saved by transformers and loaded by both; a byte-level BPE tokenizer trained on
@@ -13,6 +14,11 @@ model practically never writes eos or the answer stop, and TRL is held to the fu
 is one Python function, timed on both sides.
   ours: the library path with every tool off (`tepo_jax.api.Trainer(...).open()`), and
         `tepo_jax.rl.loop.rl_step` (the agent loop, rewards, advantages, packing, train step).
+        Without `--retain-host-memory` (the default here), the run's
+        `train.retain_freed_host_memory` is off: TRL's step runs in the same process and
+        glibc's settings would hold for it too, so both sides run on glibc's defaults, as TRL's
+        users do. A run of ours in a fresh CPU-only process has them on (tepo_jax/hostmem.py);
+        `benchmarks/tunix_step.py` measures ours that way.
   peer: `trl.GRPOTrainer.train()` on the same prompts (the chat-rendered prompt text ours
         samples from), `per_device_train_batch_size = prompts · G`, `num_generations = G`,
         `beta = 0.04`, `max_completion_length = new-tokens`, `use_cpu`.
@@ -68,6 +74,8 @@ def parse_args(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--retain-host-memory", action="store_true",
+                    help="ours with the host-memory setting of a fresh CPU-only run (tepo_jax/hostmem.py)")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--group", type=int, default=4)
@@ -163,6 +171,7 @@ def our_config(args, ckpt: str, tok: str, workdir: str):
     c.loss.kl_coef, c.optim.lr = args.beta, 1e-6
     c.train.compilation_cache_dir = ""      # the cold start is measured: no persistent cache
     c.train.save_trajectories = False
+    c.train.retain_freed_host_memory = args.retain_host_memory   # see the module docstring
     return c
 
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step [--quick] [--hidden 512] [--layers 8] [--vocab 32000]
         [--batch 4] [--seq-len 512] [--seq-chunk 256] [--micro-batches 1] [--remat]
-        [--repeats 3] [--skip-peer] [--mfu]
+        [--repeats 5] [--skip-peer] [--mfu]
 
 Workload: one random Llama-shaped checkpoint (saved by transformers, loaded by our loader, so
 both sides start from the same fp32 weights); `batch` rows of `seq-len` tokens, the first
@@ -17,10 +17,10 @@ runs without page faults, at most 4, see Host memory), then the two are timed in
 (so both see the same background load on a shared machine); tokens/s = batch · seq_len / median step time over --repeats. The warm-up
 losses of both sides are printed and must agree (same weights, same batch, same loss).
 
-Host memory: the process calls `tepo_jax.hostmem.retain_freed_memory()` first (as
-`python -m tepo_jax.train --config.train.retain_freed_host_memory=True` does on CPU), for
-both sides: glibc then reuses freed heap blocks instead of mmap'ing large ones afresh for every
-step. XLA's CPU runtime allocates a step's temporaries as one block (1.7 GB here) per
+Host memory: the process calls `tepo_jax.hostmem.retain_freed_memory()` first (as a run of
+`tepo_jax.train` does by default on a CPU-only install), for both sides: glibc then reuses
+freed heap blocks instead of mmap'ing large ones afresh for every step, and JAX runs our step on
+the calling thread, whose blocks come from that heap. XLA's CPU runtime allocates a step's temporaries as one block (1.7 GB here) per
 execution, so without it every step of ours took
 ~430k page faults, 1-4 s of kernel time on this 2-core VM (torch, whose tensors are mostly
 below glibc's mmap threshold, less). The model line says `host malloc retain|default`.
@@ -39,7 +39,9 @@ through the max; now a custom VJP: head fwd+bwd 1.21 -> 0.80 s); the query block
 prefixes taken as slices, whose gradients were zero-padded full-length copies summed per layer
 (now key blocks split and joined; the same values bit for bit, and 3.22 -> 3.12 s/step,
 medians of 6 steps alternated in one process; `make bench` at 16:03 UTC, 2026-12-07, on a
-faster moment of the VM: ours 653 tok/s, peer 544 tok/s, ratio 1.20).
+faster moment of the VM: ours 653 tok/s, peer 544 tok/s, ratio 1.20; at 17:25, with
+`retain_freed_memory` running our step on the calling thread and 5 repeats: 604 against 443
+tok/s, ratio 1.36).
 
 `--mfu` (accelerator only): model FLOPs utilisation of our step, FLOPs = 6 · params · tokens
 + attention (12 · layers · T² · heads · head_dim per row, causal counted in full), peak from
@@ -80,7 +82,7 @@ def parse_args(argv=None):
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="compute dtype of our step (params stay fp32)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--mfu", action="store_true")
     ap.add_argument("--preset", default="", help="a real model shape with random weights (e.g. Qwen2.5-0.5B); "

@@ -10,10 +10,12 @@ GRPO with a beta = 0.04 k3 KL to the frozen initial policy, AdamW lr 1e-6, one u
 batch). Both sides are JAX on the same CPU, so this is the like-for-like comparison.
   ours:  the sampler (`tepo_jax.sampling.Sampler`, the rollout's sizing rule) and the library
          RL step (`rl_step.run_ours`: the agent loop with tools off, rewards, advantages,
-         packing, the train step with the reference inside).
+         packing, the train step with the reference inside; as any run in a fresh CPU-only
+         process, with `hostmem.retain_freed_memory()` applied by the Trainer).
   tunix: `benchmarks/_tunix_peer.py` in Tunix's own virtualenv (`make bench` makes
          .venv-tunix from benchmarks/requirements-tunix.txt): its `Sampler`, and its
-         `GRPOLearner` over an `RLCluster` (actor, reference and rollout on one CPU device).
+         `GRPOLearner` over an `RLCluster` (actor, reference and rollout on one CPU device),
+         with glibc's and JAX's defaults, as Tunix runs.
 Each part runs in a fresh process (a cold start: JAX compiles everything, no persistent
 cache), one at a time; with --rounds N the four parts run N times in alternation (ours,
 Tunix, ours, ...) and every figure is the median over rounds. Compile seconds are trace +
@@ -87,7 +89,9 @@ def parse_args(argv=None):
 
 def workload(args) -> argparse.Namespace:
     """rl_step's workload arguments (its --quick shapes with ours)."""
-    return rl_step.parse_args((["--quick"] if args.quick else []) + ["--steps", str(args.steps)])
+    # Ours runs alone in a fresh process: with the host-memory setting such a run applies.
+    return rl_step.parse_args((["--quick"] if args.quick else []) + ["--steps", str(args.steps),
+                                                                    "--retain-host-memory"])
 
 
 def write_files(work: argparse.Namespace, root: str) -> str:

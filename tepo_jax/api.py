@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
 
-from tepo_jax import paths
+from tepo_jax import hostmem, paths
 from tepo_jax.config import defaults
 from tepo_jax.data.loading import EVAL_SPLITS, TRAIN_SPLITS, read_examples
 from tepo_jax.plugins import PluginError, UserParts, as_examples, as_reward, as_tool
@@ -39,6 +39,7 @@ class Trainer:
                  reward: Optional[Callable] = None, tools: Sequence[Any] = (),
                  train_data: Optional[Sequence] = None, eval_data: Optional[Sequence] = None):
         self.config = config if config is not None else defaults()
+        hostmem.retain_if_configured(self.config)   # first: a fresh process on a CPU-only install
         train_examples, demos = self._examples(train_data, "train_data", TRAIN_SPLITS)
         eval_examples, _ = self._examples(eval_data, "eval_data", EVAL_SPLITS)
         self.parts = UserParts(reward=as_reward(reward) if reward is not None else None,

@@ -155,11 +155,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.log_every = 1
     c.train.save_trajectories = True
-    # CPU only: glibc keeps freed heap blocks for reuse (tepo_jax/hostmem.py). A win when a
-    # step's temporaries are GBs (the train_step benchmark: 1.7 GB, 1-4 s of page faults per
-    # step); a loss for small models (one malloc arena for all XLA threads: the kill -9 test's
-    # tiny run took 79 s with it, 68 s without, on 2 cores), so it is off unless asked for.
-    c.train.retain_freed_host_memory = False
+    # CPU only: glibc keeps freed heap blocks for reuse and JAX runs CPU programs on the calling
+    # thread, so a step's temporaries stop page-faulting (tepo_jax/hostmem.py: the train_step
+    # benchmark's 1.7 GB, 1-4 s of faults per step; the RL step's ~420 MB, ~0.1 s per step).
+    # Applied by a run of a fresh process on a CPU-only install; False returns freed memory to
+    # the OS and keeps async dispatch.
+    c.train.retain_freed_host_memory = True
     # XLA's persistent compilation cache: a resumed or repeated run loads its compiled steps
     # instead of compiling them again (the kill -9 test's tiny run: 62 s -> 40 s per launch).
     # Keyed by the program, the compile options and the backend; "" turns it off. Keep it on a

@@ -96,6 +96,7 @@ class Run:
 
     def __init__(self, config, parts=None):
         self.config, self.parts = config, parts   # parts: a user's reward/tools/data (plugins.py)
+        hostmem.retain_if_configured(config)      # a fresh process on a CPU-only install
         self.global_step = 0  # checkpoint number: SFT steps + RL steps
         self.localize = None   # multi-process: global params -> the local sampler's mesh
         self._opened = []      # what close() releases, in reverse order
@@ -342,6 +343,7 @@ def startup_checks(config, parts=None) -> None:
 def train(config, parts=None) -> dict:
     """Check `config`, run it (with a user's `parts`: plugins.UserParts), return the final
     evaluation metrics. Raises Preempted when a stop signal ended it early."""
+    hostmem.retain_if_configured(config)   # before the checks start JAX
     startup_checks(config, parts)
     run = Run(config, parts)
     try:
@@ -380,8 +382,8 @@ def _initialize_distributed() -> None:
 def main(argv) -> None:
     del argv
     config = _CONFIG.value
-    if config is not None and config.train.get("retain_freed_host_memory") and hostmem.cpu_only_install():
-        hostmem.retain_freed_memory()  # before JAX runs anything: see tepo_jax/hostmem.py
+    if config is not None:
+        hostmem.retain_if_configured(config)  # before JAX runs anything: see tepo_jax/hostmem.py
     _configure_logging()
     try:
         _initialize_distributed()

@@ -9,7 +9,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# JAX's CPU backend starts now, so a run built in this session (Trainer, train) never applies
+# `hostmem.retain_if_configured` to the whole test session, whichever test builds one first;
+# tests/test_hostmem.py checks it in fresh processes.
+jax.devices()
 
 
 def pytest_addoption(parser):

@@ -2,6 +2,7 @@
 
 Run in subprocesses: the setting is process-wide and must not leak into the test session.
 """
+import os
 import subprocess
 import sys
 
@@ -38,3 +39,58 @@ def test_freed_block_is_reused_without_faults():
     assert _second_touch_faults("default") > pages // 2   # mmap'd afresh: every page faults again
     assert _second_touch_faults("retain") < pages // 100  # the same heap pages, already mapped
 
+
+
+_XLA_PROBE = r"""
+import resource, sys
+if sys.argv[1] == "retain":
+    from tepo_jax.hostmem import retain_freed_memory
+    assert retain_freed_memory()
+import jax, jax.numpy as jnp
+x, w, v = jnp.ones((8192, 8)), jnp.ones((8, 8192)), jnp.ones((8192, 1))
+step = jax.jit(lambda x, w, v: (x @ w) @ v)   # x @ w: a 256 MB temporary between two dots
+for _ in range(2):
+    step(x, w, v).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step(x, w, v).block_until_ready()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_a_jitted_programs_temporaries_are_reused_without_faults():
+    """The block that matters: XLA's temporaries of one execution, allocated and freed per call."""
+    pages = (256 << 20) // 4096
+
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _XLA_PROBE, mode], check=True, capture_output=True,
+                             text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        return int(out.stdout.split()[-1])
+
+    assert faults("default") > pages // 2
+    assert faults("retain") < pages // 50
+
+
+_RUN_PROBE = r"""
+import sys
+from tepo_jax import hostmem
+from tepo_jax.config import defaults
+config = defaults()
+config.train.retain_freed_host_memory = sys.argv[1] == "on"
+if sys.argv[2] == "started":
+    import jax
+    jax.devices()
+print(hostmem.retain_if_configured(config))
+import jax
+print(jax.config.values["jax_cpu_enable_async_dispatch"])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+@pytest.mark.parametrize("setting, jax_state, applied", [("on", "fresh", True), ("off", "fresh", False),
+                                                         ("on", "started", False)])
+def test_a_run_retains_only_in_a_fresh_cpu_process_that_asks(setting, jax_state, applied):
+    """The default config asks for it; a process whose JAX backend already runs is left alone."""
+    out = subprocess.run([sys.executable, "-c", _RUN_PROBE, setting, jax_state], check=True, capture_output=True,
+                         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout.split()
+    assert out == [str(applied), str(not applied)]
