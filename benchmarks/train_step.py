@@ -18,12 +18,12 @@ runs without page faults, at most 4, see Host memory), then the two are timed in
 losses of both sides are printed and must agree (same weights, same batch, same loss).
 
 Host memory: the process calls `tepo_jax.hostmem.retain_freed_memory()` first (as a run of
-`tepo_jax.train` does by default on a CPU-only install), for both sides: glibc then reuses
-freed heap blocks instead of mmap'ing large ones afresh for every step, and JAX runs our step on
-the calling thread, whose blocks come from that heap. XLA's CPU runtime allocates a step's temporaries as one block (1.7 GB here) per
-execution, so without it every step of ours took
-~430k page faults, 1-4 s of kernel time on this 2-core VM (torch, whose tensors are mostly
-below glibc's mmap threshold, less). The model line says `host malloc retain|default`.
+`tepo_jax.train` does by default on a CPU-only install), for both sides: glibc then reuses freed
+heap blocks instead of mmap'ing large ones afresh for every step, and JAX runs our step on the
+calling thread, whose blocks come from that heap. XLA's CPU runtime allocates a step's
+temporaries as one block (1.7 GB here) per execution, so without it every step of ours took
+~430k page faults, 1-4 s of kernel time on this 2-core VM (torch, whose tensors are mostly below
+glibc's mmap threshold, less). The model line says `host malloc retain|default`.
 
 Measured (2-core AMD EPYC VM, jax 0.10.2 CPU, torch 2.13 CPU, defaults):
   before: train_step: ours 351 tok/s, peer 452 tok/s, ratio 0.78

@@ -13,8 +13,9 @@ the temp size per step). The same holds for torch's large tensors.
    (`M_TRIM_THRESHOLD` max), so a freed block is reused by the next step, its pages mapped;
  - JAX: CPU programs run on the calling thread (`jax_cpu_enable_async_dispatch` off). With
    async dispatch the temporaries are allocated from XLA's worker threads, and with the glibc
-   settings alone a program's temporaries still faulted at every call (`tests/test_hostmem.py`:
-   ~65k faults for a 256 MB temporary); from the calling thread they come from the main heap.
+   settings alone a program's temporaries still faulted at every call (one CPU device, a 256 MB
+   temporary: ~65k faults per call, 8 calls of 8; `tests/test_hostmem.py`); from the calling
+   thread they come from the main heap, with no faults once it has settled (after a call or two).
 An earlier version instead limited glibc to one arena for all threads: the faults went too, but
 XLA's compiler threads then contended for malloc (first RL step's compile 7.5-8.0 s against
 5.7-8.6 s; the kill -9 test's tiny run 79 s against 68 s). The dispatch setting is read when

@@ -96,7 +96,6 @@ class Run:
 
     def __init__(self, config, parts=None):
         self.config, self.parts = config, parts   # parts: a user's reward/tools/data (plugins.py)
-        hostmem.retain_if_configured(config)      # a fresh process on a CPU-only install
         self.global_step = 0  # checkpoint number: SFT steps + RL steps
         self.localize = None   # multi-process: global params -> the local sampler's mesh
         self._opened = []      # what close() releases, in reverse order
