@@ -15,7 +15,8 @@ Exact parts (from the real shardings, no formula):
   keeps the initial model beside the train state; a KL reference loaded from disk).
 - optimizer (AdamW): 2 moments × shard elements × moment itemsize (fp32 by default), plus an fp32
   master copy of the params when `master_fp32` and the params are not fp32 already.
-- KV cache: 2 (k, v) × layers × the [slots, cache_len, K, H] shard of `kv_cache_shardings`
+- KV cache: layers × the k and v shards of `kv_cache_shardings` ([slots, K, H, cache_len] and
+  [slots, K, cache_len, H])
   (slots over (data, fsdp), KV heads over tensor) × cache itemsize.
 
 Estimated part (activations of the training forward/backward, a = compute itemsize,
@@ -52,7 +53,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from tepo_jax.models.config import ModelConfig
-from tepo_jax.models.decoder import BATCH_AXES, LayerCache, build_abstract
+from tepo_jax.models.decoder import BATCH_AXES, LayerCache, build_abstract, cache_shapes
 from tepo_jax.sharding import AXES, MeshConfig, fit_spec, param_shardings
 
 GiB = 2 ** 30
@@ -142,9 +143,10 @@ def abstract_mesh(mesh_cfg: MeshConfig, num_devices: int) -> AbstractMesh:
 
 def kv_cache_shardings(cfg: ModelConfig, mesh: Union[Mesh, AbstractMesh], batch: int, max_len: int):
     """Shardings matching `init_cache(cfg, batch, max_len)`: slots over (data, fsdp), KV heads over tensor."""
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)   # [B, K, S, H]
-    sharding = NamedSharding(mesh, fit_spec(P(BATCH_AXES, "tensor", None, None), shape, mesh))
-    return tuple(LayerCache(sharding, sharding) for _ in range(cfg.num_layers))
+    shapes = cache_shapes(cfg, batch, max_len)
+    spec = P(BATCH_AXES, "tensor", None, None)
+    sharding = LayerCache(*(NamedSharding(mesh, fit_spec(spec, shape, mesh)) for shape in shapes))
+    return tuple(sharding for _ in range(cfg.num_layers))
 
 
 def _shard_bytes(sharding: NamedSharding, shape, dtype) -> int:
@@ -194,9 +196,9 @@ def estimate_memory(cfg: ModelConfig, mesh: Union[Mesh, AbstractMesh], workload:
     kv = 0
     if workload.slots and workload.cache_len:
         cache_dtype = workload.cache_dtype or cfg.dtype
-        s = kv_cache_shardings(cfg, mesh, workload.slots, workload.cache_len)[0].k
-        shape = (workload.slots, cfg.num_kv_heads, workload.cache_len, cfg.head_dim)
-        kv = 2 * cfg.num_layers * _shard_bytes(s, shape, cache_dtype)
+        shardings = kv_cache_shardings(cfg, mesh, workload.slots, workload.cache_len)[0]
+        shapes = cache_shapes(cfg, workload.slots, workload.cache_len)
+        kv = cfg.num_layers * sum(_shard_bytes(s, shape, cache_dtype) for s, shape in zip(shardings, shapes))
     components = dict(params=params, frozen_params=workload.frozen_params * params,
                       master_params=master, optimizer=2 * moment * elems,
                       gradients=params if trains else 0, kv_cache=kv,

@@ -221,6 +221,6 @@ def test_kv_cache_padding_is_not_written(tmp_root):
     positions = np.broadcast_to(np.arange(6), (2, 6)).astype(np.int32)
     _, cache = _cached_forward(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions),
                                init_cache(model.cfg, 2, 8), jnp.asarray(valid))
-    k = np.swapaxes(np.asarray(cache[0].k), 1, 2)  # [B, K, S, H] -> [B, S, K, H]
+    k = np.transpose(np.asarray(cache[0].k), (0, 3, 1, 2))  # [B, K, H, S] -> [B, S, K, H]
     assert (np.abs(k[0, :6]).max(axis=(-1, -2)) > 0).all() and (k[0, 6:] == 0).all()
     assert (k[1, 2:] == 0).all() and (np.abs(k[1, :2]).max(axis=(-1, -2)) > 0).all()

@@ -32,24 +32,38 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 class LayerCache(NamedTuple):
-    """Keys and values of one layer: [B, K, S, H] each (S indexed by token position).
+    """Keys [B, K, H, S] and values [B, K, S, H] of one layer (S indexed by token position).
 
-    Heads before positions: attention reads the cache as batched [S, H] matrices per (B, K)
-    with no transpose (a [B, S, K, H] cache was copied into that layout by every layer at
-    every decode step: ~2 copies of the whole attended window per layer per step).
+    Heads before positions: attention reads the cache as batched matrices per (B, K) with no
+    transpose (a [B, S, K, H] cache was copied into that layout by every layer at every decode
+    step: ~2 copies of the whole attended window per layer per step). The keys are stored
+    transposed, [H, S], so the scores q·kᵀ are a plain [Q, H] × [H, S] product: with [S, H]
+    keys, the matmul repacked the whole key window of every layer at every decode step (on a
+    2-core CPU at 8 slots, ~0.3 ms per layer and step against ~0.1 ms with [H, S] keys).
     """
 
     k: jax.Array
     v: jax.Array
 
+    @property
+    def length(self) -> int:
+        """S, the positions the cache holds."""
+        return self.v.shape[2]
+
 
 KVCache = tuple  # tuple[LayerCache, ...], one per layer
 
 
+def cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> LayerCache:
+    """The shapes of one layer's `LayerCache` (keys [B, K, H, S], values [B, K, S, H])."""
+    k, h = cfg.num_kv_heads, cfg.head_dim
+    return LayerCache((batch, k, h, max_len), (batch, k, max_len, h))
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    shapes = cache_shapes(cfg, batch, max_len)
     dtype = dtype or cfg.dtype
-    return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return tuple(LayerCache(jnp.zeros(shapes.k, dtype), jnp.zeros(shapes.v, dtype))
                  for _ in range(cfg.num_layers))
 
 
@@ -117,14 +131,14 @@ class Attention(nnx.Module):
         q = apply_rope(self._project(x, self.q_proj, "q_bias"), rope)
         k = apply_rope(self._project(x, self.k_proj, "k_bias"), rope)
         v = self._project(x, self.v_proj, "v_bias")
-        if cache is not None:
-            k, v, cache = _write_cache(cache, k, v, write_index)   # [B, K, S, H]
-        else:
-            k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # BKTH
         # Full forward: key index == query index and the mask is causal by index, so query
         # block [i, e) never sees keys >= e. The cache path masks by position: one block.
-        q_block = _causal_query_block(x.shape[1]) if cache is None else None
-        out = _attend(q, k, v, mask, cfg.head_dim ** -0.5, q_block)
+        if cache is not None:
+            keys_t, v, cache = _write_cache(cache, k, v, write_index)   # [B, K, H, S], [B, K, S, H]
+            out = _attend(q, keys_t, v, mask, cfg.head_dim ** -0.5, None, keys_transposed=True)
+        else:
+            k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # BKTH
+            out = _attend(q, k, v, mask, cfg.head_dim ** -0.5, _causal_query_block(x.shape[1]))
         out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(x.dtype))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(x.dtype)
@@ -141,8 +155,9 @@ def _causal_query_block(t: int) -> Optional[int]:
     return block if block < t else None
 
 
-def _attend(q, k, v, mask, scale: float, q_block: Optional[int]):
+def _attend(q, k, v, mask, scale: float, q_block: Optional[int], keys_transposed: bool = False):
     """Softmax attention. q [B, T, N, H], k/v [B, K, S, H], mask bool[B, T, S] -> [B, T, N, H].
+    `keys_transposed`: k is [B, K, H, S] (the cache's layout, `LayerCache`; one block only).
 
     Heads are grouped per kv head (GQA) and moved in front of the sequence axes, so the two
     score einsums are plain batched matmuls over [B, K, G] (no transpose of the [.., T, S]
@@ -154,7 +169,7 @@ def _attend(q, k, v, mask, scale: float, q_block: Optional[int]):
     kv = k.shape[1]
     q = jnp.transpose(q.reshape(b, t, kv, n // kv, h), (0, 2, 3, 1, 4))   # BKGTH
     if q_block is None:
-        out = _attend_block(q, k, v, mask, scale)
+        out = _attend_block(q, k, v, mask, scale, keys_transposed)
     else:
         # Splits and concatenates, no slices: the gradient of a split is one concatenate and
         # that of a concatenate is slices, while the gradient of each slice k[:, :, :e] is a
@@ -172,20 +187,22 @@ def _attend(q, k, v, mask, scale: float, q_block: Optional[int]):
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
 
 
-def _attend_block(q, k, v, mask, scale: float):
-    """q [B, K, G, Q, H], k/v [B, K, S, H], mask bool[B, Q, S] -> [B, K, G, Q, H]."""
-    scores = jnp.einsum("BKGQH,BKSH->BKGQS", q, k, preferred_element_type=jnp.float32) * scale
+def _attend_block(q, k, v, mask, scale: float, keys_transposed: bool = False):
+    """q [B, K, G, Q, H], k/v [B, K, S, H] (k [B, K, H, S] if `keys_transposed`), mask
+    bool[B, Q, S] -> [B, K, G, Q, H]."""
+    spec = "BKGQH,BKHS->BKGQS" if keys_transposed else "BKGQH,BKSH->BKGQS"
+    scores = jnp.einsum(spec, q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum("BKGQS,BKSH->BKGQH", probs, v)
 
 
 def _write_cache(cache: LayerCache, k, v, write_index):
-    """Scatter k/v [B, T, K, H] into the [B, K, S, H] cache at positions write_index [B, T];
-    out-of-range is dropped. (Indices b, :, s put the [B, T] index dims first: the update is
-    k as it is, [B, T, K, H].)"""
+    """Scatter k/v [B, T, K, H] into the cache (`LayerCache`: keys [B, K, H, S], values
+    [B, K, S, H]) at positions write_index [B, T]; out-of-range is dropped. (Indices b, :, s and
+    b, :, :, s put the [B, T] index dims first: the update is k or v as it is, [B, T, K, H].)"""
     b = jnp.arange(k.shape[0])[:, None]
-    new_k = cache.k.at[b, :, write_index].set(k.astype(cache.k.dtype), mode="drop")
+    new_k = cache.k.at[b, :, :, write_index].set(k.astype(cache.k.dtype), mode="drop")
     new_v = cache.v.at[b, :, write_index].set(v.astype(cache.v.dtype), mode="drop")
     return new_k.astype(k.dtype), new_v.astype(v.dtype), LayerCache(new_k, new_v)
 
@@ -267,7 +284,7 @@ class Decoder(nnx.Module):
         if cache is None:
             mask, write_index = _segment_mask(tokens, segment_ids), None
         else:
-            cache_len = cache[0].k.shape[2]
+            cache_len = cache[0].length
             mask = _cache_mask(positions, cache_len)
             # Padding is written out of range, which the scatter drops.
             write_index = positions if valid is None else jnp.where(valid, positions, cache_len)

@@ -72,13 +72,13 @@ class DecodeOut(NamedTuple):
 
 
 def _window(cache, window: int):
-    if window == cache[0].k.shape[2]:
+    if window == cache[0].length:
         return cache
-    return tuple(LayerCache(c.k[:, :, :window], c.v[:, :, :window]) for c in cache)
+    return tuple(LayerCache(c.k[..., :window], c.v[:, :, :window]) for c in cache)
 
 
 def _unwindow(cache, win_cache, window: int, sharding):
-    if window != cache[0].k.shape[2]:
+    if window != cache[0].length:
         win_cache = tuple(LayerCache(lax.dynamic_update_slice(c.k, w.k, (0, 0, 0, 0)),
                                      lax.dynamic_update_slice(c.v, w.v, (0, 0, 0, 0)))
                           for c, w in zip(cache, win_cache))
@@ -120,7 +120,7 @@ def decode(graphdef, state, cache, slots: SlotState, n_steps, *, window: int, bu
     `plain`: every active slot samples plainly (`sample.is_plain`), so the program holds only
     that draw (`sample_tokens(plain=True)`): a smaller program, quicker to compile."""
     b = slots.tokens.shape[0]
-    max_len = cache[0].k.shape[2]
+    max_len = cache[0].length
     rows = jnp.arange(b)
 
     def cond(c):
