@@ -366,6 +366,107 @@ def test_rest_roles_of_a_cut_json_call_run_to_the_end(qwen):
     assert runs[-1][1].endswith("Os")
 
 
+# ------------------------------------------------------------------- token character spans
+
+SPAN_TEXTS = ["I will check both cities: Oslo, San José, 東京 and Zürich 🌧️.\n"
+              "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Köln\"}}\n</tool_call>",
+              "  leading spaces,\ttabs\n\nand a last line ",
+              "emoji run 👩‍👩‍👧‍👦👍🏽 then ascii"]
+
+
+def _prefix_decode_spans(tok, ids):
+    """The spans by their definition, written out independently: token i ends at the length of
+    the decoded prefix ids[:i+1] (trailing U+FFFD of a partial character not counted, except at
+    the last token)."""
+    ends = []
+    for i in range(len(ids)):
+        text = tok.decode(ids[:i + 1], skip_special_tokens=False)
+        ends.append(len(text) if i + 1 == len(ids) else len(text.rstrip("\ufffd")))
+    ends = list(np.maximum.accumulate(ends))
+    return list(zip([0] + ends[:-1], ends))
+
+
+def _sentencepiece_like_tokenizer(tmp_path):
+    """A Metaspace (SentencePiece-style) BPE tokenizer, trained here: its decoder drops the space
+    of a text's first word, so a window's decode is not simply a slice of the whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    alphabet = sorted(set("".join(SPAN_TEXTS)))
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"] + [f"<0x{b:02X}>" for b in range(256)],
+                                  initial_alphabet=alphabet)
+    tok.train_from_iterator(SPAN_TEXTS * 20 + ["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
+
+
+def _wordpiece_tokenizer():
+    """A WordPiece tokenizer with transformers' clean-up of spaces before punctuation: decoding
+    a window can clean up differently than the whole turn (the exact fallback's case)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["[UNK]", "hello", "world", ",", ".", "!", "?", "a", "b", "##s", "##ing", "'", "do", "n't", "not"]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", clean_up_tokenization_spaces=True)
+
+
+@pytest.mark.parametrize("family", ["qwen", "llama"])
+def test_token_char_spans_equal_the_prefix_decodes_and_take_the_linear_path(family, request):
+    """Real byte-level BPE tokenizers: multi-byte characters split across tokens, random ids
+    (partial UTF-8 runs, special tokens) and a call turn. The spans are those of decoding every
+    prefix, and the windows (linear) produced them, not the quadratic fallback."""
+    from tepo_jax.rollout.builder import _window_spans
+    tok = request.getfixturevalue(family)
+    rng = np.random.default_rng(0)
+    cases = [tok.encode(t, add_special_tokens=False) for t in SPAN_TEXTS]
+    cases += [[int(i) for i in rng.integers(0, len(tok), 60)] for _ in range(5)]
+    cases += [list(tok.encode("é", add_special_tokens=False)) * 3, []]
+    for ids in cases:
+        text, spans = token_char_spans(tok, ids)
+        assert text == tok.decode(ids, skip_special_tokens=False)
+        assert spans == _prefix_decode_spans(tok, ids)
+        assert _window_spans(tok, ids, text) == spans
+
+
+def test_token_char_spans_with_sentencepiece_and_wordpiece_decoders(tmp_path):
+    """Decoders that are not a join of token strings: a SentencePiece-style one (a text's first
+    space dropped, byte fallback) and WordPiece with clean-up of spaces. Whichever path is
+    taken, the spans are those of decoding every prefix."""
+    sp = _sentencepiece_like_tokenizer(tmp_path)
+    wp = _wordpiece_tokenizer()
+    rng = np.random.default_rng(1)
+    cases = [(sp, sp.encode(t, add_special_tokens=False)) for t in SPAN_TEXTS]
+    cases += [(sp, [int(i) for i in rng.integers(0, len(sp), 50)]) for _ in range(5)]
+    cases += [(wp, wp.encode(t, add_special_tokens=False)) for t in
+              ["hello , world . do n't", "a b ! hellos worlding ?", "hello ' s world"]]
+    cases += [(wp, [int(i) for i in rng.integers(0, len(wp), 40)]) for _ in range(5)]
+    for tok, ids in cases:
+        text, spans = token_char_spans(tok, ids)
+        assert text == tok.decode(ids, skip_special_tokens=False)
+        assert spans == _prefix_decode_spans(tok, ids), (tok.convert_ids_to_tokens(ids), text)
+
+
+def test_token_char_spans_are_linear_in_the_turn_length(qwen):
+    """Decodes per token stay bounded: a 2000-token turn takes a few decodes per token (the
+    prefix method took one decode of every prefix, 2000 decodes of ~1000 tokens on average)."""
+    calls = []
+
+    class Counting:
+        def decode(self, ids, skip_special_tokens=False):
+            calls.append(len(ids))
+            return qwen.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    ids = qwen.encode(" ".join(f"word{i} 東京 🌧️" for i in range(400)), add_special_tokens=False)[:2000]
+    assert len(ids) == 2000
+    text, spans = token_char_spans(Counting(), ids)
+    assert spans[-1][1] == len(text)
+    # the whole turn once, then short windows
+    assert len(calls) <= 3 * len(ids) and sum(calls) - len(ids) <= 20 * len(ids)
+
+
 # ------------------------------------------------------- Llama-3.1 bare JSON calls in TEPO
 
 def _llama_builder(llama):
