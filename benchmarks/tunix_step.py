@@ -46,6 +46,12 @@ Measured (2-core AMD EPYC VM with AVX-512, jax 0.10.2 CPU, Tunix 0.1.7; `--round
     sampling batch 8:   ours 1565 / 1359 tok/s, tunix 879 / 901 tok/s
     first GRPO step:    ours 8.54 / 8.02 s (compile 6.57 / 6.22 s), tunix 11.35 / 10.11 s
     warm GRPO step:     ours 1.56 / 1.41 s, tunix 2.79 / 2.99 s; ratio 1.79 / 2.12
+  after the KV cache's keys stored [B, K, H, S] (`models.decoder.LayerCache`), `--rounds 3`:
+    first sampler call: ours 2.21 s (compile 1.58 s), tunix 3.30 s (compile 2.22 s)
+    sampling batch 8:   ours 1737 tok/s, tunix 849 tok/s
+    first GRPO step:    ours 7.92 s (compile 6.04 s), tunix 10.06 s (compile 7.08 s)
+    warm GRPO step:     ours 1.35 s (rollout 0.68, update 0.67), tunix 2.78 s (rollout 1.39,
+                        reference 0.30, update 1.16); ratio 2.06
 
 Last line: `tunix_step: ours X s/step, peer Y s/step, ratio R` (median warm GRPO step; R =
 Tunix / ours).
