@@ -5,8 +5,9 @@ trajectories here, so the two agree on kinds, turn indices and roles.
 
 A model turn is given as the token ids the policy produced; its text is only *decoded* (to
 find the call and to label tokens), never re-encoded. Each token's character span in the turn
-text is where the decoded prefix ending with it ends (read from short windows, in linear
-time: `token_char_spans`), so labels follow the real token boundaries. A tool result is given as the ids the rollout inserted (the encoded wrapped result).
+text ends where the decoded prefix ending with it ends (read from short windows, in linear
+time: `token_char_spans`), so labels follow the real token boundaries. A tool result is given
+as the ids the rollout inserted (the encoded wrapped result).
 
 Turn indices follow docs/design.md: r_j (reasoning/answer of model turn j) has turn j; the call
 that ends model turn j is call_{j+1}, its tokens and its result obs_{j+1} have turn j+1.
