@@ -386,7 +386,7 @@ def _prefix_decode_spans(tok, ids):
     return list(zip([0] + ends[:-1], ends))
 
 
-def _sentencepiece_like_tokenizer(tmp_path):
+def _sentencepiece_like_tokenizer():
     """A Metaspace (SentencePiece-style) BPE tokenizer, trained here: its decoder drops the space
     of a text's first word, so a window's decode is not simply a slice of the whole."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -431,11 +431,11 @@ def test_token_char_spans_equal_the_prefix_decodes_and_take_the_linear_path(fami
         assert _window_spans(tok, ids, text) == spans
 
 
-def test_token_char_spans_with_sentencepiece_and_wordpiece_decoders(tmp_path):
+def test_token_char_spans_with_sentencepiece_and_wordpiece_decoders():
     """Decoders that are not a join of token strings: a SentencePiece-style one (a text's first
     space dropped, byte fallback) and WordPiece with clean-up of spaces. Whichever path is
     taken, the spans are those of decoding every prefix."""
-    sp = _sentencepiece_like_tokenizer(tmp_path)
+    sp = _sentencepiece_like_tokenizer()
     wp = _wordpiece_tokenizer()
     rng = np.random.default_rng(1)
     cases = [(sp, sp.encode(t, add_special_tokens=False)) for t in SPAN_TEXTS]

@@ -66,8 +66,7 @@ def _window_spans(tokenizer, ids: list[int], text: str) -> Optional[list[tuple[i
     keeps its space; a window that starts a text drops it, in both decodes alike).
     """
     spans, prev = [], 0
-    pieces: list[str] = []             # text of ids[:done], in pieces
-    emitted = 0                        # its length
+    emitted = 0                        # length of the text of ids[:done], checked against `text`
     start = done = 0
     before = ""                        # decode of ids[start:done]
     pending = ""
@@ -81,10 +80,11 @@ def _window_spans(tokenizer, ids: list[int], text: str) -> Optional[list[tuple[i
         spans.append((prev, max(prev, end)))
         prev = max(prev, end)
         if pending and whole == pending:   # ends on a whole character: the next window starts here
-            pieces.append(pending)
+            if not text.startswith(pending, emitted):
+                return None
             emitted += len(pending)
             start, done, before, pending = done, i + 1, _decode(tokenizer, ids[done: i + 1]), ""
-    if "".join(pieces) + pending != text or prev != len(text):
+    if text[emitted:] != pending or prev != len(text):
         return None
     return spans
 
