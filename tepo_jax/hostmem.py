@@ -15,7 +15,8 @@ the temp size per step). The same holds for torch's large tensors.
    async dispatch the temporaries are allocated from XLA's worker threads, and with the glibc
    settings alone a program's temporaries still faulted at every call (one CPU device, a 256 MB
    temporary: ~65k faults per call, 8 calls of 8; `tests/test_hostmem.py`); from the calling
-   thread they come from the main heap, with no faults once it has settled (after a call or two).
+   thread they come from the main heap, with no faults once it has settled (after one to five
+   calls: until the heap has grown to fit the temporary in its free space again).
 An earlier version instead limited glibc to one arena for all threads: the faults went too, but
 XLA's compiler threads then contended for malloc (first RL step's compile 7.5-8.0 s against
 5.7-8.6 s; the kill -9 test's tiny run 79 s against 68 s). The dispatch setting is read when
