@@ -35,6 +35,11 @@ def cpu_model() -> str:
     return _cpuinfo()[0]
 
 
+def cpu_flags() -> set[str]:
+    """/proc/cpuinfo's flags of the first CPU; empty off Linux."""
+    return _cpuinfo()[1]
+
+
 def vector_extensions() -> str:
     """e.g. 'AVX2 FMA' or 'AVX2 FMA AVX-512 AVX-512-BF16 AMX'; 'unknown' off Linux."""
     _, flags = _cpuinfo()
@@ -45,4 +50,6 @@ def vector_extensions() -> str:
 
 
 def host_line() -> str:
-    return f"host: {cpu_model()}, {os.cpu_count()} cores, vector extensions: {vector_extensions()}"
+    line = f"host: {cpu_model()}, {os.cpu_count()} cores, vector extensions: {vector_extensions()}"
+    cap = os.environ.get("TEPO_BENCH_KERNEL_CAP")  # set by benchmarks.cap_isa
+    return f"{line}, kernels capped to {cap}" if cap else line

@@ -1,6 +1,6 @@
 """The Tunix side of `benchmarks/tunix_step.py`, run in Tunix's own environment.
 
-    .venv-tunix/bin/python benchmarks/_tunix_peer.py --files DIR --part sampler|grpo
+    PYTHONPATH=. .venv-tunix/bin/python -m benchmarks._tunix_peer --files DIR --part sampler|grpo
 
 Tunix (google-tunix, `benchmarks/requirements-tunix.txt`) pins other transformers and
 tokenizers releases than ours, so it lives in its own virtualenv (`make bench` makes it) and

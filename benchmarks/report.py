@@ -14,6 +14,11 @@ machine: CPU model, cores, jax/torch versions, jax backend and devices; then the
 to stdout and to `benchmarks/RESULTS.md` (`--out`), ready to embed in the README.
 
     python -m benchmarks.report [--quick] [--timeout S] [--only NAME ...] [--out FILE]
+        [--kernels native|avx2]
+
+`--kernels avx2` runs each benchmark under `benchmarks/cap_isa.py` (XLA's, YNNPACK's and torch's
+kernels capped to AVX2 + FMA, as on a host without AVX-512) and writes
+`benchmarks/RESULTS-avx2.md` unless `--out` says otherwise.
 """
 from __future__ import annotations
 
@@ -54,10 +59,14 @@ class Result:
     quick: bool = False
 
 
+# Runners of other benchmarks, not benchmarks themselves.
+RUNNERS = ("report", "cap_isa")
+
+
 def discover(bench_dir: Path = BENCH_DIR) -> list[str]:
-    """Module names of the benchmarks in `bench_dir` (sorted; not this report, not `_*`)."""
+    """Module names of the benchmarks in `bench_dir` (sorted; not the runners, not `_*`)."""
     return sorted(p.stem for p in Path(bench_dir).glob("*.py")
-                  if p.stem != "report" and not p.stem.startswith("_"))
+                  if p.stem not in RUNNERS and not p.stem.startswith("_"))
 
 
 def parse_headline(stdout: str) -> dict | None:
@@ -104,13 +113,14 @@ def _tail(text: str, n: int = 3) -> str:
 
 def run_benchmark(module: str, *, quick: bool = False, timeout: float = 600.0,
                   package: str = PACKAGE, bench_dir: Path = BENCH_DIR,
-                  cwd: Path | None = None) -> Result:
+                  cwd: Path | None = None, kernels: str = "native") -> Result:
     """Run one benchmark as `python -m package.module` and turn its outcome into a Result."""
     cwd = Path(cwd) if cwd else Path(bench_dir).parent
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
     use_quick = quick and accepts_quick(module, package, cwd, env, bench_dir)
-    argv = [sys.executable, "-m", f"{package}.{module}"] + (["--quick"] if use_quick else [])
+    runner = ["-m", "benchmarks.cap_isa"] if kernels == "avx2" else ["-m"]
+    argv = [sys.executable, *runner, f"{package}.{module}"] + (["--quick"] if use_quick else [])
     t0 = time.monotonic()
     try:
         out = _run(argv, cwd, timeout, env)
@@ -205,7 +215,9 @@ def main(argv: Sequence[str] | None = None, *, bench_dir: Path = BENCH_DIR,
     ap.add_argument("--quick", action="store_true", help="pass --quick where accepted")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per benchmark")
     ap.add_argument("--only", nargs="*", default=None, help="benchmark module names")
-    ap.add_argument("--out", default=str(Path(bench_dir) / "RESULTS.md"))
+    ap.add_argument("--out", default=None, help="default benchmarks/RESULTS.md (RESULTS-avx2.md with --kernels avx2)")
+    ap.add_argument("--kernels", choices=("native", "avx2"), default="native",
+                    help="avx2: cap every benchmark's kernels to AVX2 + FMA (benchmarks/cap_isa.py)")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     modules = discover(bench_dir)
@@ -218,12 +230,16 @@ def main(argv: Sequence[str] | None = None, *, bench_dir: Path = BENCH_DIR,
     for m in modules:
         print(f"[bench] {m} ...", file=sys.stderr, flush=True)
         results.append(run_benchmark(m, quick=args.quick, timeout=args.timeout,
-                                     package=package, bench_dir=bench_dir))
+                                     package=package, bench_dir=bench_dir, kernels=args.kernels))
         print(f"[bench] {m}: {results[-1].status} ({results[-1].seconds:.0f} s)",
               file=sys.stderr, flush=True)
     command = " ".join(["python -m benchmarks.report", *argv])
-    text = format_markdown(results, machine_info(), command, quick=args.quick)
-    Path(args.out).write_text(text, encoding="utf-8")
+    machine = machine_info()
+    if args.kernels == "avx2":
+        machine["kernels"] = "capped to AVX2+FMA (benchmarks/cap_isa.py)"
+    text = format_markdown(results, machine, command, quick=args.quick)
+    out = args.out or str(Path(bench_dir) / ("RESULTS-avx2.md" if args.kernels == "avx2" else "RESULTS.md"))
+    Path(out).write_text(text, encoding="utf-8")
     print(text)
     return 0
 

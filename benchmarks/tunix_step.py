@@ -71,6 +71,7 @@ from pathlib import Path
 from benchmarks import rl_step
 from benchmarks._compile import time_sampler_calls
 from benchmarks._host import host_line
+from benchmarks.cap_isa import module_command
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TUNIX_PYTHON = REPO / ".venv-tunix" / "bin" / "python"
@@ -163,10 +164,10 @@ def run_part(cmd: list[str], env: dict) -> dict:
 
 
 def part_commands(args, files: str) -> dict[str, tuple[list[str], dict]]:
-    ours = [sys.executable, "-m", "benchmarks.tunix_step", "--files", files, "--steps", str(args.steps)]
+    ours = module_command(sys.executable, "benchmarks.tunix_step") + ["--files", files, "--steps", str(args.steps)]
     ours += ["--quick"] if args.quick else []
     work = workload(args)
-    tunix = [args.tunix_python, str(REPO / "benchmarks" / "_tunix_peer.py"), "--files", files,
+    tunix = module_command(args.tunix_python, "benchmarks._tunix_peer") + ["--files", files,
              "--steps", str(args.steps), "--group", str(work.group), "--new-tokens", str(work.new_tokens),
              "--cache-len", str(rl_step.cache_len(work)), "--beta", str(work.beta)]
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")

@@ -33,6 +33,7 @@ def fake_benchmarks(tmp_path, monkeypatch):
     (pkg / "bad.py").write_text(BAD)
     (pkg / "silent.py").write_text(SILENT)
     (pkg / "report.py").write_text("raise SystemExit('the report must not run itself')\n")
+    (pkg / "cap_isa.py").write_text("raise SystemExit('a runner of benchmarks is not one')\n")
     (pkg / "_helper.py").write_text("")
     monkeypatch.setattr(report, "BENCH_DIR", pkg)
     monkeypatch.setattr(report, "PACKAGE", "fakebench")
@@ -48,7 +49,7 @@ def test_parse_headline_uses_last_line_and_units_with_spaces():
     assert report.parse_headline("") is None
 
 
-def test_discover_skips_report_and_private(fake_benchmarks):
+def test_discover_skips_the_runners_and_private(fake_benchmarks):
     assert report.discover(fake_benchmarks) == ["bad", "good", "silent"]
 
 
@@ -83,3 +84,32 @@ def test_timeout_is_a_row_not_a_crash(fake_benchmarks):
     (fake_benchmarks / "slow.py").write_text("import time\ntime.sleep(30)\n")
     r = report.run_benchmark("slow", timeout=1.0, package="fakebench", bench_dir=fake_benchmarks)
     assert r.status == "timeout (1 s)" and r.ours == ""
+
+
+def test_kernels_avx2_runs_each_benchmark_under_the_cap(fake_benchmarks, tmp_path, monkeypatch):
+    """--kernels avx2: each benchmark runs under benchmarks.cap_isa (it sees the cap; YNNPACK's
+    word is capped before its code runs) and the machine line says so."""
+    import os
+    from pathlib import Path
+
+    from benchmarks._host import cpu_flags
+    from benchmarks.cap_isa import UP_TO_FMA3, expected_feature_word, why_unavailable
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    (fake_benchmarks / "capcheck.py").write_text(textwrap.dedent("""
+        import os
+        from benchmarks.cap_isa import FeatureWord
+        word = FeatureWord().word.value
+        print(f"capcheck: ours {word} x, peer 1 x, ratio {os.environ.get('TEPO_BENCH_KERNEL_CAP', 'none')}")
+    """))
+    root = Path(report.__file__).resolve().parents[1]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    out_md = tmp_path / "avx2.md"
+    assert report.main(["--kernels", "avx2", "--only", "capcheck", "--out", str(out_md)],
+                       bench_dir=fake_benchmarks, package="fakebench") == 0
+    text = out_md.read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| capcheck"))
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert int(cells[0].split()[0]) == expected_feature_word(cpu_flags()) & UP_TO_FMA3, row
+    assert cells[2] == "AVX2+FMA", row
+    assert "kernels: capped to AVX2+FMA" in text

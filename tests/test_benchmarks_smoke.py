@@ -36,3 +36,52 @@ def test_benchmark_runs_and_ends_with_its_headline(name):
     assert out.stdout.splitlines()[0].startswith("host: ") and "vector extensions" in out.stdout.splitlines()[0]
     seconds, programs = report.parse_compile(out.stdout).split(" s, ")
     assert float(seconds) > 0 and int(programs.split()[0]) >= 1
+
+
+# A dot, checked against numpy, then YNNPACK's cached feature word as benchmarks.cap_isa finds it.
+_KERNEL_PROBE = '''
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from benchmarks import cap_isa
+from benchmarks._host import host_line
+
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((256, 192), dtype=np.float32), rng.standard_normal((192, 128), dtype=np.float32)
+out = np.asarray(jax.jit(jnp.matmul)(a, b))
+np.testing.assert_allclose(out, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+word = cap_isa.FeatureWord()
+print(host_line())
+print("feature word", int(word.initialised), word.word.value)
+'''
+
+
+def _feature_word_run(tmp_path, *prefix):
+    (tmp_path / "kernel_probe.py").write_text(_KERNEL_PROBE)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
+    out = subprocess.run([sys.executable, *prefix, "kernel_probe"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    host, word = out.stdout.splitlines()[-2:]
+    initialised, value = word.split()[-2:]
+    return host, initialised == "1", int(value)
+
+
+def test_cap_isa_caps_the_dot_kernels_to_avx2(tmp_path):
+    """Uncapped, the word cap_isa reads is the one YNNPACK filled for the dot (so the address is
+    right) and matches /proc/cpuinfo; under cap_isa the dot still agrees with numpy, YNNPACK read
+    our word, and nothing past FMA3 is left in it."""
+    from benchmarks import cap_isa
+    from benchmarks._host import cpu_flags
+    if cap_isa.why_unavailable():
+        pytest.skip(cap_isa.why_unavailable())
+    expected = cap_isa.expected_feature_word(cpu_flags())
+
+    host, initialised, native = _feature_word_run(tmp_path, "-m")
+    assert initialised and native & cap_isa.CHECKED_BITS == expected, (hex(native), hex(expected))
+    assert "capped" not in host
+
+    host, initialised, capped = _feature_word_run(tmp_path, "-m", "benchmarks.cap_isa")
+    assert initialised and capped == native & cap_isa.UP_TO_FMA3 == expected & 0x7F, (hex(capped), hex(native))
+    assert host.endswith("kernels capped to AVX2+FMA"), host
