@@ -4,15 +4,15 @@ Both sides load the same random HF checkpoint (written to a temp dir), run fp32 
 (logits included) on the same token batch after warm-up, and report the median of a few
 repeats (interleaved). CPU by default.
 
+    python -m benchmarks.forward                       # hidden 512, 8 layers, vocab 32k, 8 x 512
+    python -m benchmarks.forward --layers 2 --seq 128  # quicker
+
 Host memory: as `benchmarks/train_step.py` and a run of `tepo_jax.train` on a CPU-only install,
 the process calls `tepo_jax.hostmem.retain_freed_memory()` first, for both sides. Each call
 returns 524 MB of logits; with glibc's defaults both sides mmap'd that and their temporaries
-afresh at every call (~180k page faults per call for ours, 180-300k for torch; measured 2.10
-against 1.92 s per call for ours, 2.24 against 2.02 s for torch). The model line says
+afresh at every call (~180k page faults per call for ours, 180-300k for torch). One A/B pair,
+default -> retain: ours 2.10 -> 1.92 s per call, torch 2.24 -> 2.02 s. The model line says
 `host malloc retain|default`.
-
-    python -m benchmarks.forward                       # hidden 512, 8 layers, vocab 32k, 8 x 512
-    python -m benchmarks.forward --layers 2 --seq 128  # quicker
 
 Last line: `forward: ours X tok/s, peer Y tok/s, ratio R` (R = ours / peer).
 """
