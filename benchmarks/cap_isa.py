@@ -127,7 +127,7 @@ class FeatureWord:
         addresses = _symbol_addresses(path, (FEATURE_WORD, FEATURE_GUARD, FEATURE_PROBE))
         self.word = ctypes.c_uint64.from_address(bias + addresses[FEATURE_WORD])
         self.guard = ctypes.c_uint8.from_address(bias + addresses[FEATURE_GUARD])
-        # The probe is a captureless lambda's call operator: its `this` is never read.
+        # The probe is a captureless lambda's call operator: its `this` is never read (NULL).
         self._probe = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)(bias + addresses[FEATURE_PROBE])
 
     @property
@@ -136,7 +136,7 @@ class FeatureWord:
 
     def probe(self) -> int:
         """What YNNPACK reads from the CPU, without setting its cache."""
-        return self._probe(ctypes.addressof(self.guard))
+        return self._probe(None)
 
     def cap(self, mask: int) -> int:
         """Set the cache to the host's features within `mask`, before YNNPACK reads it."""

@@ -40,8 +40,10 @@ is now [B, K, S, H]); ~2.5 ms/step in the greedy argmax, computed even with no g
 (now only when one is); the draw's own max, total and block-search passes over the [B, V]
 logits (at temperature 1 without truncation it now reuses the logprob/entropy statistics:
 same max, same chunk sums of e^(z - m)). Left: the matmuls (the [32, 512] x [512, 32000] head
-~4 ms/step, memory-bound) and the score einsum over the cache (~1.2 ms/layer/step; with the
-keys stored [B, K, H, S] since, 604 and 614 → 711 and 778 tok/s, `--skip-peer`).
+~4 ms/step, memory-bound) and the score einsum over the cache (~1.2 ms/layer/step). With the
+keys stored [B, K, H, S] since: 604 and 614 → 711 and 778 tok/s (`--skip-peer --skip-memory`).
+A later trace, on a slower moment of the VM (~43 ms/step, 811 tok/s): the head 9.0 ms/step
+(7.4 GB/s, so no longer bandwidth-bound there) and the score dot still ~1.1 ms/layer/step.
 
 Last line: `sampler: ours X tok/s, peer Y tok/s, ratio R` (decode tokens/s).
 """

@@ -56,9 +56,9 @@ import jax, jax.numpy as jnp
 x, w, v = jnp.ones((8192, 8)), jnp.ones((8, 8192)), jnp.ones((8192, 1))
 step = jax.jit(lambda x, w, v: (x @ w) @ v)   # x @ w: a 256 MB temporary between two dots
 faults = []
-# The heap grows until the temporary fits its free space again, which takes a few calls (calls
-# 1-5 faulted in 1 run of 12; in 14 runs of 12 calls, never past the 6th): the fewest faults of calls 7-12 is the
-# settled heap's. Without the setting every call faults.
+# The heap grows until the temporary fits its free space again, which takes a few calls (in 1
+# of 12 runs of 6 calls, calls 1-5 faulted; in 14 runs of 12 calls, none past the 6th): the
+# fewest faults of calls 7-12 is the settled heap's. Without the setting every call faults.
 for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step(x, w, v).block_until_ready()
