@@ -10,6 +10,7 @@ paper is silent (docs/design.md).
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any
 
 import ml_collections
@@ -153,6 +154,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 25
     c.train.logprob_check_every = 1   # log the sampler-vs-trainer logprob diff every N RL steps; 0 never (free either way)
     c.train.keep_checkpoints = 3
+    # A step whose loss, gradients or update hold a NaN/inf leaves the parameters as they were;
+    # after more than this many such steps in a row the run checkpoints and stops.
+    c.train.max_skipped_updates = 3
     c.train.log_every = 1
     c.train.save_trajectories = True
     # CPU only: glibc keeps freed heap blocks for reuse and JAX runs CPU programs on the calling
@@ -205,12 +209,13 @@ _RULES: list[tuple[str, Any, str]] = [
     ("loss.eps_high", lambda v: v >= 0, "must be >= 0"),
     ("loss.kl_coef", lambda v: v >= 0, "must be >= 0"),
     ("loss.agg_mode", lambda v: v in LOSS_AGG_MODES, f"must be one of {LOSS_AGG_MODES}"),
-    ("optim.lr", lambda v: v > 0, "must be > 0"),
+    ("optim.lr", lambda v: 0 < v <= 1, "must be in (0, 1] (AdamW's step size)"),
     ("optim.schedule", lambda v: v in ("constant", "cosine"), "must be constant or cosine"),
     ("sft.schedule", lambda v: v in ("constant", "cosine"), "must be constant or cosine"),
     ("train.steps", lambda v: v >= 0, "must be >= 0"),
     ("train.micro_batches", lambda v: v >= 1, "must be >= 1"),
     ("train.keep_checkpoints", lambda v: v >= 1, "must be >= 1"),
+    ("train.max_skipped_updates", lambda v: v >= 0, "must be >= 0 (0: stop at the first NaN update)"),
     ("train.eval_every", lambda v: v >= 1, "must be >= 1 (steps between evaluations)"),
     ("train.checkpoint_every", lambda v: v >= 1, "must be >= 1 (steps between checkpoints)"),
     ("train.log_every", lambda v: v >= 1, "must be >= 1 (steps between trajectory dumps)"),
@@ -232,7 +237,28 @@ _RULES: list[tuple[str, Any, str]] = [
     ("loss.vocab_chunk", lambda v: v >= 0, "must be >= 0 (0: no chunking)"),
     ("reward.fc_schedule", lambda v: v in ("off", "rest"), "must be off or rest"),
     ("reward.fc_schedule_steps", lambda v: v >= 1, "must be >= 1"),
+    ("seed", lambda v: v >= 0, "must be >= 0"),
+    ("workdir", lambda v: bool(v.strip()), "must name a directory"),
+    ("mesh.data", lambda v: v >= 1, "must be >= 1"),
+    ("mesh.fsdp", lambda v: v == -1 or v >= 1, "must be >= 1, or -1 (all remaining devices)"),
+    ("mesh.tensor", lambda v: v >= 1, "must be >= 1"),
+    ("data.n_train", lambda v: v >= 1, "must be >= 1"),
+    ("data.n_eval", lambda v: v >= 0, "must be >= 0"),
+    ("rollout.max_tokens", lambda v: v >= 1, "must be >= 1"),
+    ("rollout.max_turn_tokens", lambda v: v >= 1, "must be >= 1"),
+    ("rollout.top_k", lambda v: v >= 0, "must be >= 0 (0: off)"),
+    ("tools.python_timeout_s", lambda v: v > 0, "must be > 0 (seconds)"),
+    ("tools.max_workers", lambda v: v >= 1, "must be >= 1"),
+    ("tools.search_top_k", lambda v: v >= 1, "must be >= 1"),
+    ("tools.max_result_chars", lambda v: v >= 1, "must be >= 1"),
+    ("optim.warmup_steps", lambda v: v >= 0, "must be >= 0"),
+    ("optim.weight_decay", lambda v: v >= 0, "must be >= 0"),
+    ("optim.b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optim.b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("sft.lr", lambda v: 0 < v <= 1, "must be in (0, 1] (AdamW's step size)"),
+    ("sft.seq_len", lambda v: v >= 1, "must be >= 1"),
 ]
+_RULES += [(f"model.tiny_{f}", lambda v: v >= 1, "must be >= 1") for f in ("hidden", "layers", "heads", "kv_heads")]
 _RULES += [(f"data.mix.{f}", lambda v: v >= 0, "must be >= 0 (a family weight)") for f in _FAMILY_TOOLS]
 _RULES += [(f"sft.tool_rate.{f}", lambda v: 0 <= v <= 1, "must be in [0, 1]") for f in _FAMILY_TOOLS]
 _RULES += [(f"algo.{group}.{name}", lambda v: v >= 0, "must be >= 0 (a ResT weight)")
@@ -284,10 +310,37 @@ def _check_known_fields(config, reference, prefix="") -> None:
             raise ConfigError(f"config.{name}: expected {type(default).__name__}, got {value!r}")
 
 
-def _check_consistency(c, data_given: bool = False) -> None:
-    sources = [bool(c.model.preset), bool(c.model.hf_checkpoint), bool(c.model.tiny)]
+def _check_finite(config, prefix="") -> None:
+    """Every number is finite: a NaN or inf setting (a learning rate, a reward scale) would turn
+    the first update's parameters into NaN, silently."""
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            _check_finite(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config.{prefix}{key}={value!r}: must be a finite number")
+
+
+def _check_model(m) -> None:
+    sources = [bool(m.preset), bool(m.hf_checkpoint), bool(m.tiny)]
     if sum(sources) != 1:
         raise ConfigError("config.model: set exactly one of preset, hf_checkpoint, tiny")
+    if m.preset:
+        from tepo_jax.models.presets import PRESETS
+        if m.preset not in PRESETS:
+            close = difflib.get_close_matches(m.preset, list(PRESETS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(sorted(PRESETS))}"
+            raise ConfigError(f"config.model.preset={m.preset!r}: unknown model{hint}")
+    if m.tiny:
+        if m.tiny_hidden % m.tiny_heads or (m.tiny_hidden // m.tiny_heads) % 2:
+            raise ConfigError(f"config.model.tiny_hidden={m.tiny_hidden}: must be tiny_heads={m.tiny_heads} "
+                              "× an even head size (rotary embeddings rotate pairs)")
+        if m.tiny_heads % m.tiny_kv_heads:
+            raise ConfigError(f"config.model.tiny_kv_heads={m.tiny_kv_heads}: must divide "
+                              f"tiny_heads={m.tiny_heads}")
+
+
+def _check_consistency(c, data_given: bool = False) -> None:
+    _check_model(c.model)
     if c.rollout.max_turn_tokens > c.rollout.max_tokens:
         raise ConfigError("config.rollout.max_turn_tokens: larger than rollout.max_tokens")
     if c.rollout.max_tokens >= c.rollout.cache_len:
@@ -345,6 +398,7 @@ def validate(config: ml_collections.ConfigDict, data_given: bool = False) -> ml_
     """Raise ConfigError (one line, naming the field) unless `config` is usable; `data_given`:
     the examples come from the caller (tepo_jax.api), not from config.data."""
     _check_known_fields(config, defaults())
+    _check_finite(config)
     for field, ok, message in _RULES:
         value = _get(config, field)
         if not ok(value):

@@ -26,12 +26,14 @@ and joins the others for the train step, the gathered trajectories and the check
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 import sys
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -64,9 +66,16 @@ from tepo_jax.tokenizer import TokenizerLoadError
 from tepo_jax.tools import SandboxUnavailable
 
 log = logging.getLogger("tepo_jax.train")
+
+
+class UpdatesDiverged(RuntimeError):
+    """Too many updates in a row were non-finite (skipped); the last good state is checkpointed."""
+
+
 # Errors about the user's inputs (config, files, hardware): one line, no traceback.
 USER_ERRORS = (ConfigError, CheckpointError, SafetensorsFormatError, UnsupportedConfigError, TokenizerLoadError,
-               JsonlError, DataSourceError, MemoryBudgetError, SandboxUnavailable, PathError)
+               JsonlError, DataSourceError, MemoryBudgetError, SandboxUnavailable, PathError,
+               UpdatesDiverged)
 
 
 class Preempted(Exception):
@@ -98,6 +107,7 @@ class Run:
         self.config, self.parts = config, parts   # parts: a user's reward/tools/data (plugins.py)
         self.global_step = 0  # checkpoint number: SFT steps + RL steps
         self.localize = None   # multi-process: global params -> the local sampler's mesh
+        self.skipped_in_row = 0  # updates skipped for NaN/inf since the last applied one
         self._opened = []      # what close() releases, in reverse order
         try:
             self._start()
@@ -165,11 +175,17 @@ class Run:
         return model_def, optimizer, state, shardings
 
     def restore(self, state) -> Optional[tuple]:
-        restored = self.ckpt.restore_latest(abstract_like(state), discard_unreadable=True)
+        try:
+            restored = self.ckpt.restore_latest(abstract_like(state), discard_unreadable=True)
+        except CheckpointError as e:   # checkpoints of another run's shapes: say what changed
+            saved = self.ckpt.newest_extra().get("config")
+            changed = changed_settings(saved, self.config) if saved else []
+            raise CheckpointError(f"{e}. Settings changed since: {'; '.join(changed) or 'none'}") from None
         if restored is None:
             self.log.truncate(0)  # rows of an earlier attempt that died before its first checkpoint
             return None
         step, state, extra = restored
+        check_resumable(self.config, step, extra)
         self.global_step = step
         self.log.truncate(extra.get("metric_rows"))  # rows logged after this checkpoint come again
         log.info("resumed from checkpoint %d (phase %s, step %d)", step, extra["phase"], extra["phase_step"])
@@ -179,6 +195,33 @@ class Run:
         extra = {"phase": phase.name, "phase_step": phase.step, "data_state": phase.data_state,
                  "metric_rows": self.log.rows, "config": self.config.to_json()}
         self.ckpt.save(self.global_step, state, extra)
+
+    def count_skipped(self, phase: Phase, metrics: dict, prefix: str) -> Optional[str]:
+        """Track updates the train step skipped for a NaN/inf (`apply_update_if_finite`); past
+        train.max_skipped_updates in a row, the reason to stop (`stop_diverged`)."""
+        if not metrics.get(f"{prefix}update_skipped"):
+            self.skipped_in_row = 0
+            return None
+        self.skipped_in_row += 1
+        loss = metrics.get(f"{prefix}loss", metrics.get(f"{prefix}nll"))
+        what = f"loss {loss}, gradient norm {metrics.get(f'{prefix}grad_norm')}"
+        log.warning("%s step %d: non-finite update (%s): skipped, parameters unchanged",
+                    phase.name, phase.step, what)
+        if self.skipped_in_row <= self.config.train.max_skipped_updates:
+            return None
+        return (f"{phase.name} step {phase.step}: {self.skipped_in_row} updates in a row were non-finite "
+                f"({what}) and skipped (config.train.max_skipped_updates={self.config.train.max_skipped_updates})")
+
+    def stop_diverged(self, state, phase: Phase, reason: str):
+        """Checkpoint the last good state (if the parameters are finite) and stop the run."""
+        finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params))
+        if finite:
+            self.save(state, phase)
+            raise UpdatesDiverged(f"{reason}; checkpoint {self.global_step} holds the parameters of the last "
+                                  "applied update. Find the NaN's source (rewards, advantages, learning rate, "
+                                  "data) before resuming")
+        raise UpdatesDiverged(f"{reason}; the parameters themselves are non-finite (an earlier update "
+                              "overflowed: is the learning rate sane?), so no checkpoint was written")
 
     # ---- phases -------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -217,6 +260,9 @@ class Run:
             bar.update(1)
             bar.set_postfix(nll=f"{metrics['sft/nll']:.3f}")
             phase.data_state = data.get_state()
+            diverged = self.count_skipped(phase, metrics, "sft/")
+            if diverged:
+                self.stop_diverged(state, phase, diverged)
             stop = self.stop_requested()
             if phase.step % c.train.checkpoint_every == 0 or phase.step == c.sft.steps or stop:
                 self.save(state, phase)
@@ -288,6 +334,9 @@ class Run:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/score']:.2f}", calls=f"{metrics['tepo/calls_per_traj']:.2f}",
                             dH=f"{metrics['tepo/dh_mean']:.2f}")
+            diverged = self.count_skipped(phase, metrics, "train/")
+            if diverged:
+                self.stop_diverged(state, phase, diverged)
             if phase.step % c.train.eval_every == 0 or phase.step == c.train.steps:
                 result = self.evaluate(agent, model_def, state, phase.step)
             stop = self.stop_requested()
@@ -328,6 +377,37 @@ class Run:
     def close(self) -> None:
         while self._opened:
             self._opened.pop()()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def changed_settings(saved_json: str, config) -> list[str]:
+    """'field: saved -> now' for each setting that differs from a checkpoint's config snapshot."""
+    saved, now = _flatten(json.loads(saved_json)), _flatten(json.loads(config.to_json()))
+    return [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+
+def check_resumable(config, step: int, extra: dict) -> None:
+    """Resuming checkpoint `step` under `config`: refuse a mode that does not run the checkpoint's
+    phase (it would go on with a phase the config no longer asks for), warn of changed settings."""
+    phase, mode = extra["phase"], config.mode
+    if (phase == SFT and mode == "rl") or (phase == RL and mode == "sft"):
+        raise ConfigError(f"config.mode={mode!r}: the workdir's checkpoint {step} is from the {phase} phase "
+                          f"(step {extra['phase_step']}) of a run with mode "
+                          f"{json.loads(extra.get('config', '{}')).get('mode', '?')!r}; use a new workdir, "
+                          "or that mode to resume it")
+    changed = changed_settings(extra["config"], config) if extra.get("config") else []
+    if changed:
+        log.warning("resuming checkpoint %d with settings changed since it was written: %s", step, "; ".join(changed))
 
 
 def startup_checks(config, parts=None) -> None:

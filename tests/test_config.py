@@ -433,3 +433,55 @@ def test_a_synthetic_family_too_small_for_the_split_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^config.data.n_train / n_eval / mix: the synthetic family "
                                           r"'small_product' has 720 distinct questions"):
         experiment.setup(c)
+
+
+def _demo_config():
+    return load(os.path.join(ROOT, "configs", "demo_cpu.py")).get_config()
+
+
+def _set_fields(c, fields: dict):
+    for dotted, value in fields.items():
+        *groups, key = dotted.split(".")
+        node = c
+        for g in groups:
+            node = node[g]
+        node[key] = value
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("optim.lr", float("inf"), "config.optim.lr=inf: must be a finite number"),
+    ("algo.alpha", float("nan"), "config.algo.alpha=nan: must be a finite number"),
+    ("algo.no_call_scale", float("-inf"), "config.algo.no_call_scale=-inf: must be a finite number"),
+    ("optim.lr", 1e30, "config.optim.lr=1e+30: must be in (0, 1]"),
+    ("sft.lr", -1.0, "config.sft.lr=-1.0: must be in (0, 1]"),
+    ("rollout.top_k", -3, "config.rollout.top_k=-3: must be >= 0"),
+    ("rollout.max_turn_tokens", 0, "config.rollout.max_turn_tokens=0: must be >= 1"),
+    ("tools.max_workers", 0, "config.tools.max_workers=0: must be >= 1"),
+    ("tools.python_timeout_s", 0.0, "config.tools.python_timeout_s=0.0: must be > 0"),
+    ("tools.search_top_k", -1, "config.tools.search_top_k=-1: must be >= 1"),
+    ("data.n_train", 0, "config.data.n_train=0: must be >= 1"),
+    ("mesh.data", 0, "config.mesh.data=0: must be >= 1"),
+    ("mesh.fsdp", 0, "config.mesh.fsdp=0: must be >= 1, or -1"),
+    ("optim.b2", 2.0, "config.optim.b2=2.0: must be in [0, 1)"),
+    ("optim.warmup_steps", -5, "config.optim.warmup_steps=-5: must be >= 0"),
+    ("seed", -1, "config.seed=-1: must be >= 0"),
+    ("workdir", " ", "config.workdir=' ': must name a directory"),
+    ("model.tiny_layers", 0, "config.model.tiny_layers=0: must be >= 1"),
+    ("model.tiny_hidden", 130, "config.model.tiny_hidden=130: must be tiny_heads=4 × an even head size"),
+    ("model.tiny_kv_heads", 3, "config.model.tiny_kv_heads=3: must divide tiny_heads=4"),
+    ("train.max_skipped_updates", -1, "config.train.max_skipped_updates=-1: must be >= 0"),
+])
+def test_out_of_range_fields_are_refused_naming_them(field, value, message):
+    c = _demo_config()
+    _set_fields(c, {field: value})
+    with pytest.raises(ConfigError) as e:
+        validate(c)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_an_unknown_preset_is_a_config_error_with_the_closest_name():
+    c = _demo_config()
+    _set_fields(c, {"model.tiny": False, "model.preset": "Qwen2.5-0.5b"})
+    with pytest.raises(ConfigError, match=r"config.model.preset='Qwen2.5-0.5b': unknown model \(did you mean "
+                                          r"'Qwen2.5-0.5B'\?\)"):
+        validate(c)

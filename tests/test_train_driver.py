@@ -361,3 +361,59 @@ def test_sft_loss_goes_down(tmp_path):
     # The SFT result is exported as an HF checkpoint with its tokenizer.
     assert (tmp_path / "sft" / "sft_final" / "config.json").exists()
     assert (tmp_path / "sft" / "sft_final" / "tokenizer.json").exists()
+
+
+# ------------------------------------------------------- resuming a workdir under another config
+
+def test_a_workdir_of_another_model_or_phase_is_refused_and_left_as_it_was(tmp_path):
+    """Checkpoints that do not fit the config (another model size) or a mode that does not run
+    their phase: one line naming what differs, and the run's metrics and checkpoints untouched
+    (a fresh start there would cut metrics.jsonl to nothing and collide with the old steps)."""
+    first = run_driver(tmp_path, *TINY_RL, "--config.train.steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    workdir = tmp_path / "w"
+    metrics_before = (workdir / "metrics.jsonl").read_bytes()
+    steps_before = checkpoint_steps(workdir)
+    assert steps_before == [1, 2] and len(metric_rows(workdir)) >= 2
+    bigger = run_driver(tmp_path, *TINY_RL, "--config.train.steps=2", "--config.model.tiny_hidden=64")
+    assert_one_line_error(bigger, f"{workdir / 'checkpoints'}: none of checkpoints [1, 2] restores")
+    last = bigger.stderr.strip().splitlines()[-1]
+    assert "array shapes differ: params.embed" in last and "model.tiny_hidden: 32 -> 64" in last, last
+    sft_only = run_driver(tmp_path, *TINY_RL, "--config.train.steps=2", "--config.mode=sft")
+    assert_one_line_error(sft_only, "config.mode='sft': the workdir's checkpoint 2 is from the rl phase")
+    assert (workdir / "metrics.jsonl").read_bytes() == metrics_before
+    assert checkpoint_steps(workdir) == steps_before
+    longer = run_driver(tmp_path, *TINY_RL, "--config.train.steps=3")   # a changed setting: said, then run
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "settings changed since it was written: train.steps: 2 -> 3" in longer.stderr
+    assert [r["step"] for r in metric_rows(workdir) if r["phase"] == "rl"] == [1, 2, 3]
+
+
+def test_non_finite_updates_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path, monkeypatch):
+    """Every SFT loss NaN (a stand-in for a NaN from data or rewards): each update is skipped,
+    the parameters stay finite, and past train.max_skipped_updates in a row the run saves them
+    and stops with an error naming the step and the setting."""
+    from configs.demo_cpu import get_config
+    from tepo_jax.sft import trainer
+    from tepo_jax.train import UpdatesDiverged, train
+    real_loss = trainer.sft_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, metrics = real_loss(*args, **kwargs)
+        return loss * jnp.nan, metrics
+
+    monkeypatch.setattr(trainer, "sft_loss", nan_loss)
+    c = get_config()
+    c.workdir, c.mode = str(tmp_path / "nan"), "sft"
+    c.data.n_train, c.data.n_eval = 8, 2
+    c.sft.steps, c.sft.batch_size, c.model.tiny_hidden = 6, 4, 32
+    c.train.checkpoint_every, c.train.max_skipped_updates = 100, 2
+    with pytest.raises(UpdatesDiverged, match=r"^sft step 3: 3 updates in a row were non-finite \(loss .*, "
+                                              r"gradient norm nan\) and skipped \(config.train."
+                                              r"max_skipped_updates=2\); checkpoint 3 holds the parameters"):
+        train(c)
+    rows = metric_rows(tmp_path / "nan")
+    assert [r["sft/update_skipped"] for r in rows] == [1.0, 1.0, 1.0]
+    step, leaves = final_state(tmp_path / "nan")
+    assert step == 3 and all(np.isfinite(x).all() for _, x in leaves)
+    assert dict(leaves)["['step']"] == 0     # no optimizer update was applied

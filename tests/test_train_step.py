@@ -392,3 +392,34 @@ def _placements(batch, trajs):
                 if batch.positions[r, s] == 0 and np.array_equal(batch.tokens[r, s:s + len(t)], t.token_ids)]
         out.append((*hits[0], len(t)))
     return out
+
+
+def test_a_non_finite_update_is_skipped_and_the_state_kept():
+    """A NaN advantage (or loss, or gradient) must leave params, optimizer state and step count
+    as they were, bit for bit, and say so in `update_skipped`; the next finite batch applies."""
+    mesh = single_device_mesh()
+    model = create_sharded_model(TINY, mesh, seed=3)
+    optimizer = build_optimizer(OptimConfig(learning_rate=1e-2))
+    model_def, state, shardings = create_train_state(model, optimizer, mesh, seed=0)
+    step = make_train_step(model_def, optimizer, LOSS, mesh, shardings, batch_sharding(mesh))
+    good = make_batch()
+    bad = good._replace(advantages=np.where(np.asarray(good.loss_mask) > 0, np.nan, 0).astype(np.float32))
+    state, metrics = step(state, jax.device_put(good, batch_sharding(mesh)))
+    assert float(metrics["update_skipped"]) == 0.0 and int(state.step) == 1
+    before = jax.device_get((state.params, state.opt_state))
+    rng_before = np.asarray(jax.random.key_data(state.rng) if jnp.issubdtype(state.rng.dtype, jax.dtypes.prng_key)
+                            else state.rng)
+    state, metrics = step(state, jax.device_put(bad, batch_sharding(mesh)))
+    assert float(metrics["update_skipped"]) == 1.0
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 1                      # no optimizer update counted
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get((state.params, state.opt_state)))):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    rng_after = np.asarray(jax.random.key_data(state.rng) if jnp.issubdtype(state.rng.dtype, jax.dtypes.prng_key)
+                           else state.rng)
+    assert not np.array_equal(rng_after, rng_before)  # the step's randomness still moves on
+    state, metrics = step(state, jax.device_put(good, batch_sharding(mesh)))
+    assert float(metrics["update_skipped"]) == 0.0 and int(state.step) == 2
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(jax.tree.leaves(before[0]), jax.tree.leaves(jax.device_get(state.params))))

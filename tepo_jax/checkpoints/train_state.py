@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from tepo_jax import paths
+from tepo_jax.checkpoints.hf import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ class RunCheckpointer:
         self.directory = paths.absolute(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=False)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -50,22 +52,45 @@ class RunCheckpointer:
         `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings: arrays come back
         directly on those shardings. `discard_unreadable`: delete the unreadable checkpoints
         newer than the one returned (a run resuming from it; not a reader such as evaluate).
+        Checkpoints that exist but none of which reads into `abstract_state` raise
+        CheckpointError, and nothing is deleted: they hold another model's or optimizer's
+        state (a changed config pointed at an old workdir), and starting afresh would
+        overwrite that run's metrics and checkpoints.
         """
-        unreadable = []
+        unreadable, first_error = [], ""
         for step in reversed(self.all_steps()):
             try:
+                _check_shapes(self._manager.item_metadata(step)["state"], abstract_state)
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                           extra=ocp.args.JsonRestore())
                 restored = self._manager.restore(step, args=args)
             except Exception as e:  # noqa: BLE001 — any read failure means "try the previous one"
-                log.warning("checkpoint %d in %s is unreadable (%s: %s); falling back to an older one",
-                            step, self.directory, type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+                reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+                log.warning("checkpoint %d in %s is unreadable (%s); falling back to an older one",
+                            step, self.directory, reason)
                 unreadable.append(step)
+                first_error = first_error or reason
                 continue
             if discard_unreadable:
                 self._delete(unreadable)
             return step, restored["state"], dict(restored["extra"])
+        if unreadable:
+            raise CheckpointError(
+                f"{self.directory}: none of checkpoints {sorted(unreadable)} restores into this run's state "
+                f"(checkpoint {unreadable[0]}: {first_error}); they are another model's or optimizer's, or "
+                "damaged: use a new workdir, or move them away to start over")
         return None
+
+    def newest_extra(self) -> dict:
+        """The JSON record of the newest checkpoint ({} if none or unreadable), arrays not read."""
+        steps = self.all_steps()
+        if not steps:
+            return {}
+        try:
+            return dict(self._manager.restore(steps[-1], args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"])
+        except Exception as e:  # noqa: BLE001 — only an aid to an error message
+            log.warning("checkpoint %d's record is unreadable: %s", steps[-1], e)
+            return {}
 
     def _delete(self, steps: list[int]) -> None:
         for step in steps:
@@ -75,6 +100,30 @@ class RunCheckpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _leaf_names(tree: Any) -> dict:
+    """'params.layers.0.attn.q_proj' -> leaf; dict keys, attributes and indices alike (orbax's
+    metadata tree has dicts where the state has dataclasses)."""
+    def part(key):
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+    return {".".join(part(k) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_shapes(stored: Any, abstract_state: Any) -> None:
+    """ValueError naming the arrays whose stored shape differs from this run's (a checkpoint of
+    another model size), before orbax reads anything: its failing reads leave a wall of
+    asyncio tracebacks behind. Arrays only one side has are left to orbax's own restore."""
+    stored_leaves = _leaf_names(stored)
+    diffs = [f"{name} {tuple(stored_leaves[name].shape)} stored, {tuple(leaf.shape)} in this run"
+             for name, leaf in _leaf_names(abstract_state).items()
+             if name in stored_leaves and tuple(getattr(stored_leaves[name], "shape", ())) != tuple(leaf.shape)]
+    if diffs:
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise ValueError(f"array shapes differ: {diffs[0]}{more}")
 
 
 def abstract_like(tree: Any) -> Any:

@@ -15,7 +15,7 @@ import optax
 
 from tepo_jax.rl.batch import SequenceData, TrainBatch, pack_sequences
 from tepo_jax.rl.loss import LossConfig, loss_token_mask
-from tepo_jax.rl.train_step import ModelDef, TrainState, forward_loss
+from tepo_jax.rl.train_step import ModelDef, TrainState, apply_update_if_finite, forward_loss
 from tepo_jax.sharding import replicated
 from tepo_jax.xla_options import program_options
 
@@ -62,12 +62,10 @@ def make_sft_step(model_def: ModelDef, optimizer: optax.GradientTransformation, 
     """Jitted `sft_step(state, batch) -> (state, metrics)` with the state donated."""
 
     def step(state: TrainState, batch: TrainBatch):
-        grad_fn = jax.grad(lambda p: sft_loss(model_def, p, batch, loss_cfg), has_aux=True)
-        grads, metrics = grad_fn(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        metrics["sft/grad_norm"] = optax.global_norm(grads)
-        new = TrainState(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                         step=state.step + 1, rng=jax.random.split(state.rng)[0])
+        grad_fn = jax.value_and_grad(lambda p: sft_loss(model_def, p, batch, loss_cfg), has_aux=True)
+        (loss, metrics), grads = grad_fn(state.params)
+        new, update_metrics = apply_update_if_finite(optimizer, state, grads, loss)
+        metrics.update({f"sft/{k}": v for k, v in update_metrics.items()})
         return new, metrics
 
     batch_shardings = TrainBatch(*([batch_sharding] * len(TrainBatch._fields)))
