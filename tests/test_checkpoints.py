@@ -1,6 +1,7 @@
 """HF checkpoint load/save: export to transformers, bit-exact round trips, config forms, errors."""
 import json
 import os
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -276,3 +277,118 @@ def test_tensors_are_sliced_per_device_before_any_host_copy(llama_bf16):
     for p, var in nnx.to_flat_state(nnx.state(sharded, nnx.Param)):
         assert var[...].dtype == jnp.float32 and len(var[...].sharding.device_set) == 8, p
         np.testing.assert_array_equal(np.asarray(jax.device_get(var[...])), np.asarray(plain[p][...]), err_msg=str(p))
+
+
+# ---------------------------------------------------------------- malformed config.json / index / values
+
+
+def _edit_config(src, dst, edit) -> str:
+    """A copy of checkpoint `src` whose config.json is `edit(cfg)` (or cfg edited in place)."""
+    out = _copy(src, dst)
+    file = os.path.join(out, "config.json")
+    cfg = json.load(open(file))
+    result = edit(cfg)
+    json.dump(cfg if result is None else result, open(file, "w"))
+    return out
+
+
+_LLAMA3_STR_FACTOR = dict(rope_type="llama3", factor="8", low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=32)
+MALFORMED_CONFIGS = {  # name: (edit of the qwen fixture's config.json, expected message)
+    "heads_zero": (lambda c: c.update(num_attention_heads=0, head_dim=None),
+                   r"num_attention_heads must be a positive integer, got 0"),
+    "kv_heads_negative": (lambda c: c.update(num_key_value_heads=-2),
+                          r"num_key_value_heads must be a positive integer, got -2"),
+    "kv_heads_zero": (lambda c: c.update(num_key_value_heads=0),
+                      r"num_key_value_heads must be a positive integer, got 0"),
+    "heads_not_multiple_of_kv": (lambda c: c.update(num_attention_heads=5),
+                                 r"num_attention_heads=5 is not a multiple of num_key_value_heads=2"),
+    "hidden_not_divisible": (lambda c: c.update(num_attention_heads=6, head_dim=None),
+                             r"hidden_size=32 is not divisible by num_attention_heads=6"),
+    "hidden_str": (lambda c: c.update(hidden_size="thirty-two"),
+                   r"hidden_size must be a positive integer, got 'thirty-two'"),
+    "hidden_float": (lambda c: c.update(hidden_size=32.0), r"hidden_size must be a positive integer, got 32\.0"),
+    "vocab_bool": (lambda c: c.update(vocab_size=True), r"vocab_size must be a positive integer, got True"),
+    "vocab_null": (lambda c: c.update(vocab_size=None), r"vocab_size must be a positive integer, got None"),
+    "eps_str": (lambda c: c.update(rms_norm_eps="tiny"), r"rms_norm_eps must be a finite number > 0, got 'tiny'"),
+    "eps_nan": (lambda c: c.update(rms_norm_eps=float("nan")), r"rms_norm_eps must be a finite number > 0, got nan"),
+    "theta_zero": (lambda c: c["rope_parameters"].update(rope_theta=0),
+                   r"rope_parameters\.rope_theta must be a finite number > 0, got 0"),
+    "llama3_factor_str": (lambda c: c["rope_parameters"].update(_LLAMA3_STR_FACTOR),
+                          r"rope_parameters\.factor must be a finite number > 0, got '8'"),
+    "tie_str": (lambda c: c.update(tie_word_embeddings="false"), r"tie_word_embeddings must be true or false"),
+    "eos_str": (lambda c: c.update(eos_token_id="</s>"), r"eos_token_id must be a token id"),
+    "top_level_list": (lambda c: [c], r"the top level must be a JSON object, got list"),
+    "rope_scaling_str": (lambda c: c.update(rope_scaling="llama3"),
+                         r"rope_scaling must be an object or null, got 'llama3'"),
+    "architectures_str": (lambda c: c.update(architectures="Qwen2ForCausalLM"),
+                          r"architectures must be a list of class names"),
+    "architecture_unsupported": (lambda c: c.update(architectures=["Qwen3ForCausalLM"]),
+                                 r"unsupported architecture \['Qwen3ForCausalLM'\] in architectures"),
+    "architecture_vs_model_type": (lambda c: c.update(architectures=["LlamaForCausalLM"]),
+                                   r"architectures \['LlamaForCausalLM'\] does not match model_type 'qwen2'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_CONFIGS))
+def test_malformed_config_field_is_a_one_line_error_naming_it(qwen, tmp_path, case):
+    edit, match = MALFORMED_CONFIGS[case]
+    out = _edit_config(qwen[0], tmp_path / "c", edit)
+    msg = _one_line_error(out, match)
+    assert msg.startswith(os.path.join(out, "config.json") + ": "), msg
+
+
+def _index(path) -> tuple[str, dict]:
+    file = os.path.join(path, "model.safetensors.index.json")
+    return file, json.load(open(file))
+
+
+def test_index_weight_map_value_not_a_file_name(llama_bf16, tmp_path):
+    out = _copy(llama_bf16[0], tmp_path / "c")
+    file, index = _index(out)
+    index["weight_map"]["model.norm.weight"] = [index["weight_map"]["model.norm.weight"]]
+    json.dump(index, open(file, "w"))
+    msg = _one_line_error(out, r"weight_map\['model\.norm\.weight'\] must be a file name")
+    assert msg.startswith(file + ": "), msg
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_index_pointing_outside_the_checkpoint_is_refused(llama_bf16, tmp_path, where):
+    """A shard moved next to the checkpoint and named by `../` or an absolute path would load;
+    a checkpoint must be self-contained."""
+    out = _copy(llama_bf16[0], tmp_path / "c")
+    file, index = _index(out)
+    shard = sorted(set(index["weight_map"].values()))[1]
+    os.makedirs(tmp_path / "other")
+    shutil.move(os.path.join(out, shard), tmp_path / "other" / shard)
+    moved = f"../other/{shard}" if where == "relative" else str(tmp_path / "other" / shard)
+    index["weight_map"] = {k: moved if v == shard else v for k, v in index["weight_map"].items()}
+    json.dump(index, open(file, "w"))
+    key = min(k for k, v in index["weight_map"].items() if v == moved)
+    _one_line_error(out, rf"weight_map\[{key!r}\] = {re.escape(repr(moved))} points outside the checkpoint directory")
+
+
+@pytest.mark.parametrize("case", ["nan_fp32", "inf_bf16_shard_on_mesh", "fp16_overflow"])
+def test_non_finite_tensor_is_refused(qwen, llama_bf16, tmp_path, case):
+    """Checked per device slice as it is converted (also on a mesh, and after a conversion to a
+    narrower dtype, which may overflow); the message names the tensor and its file (the shard,
+    for a sharded checkpoint)."""
+    from tepo_jax.sharding import MeshConfig, make_mesh
+
+    src, key = (llama_bf16[0], "model.layers.1.self_attn.o_proj.weight") if "bf16" in case else \
+        (qwen[0], "model.layers.1.mlp.down_proj.weight")
+    out = _copy(src, tmp_path / "c")
+    file = next(os.path.join(out, f) for f in sorted(os.listdir(out))
+                if f.endswith(".safetensors") and key in SafetensorsReader(os.path.join(out, f)).keys())
+
+    def edit(t):
+        w = t[key].copy()
+        w[3, 5] = {"nan_fp32": np.nan, "inf_bf16_shard_on_mesh": np.inf, "fp16_overflow": 1e6}[case]
+        t[key] = w
+
+    _rewrite(file, edit)
+    kw = {"mesh": make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))} if "mesh" in case else {}
+    if case == "fp16_overflow":
+        kw["param_dtype"] = jnp.float16
+    what = "values that overflow the parameter dtype float16" if case == "fp16_overflow" else "NaN or inf values"
+    _one_line_error(out, rf"tensor {re.escape(repr(key))} in {re.escape(file)} has {what}", **kw)

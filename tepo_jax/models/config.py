@@ -9,6 +9,7 @@ old form (`rope_theta`, `rope_scaling`, `torch_dtype`) and its new form (`rope_p
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "LlamaForCausalLM": "llama",
 }
+MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama"}  # config.json model_type -> family
 
 # The one table of dtype names (configs, the CLI, HF config.json torch_dtype).
 DTYPES = {
@@ -100,29 +102,139 @@ class ModelConfig:
         return self.num_layers * per_layer + self.vocab_size * d + d + head
 
 
-def _dtype_from_name(name: Optional[str], default):
+def _dtype_from_name(field: str, name: Any, default):
     if name is None:
         return default
-    if name not in DTYPES:
-        raise UnsupportedConfigError(f"unsupported dtype {name!r} in config.json")
+    if not isinstance(name, str) or name not in DTYPES:
+        raise UnsupportedConfigError(f"{field} must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+# ---------------------------------------------------------------- config.json field checks
+# Small pure functions: each returns the checked value or raises UnsupportedConfigError naming
+# the field (the loader prefixes the file). JSON `null` in an optional field means "absent".
+
+_REQUIRED = object()
+
+
+def _field(hf: Mapping[str, Any], name: str, default: Any = _REQUIRED) -> Any:
+    """hf[name]; `default` when absent or null (a required field: an error when absent)."""
+    if name not in hf:
+        if default is _REQUIRED:
+            raise UnsupportedConfigError(f"config.json is missing the field {name!r}")
+        return default
+    value = hf[name]
+    return default if value is None and default is not _REQUIRED else value
+
+
+def _positive_int(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UnsupportedConfigError(f"{field} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_float(field: str, value: Any) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value <= 0):
+        raise UnsupportedConfigError(f"{field} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _flag(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UnsupportedConfigError(f"{field} must be true or false, got {value!r}")
+    return value
+
+
+def _object_or_none(field: str, value: Any) -> Optional[Mapping[str, Any]]:
+    if value is not None and not isinstance(value, Mapping):
+        raise UnsupportedConfigError(f"{field} must be an object or null, got {value!r}")
+    return value
+
+
+def _token_ids(field: str, value: Any):
+    """A token id field as stored in ModelConfig: None, an int >= 0, or a tuple of them
+    (hashable; Llama 3.1 Instruct lists several eos ids)."""
+    def one(v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise UnsupportedConfigError(f"{field} must be a token id (an integer >= 0) or a list of them, "
+                                         f"got {value!r}")
+        return v
+    if value is None:
+        return None
+    return tuple(one(v) for v in value) if isinstance(value, list) else one(value)
+
+
+def _family_from_hf(hf: Mapping[str, Any]) -> str:
+    """The model family from `architectures` and `model_type` together: every listed class must
+    be supported, and a model_type present must be that class's."""
+    archs, model_type = hf.get("architectures"), hf.get("model_type")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise UnsupportedConfigError(f"architectures must be a list of class names, got {archs!r}")
+    if model_type is not None and not isinstance(model_type, str):
+        raise UnsupportedConfigError(f"model_type must be a string, got {model_type!r}")
+    if archs:
+        if any(a not in SUPPORTED_ARCHITECTURES for a in archs):
+            raise UnsupportedConfigError(
+                f"unsupported architecture {archs!r} in architectures; supported: "
+                f"{sorted(SUPPORTED_ARCHITECTURES)}")
+        families = {SUPPORTED_ARCHITECTURES[a] for a in archs}
+        if len(families) > 1:
+            raise UnsupportedConfigError(f"architectures {archs!r} name more than one model family")
+        (family,) = families
+        if model_type is not None and MODEL_TYPES.get(model_type) != family:
+            raise UnsupportedConfigError(f"architectures {archs!r} does not match model_type {model_type!r}")
+        return family
+    if model_type not in MODEL_TYPES:
+        raise UnsupportedConfigError(
+            f"unsupported architecture {model_type!r} (no architectures; model_type must be one of "
+            f"{sorted(MODEL_TYPES)})")
+    return MODEL_TYPES[model_type]
+
+
+def _heads_from_hf(hf: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """(hidden_size, num_heads, num_kv_heads, head_dim), checked against each other."""
+    hidden = _positive_int("hidden_size", _field(hf, "hidden_size"))
+    heads = _positive_int("num_attention_heads", _field(hf, "num_attention_heads"))
+    kv = _positive_int("num_key_value_heads", _field(hf, "num_key_value_heads", heads))
+    if heads % kv:
+        raise UnsupportedConfigError(
+            f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    head_dim = _field(hf, "head_dim", None)
+    if head_dim is None:
+        if hidden % heads:
+            raise UnsupportedConfigError(
+                f"hidden_size={hidden} is not divisible by num_attention_heads={heads} (and no head_dim)")
+        head_dim = hidden // heads
+    return hidden, heads, kv, _positive_int("head_dim", head_dim)
 
 
 def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, Optional[Llama3RopeScaling]]:
     """Rope theta and scaling from either `rope_parameters` (new) or `rope_theta`/`rope_scaling`."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or params
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    params = _object_or_none("rope_parameters", hf.get("rope_parameters")) or {}
+    scaling = _object_or_none("rope_scaling", hf.get("rope_scaling"))
+    where = "rope_scaling" if scaling else "rope_parameters"
+    scaling = scaling or params
+    if params.get("rope_theta") is not None:
+        theta = _positive_float("rope_parameters.rope_theta", params["rope_theta"])
+    else:
+        theta = _positive_float("rope_theta", _field(hf, "rope_theta", 10000.0))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type in (None, "default"):
-        return float(theta), None
+        return theta, None
     if rope_type != "llama3":
         raise UnsupportedConfigError(f"unsupported rope_type {rope_type!r} (supported: default, llama3)")
-    return float(theta), Llama3RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+
+    def get(name, check):
+        if name not in scaling:
+            raise UnsupportedConfigError(f"config.json is missing the field '{where}.{name}'")
+        return check(f"{where}.{name}", scaling[name])
+
+    return theta, Llama3RopeScaling(
+        factor=get("factor", _positive_float),
+        low_freq_factor=get("low_freq_factor", _positive_float),
+        high_freq_factor=get("high_freq_factor", _positive_float),
+        original_max_position_embeddings=get("original_max_position_embeddings", _positive_int),
     )
 
 
@@ -130,55 +242,45 @@ def from_hf_config(hf: Mapping[str, Any], *, dtype=None, param_dtype=None) -> Mo
     """Build a ModelConfig from a transformers config.json dict.
 
     `param_dtype` defaults to the checkpoint's stored dtype (`dtype` or `torch_dtype`);
-    `dtype` (compute) defaults to the same.
+    `dtype` (compute) defaults to the same. Every field read is checked for type and range: a
+    malformed one is an UnsupportedConfigError naming it (JSON null in an optional field means
+    its default).
     """
-    archs = hf.get("architectures") or []
-    family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if family is None:
-        family = {"qwen2": "qwen2", "llama": "llama"}.get(hf.get("model_type"))
-    if family is None:
-        raise UnsupportedConfigError(
-            f"unsupported architecture {archs or hf.get('model_type')!r}; supported: "
-            f"{sorted(SUPPORTED_ARCHITECTURES)}")
+    if not isinstance(hf, Mapping):
+        raise UnsupportedConfigError(f"the top level must be a JSON object, got {type(hf).__name__}")
+    family = _family_from_hf(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise UnsupportedConfigError(f"unsupported hidden_act {hf['hidden_act']!r} (supported: silu)")
-    if hf.get("use_sliding_window"):
+    if _flag("use_sliding_window", _field(hf, "use_sliding_window", False)):
         raise UnsupportedConfigError("sliding-window attention (use_sliding_window: true) is not supported")
-    try:
-        theta, scaling = _rope_from_hf(hf)
-        stored = _dtype_from_name(hf.get("dtype") or hf.get("torch_dtype"), jnp.float32)
-        num_heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
-        attention_bias = bool(hf.get("attention_bias", False))
-        return ModelConfig(
-            family=family,
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
-            num_heads=num_heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-            head_dim=int(hf.get("head_dim") or hidden // num_heads),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or attention_bias,
-            o_bias=attention_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=_ids(hf.get("eos_token_id")),  # int, or a list (Llama 3.1 Instruct)
-            dtype=dtype or param_dtype or stored,
-            param_dtype=param_dtype or stored,
-        )
-    except KeyError as e:
-        raise UnsupportedConfigError(f"config.json is missing the field {e.args[0]!r}") from None
-
-
-def _ids(value):
-    """A token id field as stored in ModelConfig: None, an int, or a tuple of ints (hashable)."""
-    return tuple(int(i) for i in value) if isinstance(value, (list, tuple)) else value
+    theta, scaling = _rope_from_hf(hf)
+    dtype_field = "dtype" if hf.get("dtype") else "torch_dtype"
+    stored = _dtype_from_name(dtype_field, hf.get(dtype_field) or None, jnp.float32)
+    hidden, num_heads, num_kv_heads, head_dim = _heads_from_hf(hf)
+    attention_bias = _flag("attention_bias", _field(hf, "attention_bias", False))
+    return ModelConfig(
+        family=family,
+        vocab_size=_positive_int("vocab_size", _field(hf, "vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=_positive_int("intermediate_size", _field(hf, "intermediate_size")),
+        num_layers=_positive_int("num_hidden_layers", _field(hf, "num_hidden_layers")),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_positive_float("rms_norm_eps", _field(hf, "rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=_flag("tie_word_embeddings", _field(hf, "tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2" or attention_bias,
+        o_bias=attention_bias,
+        mlp_bias=_flag("mlp_bias", _field(hf, "mlp_bias", False)),
+        max_position_embeddings=_positive_int("max_position_embeddings",
+                                              _field(hf, "max_position_embeddings", 32768)),
+        bos_token_id=_token_ids("bos_token_id", hf.get("bos_token_id")),
+        eos_token_id=_token_ids("eos_token_id", hf.get("eos_token_id")),
+        dtype=dtype or param_dtype or stored,
+        param_dtype=param_dtype or stored,
+    )
 
 
 def dtype_name(dtype) -> str:
