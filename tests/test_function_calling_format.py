@@ -516,3 +516,67 @@ def test_llama_answer_turn_without_call_line_is_not_a_call(llama):
                      is_call=False)
     traj = b.finish("answer")
     assert (traj.kinds[len(prompt):] == TokenKind.REASONING).all()
+
+
+DEEP = "[" * 3000 + "]" * 3000   # 6 KB, under max_argument_chars; json.loads would recurse
+
+
+@pytest.mark.parametrize("fmt,text", [
+    (JsonCallFormat(QWEN25), "<tool_call>\n" + DEEP + "\n</tool_call>"),
+    (JsonCallFormat(QWEN25), '<tool_call>\n{"name": "f", "arguments": ' + DEEP + '}\n</tool_call>'),
+    (JsonCallFormat(QWEN25), '<tool_call>\n{"name": "f", "arguments": ' + json.dumps(DEEP)
+     + '}\n</tool_call>'),                              # stringified arguments
+    (JsonCallFormat(LLAMA31), '{"name": "f", "parameters": ' + "{\"a\":" * 2000 + "1"
+     + "}" * 2000 + "}"),
+])
+def test_deeply_nested_json_is_a_parse_error_not_a_recursion_error(fmt, text):
+    import time
+    t0 = time.monotonic()
+    calls = fmt.parse_calls(text)
+    assert time.monotonic() - t0 < 1.0
+    assert len(calls) == 1 and isinstance(calls[0], ParseError), calls
+    assert "nested too deeply" in calls[0].message and "Call a function as" in calls[0].message
+    # the role painter reads the same text (TrajectoryBuilder) and must not raise either
+    from tepo_jax.tools.markup import char_roles_and_kinds
+    roles, _ = char_roles_and_kinds(text, fmt.markup())
+    assert len(roles) == len(text)
+
+
+def test_json_depth_limit_counts_brackets_outside_strings_only():
+    fmt = JsonCallFormat(QWEN25)
+    ok_depth = fmt.max_json_depth - 2   # the call object and its arguments: two levels
+    args = "[" * ok_depth + "]" * ok_depth
+    brackets_in_string = json.dumps("[" * 5000 + '\\"{' * 100)
+    for value in (args, brackets_in_string):
+        calls = fmt.parse_calls(f'<tool_call>\n{{"name": "f", "arguments": {{"x": {value}}}}}\n'
+                                "</tool_call>")
+        assert isinstance(calls[0], ToolCall), calls
+    too_deep = "[" * (ok_depth + 1) + "]" * (ok_depth + 1)
+    calls = fmt.parse_calls(f'<tool_call>\n{{"name": "f", "arguments": {{"x": {too_deep}}}}}\n'
+                            "</tool_call>")
+    assert isinstance(calls[0], ParseError) and "limit 64" in calls[0].message
+
+
+def test_json_depth_scan_is_linear_on_quote_and_backslash_floods():
+    import time
+
+    from tepo_jax.tools.base import json_depth
+    for text in ['"' + '\\"' * 10_000, '"\\' * 10_000, '["' * 10_000, "[" * 20_000]:
+        t0 = time.monotonic()
+        json_depth(text)
+        assert time.monotonic() - t0 < 0.2, text[:10]
+
+
+def test_agent_turns_a_raising_parser_into_a_parse_error():
+    """Should a format still raise on some degenerate sample, the rollout gives that turn a
+    ParseError instead of ending the run."""
+    from tepo_jax.rollout.agent import AgentLoop
+
+    class Raising:
+        def parse_calls(self, text):
+            raise RecursionError("maximum recursion depth exceeded")
+    loop = AgentLoop.__new__(AgentLoop)
+    loop.fmt = Raising()
+    calls = loop._parse_calls("<tool_call>[[[[</tool_call>")
+    assert len(calls) == 1 and isinstance(calls[0], ParseError)
+    assert "RecursionError" in calls[0].message

@@ -79,3 +79,13 @@ def test_a_multi_call_turn_through_the_bridge_gives_one_result_block():
     block = fmt.wrap_results([r.text for r in results])
     assert block.count("<tool_response>") == 3
     assert block.index('"Oslo"') < block.index("missing required") < block.index("malformed JSON")
+
+
+@pytest.mark.parametrize("argument", [
+    '{"city": ' + "[" * 5000 + "]" * 5000 + "}",
+    "[" * 3000 + "]" * 3000,
+])
+def test_deeply_nested_arguments_are_an_error_result_not_a_recursion_error(argument):
+    r = WEATHER.run(argument, 5.0)   # called directly, without the bridge's guard
+    assert r.status is ToolStatus.ERROR
+    assert r.text.startswith("invalid arguments for get_weather: JSON nested too deeply")

@@ -107,17 +107,21 @@ def test_submit_returns_future_and_overlaps():
 
 
 def test_pool_clogged_by_hung_tools_still_returns():
-    """One worker, held by a tool that never honours its deadline: the queued call behind it
-    times out too instead of waiting forever."""
+    """One worker, held by a tool that never honours its deadline, and no replacement allowed
+    (max_hung=0): the queued call behind it fails too, saying the tools are hung, instead of
+    waiting forever; once the hung call returns its thread rejoins and the pool recovers."""
     hang = Hang()
     bridge = ToolBridge({"hang": hang, "echo": Echo()}, max_workers=1, default_timeout=0.2,
-                        grace_s=0.1)
+                        grace_s=0.1, max_hung=0)
     t0 = time.monotonic()
     results = bridge.run_batch([ToolCall("hang", "x"), ToolCall("echo", "y")])
     assert time.monotonic() - t0 < 3.0
-    assert [r.status for r in results] == [ToolStatus.TIMEOUT, ToolStatus.TIMEOUT]
-    assert "not started" in results[1].text
+    assert [r.status for r in results] == [ToolStatus.TIMEOUT, ToolStatus.ERROR]
+    assert "not started" in results[1].text and "hung" in results[1].text
     hang.release.set()
+    deadline = time.monotonic() + 5
+    while bridge.stats()["all"]["hung_threads"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert bridge.run_batch([ToolCall("echo", "z")])[0].text == "Z"  # the pool recovers
     bridge.close()
 
@@ -152,3 +156,113 @@ def test_end_to_end_with_python_tool_and_parser():
 def test_invalid_pool_size():
     with pytest.raises(ValueError, match="max_workers"):
         ToolBridge({}, max_workers=0)
+
+
+def test_hung_tools_are_replaced_so_the_pool_keeps_working(caplog):
+    """More calls hang than there are workers: each abandoned thread is replaced, so a normal
+    tool still runs at once; the first hang of a tool is logged once, naming it."""
+    hang = Hang()
+    bridge = ToolBridge({"hang": hang, "echo": Echo()}, max_workers=2, default_timeout=0.2,
+                        grace_s=0.1)
+    with caplog.at_level("WARNING", logger="tepo_jax.tools.bridge"):
+        first = bridge.run_batch([ToolCall("hang", "a"), ToolCall("hang", "b")])
+        second = bridge.run_batch([ToolCall("hang", "c")])
+        t0 = time.monotonic()
+        normal = bridge.run_batch([ToolCall("echo", "ok")])
+    assert [r.status for r in first + second] == [ToolStatus.TIMEOUT] * 3
+    assert normal[0].status is ToolStatus.OK and normal[0].text == "OK"
+    assert time.monotonic() - t0 < 1.0
+    stats = bridge.stats()["all"]
+    assert stats["abandoned"] == 3 and stats["hung_threads"] == 3
+    warned = [r for r in caplog.records if "'hang'" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"
+    hang.release.set()
+    bridge.close()
+
+
+def test_past_the_hung_bound_calls_fail_at_once_saying_tools_are_hung(caplog):
+    hang = Hang()
+    bridge = ToolBridge({"hang": hang, "echo": Echo()}, max_workers=1, default_timeout=0.2,
+                        grace_s=0.1, max_hung=1)
+    with caplog.at_level("WARNING", logger="tepo_jax.tools.bridge"):
+        bridge.run_batch([ToolCall("hang", "a")])   # replaced (1 <= max_hung)
+        bridge.run_batch([ToolCall("hang", "b")])   # not replaced: no worker left
+        t0 = time.monotonic()
+        r = bridge.run_batch([ToolCall("echo", "x")])[0]
+    assert time.monotonic() - t0 < 0.5
+    assert r.status is ToolStatus.ERROR
+    assert "tool threads are hung" in r.text and "'hang' x2" in r.text
+    assert any(rec.levelname == "ERROR" and "HUNG" in rec.getMessage() for rec in caplog.records)
+    hang.release.set()   # the hung calls return: a thread rejoins, the pool works again
+    deadline = time.monotonic() + 5
+    while bridge.stats()["all"]["hung_threads"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert bridge.run_batch([ToolCall("echo", "y")])[0].text == "Y"
+    bridge.close()
+
+
+_HANG_SCRIPT = """
+import sys, threading, time
+from tepo_jax.plugins import as_tool
+from tepo_jax.tools import ToolBridge, ToolCall
+
+def lookup(q):
+    threading.Event().wait()      # a user tool that never returns
+
+bridge = ToolBridge({"lookup": as_tool(lookup)}, max_workers=1, default_timeout=1.0, grace_s=0.2)
+results = bridge.run_batch([ToolCall("lookup", "x")] * 2)
+print([r.status.value for r in results], flush=True)
+if sys.argv[1] == "close":
+    bridge.close()
+print("main done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("close", ["close", "no-close"])
+def test_hung_user_tool_does_not_keep_the_interpreter_alive(close):
+    """A plain-function tool that never returns is abandoned; closing the bridge (or not) and
+    leaving main must end the process: the hung thread may not be joined at exit."""
+    import subprocess
+    import sys
+    try:
+        out = subprocess.run([sys.executable, "-c", _HANG_SCRIPT, close], capture_output=True,
+                             text=True, timeout=15)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the interpreter did not exit (stdout: {e.stdout!r})")
+    assert out.returncode == 0, out.stderr
+    assert "['timeout', 'timeout']" in out.stdout and "main done" in out.stdout
+
+
+def test_close_with_a_batch_in_flight_gives_results_not_exceptions():
+    hang = Hang()
+    bridge = ToolBridge({"hang": hang, "echo": Echo()}, max_workers=1, default_timeout=0.5,
+                        grace_s=0.1)
+    fut = bridge.submit([ToolCall("hang", "x"), ToolCall("echo", "y")])
+    deadline = time.monotonic() + 5
+    while not any(w.future for w in bridge._pool._workers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    bridge.close()   # the queued echo is cancelled
+    results = fut.result(timeout=5)
+    hang.release.set()
+    assert results[0].status is ToolStatus.TIMEOUT
+    assert results[1].status is ToolStatus.ERROR and "closed" in results[1].text
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(max_workers=0), "max_workers must be >= 1, got 0"),
+    (dict(max_workers=-1), "max_workers"),
+    (dict(default_timeout=0.0), "default_timeout"),
+    (dict(default_timeout=-1.0), "default_timeout"),
+    (dict(default_timeout=float("nan")), "default_timeout"),
+    (dict(grace_s=float("nan")), "grace_s"),
+    (dict(max_hung=-1), "max_hung"),
+])
+def test_bridge_refuses_bad_settings(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        ToolBridge({}, **kw)
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0, float("nan"), float("inf")])
+def test_python_tool_refuses_a_deadline_that_is_not_positive(timeout):
+    with pytest.raises(ValueError, match="timeout_s"):
+        PythonTool(SandboxConfig(timeout_s=timeout))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from collections import deque
 from typing import Mapping, Optional, Sequence
 
@@ -36,8 +37,10 @@ from tepo_jax.rollout.trajectory import Trajectory, attach_reward, model_mask
 from tepo_jax.sampling.config import FINISH_EOS, FINISH_STOP_STRING, SamplingParams
 from tepo_jax.sampling.sampler import Sampler, TurnOutput
 from tepo_jax.tokenizer import encode_chat
-from tepo_jax.tools import ToolBridge
+from tepo_jax.tools import ParseError, ToolBridge
 from tepo_jax.tools.format import CallFormat, call_record
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +172,7 @@ class AgentLoop:
         calls. A call that cannot be followed by another turn is not run: it stays text."""
         b = req.builder
         text = self.tokenizer.decode(out.tokens.tolist(), skip_special_tokens=False)
-        turn_calls = self.fmt.parse_calls(text)
+        turn_calls = self._parse_calls(text)
         out_of_calls = b.num_calls >= self.config.max_calls
         out_of_tokens = b.model_tokens + len(out.tokens) >= self.config.max_tokens
         runs_call = bool(turn_calls) and not out_of_calls and not out_of_tokens
@@ -185,6 +188,18 @@ class AgentLoop:
             return b.finish("max_tokens")
         calls.append((req, turn_calls))
         return None
+
+    def _parse_calls(self, text: str) -> list:
+        """The turn's calls. The formats turn malformed model text into ParseErrors; should a
+        parser still raise on some degenerate sample, that turn gets one ParseError (the
+        model reads it as the call's result) instead of ending the run."""
+        try:
+            return self.fmt.parse_calls(text)
+        except Exception as e:  # a parser bug must not end training
+            log.warning("call format %s failed on a model turn (%s: %s); the turn gets a parse "
+                        "error. Turn text starts: %r", type(self.fmt).__name__,
+                        type(e).__name__, e, text[:200], exc_info=True)
+            return [ParseError(f"could not parse the tool call ({type(e).__name__})")]
 
     def _append_results(self, future, calls, *, greedy: bool) -> list[_Request]:
         """Insert one result block per call turn; returns the requests that no longer fit

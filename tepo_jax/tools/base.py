@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import re
 from typing import Optional, Protocol, Union, runtime_checkable
 
@@ -92,3 +93,56 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 def model_text(text: str) -> str:
     """Text safe to show the model: CRLF becomes LF, other control characters U+FFFD."""
     return _CONTROL.sub("\ufffd", text.replace("\r\n", "\n"))
+
+
+# ---- JSON written by the model -------------------------------------------------------------
+# json.loads recurses once per nesting level, so "[[[[…" a few thousand deep raises
+# RecursionError (how deep depends on the caller's stack, too). Model-written JSON is checked
+# against this explicit limit first, so too much nesting is an ordinary, predictable ValueError
+# that the formats turn into a ParseError the model reads.
+MAX_JSON_DEPTH = 64
+# A string runs to its closing quote or, unclosed, to the end of the text (json stops there
+# anyway): every match attempt that starts succeeds, so the scan is linear.
+_JSON_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
+
+
+class JSONDepthError(ValueError):
+    """Model-written JSON nested deeper than the limit."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"JSON nested too deeply (limit {limit} levels)")
+        self.limit = limit
+
+
+def json_depth(text: str, stop_above: int = -1) -> int:
+    """Deepest nesting of `[` / `{` in `text`, brackets inside JSON strings not counted: a
+    bound on the depth json.loads recurses to on `text` (or on any JSON value inside it).
+    Stops counting once the depth exceeds `stop_above` (when >= 0)."""
+    depth = deepest = 0
+    for m in _JSON_STRING_OR_BRACKET.finditer(text):
+        c = m.group()
+        if c == "[" or c == "{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if 0 <= stop_above < deepest:
+                    break
+        elif c == "]" or c == "}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+def check_json_depth(text: str, limit: int = MAX_JSON_DEPTH) -> None:
+    """Raise JSONDepthError if JSON in `text` nests deeper than `limit`."""
+    if json_depth(text, stop_above=limit) > limit:
+        raise JSONDepthError(limit)
+
+
+def loads_model_json(text: str, limit: int = MAX_JSON_DEPTH):
+    """json.loads for model-written text: any failure, too deep nesting included, is a
+    ValueError (JSONDepthError for the nesting), never a RecursionError."""
+    check_json_depth(text, limit)
+    try:
+        return json.loads(text)
+    except RecursionError:  # not expected under the limit; a deep caller stack, say
+        raise JSONDepthError(limit) from None

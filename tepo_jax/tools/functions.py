@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 import jsonschema
 
-from tepo_jax.tools.base import ToolResult, ToolStatus, truncate
+from tepo_jax.tools.base import JSONDepthError, ToolResult, ToolStatus, loads_model_json, truncate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,9 @@ class FunctionTool:
     def run(self, argument: str, timeout: float) -> ToolResult:
         t0 = time.monotonic()
         try:
-            arguments = json.loads(argument) if argument.strip() else {}
+            arguments = loads_model_json(argument) if argument.strip() else {}
+        except JSONDepthError as e:
+            return self._result(f"invalid arguments for {self.name}: {e}", ToolStatus.ERROR, t0)
         except ValueError as e:
             return self._result(f"invalid arguments for {self.name}: not JSON ({e})",
                                 ToolStatus.ERROR, t0)

@@ -42,7 +42,8 @@ import json
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 from tepo_jax.tokenizer import render_chat
-from tepo_jax.tools.base import ParseError, ToolCall
+from tepo_jax.tools.base import (MAX_JSON_DEPTH, JSONDepthError, ParseError, ToolCall,
+                                 check_json_depth, loads_model_json)
 from tepo_jax.tools.format import CallOrError
 from tepo_jax.tools.markup import CallMarkup, bare_call_start
 
@@ -132,6 +133,7 @@ class JsonCallFormat:
     functions: Optional[Tuple[str, ...]] = None
     max_calls_per_turn: int = 16
     max_argument_chars: int = 20_000
+    max_json_depth: int = MAX_JSON_DEPTH  # deeper nesting is a ParseError, not a RecursionError
 
     scores_all_turns = True   # calls and answer are in different turns
 
@@ -236,7 +238,9 @@ class JsonCallFormat:
             return [ParseError(f"call is {len(body)} chars; the limit is "
                                f"{self.max_argument_chars}")]
         try:
-            values = _json_values(body, separators)
+            values = _json_values(body, separators, self.max_json_depth)
+        except JSONDepthError as e:
+            return [ParseError(f"{e} in tool call. {self._usage()}")]
         except ValueError as e:
             return [ParseError(f"malformed JSON in tool call: {e}. {self._usage()}")]
         if not values:
@@ -257,7 +261,9 @@ class JsonCallFormat:
         args = obj.get(key, {})
         if isinstance(args, str):  # OpenAI-style stringified arguments
             try:
-                args = json.loads(args)
+                args = loads_model_json(args, self.max_json_depth)
+            except JSONDepthError as e:
+                return ParseError(f'"{key}" of {name}: {e}. {self._usage()}', tool=name)
             except ValueError:
                 pass
         if not isinstance(args, dict):
@@ -294,8 +300,10 @@ def _strip_turn_end(text: str) -> str:
     return text
 
 
-def _json_values(body: str, separators: str = "") -> list:
-    """All JSON values written one after another (whitespace or `separators` between)."""
+def _json_values(body: str, separators: str = "", max_depth: int = MAX_JSON_DEPTH) -> list:
+    """All JSON values written one after another (whitespace or `separators` between).
+    ValueError if they do not decode, JSONDepthError if they nest deeper than `max_depth`."""
+    check_json_depth(body, max_depth)
     dec, out, i = json.JSONDecoder(), [], 0
     skip = " \t\r\n" + separators
     while True:
@@ -307,6 +315,8 @@ def _json_values(body: str, separators: str = "") -> list:
             value, i = dec.raw_decode(body, i)
         except json.JSONDecodeError as e:
             raise ValueError(f"{e.msg} at char {e.pos} of {body.strip()[:80]!r}") from None
+        except RecursionError:  # under the limit only with a very deep caller stack
+            raise JSONDepthError(max_depth) from None
         out.append(value)
 
 

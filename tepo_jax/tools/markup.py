@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from tepo_jax.tools.base import MAX_JSON_DEPTH, json_depth
+
 
 class TokenKind(enum.IntEnum):
     PROMPT = 0
@@ -90,7 +92,7 @@ def _decode(body: str, i: int):
     (e.g. text cut by the token budget)."""
     try:
         return _DECODER.raw_decode(body, i)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: see _paint_json_calls
         return None, None
 
 
@@ -130,6 +132,8 @@ def _paint_json_calls(roles, text, body_start, body_end):
     """Inside a JSON call body (already FORMAT): walk every JSON object one after another and
     mark each one's name value (TOOL_NAME, quotes excluded) and arguments value (TOOL_ARGS)."""
     body = text[body_start:body_end]
+    if json_depth(body, stop_above=MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        return  # the parser refuses it too (a ParseError): all FORMAT, no RecursionError
     i = _BLANK.match(body, 0).end()
     while i < len(body) and body[i] == "{":
         members, i = json_object_members(body, i)

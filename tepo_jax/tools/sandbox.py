@@ -37,6 +37,8 @@ of what enforces what, on root and non-root hosts):
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 import shutil
 import subprocess
@@ -77,6 +79,13 @@ class SandboxConfig:
                                         ("HOME", "/tmp"), ("LANG", "C.UTF-8"),
                                         ("PYTHONDONTWRITEBYTECODE", "1"),
                                         ("MPLBACKEND", "Agg"))
+
+    def __post_init__(self):
+        t = self.timeout_s
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < t < math.inf:
+            raise ValueError(f"SandboxConfig.timeout_s (the python tool's deadline, "
+                             f"tools.python_timeout_s) must be a positive number of seconds, "
+                             f"got {t!r}")
 
 
 def find_bwrap() -> Optional[str]:
