@@ -42,7 +42,8 @@ class Trainer:
         hostmem.retain_if_configured(self.config)   # first: a fresh process on a CPU-only install
         train_examples, demos = self._examples(train_data, "train_data", TRAIN_SPLITS)
         eval_examples, _ = self._examples(eval_data, "eval_data", EVAL_SPLITS)
-        self.parts = UserParts(reward=as_reward(reward) if reward is not None else None,
+        self.parts = UserParts(reward=as_reward(reward, examples=(train_examples, eval_examples))
+                               if reward is not None else None,
                                tools=tuple(as_tool(t, f"tools[{i}]") for i, t in enumerate(tools)),
                                train_examples=train_examples, eval_examples=eval_examples,
                                demonstrations=demos)

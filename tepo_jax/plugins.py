@@ -4,7 +4,9 @@ import path in the config (`--config.reward.fn=mypkg.rewards:score`,
 
 - A reward is `fn(text, gold)` (the final model turn's text and the example's gold answer) or
   `fn(trajectory)` (the whole `Trajectory`: tokens, calls, results), returning a float or a
-  `RewardResult`. A float is the score GRPO and TEPO both use (TEPO's F1_i).
+  `RewardResult`. A float is the score GRPO and TEPO both use (TEPO's F1_i). A numpy
+  number counts as a float; a bool, None, NaN or an infinity does not, and a reward that
+  returns one (or raises) stops the run with an error naming the reward and the example.
 - A tool is an object with `name` and `run(argument, timeout) -> ToolResult` (the `Tool`
   protocol), a class building one with no arguments, or a plain function `fn(argument: str)`
   whose return value (as text) is the result; the model calls it as `<name>argument</name>`
@@ -20,13 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from tepo_jax.data.records import from_dict
-from tepo_jax.errors import ConfigError
+import numpy as np
+
+from tepo_jax.data.function_calling import FunctionCallingExample
+from tepo_jax.data.records import FieldError, MathExample, QAExample, from_dict
+from tepo_jax.errors import ConfigError, one_line
 from tepo_jax.importpath import ImportPathError, import_object
 from tepo_jax.rewards.base import RewardResult
+from tepo_jax.rewards.extract import extract_answer
 from tepo_jax.tools.base import Tool, ToolResult, ToolStatus
 
 # fn(text, gold, trajectory) -> RewardResult: what the rollout calls for a user reward.
@@ -54,30 +61,78 @@ class UserParts:
 
 # ----------------------------------------------------------------------------- rewards
 
-def as_reward(fn, where: str = "reward") -> UserRewardFn:
+def as_reward(fn, where: str = "reward", examples: Iterable[Sequence] = ()) -> UserRewardFn:
     """`fn(text, gold)` or `fn(trajectory)` (returning a float or a RewardResult) as the
-    rollout's reward function."""
+    rollout's reward function. `examples` (lists of examples, or None) give the questions an
+    error names besides the example id."""
     if not callable(fn):
         raise PluginError(f"{where}: {fn!r} is not callable")
     n = _required_positional(fn, where)
     if n not in (1, 2):
         raise PluginError(f"{where}: {_name(fn)} takes {n} required arguments; a reward takes "
                           "(text, gold) or (trajectory)")
+    name, examples = _name(fn), [list(e) for e in examples if e is not None]
 
     def reward(text: str, gold, trajectory) -> RewardResult:
-        value = fn(trajectory) if n == 1 else fn(text, gold)
-        return as_reward_result(value, _name(fn))
+        def example() -> str:
+            return describe_example(getattr(trajectory, "prompt_id", None), examples)
+        try:
+            value = fn(trajectory) if n == 1 else fn(text, gold)
+        except Exception as e:
+            raise PluginError(f"reward {name} raised {type(e).__name__}: {one_line(e, 300)} "
+                              f"(on {example()})") from e
+        return as_reward_result(value, name, example)
     return reward
 
 
-def as_reward_result(value, name: str) -> RewardResult:
+def reward_number(value) -> float:
+    """A reward value as a Python float: an int, float or numpy number (a numpy scalar or 0-d
+    array); a ValueError saying what it is otherwise (a bool, None, a string, NaN, inf)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{type(value).__name__}; it must return a float or a RewardResult")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{number}; a reward must be a finite number")
+    return number
+
+
+def as_reward_result(value, name: str, example: str | Callable[[], str] = "") -> RewardResult:
+    """What reward `name` returned as a RewardResult with finite Python floats, or a
+    PluginError naming the reward, the value and (when given) the example."""
+    def error(what: str, problem: ValueError) -> PluginError:
+        on = example() if callable(example) else example
+        return PluginError(f"reward {name} returned {what}{problem}" + (f" (on {on})" if on else ""))
     if isinstance(value, RewardResult):
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PluginError(f"reward {name} returned {type(value).__name__}; it must return a float "
-                          "or a RewardResult")
-    score = float(value)
+        fields = {"score": value.score, "f1": value.f1, "em": value.em,
+                  **{f"parts[{k!r}]": v for k, v in value.parts.items()}}
+        checked = {}
+        for field, v in fields.items():
+            try:
+                checked[field] = reward_number(v)
+            except ValueError as e:
+                raise error(f"a RewardResult whose {field} is ", e) from None
+        return dataclasses.replace(value, score=checked["score"], f1=checked["f1"], em=checked["em"],
+                                   parts={k: checked[f"parts[{k!r}]"] for k in value.parts})
+    try:
+        score = reward_number(value)
+    except ValueError as e:
+        raise error("", e) from None
     return RewardResult(score=score, f1=score, em=score, malformed=False, extracted=None)
+
+
+def describe_example(example_id, examples: Sequence[Sequence] = ()) -> str:
+    """"example 'id' ('the question…')" for an error message (the question when `examples`
+    hold the id)."""
+    if example_id is None:
+        return "an example"
+    for group in examples:
+        for ex in group:
+            if getattr(ex, "id", None) == example_id:
+                q = " ".join(str(getattr(ex, "question", "")).split())
+                return f"example {example_id!r} ({q[:60] + '…' if len(q) > 60 else q!r})"
+    return f"example {example_id!r}"
 
 
 # ----------------------------------------------------------------------------- tools
@@ -131,33 +186,58 @@ def check_tool_names(tools: Sequence[Tool], taken: Sequence[str]) -> None:
 
 # ----------------------------------------------------------------------------- data
 
+EXAMPLE_TYPES = (MathExample, QAExample, FunctionCallingExample)
+
+
 def as_examples(data, where: str = "data") -> tuple[list, dict[str, list]]:
     """(examples, {example id: demonstration turns}) from a list of dicts (or of examples), or
     any indexable dataset of them (a grain MapDataset / data source); a dict with "answer" is
-    math, with "answers" QA (or say "task")."""
+    math, with "answers" QA (or say "task"). Each row is checked as the JSONL readers check a
+    line (`records.from_dict`); an error names the row and the field."""
     if isinstance(data, (str, bytes, Mapping)) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise PluginError(f"{where}: expected a list of dicts, a dataset of them, or a path, "
                           f"got {type(data).__name__}")
-    out, demos = [], {}
+    out, demos, rows_of = [], {}, {}
     for i in range(len(data)):
         row = data[i]
-        if not isinstance(row, Mapping):
-            out.append(row)
-            continue
-        row = dict(row)
-        row.setdefault("id", f"{where}-{i}")
-        try:
-            out.append(from_dict(row))
-        except (KeyError, TypeError, ValueError) as e:
-            raise PluginError(f"{where}[{i}]: {type(e).__name__}: {e}") from None
-        if "demonstration" in row:
-            turns = row["demonstration"]
-            if isinstance(turns, str) or not all(isinstance(t, str) for t in turns) or not turns:
-                raise PluginError(f"{where}[{i}].demonstration: expected a list of model turn texts")
-            demos[out[-1].id] = list(turns)
+        if isinstance(row, EXAMPLE_TYPES):
+            example = row
+        elif not isinstance(row, Mapping):
+            raise PluginError(f"{where}[{i}]: expected a dict such as {{'question': ..., 'answer': ...}}, "
+                              f"got {type(row).__name__}")
+        else:
+            row = dict(row)
+            row.setdefault("id", f"{where}-{i}")
+            try:
+                example = from_dict(row)
+            except FieldError as e:
+                raise PluginError(f"{where}[{i}].{e.field}: {e.problem}" if e.field else
+                                  f"{where}[{i}]: {e.problem}") from None
+            if "demonstration" in row:
+                problem = demonstration_problem(row["demonstration"])
+                if problem:
+                    raise PluginError(f"{where}[{i}].demonstration: {problem}")
+                demos[example.id] = list(row["demonstration"])
+        if example.id in rows_of:
+            raise PluginError(f"{where}[{i}]: id {example.id!r} is also the id of {where}[{rows_of[example.id]}]")
+        rows_of[example.id] = i
+        out.append(example)
     if not out:
         raise PluginError(f"{where}: no examples")
     return out, demos
+
+
+def demonstration_problem(turns) -> Optional[str]:
+    """What is wrong with a row's "demonstration", or None: it must be the model turns of a
+    solution (a list of strings), the last giving the answer as <answer>…</answer> (the
+    turns before it each end in a tool call, which SFT checks when it plays them)."""
+    if isinstance(turns, str) or not isinstance(turns, (list, tuple)) or not turns or \
+            not all(isinstance(t, str) for t in turns):
+        return "expected a list of model turn texts"
+    if extract_answer(turns[-1]) is None:
+        return (f"the last turn ({one_line(turns[-1], 40)!r}) has no <answer>…</answer>; a demonstration "
+                "ends with the model's answer")
+    return None
 
 
 # ----------------------------------------------------------------------------- from the config

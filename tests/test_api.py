@@ -153,7 +153,7 @@ def test_python_objects_are_checked_when_given():
     examples, demos = as_examples([{"question": "q", "answer": "1", "demonstration": ["<answer>1</answer>"]},
                                    {"question": "p", "answers": ["a"]}])
     assert [e.task for e in examples] == ["math", "qa"] and demos == {examples[0].id: ["<answer>1</answer>"]}
-    with pytest.raises(PluginError, match=r"data\[0\]: KeyError"):
+    with pytest.raises(PluginError, match=r"data\[0\]: missing field 'question'"):
         as_examples([{"answer": "1"}])
     with pytest.raises(ConfigError, match="no examples"):
         as_examples([])
@@ -180,3 +180,86 @@ def test_data_as_a_grain_dataset_or_a_jsonl_file(tmp_path):
         Trainer(c, train_data=str(tmp_path / "missing.jsonl"))
     with pytest.raises(PluginError, match="expected a list of dicts"):
         Trainer(c, train_data=42)
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"question": "q", "answers": "paris"}, "train_data[0].answers: expected a list of strings, got str"),
+    ({"question": "q", "answer": None}, "train_data[0].answer: expected a string, got None"),
+    ({"question": "q", "answr": "1"},
+     "train_data[0]: missing field 'answer' (math) or 'answers' (QA); unknown field 'answr' (did you mean 'answer'?)"),
+    ({"question": "q", "task": "math"}, "train_data[0]: missing field 'answer' (task 'math')"),
+    ({"question": ["q"], "answer": "1"}, "train_data[0].question: expected a string, got list"),
+    ({"question": "q", "answers": ["a", 1]}, "train_data[0].answers: expected a list of strings, got int at [1]"),
+    ({"question": "q", "answer": "1", "answers": ["1"]}, "train_data[0]: has both 'answer' (math) and 'answers' (QA)"),
+    (["What is 2+2?"], "train_data[0]: expected a dict such as {'question': ..., 'answer': ...}, got list"),
+    (None, "train_data[0]: expected a dict such as {'question': ..., 'answer': ...}, got NoneType"),
+    ({"question": "q", "answer": "1", "demonstration": ["The answer is 1."]},
+     "train_data[0].demonstration: the last turn ('The answer is 1.') has no <answer>…</answer>"),
+])
+def test_bad_rows_name_the_row_and_the_field(row, needle):
+    with pytest.raises(PluginError) as e:
+        as_examples([row], "train_data")
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_rows_and_jsonl_lines_share_one_check(tmp_path):
+    from tepo_jax.data import jsonl
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "q", "answers": "paris"}) + "\n")
+    with pytest.raises(jsonl.JsonlError, match=r"qa\.jsonl:1: field 'answers': expected a list of strings, got str"):
+        jsonl.read_jsonl(path, "qa")
+    examples, _ = as_examples([{"question": "q", "answers": ["paris", "Paris"]}, {"question": "r", "answer": 7}])
+    assert examples[0].gold == ["paris", "Paris"] and examples[1].gold == ["7"]
+    with pytest.raises(PluginError, match=r"data\[1\]: id 'a' is also the id of data\[0\]"):
+        as_examples([{"id": "a", "question": "q", "answer": "1"}, {"id": "a", "question": "r", "answer": "2"}])
+
+
+class _Traj:
+    prompt_id = "train_data-0"
+
+
+def _score(fn, examples=None):
+    rows = [{"question": "What is the capital of France, the country?", "answers": ["paris"]}]
+    examples = examples if examples is not None else as_examples(rows, "train_data")[0]
+    return as_reward(fn, examples=[examples])("text", ["paris"], _Traj())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -np.inf, np.float32("nan")])
+def test_a_non_finite_reward_names_the_reward_and_the_example(value):
+    def my_reward(text, gold):
+        return value
+    with pytest.raises(PluginError) as e:
+        _score(my_reward)
+    msg = str(e.value)
+    assert "reward test_a_non_finite_reward_names_the_reward_and_the_example.<locals>.my_reward returned" in msg
+    assert "finite" in msg and "example 'train_data-0' ('What is the capital" in msg
+
+
+def test_a_non_finite_reward_result_field_is_refused():
+    from tepo_jax.rewards.base import RewardResult
+    bad = RewardResult(score=1.0, f1=1.0, em=1.0, malformed=False, extracted=None, parts={"fmt": float("nan")})
+    with pytest.raises(PluginError, match=r"RewardResult whose parts\['fmt'\] is nan"):
+        _score(lambda text, gold: bad)
+
+
+@pytest.mark.parametrize("value", [np.float32(0.5), np.float64(0.5), np.int64(1), np.array(0.5), 1, 0.5])
+def test_numpy_numbers_are_rewards(value):
+    result = _score(lambda text, gold: value)
+    assert type(result.score) is float and result.score == float(value)
+    json.dumps(result.score)
+
+
+@pytest.mark.parametrize("value,name", [(True, "bool"), (np.bool_(True), "bool"), (None, "NoneType"), ("1", "str")])
+def test_a_reward_of_the_wrong_type_names_its_type(value, name):
+    with pytest.raises(PluginError, match=rf"returned {name}; it must return a float or a RewardResult \(on example"):
+        _score(lambda text, gold: value)
+
+
+def test_a_reward_that_raises_names_the_reward_and_the_example():
+    def broken(text, gold):
+        return 1 / 0
+    with pytest.raises(PluginError) as e:
+        _score(broken)
+    assert "reward test_a_reward_that_raises_names_the_reward_and_the_example.<locals>.broken raised " \
+           "ZeroDivisionError: division by zero (on example 'train_data-0' ('What is the capital" in str(e.value)
+    assert isinstance(e.value.__cause__, ZeroDivisionError)

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from tepo_jax.data import jsonl, prompts, synthetic
+from tepo_jax.data import jsonl, prompts, records, synthetic
 from tepo_jax.data.pipeline import make_dataset, shard_indices
 from tepo_jax.data.records import MathExample, QAExample, from_dict
 
@@ -44,7 +44,7 @@ def test_layouts_map_fields(tmp_path):
     ('{"question": "q", "answer": ', "math", r"bad\.jsonl:3: invalid JSON"),
     ('{"question": "q"}', "math", r"bad\.jsonl:3: missing field 'answer'"),
     ('{"question": "q", "answer": "no hashes"}', "gsm8k", r"bad\.jsonl:3: GSM8K answer"),
-    ('{"question": "q", "answers": "x"}', "qa", r"bad\.jsonl:3: field 'answers' must be"),
+    ('{"question": "q", "answers": "x"}', "qa", r"bad\.jsonl:3: field 'answers': expected a list of strings, got str"),
     ('[1, 2]', "qa", r"bad\.jsonl:3: expected a JSON object"),
     ('{"answer": "a"}', "hotpotqa", r"bad\.jsonl:3: missing field 'question'"),
 ])
@@ -319,3 +319,33 @@ def test_short_prompt_names_the_tools_in_one_line_without_tags():
         prompts.system_prompt(style="tiny")
     msgs = prompts.to_messages(synthetic.make_small_arithmetic("product", 1, 0)[0], style="short")
     assert msgs[0]["content"] == short
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_an_empty_file_has_no_records(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    for read in (lambda p: jsonl.read_jsonl(p, "math"), jsonl.read_records, jsonl.read_corpus):
+        with pytest.raises(jsonl.JsonlError, match=rf"^{re.escape(str(path))}: no records"):
+            read(path)
+
+
+def test_bytes_that_are_not_utf8_name_line_and_column(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"question": "q", "answer": "1"}\n{"question": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(jsonl.JsonlError,
+                       match=r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 18\)"):
+        jsonl.read_jsonl(path, "math")
+
+
+def test_from_dict_refuses_rows_that_would_read_wrong():
+    with pytest.raises(records.FieldError, match="answers: expected a list of strings, got str"):
+        from_dict({"id": "a", "question": "q", "answers": "paris"})
+    with pytest.raises(records.FieldError, match="answer: expected a string, got None"):
+        from_dict({"id": "a", "question": "q", "answer": None})
+    # tfds hands back bytes and numpy arrays: still read
+    import numpy as np
+    ex = from_dict({"id": b"a", "task": b"qa", "question": np.array(b"q", dtype=object),
+                    "answers": np.array([b"x", b"y"], dtype=object),
+                    "supporting_passages": np.array([], dtype=object), "source": b"s"})
+    assert ex == QAExample("a", "q", ("x", "y"), (), "s")

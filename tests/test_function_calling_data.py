@@ -106,7 +106,7 @@ def test_rlla_raw_and_processed(tmp_path):
               {"id": "b", "function": []}], ":2: missing field 'question'"),
     ("apibank", [{"system": "s", "user": "u"}], ":1: missing field 'answer'"),
     ("function_calling", [{"messages": [{"role": "user", "content": "q"}],
-                           "gold_calls": [{"arguments": {}}]}], ":1: bad field (KeyError"),
+                           "gold_calls": [{"arguments": {}}]}], ":1: gold call 0: missing 'name'"),
 ])
 def test_reader_errors_name_file_and_line(tmp_path, layout, rows, needle):
     path = _write(tmp_path / "bad.jsonl", rows)
@@ -123,3 +123,37 @@ def test_invalid_json_line_and_unknown_layout(tmp_path):
         read_function_calling(path)
     with pytest.raises(ValueError, match="unknown layout"):
         read_function_calling(path, "toolbench")
+
+
+@pytest.mark.parametrize("calls,message", [
+    ('{"name": 1}', "gold call 0: 'name' must be a string, got int"),
+    ([{"arguments": {}}], "gold call 0: missing 'name'"),
+    ([{"name": "f", "arguments": {}}, "g"], "gold call 1: expected an object {name, arguments}, got str"),
+    ([{"name": "f", "arguments": [1]}], "gold call 0: 'arguments' must be an object of argument names to values, got list"),
+    ("<tool_call>\n{\"name\": 1}\n</tool_call>", "gold call 0: tool call without a \"name\" string"),
+    (5, "gold calls: expected a list of {name, arguments} objects, got int"),
+])
+def test_bad_gold_calls_are_named(calls, message):
+    from tepo_jax.data.function_calling import gold_calls
+    with pytest.raises(ValueError) as e:
+        gold_calls(calls)
+    assert str(e.value) == message
+
+
+def test_reader_names_file_line_and_call(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "q"}], "gold_calls": []},
+            {"messages": [{"role": "user", "content": "q"}], "gold_calls": '{"name": 1}'}]
+    path = _write(tmp_path / "fc.jsonl", rows)
+    with pytest.raises(JsonlError, match=r"fc\.jsonl:2: gold call 0: 'name' must be a string, got int "
+                                         r"\(layout 'function_calling'\)"):
+        read_function_calling(path)
+    with pytest.raises(JsonlError, match=r"rlla\.jsonl:1: gold call 0: missing 'name'"):
+        read_function_calling(_write(tmp_path / "rlla.jsonl", [{"user": "u", "output": [{"arguments": {}}]}]), "rlla")
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(JsonlError, match=r"empty\.json: no records"):
+        read_function_calling(empty)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'[\n{"messages": [{"role": "user", "content": "caf\xe9"}], "gold_calls": []}]')
+    with pytest.raises(JsonlError, match=r"latin\.json:2: not valid UTF-8 \(byte 0xe9"):
+        read_function_calling(latin)

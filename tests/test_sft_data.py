@@ -78,3 +78,18 @@ def test_call_turn_indices_follow_design(setup):
         assert (traj.turns[slice(*call.result_span)] == k).all()
         assert (traj.kinds[slice(*call.call_span)] == TokenKind.TOOL_CALL).all()
     assert np.unique(traj.turns[traj.kinds == TokenKind.ANSWER]).tolist() == [2]
+
+
+def test_a_demonstration_that_calls_an_unknown_tool_names_the_example(setup):
+    from tepo_jax.errors import ConfigError
+    tok, bridge, examples = setup
+    demos = {examples[0].id: ["<python>print(1)</python>", "<answer>1</answer>"],
+             examples[1].id: ["<calculator>3*2</calculator>", "<answer>6</answer>"]}
+    with pytest.raises(ConfigError) as e:
+        build_sft_trajectories(examples[:2], tok, bridge, fmt=ToolFormat(), redundant_rate=0.0,
+                               demonstrations=demos)
+    msg = str(e.value)
+    assert msg.startswith(f"SFT: the demonstration of train example 1 (id {examples[1].id!r}), turn 0 "
+                          "('<calculator>3*2</calculator>'): unknown tool 'calculator'")
+    with pytest.raises(ConfigError, match="no training examples"):
+        build_sft_trajectories([], tok, bridge)

@@ -20,7 +20,8 @@ import os
 from typing import Any, Callable, Iterable, Iterator
 
 from tepo_jax import paths
-from tepo_jax.data.records import Example, MathExample, QAExample, from_dict
+from tepo_jax.data.records import (Example, FieldError, MathExample, QAExample, answer_list,
+                                    from_dict, question_text, text_list, text_value)
 
 
 class JsonlError(ValueError):
@@ -31,12 +32,16 @@ class _FieldError(Exception):
     pass
 
 
+def _missing(names: tuple[str, ...]) -> _FieldError:
+    return _FieldError(f"missing field {names[0]!r}" if len(names) == 1 else
+                       f"missing field: one of {', '.join(repr(n) for n in names)}")
+
+
 def _get(row: dict, *names: str) -> Any:
     for n in names:
         if n in row and row[n] is not None:
             return row[n]
-    raise _FieldError(f"missing field {names[0]!r}" if len(names) == 1 else
-                      f"missing field: one of {', '.join(repr(n) for n in names)}")
+    raise _missing(names)
 
 
 def _row_id(row: dict, source: str, line: int) -> str:
@@ -68,43 +73,54 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def _question(row, *names: str) -> str:
+    for n in names:
+        if row.get(n) is not None:
+            return question_text(row[n], n)
+    raise _missing(names)
+
+
+def _answer(row, *names: str) -> str:
+    for n in names:
+        if row.get(n) is not None:
+            return text_value(row[n], n, numbers=True)
+    raise _missing(names)
+
+
 def _math(row, sid, source):
-    return MathExample(sid, str(_get(row, "question", "problem")), str(_get(row, "answer")),
+    return MathExample(sid, _question(row, "question", "problem"), _answer(row, "answer"),
                        str(row.get("source") or source))
 
 
 def _gsm8k(row, sid, source):
-    return MathExample(sid, str(_get(row, "question")), _gsm8k_answer(str(_get(row, "answer"))),
+    return MathExample(sid, _question(row, "question"), _gsm8k_answer(_answer(row, "answer")),
                        source)
 
 
 def _math500(row, sid, source):
     if row.get("answer") is not None:
-        answer = str(row["answer"])
+        answer = _answer(row, "answer")
     else:
-        answer = last_boxed(str(_get(row, "solution")))
+        answer = last_boxed(text_value(_get(row, "solution"), "solution"))
         if answer is None:
             raise _FieldError("solution has no \\boxed{...} answer")
-    return MathExample(sid, str(_get(row, "problem", "question")), answer, source)
+    return MathExample(sid, _question(row, "problem", "question"), answer, source)
 
 
 def _aime(row, sid, source):
-    return MathExample(sid, str(_get(row, "problem", "Problem", "question")),
-                       str(_get(row, "answer", "Answer")).strip(), source)
+    return MathExample(sid, _question(row, "problem", "Problem", "question"),
+                       _answer(row, "answer", "Answer").strip(), source)
 
 
 def _answers(row) -> list[str]:
-    if "answers" in row and row["answers"] is not None:
-        answers = row["answers"]
-        if isinstance(answers, str) or not all(isinstance(a, str) for a in answers):
-            raise _FieldError("field 'answers' must be a list of strings")
-        return list(answers)
-    return [str(_get(row, "answers", "answer"))]
+    if row.get("answers") is not None:
+        return list(answer_list(row["answers"]))   # the check in-memory rows get too
+    return [_answer(row, "answers", "answer")]
 
 
 def _qa(row, sid, source):
-    return QAExample(sid, str(_get(row, "question")), tuple(_answers(row)),
-                     tuple(row.get("supporting_passages") or ()),
+    return QAExample(sid, _question(row, "question"), tuple(_answers(row)),
+                     text_list(row.get("supporting_passages") or [], "supporting_passages"),
                      str(row.get("source") or source))
 
 
@@ -112,16 +128,17 @@ def _hotpot(row, sid, source):
     titles = {t for t, *_ in row.get("supporting_facts") or ()}
     passages = tuple(f"{title}: {''.join(sents)}" for title, sents in row.get("context") or ()
                      if title in titles)
-    return QAExample(sid, str(_get(row, "question")), (str(_get(row, "answer")),), passages,
+    return QAExample(sid, _question(row, "question"), (_answer(row, "answer"),), passages,
                      source)
 
 
 def _musique(row, sid, source):
-    answers = [str(_get(row, "answer"))] + [a for a in row.get("answer_aliases") or ()
-                                            if a != row["answer"]]
+    answer = _answer(row, "answer")
+    answers = [answer] + [a for a in text_list(row.get("answer_aliases") or [], "answer_aliases")
+                          if a != answer]
     passages = tuple(f"{p.get('title', '')}: {p['paragraph_text']}"
                      for p in row.get("paragraphs") or () if p.get("is_supporting"))
-    return QAExample(sid, str(_get(row, "question")), tuple(answers), passages, source)
+    return QAExample(sid, _question(row, "question"), tuple(answers), passages, source)
 
 
 LAYOUTS: dict[str, Callable[[dict, str, str], Example]] = {
@@ -130,13 +147,32 @@ LAYOUTS: dict[str, Callable[[dict, str, str], Example]] = {
 }
 
 
+def utf8_error(path: str, data: bytes, e: UnicodeDecodeError, first_line: int = 1) -> JsonlError:
+    """'path:LINE: not valid UTF-8 (byte 0x.. at column N)' for a decode error in `data`
+    (whose first line is `first_line`); the column counts bytes from 1."""
+    line = first_line + data.count(b"\n", 0, e.start)
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return JsonlError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column "
+                      f"{column}); save the file as UTF-8")
+
+
+def decode_utf8(path: str, data: bytes, first_line: int = 1) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise utf8_error(path, data, e, first_line) from None
+
+
 def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; bad JSON is a JsonlError."""
+    """(line number, object) for every non-blank line; bad JSON, bytes that are not UTF-8 and
+    a file with no records at all are JsonlErrors."""
     path = os.fspath(path)
     if not paths.as_path(path).is_file():
         raise JsonlError(f"{path}: no such file")
-    with paths.as_path(path).open("r", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    records = 0
+    with paths.as_path(path).open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = decode_utf8(path, raw, line_no)
             if not line.strip():
                 continue
             try:
@@ -147,7 +183,17 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             if not isinstance(row, dict):
                 raise JsonlError(f"{path}:{line_no}: expected a JSON object, got "
                                  f"{type(row).__name__}")
+            records += 1
             yield line_no, row
+    if not records:
+        raise JsonlError(f"{path}: no records")
+
+
+def field_message(e: Exception) -> str:
+    """A reader's text for a bad field: "field 'answers': expected a list of strings, got str"."""
+    if isinstance(e, FieldError) and e.field:
+        return f"field {e.field!r}: {e.problem}"
+    return str(e)
 
 
 def read_jsonl(path: str | os.PathLike, layout: str = "math",
@@ -161,7 +207,7 @@ def read_jsonl(path: str | os.PathLike, layout: str = "math",
         try:
             out.append(LAYOUTS[layout](row, _row_id(row, source, line_no), source))
         except (_FieldError, ValueError, TypeError, KeyError) as e:
-            msg = str(e) if isinstance(e, (_FieldError, ValueError)) else \
+            msg = field_message(e) if isinstance(e, (_FieldError, ValueError)) else \
                 f"bad field ({type(e).__name__}: {e})"
             raise JsonlError(f"{os.fspath(path)}:{line_no}: {msg} (layout {layout!r})") from None
     return out
@@ -174,7 +220,7 @@ def read_records(path: str | os.PathLike) -> list[Example]:
         try:
             out.append(from_dict(row))
         except (KeyError, ValueError, TypeError) as e:
-            what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            what = f"missing field {e}" if isinstance(e, KeyError) else field_message(e)
             raise JsonlError(f"{os.fspath(path)}:{line_no}: {what}") from None
     return out
 

@@ -40,7 +40,8 @@ def examples_from_config(config) -> tuple[list, list, str | None]:
         except ValueError as e:  # a family asked for more distinct questions than it has
             raise ConfigError(f"config.data.n_train / n_eval / mix: {e}") from None
         corpus = str(paths["corpus"]) if config.tools.search else None
-        return jsonl.read_records(paths["train"]), jsonl.read_records(paths["eval"]), corpus
+        evals = jsonl.read_records(paths["eval"]) if config.data.n_eval else []  # n_eval=0 writes an empty file
+        return jsonl.read_records(paths["train"]), evals, corpus
     train = read_examples(config, config.data.train_path, TRAIN_SPLITS)
     evals = read_examples(config, config.data.eval_path, EVAL_SPLITS) if config.data.eval_path else []
     return train, evals, config.tools.search_corpus or None

@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 from tepo_jax.chat_templates import QWEN25_CHAT_TEMPLATE
 from tepo_jax.data import jsonl
-from tepo_jax.errors import ConfigError
+from tepo_jax.errors import ConfigError, one_line
 from tepo_jax.data.function_calling import FunctionCallingExample
 from tepo_jax.data.prompts import PROMPT_STYLES, system_prompt, user_prompt
 from tepo_jax.data.synthetic import (direct_solution, family_of, reference_solution, solution_variants,
@@ -40,7 +40,7 @@ from tepo_jax.rollout.agent import encode_prompt
 from tepo_jax.rollout.builder import TrajectoryBuilder
 from tepo_jax.rollout.trajectory import Trajectory
 from tepo_jax.tiny_tokenizer import render_template
-from tepo_jax.tools import ToolBridge, ToolCall, ToolFormat, ToolResult, ToolStatus
+from tepo_jax.tools import AnswerTurn, ToolBridge, ToolCall, ToolFormat, ToolResult, ToolStatus
 from tepo_jax.tools.format import CallFormat, call_record
 from tepo_jax.tools.functions import function_tools
 from tepo_jax.tools.json_format import QWEN25, JsonCallFormat
@@ -115,6 +115,8 @@ def build_sft_trajectories(examples: Sequence, tokenizer, bridge: ToolBridge, *,
     if examples and isinstance(examples[0], FunctionCallingExample):
         return build_fc_sft_trajectories(examples, tokenizer, bridge, fmt=fmt,
                                          redundant_rate=redundant_rate, seed=seed)
+    if not examples:
+        raise ConfigError("SFT: no training examples")
     scripts = scripts_for(examples, redundant_rate, seed, tool_rates, demonstrations)
     builders = [TrajectoryBuilder(encode_prompt(tokenizer, ex, tools, prompt_style, tool_descriptions), tokenizer=tokenizer,
                                   markup=fmt.markup(), prompt_id=ex.id, group_id=i, sample_index=0,
@@ -123,7 +125,7 @@ def build_sft_trajectories(examples: Sequence, tokenizer, bridge: ToolBridge, *,
     max_turns = max(len(s) for s in scripts)
     for t in range(0, max_turns, 2):  # model turn t, then (if any) its tool result at t + 1
         pending = []
-        for script, builder in zip(scripts, builders):
+        for i, (ex, script, builder) in enumerate(zip(examples, scripts, builders)):
             if t >= len(script):
                 continue
             text = script[t]["text"]
@@ -131,13 +133,29 @@ def build_sft_trajectories(examples: Sequence, tokenizer, bridge: ToolBridge, *,
             builder.add_model_turn(tokenizer.encode(text, add_special_tokens=False), is_call=is_call)
             if is_call:
                 calls = fmt.parse_calls(builder.last_text)
-                if not calls or not all(isinstance(c, ToolCall) for c in calls):
-                    raise ValueError(f"reference turn is not a well-formed call: {text!r} ({calls})")
+                problem = call_turn_problem(calls)
+                if problem:
+                    whose = "demonstration" if ex.id in demonstrations else "script"
+                    raise ConfigError(f"SFT: the {whose} of train example {i} (id {ex.id!r}), turn {t // 2} "
+                                      f"({one_line(text)!r}): {problem}")
                 pending.append((builder, calls))
         results = iter(bridge.run_batch([c for _, calls in pending for c in calls]))
         for builder, calls in pending:
             _add_results(builder, fmt, tokenizer, calls, [next(results) for _ in calls])
     return [b.finish("answer") for b in builders]
+
+
+def call_turn_problem(calls) -> str | None:
+    """Why a demonstration turn before the last is not a tool call (`fmt.parse_calls` of it),
+    or None."""
+    if not calls:
+        return "every turn but the last must end in a tool call (the last gives the <answer>)"
+    errors = [c for c in calls if not isinstance(c, ToolCall)]
+    if errors and isinstance(errors[0], AnswerTurn):
+        return "it gives the <answer>; only the last turn may (every turn before it ends in a tool call)"
+    if errors:
+        return getattr(errors[0], "message", None) or f"not a well-formed call ({errors[0]!r})"
+    return None
 
 
 def _add_results(builder: TrajectoryBuilder, fmt: CallFormat, tokenizer, calls, results) -> None:
