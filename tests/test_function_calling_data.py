@@ -134,9 +134,9 @@ def test_invalid_json_line_and_unknown_layout(tmp_path):
     (5, "gold calls: expected a list of {name, arguments} objects, got int"),
 ])
 def test_bad_gold_calls_are_named(calls, message):
-    from tepo_jax.data.function_calling import gold_calls
+    from tepo_jax.tools.json_format import normalize_calls
     with pytest.raises(ValueError) as e:
-        gold_calls(calls)
+        normalize_calls(calls)
     assert str(e.value) == message
 
 

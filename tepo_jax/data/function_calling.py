@@ -34,8 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 from tepo_jax import paths
 from tepo_jax.data.jsonl import JsonlError, decode_utf8, iter_json_lines
 from tepo_jax.tools.functions import FunctionTool, tools_for_prompt
-from tepo_jax.tools.base import ToolCall
-from tepo_jax.tools.json_format import QWEN25, JsonCallFormat, normalize_calls
+from tepo_jax.tools.json_format import normalize_calls
 
 FUNCTION_CALLING = "function_calling"
 
@@ -81,62 +80,11 @@ class FunctionCallingExample:
             v = d[name]
             return json.loads(text(v)) if isinstance(v, (str, bytes)) else v
         return cls(id=text(d["id"]), messages=field("messages"), tools=field("tools"),
-                   gold_calls=gold_calls(field("gold_calls")),
+                   gold_calls=normalize_calls(field("gold_calls")),
                    source=text(d.get("source", "")))
 
 
 # ------------------------------------------------------------------------------ gold calls
-
-def call_problem(call: Any) -> Optional[str]:
-    """What is wrong with one gold call (a {name, arguments|parameters} object), or None."""
-    if not isinstance(call, Mapping):
-        return f"expected an object {{name, arguments}}, got {type(call).__name__}"
-    if "name" not in call:
-        return "missing 'name'"
-    if not isinstance(call["name"], str):
-        return f"'name' must be a string, got {type(call['name']).__name__}"
-    if not call["name"].strip():
-        return "'name' is empty"
-    key = "arguments" if "arguments" in call else "parameters" if "parameters" in call else None
-    args = call.get(key, {}) if key else {}
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError as e:
-            return f"'{key}' is not valid JSON ({e.msg} at char {e.pos})"
-    if not isinstance(args, dict):
-        return f"'{key}' must be an object of argument names to values, got {type(args).__name__}"
-    return None
-
-
-def gold_calls(calls: Any) -> list[dict]:
-    """`normalize_calls` (a list of calls, one call object, its JSON, or a ToolRL
-    `<tool_call>` string) with every call checked first: a ValueError naming the call
-    ("gold call 0: missing 'name'") instead of a KeyError from deep inside, and no call of a
-    `<tool_call>` block dropped silently."""
-    if isinstance(calls, (list, tuple)) and len(calls) == 1 and isinstance(calls[0], str):
-        calls = calls[0]
-    if isinstance(calls, str) and "<tool_call>" in calls:
-        for i, c in enumerate(JsonCallFormat(QWEN25).parse_calls(calls.strip())):
-            if not isinstance(c, ToolCall):
-                raise ValueError(f"gold call {i}: {c.message.split('. Call a function')[0]}")
-        return normalize_calls(calls)
-    if isinstance(calls, str):
-        try:
-            calls = json.loads(calls) if calls.strip() else []
-        except json.JSONDecodeError as e:
-            raise ValueError(f"gold calls: invalid JSON ({e.msg} at char {e.pos})") from None
-    if isinstance(calls, Mapping):
-        calls = [calls]
-    if not isinstance(calls, (list, tuple)):
-        raise ValueError(f"gold calls: expected a list of {{name, arguments}} objects, got "
-                         f"{type(calls).__name__}")
-    for i, c in enumerate(calls):
-        problem = call_problem(c)
-        if problem:
-            raise ValueError(f"gold call {i}: {problem}")
-    return normalize_calls(list(calls))
-
 
 # ------------------------------------------------------------------------------ readers
 
@@ -212,7 +160,7 @@ def _apibank(row, sid, source, _answers):
     messages = [{"role": "system", "content": str(_need(row, "system"))},
                 {"role": "user", "content": str(_need(row, "user"))}]
     return FunctionCallingExample(sid, messages, row.get("tools", []),
-                                  gold_calls(answer if isinstance(answer, list) else [answer]),
+                                  normalize_calls(answer if isinstance(answer, list) else [answer]),
                                   source)
 
 
@@ -225,13 +173,13 @@ def _rlla(row, sid, source, _answers):
         messages = ([{"role": "system", "content": str(system)}] if system else []) + \
             [{"role": "user", "content": str(_need(row, "user", "input", "question"))}]
         gold = _need(row, "output", "answer")
-    calls = gold_calls(gold) if "<tool_call>" in str(gold) or not isinstance(gold, str) else []
+    calls = normalize_calls(gold) if "<tool_call>" in str(gold) or not isinstance(gold, str) else []
     return FunctionCallingExample(sid, messages, row.get("tools", []), calls, source)
 
 
 def _ours(row, sid, source, _answers):
     return FunctionCallingExample(sid, _need(row, "messages"), row.get("tools", []),
-                                  gold_calls(_need(row, "gold_calls")),
+                                  normalize_calls(_need(row, "gold_calls")),
                                   row.get("source") or source)
 
 

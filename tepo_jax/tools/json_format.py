@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from tepo_jax.tokenizer import render_chat
 from tepo_jax.tools.base import (MAX_JSON_DEPTH, JSONDepthError, ParseError, ToolCall,
@@ -326,17 +326,55 @@ def calls_as_dicts(calls: Iterable[CallOrError]) -> List[dict]:
             for c in calls if isinstance(c, ToolCall)]
 
 
+def call_problem(call: Any) -> Optional[str]:
+    """What is wrong with one gold call (a {name, arguments|parameters} object), or None."""
+    if not isinstance(call, Mapping):
+        return f"expected an object {{name, arguments}}, got {type(call).__name__}"
+    if "name" not in call:
+        return "missing 'name'"
+    if not isinstance(call["name"], str):
+        return f"'name' must be a string, got {type(call['name']).__name__}"
+    if not call["name"].strip():
+        return "'name' is empty"
+    key = "arguments" if "arguments" in call else "parameters" if "parameters" in call else None
+    args = call.get(key, {}) if key else {}
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as e:
+            return f"'{key}' is not valid JSON ({e.msg} at char {e.pos})"
+    if not isinstance(args, dict):
+        return f"'{key}' must be an object of argument names to values, got {type(args).__name__}"
+    return None
+
+
 def normalize_calls(calls: Any) -> list[dict]:
-    """[{name, arguments}] from a list of dicts ("arguments" or "parameters"), its JSON
-    string, a ToolRL gold string (`<tool_call>\\n{json per line}\\n</tool_call>`), or a list
-    holding one such string (Trajectory.gold)."""
+    """[{name, arguments}] from a list of call objects ("arguments" or "parameters"), one call
+    object, its JSON string, a ToolRL gold string (`<tool_call>\n{json per line}\n</tool_call>`),
+    or a list holding one such string (Trajectory.gold). Every call is checked first: a
+    ValueError naming the call ("gold call 0: missing 'name'") instead of a KeyError from deep
+    inside, and no call of a `<tool_call>` block dropped silently."""
     if isinstance(calls, (list, tuple)) and len(calls) == 1 and isinstance(calls[0], str):
         calls = calls[0]
+    if isinstance(calls, str) and "<tool_call>" in calls:
+        for i, c in enumerate(JsonCallFormat(QWEN25).parse_calls(calls.strip())):
+            if not isinstance(c, ToolCall):
+                raise ValueError(f"gold call {i}: {c.message.split('. Call a function')[0]}")
+        return calls_as_dicts(JsonCallFormat(QWEN25).parse_calls(calls.strip()))
     if isinstance(calls, str):
-        text = calls.strip()
-        if "<tool_call>" in text:
-            return calls_as_dicts(JsonCallFormat(QWEN25).parse_calls(text))
-        calls = json.loads(text) if text else []
+        try:
+            calls = json.loads(calls) if calls.strip() else []
+        except json.JSONDecodeError as e:
+            raise ValueError(f"gold calls: invalid JSON ({e.msg} at char {e.pos})") from None
+    if isinstance(calls, Mapping):
+        calls = [calls]
+    if not isinstance(calls, (list, tuple)):
+        raise ValueError(f"gold calls: expected a list of {{name, arguments}} objects, got "
+                         f"{type(calls).__name__}")
+    for i, c in enumerate(calls):
+        problem = call_problem(c)
+        if problem:
+            raise ValueError(f"gold call {i}: {problem}")
     out = []
     for c in calls:
         args = c.get("arguments", c.get("parameters", {}))
