@@ -190,6 +190,15 @@ def test_bad_inputs_raise_clear_errors(tiny_sampler):
         s.submit([1, 2], SamplingParams(top_p=0.0))
     with pytest.raises(ValueError, match="4 prompts"):
         s.generate([[1]] * 4, [SamplingParams()] * 3)
+    with pytest.raises(ValueError, match="params must be a SamplingParams or a list of them"):
+        s.generate([[1]], {0: SamplingParams()})
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got nan"):
+        s.submit([1, 2], SamplingParams(temperature=float("nan")))
+    with pytest.raises(ValueError, match="top_k must be a whole number, got 2.7"):
+        s.submit([1, 2], SamplingParams(top_k=2.7))
+    with pytest.raises(ValueError, match=r"stop_token_ids \[64, -1\] are not token ids of the vocabulary \[0, 64\)"):
+        s.submit([1, 2], SamplingParams(stop_token_ids=[3, 64, -1]))
+    assert s.free_slots == [0, 1]     # a refused request takes no slot
     a = s.submit([1, 2])
     with pytest.raises(ValueError, match="needs a finished turn"):
         s.append(a, [3])

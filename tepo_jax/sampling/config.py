@@ -200,23 +200,39 @@ def normalize_stop(stop) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def resolve(params: Optional[SamplingParams], cfg: SamplerConfig, default_seed: int) -> ResolvedParams:
+def _whole(value, name: str) -> int:
+    """`value` as an int if it is a whole number (3 or 3.0); a ValueError naming `name` if not
+    (int(2.7) would quietly make a top_k of 2.7 a 2)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not float(value).is_integer():
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def resolve(params: Optional[SamplingParams], cfg: SamplerConfig, default_seed: int,
+            vocab_size: Optional[int] = None) -> ResolvedParams:
+    """The request's settings, the config's where `params` leaves them None, checked.
+    `vocab_size`: stop_token_ids must be ids of the vocabulary (one outside it never fires)."""
     p = params or SamplingParams()
     if not isinstance(p, SamplingParams):
         raise ValueError(f"params must be a SamplingParams, got {type(p).__name__}")
     temperature = cfg.temperature if p.temperature is None else float(p.temperature)
     top_p = cfg.top_p if p.top_p is None else float(p.top_p)
-    top_k = cfg.top_k if p.top_k is None else int(p.top_k)
-    max_tokens = cfg.max_new_tokens if p.max_tokens is None else int(p.max_tokens)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    top_k = cfg.top_k if p.top_k is None else _whole(p.top_k, "top_k")
+    max_tokens = cfg.max_new_tokens if p.max_tokens is None else _whole(p.max_tokens, "max_tokens")
+    if not 0 <= temperature < float("inf"):   # NaN fails too
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    stop_ids = tuple(dict.fromkeys(cfg.eos_ids + tuple(int(i) for i in p.stop_token_ids)))
+    extra_ids = tuple(_whole(i, "stop_token_ids") for i in p.stop_token_ids)
+    outside = [i for i in extra_ids if i < 0 or (vocab_size is not None and i >= vocab_size)]
+    if outside:
+        raise ValueError(f"stop_token_ids {outside} are not token ids of the vocabulary [0, {vocab_size})")
+    stop_ids = tuple(dict.fromkeys(cfg.eos_ids + extra_ids))
     if len(stop_ids) > cfg.max_stop_token_ids:
         raise ValueError(f"{len(stop_ids)} stop token ids exceed max_stop_token_ids={cfg.max_stop_token_ids}")
     seed = default_seed if p.seed is None else int(p.seed)

@@ -150,7 +150,8 @@ class Sampler:
             raise ValueError(f"all {self.config.max_slots} compiled slots are busy; release() a "
                              "finished slot or build the sampler with a larger max_slots")
         n = next(self._requests)
-        p = resolve(params, self.config, default_seed=self.config.seed + n)
+        p = resolve(params, self.config, default_seed=self.config.seed + n,
+                    vocab_size=self.model_config.vocab_size)
         matcher = StopMatcher(p.stop, self._token_bytes)  # validates before the slot is taken
         slot = free[0]
         self.slots[slot] = _Slot(state=RUNNING, request_id=n if request_id is None else request_id,
@@ -170,7 +171,8 @@ class Sampler:
         if len(s.seq) + len(ids) > self.config.max_len - 1:
             raise ValueError(f"appending {len(ids)} ids to slot {slot} ({len(s.seq)} tokens) exceeds "
                              f"the cache: max_len={self.config.max_len}, one position needed for a new token")
-        p = s.params if params is None else resolve(params, self.config, default_seed=s.params.seed)
+        p = s.params if params is None else resolve(params, self.config, default_seed=s.params.seed,
+                                                    vocab_size=self.model_config.vocab_size)
         s.matcher = StopMatcher(p.stop, self._token_bytes)
         s.params, s.turn, s.generated = p, [], 0
         s.seq = s.seq + ids
@@ -219,6 +221,9 @@ class Sampler:
         start as slots free up. Leaves all slots free."""
         if isinstance(params, SamplingParams) or params is None:
             params = [params] * len(prompts)
+        if not isinstance(params, (list, tuple)):
+            raise ValueError(f"params must be a SamplingParams or a list of them (one per prompt), "
+                             f"got {type(params).__name__}")
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         for i, p in enumerate(prompts):
