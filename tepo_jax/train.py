@@ -392,7 +392,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def changed_settings(saved_json: str, config) -> list[str]:
     """'field: saved -> now' for each setting that differs from a checkpoint's config snapshot."""
     saved, now = _flatten(json.loads(saved_json)), _flatten(json.loads(config.to_json()))
-    return [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+    shown = lambda d, k: repr(d[k]) if k in d else "(unset)"  # noqa: E731
+    return [f"{k}: {shown(saved, k)} -> {shown(now, k)}"
             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
 
 
