@@ -47,6 +47,7 @@ from tepo_jax.checkpoints.train_state import PreemptionFlag, RunCheckpointer, ab
 from tepo_jax.cli import parse_config_flags
 from tepo_jax.config import RL, SFT, ConfigError, validate
 from tepo_jax.data.jsonl import JsonlError
+from tepo_jax.evaluate import check_vocab
 from tepo_jax.data.pipeline import DataSourceError, make_dataset
 from tepo_jax.models.config import UnsupportedConfigError
 from tepo_jax.plugins import parts_from_config
@@ -58,7 +59,7 @@ from tepo_jax.rl.train_step import create_train_state, make_train_step, split_mo
 from tepo_jax.rollout.agent import AgentLoop
 from tepo_jax.runlog import RunLog
 from tepo_jax.sft.data import build_sft_trajectories
-from tepo_jax.sft.trainer import make_sft_step, sft_batch
+from tepo_jax.sft.trainer import check_seq_len, make_sft_step, sft_batch
 from tepo_jax.models.decoder import build_abstract
 from tepo_jax.sharding import MeshConfig, batch_sharding, initialize_distributed
 from tepo_jax.sizing import GiB, MemoryBudgetError
@@ -119,6 +120,7 @@ class Run:
         c = self.config
         self.exp = self._open(self._setup(c, self.parts), "close")
         self.mesh = self.exp.mesh
+        check_tokenizer_fits(c, self.exp.tokenizer)
         self.check_memory()
         self.log = self._open(RunLog(self.exp.workdir, tensorboard=c.log.tensorboard,
                                      wandb_project=c.log.wandb_project, wandb_config=c.to_dict()), "close")
@@ -244,6 +246,7 @@ class Run:
                                        tool_rates=c.sft.tool_rate.to_dict(), prompt_style=c.data.prompt,
                                        demonstrations=self.exp.parts.demonstrations,
                                        tool_descriptions=self.exp.parts.tool_descriptions)
+        check_seq_len(trajs, c.sft.seq_len)   # before any step, not at the batch that holds the longest
         self.log.save_trajectories("sft_data", trajs[:64])
         step_fn = make_sft_step(model_def, optimizer, self.loss_cfg, self.mesh, shardings, self.batch_sharding)
         data = make_dataset(list(range(len(trajs))), seed=c.seed, batch_size=c.sft.batch_size).__iter__()
@@ -409,6 +412,22 @@ def check_resumable(config, step: int, extra: dict) -> None:
     changed = changed_settings(extra["config"], config) if extra.get("config") else []
     if changed:
         log.warning("resuming checkpoint %d with settings changed since it was written: %s", step, "; ".join(changed))
+
+
+def check_tokenizer_fits(config, tokenizer) -> None:
+    """The tokenizer's ids index the policy's vocabulary (ConfigError otherwise, before the model
+    is built): a token id past the model's rows is a NaN logprob in SFT (every update skipped)
+    and an out-of-range prompt in the sampler. An HF checkpoint that carries its own tokenizer
+    must also have the config's (the same ids must mean the same tokens)."""
+    vocab = policy.target_model_config(config, len(tokenizer)).vocab_size
+    if config.model.hf_checkpoint:
+        try:
+            check_vocab(vocab, tokenizer, paths.as_path(config.model.hf_checkpoint))
+        except ValueError as e:
+            raise ConfigError(f"config.tokenizer: {e}") from None
+    elif len(tokenizer) > vocab:
+        raise ConfigError(f"config.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model "
+                          f"(config.model.preset={config.model.preset!r}) a vocabulary of {vocab}")
 
 
 def startup_checks(config, parts=None) -> None:

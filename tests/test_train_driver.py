@@ -311,6 +311,18 @@ def test_a_bad_hf_checkpoint_is_one_line(tmp_path, qwen_tokenizer):
     assert_one_line_error(out, f"{tmp_path / 'ckpt' / 'config.json'}: not found")
 
 
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_training(tmp_path, qwen_tokenizer):
+    """The built-in Qwen2.5 tokenizer (151,665 ids) with a 1,024-row model: SFT used to skip
+    every update on NaN losses and exit 0; now it is one line before the model is built."""
+    from tepo_jax.testing.hf_models import make_tiny_hf_checkpoint
+    make_tiny_hf_checkpoint(str(tmp_path / "small"), "qwen2", vocab_size=1024, seed=0)
+    out = run_driver(tmp_path, *SMALL, "--config.mode=sft", "--config.model.tiny=False",
+                     f"--config.model.hf_checkpoint={tmp_path / 'small'}", f"--config.tokenizer.path={qwen_tokenizer}")
+    assert_one_line_error(out, f"config.tokenizer: the config's tokenizer has 151665 tokens but the model at "
+                               f"{tmp_path / 'small'} has a vocabulary of 1024")
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
 def test_a_config_that_cannot_fit_is_refused_before_the_model_is_allocated(tmp_path, qwen_tokenizer):
     t0 = time.time()
     out = run_driver(tmp_path, *SMALL, "--config.model.tiny=False", "--config.model.preset=Qwen2.5-72B",
@@ -417,3 +429,21 @@ def test_non_finite_updates_are_skipped_then_the_run_stops_with_a_checkpoint(tmp
     step, leaves = final_state(tmp_path / "nan")
     assert step == 3 and all(np.isfinite(x).all() for _, x in leaves)
     assert dict(leaves)["['step']"] == 0     # no optimizer update was applied
+
+
+@pytest.mark.parametrize("inside", ["", "sub"])
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path, inside):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    workdir = afile / inside if inside else afile
+    out = subprocess.run([sys.executable, "-m", "tepo_jax.train", "--config=configs/demo_cpu.py",
+                          f"--config.workdir={workdir}"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                         timeout=300)
+    assert_one_line_error(out, f"config.workdir='{workdir}': cannot be made a directory")
+    assert afile.read_text() == "not a directory"
+
+
+def test_an_sft_seq_len_shorter_than_a_trajectory_is_one_line_before_any_step(tmp_path):
+    out = run_driver(tmp_path, *SMALL, "--config.mode=sft", "--config.sft.seq_len=16")
+    assert_one_line_error(out, "config.sft.seq_len=16 is shorter than an SFT trajectory (")
+    assert not metric_rows(tmp_path / "w")     # no step ran

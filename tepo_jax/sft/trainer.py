@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tepo_jax.errors import ConfigError
 from tepo_jax.rl.batch import SequenceData, TrainBatch, pack_sequences
 from tepo_jax.rl.loss import LossConfig, loss_token_mask
 from tepo_jax.rl.train_step import ModelDef, TrainState, apply_update_if_finite, forward_loss
@@ -32,12 +33,17 @@ def sft_sequence(traj) -> SequenceData:
 SFT_ROW_BUCKETS = tuple(range(2, 4097, 2))
 
 
-def sft_batch(trajs: Sequence, seq_len: int, row_multiple: int) -> TrainBatch:
-    """Pack trajectories into rows of `seq_len` tokens (several per row when they fit)."""
+def check_seq_len(trajs: Sequence, seq_len: int) -> None:
+    """ConfigError unless every trajectory fits a row of `seq_len` tokens."""
     longest = max(len(t) for t in trajs)
     if longest > seq_len:
-        raise ValueError(f"config.sft.seq_len={seq_len} is shorter than an SFT trajectory "
-                         f"({longest} tokens); raise it")
+        raise ConfigError(f"config.sft.seq_len={seq_len} is shorter than an SFT trajectory "
+                          f"({longest} tokens); raise it")
+
+
+def sft_batch(trajs: Sequence, seq_len: int, row_multiple: int) -> TrainBatch:
+    """Pack trajectories into rows of `seq_len` tokens (several per row when they fit)."""
+    check_seq_len(trajs, seq_len)
     return pack_sequences([sft_sequence(t) for t in trajs], seq_len=seq_len, row_multiple=row_multiple,
                           row_buckets=SFT_ROW_BUCKETS).batch
 
