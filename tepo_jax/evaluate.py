@@ -10,11 +10,17 @@ next to `metrics.json`.
 
 An HF directory that carries a tokenizer must agree with the config's tokenizer (the same
 vocabulary) and with the model (no token id past the embedding table); otherwise it is a
-one-line error saying which to fix, since token ids would mean different things.
+one-line error saying which to fix, since token ids would mean different things. A tiny-model
+run's orbax checkpoints are evaluated with the tokenizer that run built (`<workdir>/tokenizer`),
+not one rebuilt in another workdir; a --config.tokenizer.path that differs from it is refused.
+Bad flags and an output path that cannot be written are refused before any work is done.
 """
 from __future__ import annotations
 
+import copy
 import json
+import os
+import re
 import sys
 
 import jax
@@ -22,10 +28,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from tepo_jax import experiment, paths, policy
-from tepo_jax.checkpoints.hf import load_hf
+from tepo_jax.checkpoints.hf import CheckpointError, load_hf
 from tepo_jax.checkpoints.train_state import RunCheckpointer, abstract_like
 from tepo_jax.cli import parse_config_flags
 from tepo_jax.config import ConfigError, validate
+from tepo_jax.data.function_calling import FUNCTION_CALLING
 from tepo_jax.rl import loop as rl_loop
 from tepo_jax.rl.optim import OptimConfig, build_optimizer
 from tepo_jax.rl.train_step import create_train_state
@@ -35,6 +42,16 @@ from tepo_jax.tokenizer import load_tokenizer
 HF, ORBAX = "hf", "orbax"
 _TOKENIZER_FILES = (  # the files tepo_jax.tokenizer.load_tokenizer looks for
     "tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+OUTPUT_FILES = ("trajectories.jsonl", "metrics.json")
+
+
+def check_counts(samples: int, limit: int) -> None:
+    """ValueError (one line) for a negative count: as a slice it would silently take the
+    questions from the end (--limit) or sample one rollout (--samples)."""
+    if limit < 0:
+        raise ValueError(f"--limit must be >= 0 (0: all questions), got {limit}")
+    if samples < 0:
+        raise ValueError(f"--samples must be >= 0 (0: one greedy rollout per question), got {samples}")
 
 
 def checkpoint_kind(checkpoint: str) -> str:
@@ -42,6 +59,9 @@ def checkpoint_kind(checkpoint: str) -> str:
     anything else is a FileNotFoundError, raised before anything is built."""
     paths.check_store(checkpoint)   # gs://: gcsfs installed, the bucket there (one line if not)
     path = paths.as_path(checkpoint)
+    if path.exists() and not path.is_dir():
+        raise FileNotFoundError(f"--checkpoint={checkpoint}: a file, not a checkpoint directory (an HF "
+                                "export such as <workdir>/sft_final, or a run's <workdir>/checkpoints)")
     if not path.is_dir():
         raise FileNotFoundError(f"--checkpoint={checkpoint}: no such directory")
     if (path / "config.json").is_file():
@@ -53,9 +73,9 @@ def checkpoint_kind(checkpoint: str) -> str:
                             f"nor orbax step directories{hint}")
 
 
-def check_vocab(model_vocab: int, tokenizer, checkpoint) -> None:
-    """The config's tokenizer fits the model, and equals the checkpoint's own tokenizer if
-    the checkpoint carries one. ValueError (one line) otherwise."""
+def check_vocab(model_vocab: int, tokenizer, checkpoint, source: str = "") -> None:
+    """The config's tokenizer (`source`: where it comes from) fits the model, and equals the
+    checkpoint's own tokenizer if the checkpoint carries one. ValueError (one line) otherwise."""
     if len(tokenizer) > model_vocab:
         raise ValueError(f"the config's tokenizer has {len(tokenizer)} tokens but the model at "
                          f"{checkpoint} has a vocabulary of {model_vocab}")
@@ -65,10 +85,88 @@ def check_vocab(model_vocab: int, tokenizer, checkpoint) -> None:
     if len(own) > model_vocab:
         raise ValueError(f"{checkpoint}: its tokenizer has {len(own)} tokens but its model a "
                          f"vocabulary of {model_vocab}")
+    check_same_tokenizer(own, checkpoint, tokenizer, source)
+
+
+def check_same_tokenizer(own, own_dir, tokenizer, source: str = "") -> None:
+    """ValueError (one line, naming both tokenizers) unless the config's `tokenizer` (from
+    `source`) maps tokens to ids as `own`, the checkpoint's tokenizer at `own_dir`, does:
+    otherwise every token id would mean another token."""
     if own.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"{checkpoint}: its tokenizer ({len(own)} tokens) differs from the "
-                         f"config's ({len(tokenizer)} tokens); evaluate with "
-                         f"--config.tokenizer.path={checkpoint}")
+        where = f", {source}" if source else ""
+        raise ValueError(f"{own_dir}: the checkpoint's tokenizer ({len(own)} tokens) differs from "
+                         f"the config's{where} ({len(tokenizer)} tokens); evaluate with "
+                         f"--config.tokenizer.path={own_dir}")
+
+
+def tokenizer_source(config) -> str:
+    """Where the config's tokenizer comes from (for messages), as tokenizer_from_config picks it."""
+    if config.tokenizer.path:
+        return str(config.tokenizer.path)
+    if config.model.tiny:
+        return str(paths.as_path(config.workdir) / _tiny_tokenizer_name(config))
+    return f"the built-in {config.tokenizer.builtin} tokenizer"
+
+
+def _tiny_tokenizer_name(config) -> str:
+    return "tokenizer_fc" if config.data.task == FUNCTION_CALLING else "tokenizer"
+
+
+def run_tokenizer_dir(config, checkpoint: str):
+    """The tokenizer a tiny-model run built into its workdir (`<workdir>/tokenizer`;
+    `tokenizer_fc` for function calling) when `checkpoint` is that run's
+    `<workdir>/checkpoints`, else None (other runs load config.tokenizer.path or a built-in
+    tokenizer, and save none next to their checkpoints)."""
+    path = paths.as_path(checkpoint)
+    if not config.model.tiny or path.name != "checkpoints":
+        return None
+    tok = path.parent / _tiny_tokenizer_name(config)
+    return tok if (tok / "tokenizer.json").is_file() else None
+
+
+def with_run_tokenizer(config, checkpoint: str):
+    """`config`, or a copy that loads the run's own tokenizer (`run_tokenizer_dir`) when the
+    config names none: a tiny tokenizer rebuilt in another workdir (another seed, other data)
+    gives other ids to the same tokens. A config that names one is checked in load_policy."""
+    run_tok = run_tokenizer_dir(config, checkpoint)
+    if run_tok is None or config.tokenizer.path:
+        return config
+    config = copy.deepcopy(config)
+    config.tokenizer.path = os.fspath(run_tok)
+    return config
+
+
+def output_dir(config, out: str | None):
+    """The output directory (`out`, default <workdir>/evaluate), created now, before any work:
+    ValueError (one line) when a file is in the way or it cannot be written."""
+    flag = f"--out={out}" if out else "output directory"
+    paths.check_store(out or config.workdir)
+    d = paths.as_path(out) if out else paths.as_path(config.workdir) / "evaluate"
+    for p in (d, *d.parents):   # the nearest existing one must be a directory
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{flag}: {p} is a file, not a directory")
+            break
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot create {d} ({e.strerror or e})") from None
+    for name in OUTPUT_FILES:
+        if (d / name).is_dir():
+            raise ValueError(f"{flag}: {d / name} is a directory, where the {name} file goes")
+    if not paths.is_remote(d) and not os.access(d, os.W_OK):
+        raise ValueError(f"{flag}: {d} is not writable")
+    return d
+
+
+def orbax_mismatch(checkpoint: str, error: str) -> str:
+    """The restore error of a run checkpointer, said for evaluation: the checkpoints are not
+    the config's model (its advice is for training: a new workdir)."""
+    m = re.search(r"\((checkpoint \d+: .*)\); they are", error)
+    detail = f" ({m.group(1)})" if m else ""
+    return (f"--checkpoint={checkpoint}: its checkpoints do not match the config's model{detail}; "
+            "evaluate with the config the run was trained with (model size, vocabulary), or they "
+            "are damaged")
 
 
 def load_policy(config, checkpoint: str, mesh, tokenizer):
@@ -76,12 +174,18 @@ def load_policy(config, checkpoint: str, mesh, tokenizer):
     path = paths.as_path(checkpoint)
     if checkpoint_kind(checkpoint) == HF:
         model = load_hf(path, mesh=mesh)
-        check_vocab(model.cfg.vocab_size, tokenizer, path)
+        check_vocab(model.cfg.vocab_size, tokenizer, path, tokenizer_source(config))
         return model
+    run_tok = run_tokenizer_dir(config, checkpoint)
+    if run_tok is not None:
+        check_same_tokenizer(load_tokenizer(run_tok), run_tok, tokenizer, tokenizer_source(config))
     model = policy.build_model(config, mesh, tokenizer)
     optimizer = build_optimizer(OptimConfig.for_rl(config))
     model_def, state, _ = create_train_state(model, optimizer, mesh)
-    restored = RunCheckpointer(path, keep=config.train.keep_checkpoints).restore_latest(abstract_like(state))
+    try:
+        restored = RunCheckpointer(path, keep=config.train.keep_checkpoints).restore_latest(abstract_like(state))
+    except CheckpointError as e:
+        raise CheckpointError(orbax_mismatch(checkpoint, str(e))) from None
     if restored is None:
         raise FileNotFoundError(f"--checkpoint={checkpoint}: no readable orbax checkpoint")
     return model_def.merge(restored[1].params)
@@ -91,7 +195,10 @@ def evaluate(config, checkpoint: str, *, samples: int = 0, split: str = "eval", 
              out: str | None = None) -> dict:
     """Metrics of the policy at `checkpoint` on `split`; writes trajectories and metrics."""
     validate(config)
+    check_counts(samples, limit)
     checkpoint_kind(checkpoint)   # a bad path fails here, before data, tools and model
+    config = with_run_tokenizer(config, checkpoint)
+    out_dir = output_dir(config, out)
     exp = experiment.setup(config)
     try:
         model = load_policy(config, checkpoint, exp.mesh, exp.tokenizer)
@@ -102,8 +209,6 @@ def evaluate(config, checkpoint: str, *, samples: int = 0, split: str = "eval", 
         agent = experiment.make_agent(config, model, exp, min(64, len(examples) * max(samples, 1)))
         trajs = agent.run(examples, seed=config.seed, group_size=max(samples, 1), greedy=samples == 0)
         metrics = rl_loop.eval_metrics(trajs)
-        out_dir = paths.as_path(out or paths.as_path(config.workdir) / "evaluate")
-        out_dir.mkdir(parents=True, exist_ok=True)
         traj_lib.write_jsonl(out_dir / "trajectories.jsonl", trajs)
         (out_dir / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=1))
         return metrics
@@ -139,7 +244,7 @@ def main(argv) -> None:
     try:
         metrics = evaluate(f["config"], f["checkpoint"], samples=f["samples"], split=f["split"],
                            limit=f["limit"], out=f["out"])
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, OSError, ValueError) as e:   # CheckpointError, TokenizerLoadError: ValueErrors
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if jax.process_index() == 0:
         width = max(map(len, metrics))

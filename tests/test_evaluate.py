@@ -151,3 +151,103 @@ def test_tokenizer_of_the_checkpoint_must_match(run, tmp_path):
     build_tiny_tokenizer(["a completely different corpus of words"] * 50, other, vocab_size=300)
     with pytest.raises(ValueError, match=f"differs from the config's.*tokenizer.path={other}"):
         ev.evaluate(config(run), str(other), split="train", out=str(tmp_path / "o"))
+
+
+# ----------------------------------------------------------------------------- bad input, before work
+
+
+@pytest.fixture
+def no_setup(monkeypatch):
+    """Fails a test that gets as far as building the experiment (data, tokenizer, tools)."""
+    def boom(*a, **k):
+        raise AssertionError("experiment.setup ran: the input was not checked first")
+    monkeypatch.setattr(ev.experiment, "setup", boom)
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text("{}")   # an HF checkpoint by its layout; never loaded here
+    return d
+
+
+def test_negative_counts_are_refused(hf_dir, tmp_path, no_setup):
+    c = config(tmp_path / "wd")
+    with pytest.raises(ValueError, match="^--limit must be >= 0 .*got -126$"):
+        ev.evaluate(c, str(hf_dir), limit=-126)
+    with pytest.raises(ValueError, match="^--samples must be >= 0 .*got -3$"):
+        ev.evaluate(c, str(hf_dir), samples=-3)
+
+
+def test_an_unwritable_out_is_refused_before_any_work(hf_dir, tmp_path, no_setup):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    c = config(tmp_path / "wd")
+    for out in (afile / "sub", afile):
+        with pytest.raises(ValueError, match=f"^--out={out}: {afile} is a file, not a directory$"):
+            ev.evaluate(c, str(hf_dir), out=str(out))
+    (tmp_path / "o" / "metrics.json").mkdir(parents=True)
+    with pytest.raises(ValueError, match="metrics.json is a directory"):
+        ev.evaluate(c, str(hf_dir), out=str(tmp_path / "o"))
+    assert ev.output_dir(c, str(tmp_path / "new" / "dir")).is_dir()          # created, nested
+    assert ev.output_dir(c, None) == tmp_path / "wd" / "evaluate"
+
+
+def test_a_file_as_checkpoint_is_named_a_file(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_text("x")
+    with pytest.raises(FileNotFoundError, match="a file, not a checkpoint directory"):
+        ev.checkpoint_kind(str(f))
+
+
+def test_cli_negative_limit_is_one_line_error(tmp_path):
+    out = run_cli("tepo_jax.evaluate", *flags(tmp_path / "wd"), f"--checkpoint={tmp_path}", "--limit=-126")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "error: --limit must be >= 0 (0: all questions), got -126"
+    assert not (tmp_path / "wd").exists()
+
+
+# ----------------------------------------------------------------------------- a run's orbax tokenizer
+
+
+def test_orbax_checkpoints_are_evaluated_with_the_runs_tokenizer(run, hf_eval, tmp_path):
+    """From another workdir (whose tiny tokenizer would be rebuilt, possibly with other ids),
+    the run's own tokenizer is used: nothing is rebuilt and the rollouts are the run's."""
+    other = tmp_path / "other"
+    c = config(other)
+    assert ev.run_tokenizer_dir(c, str(run / "checkpoints")) == run / "tokenizer"
+    assert ev.run_tokenizer_dir(c, str(run / "sft_final")) is None
+    metrics = ev.evaluate(c, str(run / "checkpoints"), split="train", limit=1, out=str(tmp_path / "o"))
+    assert not (other / "tokenizer").exists() and c.tokenizer.path == ""   # the caller's config untouched
+    trajs = read_jsonl(tmp_path / "o" / "trajectories.jsonl")
+    hf_trajs = read_jsonl(hf_eval[1] / "trajectories.jsonl")
+    assert len(trajs) == 1 and trajs[0].token_ids.tolist() == hf_trajs[0].token_ids.tolist()
+    assert metrics["eval/calls_per_question"] == float(trajs[0].num_calls)
+
+
+def test_orbax_checkpoints_refuse_another_tokenizer(run, tmp_path):
+    """A --config.tokenizer.path with the same tokens under other ids (as a tiny tokenizer rebuilt
+    with another seed has) is refused, naming both tokenizers."""
+    other = tmp_path / "tok"
+    shutil.copytree(run / "tokenizer", other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = [t for t in vocab if t.isalpha() and len(t) > 2][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    c = config(run)
+    c.tokenizer.path = str(other)
+    with pytest.raises(ValueError, match=f"^{run / 'tokenizer'}: the checkpoint's tokenizer .* differs "
+                                         f"from the config's, {other} .*tokenizer.path={run / 'tokenizer'}$"):
+        ev.evaluate(c, str(run / "checkpoints"), split="train", out=str(tmp_path / "o"))
+
+
+def test_orbax_checkpoints_of_another_model_size(run, tmp_path):
+    c = config(run)
+    c.model.tiny_hidden = 16
+    with pytest.raises(ValueError) as e:
+        ev.evaluate(c, str(run / "checkpoints"), split="train", out=str(tmp_path / "o"))
+    msg = str(e.value)
+    assert msg.startswith(f"--checkpoint={run / 'checkpoints'}: its checkpoints do not match the config's model")
+    assert "shapes differ" in msg and "new workdir" not in msg and len(msg.splitlines()) == 1

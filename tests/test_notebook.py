@@ -136,7 +136,8 @@ def test_training_curves_series_and_png(tmp_path):
     # discovery: a directory of runs, a run directory, label=path
     assert traces.discover_metrics(tmp_path / "runs") == {"grpo": b, "tepo_sparse": a}
     assert traces.discover_metrics(f"mine={a.parent},{b}") == {"mine": a, "grpo": b}
-    assert traces.discover_metrics(tmp_path / "nothing") == {}
+    with pytest.raises(FileNotFoundError, match="nothing"):   # a typo is said, not an empty plot
+        traces.discover_metrics(tmp_path / "nothing")
 
 
 def test_read_metrics_names_bad_lines(tmp_path):

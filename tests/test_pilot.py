@@ -418,3 +418,140 @@ def test_cli_rules_by_import_path(tmp_path, capsys, monkeypatch):
         assert pilot.main(args + ["--rules", spec]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- bad input: one line
+
+
+def _cli_error(capsys, args):
+    """pilot.main's exit status and its one stderr line (asserts it is one line)."""
+    rc = pilot.main(args)
+    out = capsys.readouterr()
+    err = out.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), out.err
+    return rc, err, out.out
+
+
+@pytest.fixture
+def traj_file(tmp_path):
+    path = tmp_path / "rl_000001.jsonl"
+    write_jsonl(path, [make_traj([2.0, 1.0], [("search", "q", "Efport", "ok")])] * 3)
+    return path
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--last", "-18", "--last must be >= 1"), ("--last", "0", "--last must be >= 1"),
+    ("--n-boot", "0", "--n-boot must be >= 1"), ("--n-boot", "-5", "--n-boot must be >= 1"),
+    ("--level", "1.5", "--level must be in (0, 1)"), ("--level", "0", "--level must be in (0, 1)"),
+    ("--min-class-n", "0", "--min-class-n must be >= 1")])
+def test_cli_refuses_bad_counts_and_levels(traj_file, capsys, flag, value, needle):
+    rc, err, printed = _cli_error(capsys, ["--trajectories", str(traj_file.parent), flag, value])
+    assert rc == 2 and needle in err and printed == ""
+
+
+def test_library_refuses_bad_counts_and_levels(tmp_path, traj_file):
+    labels = pilot.label_calls(pilot.load_trajectories(traj_file))
+    with pytest.raises(ValueError, match="n_boot must be >= 1"):
+        pilot.pilot_report(labels, n_boot=0)
+    with pytest.raises(ValueError, match=r"level must be in \(0, 1\)"):
+        pilot.pilot_report(labels, level=1.5)
+    with pytest.raises(ValueError, match="last must be >= 1"):
+        pilot.trajectory_files(traj_file.parent, last=-18)
+
+
+def test_cli_checks_output_paths_before_any_work(tmp_path, traj_file, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for flag, path, needle in (("--json", afile / "x.json", f"{afile} is a file, not a directory"),
+                               ("--plot", afile / "sub" / "x.png", f"{afile} is a file"),
+                               ("--json", tmp_path, "is a directory")):
+        rc, err, printed = _cli_error(capsys, ["--trajectories", str(traj_file), "--n-boot", "20",
+                                               flag, str(path)])
+        assert rc == 2 and flag in err and needle in err and printed == ""   # nothing computed
+    out = tmp_path / "new" / "dir" / "pilot.json"                         # created when missing
+    assert pilot.main(["--trajectories", str(traj_file), "--n-boot", "20", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["report"]["n_calls"] == 3
+
+
+def _traj_dict():
+    from tepo_jax.rollout.trajectory import to_json_dict
+    return to_json_dict(make_traj([2.0, 1.0], [("search", "q", "Efport", "ok")]))
+
+
+def _set(key, value):
+    def mutate(d):
+        d[key] = value(d[key]) if callable(value) else value
+    return mutate
+
+
+def _set_item(key, i, value):
+    return lambda d: d[key].__setitem__(i, value)
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    ('{"schema_version": 2, "token_ids": [1, 2', "invalid JSON"),          # truncated last line
+    ("[1, 2, 3]", "expected a JSON object, got a list"),
+    (_set("schema_version", 3), "schema_version 3"),
+    (lambda d: d.pop("entropies"), "missing field 'entropies'"),
+    (_set("entropies", lambda v: v[:3]), "entropies has shape (3,)"),
+    (_set("entropies", lambda v: ["a"] * len(v)), "entropies: expected a list of numbers"),
+    (_set_item("entropies", 2, math.inf), "entropies has non-finite values on model tokens (token 2"),
+    (_set_item("logprobs", 3, math.nan), "logprobs has non-finite values on model tokens (token 3"),
+    (_set("tool_calls", [{"name": "search"}]), "tool_calls[0] has no field 'arguments'"),
+])
+def test_cli_malformed_trajectory_lines_are_one_line_errors(tmp_path, capsys, mutate, needle):
+    """Every malformed line: FILE:LINE: problem, no traceback, nothing silently computed."""
+    good = json.dumps(_traj_dict())
+    if isinstance(mutate, str):
+        bad = mutate
+    else:
+        d = _traj_dict()
+        mutate(d)
+        bad = json.dumps(d)
+    path = tmp_path / "rl_000001.jsonl"
+    path.write_text(good + "\n" + good + "\n" + bad)
+    rc, err, printed = _cli_error(capsys, ["--trajectories", str(path), "--n-boot", "20"])
+    assert rc == 2 and err.startswith(f"error: {path}:3: ") and needle in err and printed == ""
+
+
+def test_cli_bad_dataset_tokenizer_and_empty_file_are_one_line_errors(tmp_path, traj_file, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("[1, 2]\n")
+    empty_dir = tmp_path / "emptydir"
+    empty_dir.mkdir()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    for args, needle in ((["--dataset", str(bad)], f"{bad}:1"),
+                         (["--tokenizer", str(empty_dir)], "no tokenizer files"),
+                         (["--tokenizer", str(tmp_path / "nope")], "tokenizer directory not found")):
+        rc, err, printed = _cli_error(capsys, ["--trajectories", str(traj_file), "--n-boot", "20", *args])
+        assert rc == 2 and needle in err and printed == ""
+    rc, err, _ = _cli_error(capsys, ["--trajectories", str(empty)])
+    assert rc == 2 and "no trajectories" in err
+
+
+# ----------------------------------------------------------------------------- metrics readers (traces)
+
+
+def test_discover_metrics_refuses_a_path_with_no_metrics(tmp_path):
+    from tepo_jax.analysis import traces
+    with pytest.raises(FileNotFoundError, match="nope: no such metrics file or run directory"):
+        traces.discover_metrics(f"a={tmp_path / 'nope'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl in"):
+        traces.discover_metrics(tmp_path / "empty")
+    run = tmp_path / "runs" / "grpo"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 0, "reward/f1": 0.5}\n')
+    assert traces.discover_metrics(tmp_path / "runs") == {"grpo": run / "metrics.jsonl"}
+
+
+@pytest.mark.parametrize("step", ['"abc"', "null", "1.5", "true"])
+def test_read_metrics_names_a_bad_step(tmp_path, step):
+    from tepo_jax.analysis import traces
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(f'{{"step": 0, "r": 1.0}}\n{{"step": {step}, "r": 2.0}}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2: 'step' must be a whole number"):
+        traces.read_metrics(path)
+    path.write_text('{"step": 0, "r": 1.0}\n{"step": 2.0, "r": 2.0}\n')   # 2.0 is a step
+    assert traces.metric_series(traces.read_metrics(path), "r")[0].tolist() == [0, 2]

@@ -277,3 +277,42 @@ def test_non_model_tokens_get_none_and_unclosed_call_runs_to_end():
     markup = CallMarkup(tool_tags=("calc",))
     assert roles_from_char_spans([(0, 1), (1, 9)], text, markup=markup).tolist() == [
         R.REASONING, R.REASONING]
+
+
+# ----------------------------------------------------------------------------- reading bad files
+
+
+def test_read_jsonl_names_file_and_line_of_every_malformed_line(tmp_path):
+    """One error type (TrajectoryError), `FILE:LINE: problem`, each record validated."""
+    good = to_jsonl_line(build(TWO_CALLS))
+    d = json.loads(good)
+    nan_entropy = dict(d, entropies=[x if i != 3 else math.nan for i, x in enumerate(d["entropies"])])
+    short = dict(d, logprobs=d["logprobs"][:4])
+    bad_kind = dict(d, kinds=[9] + d["kinds"][1:])
+    cases = [(good[:40], "invalid JSON"), ('"text"', "expected a JSON object, got a str"),
+             (json.dumps({k: v for k, v in d.items() if k != "turns"}), "missing field 'turns'"),
+             (json.dumps(dict(d, token_ids=None)), "token_ids: expected a list of numbers"),
+             (json.dumps(dict(d, tool_calls={"a": 1})), "tool_calls is a dict"),
+             (json.dumps(dict(d, tool_calls=[3])), "tool_calls[0] is a int"),
+             (json.dumps(nan_entropy), "entropies has non-finite values on model tokens (token 3: nan)"),
+             (json.dumps(short), "logprobs has shape (4,)"),
+             (json.dumps(bad_kind), "outside TokenKind")]
+    for bad, needle in cases:
+        path = tmp_path / "t.jsonl"
+        path.write_text(f"{good}\n\n{bad}\n")
+        with pytest.raises(TrajectoryError) as e:
+            read_jsonl(path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}:3: ") and needle in msg and len(msg.splitlines()) == 1, msg
+    path.write_bytes(good.encode() + b"\n\xff\xfe\n")
+    with pytest.raises(TrajectoryError, match=r"t.jsonl:2: not UTF-8"):
+        read_jsonl(path)
+
+
+def test_from_jsonl_line_validates():
+    t = build(TWO_CALLS)
+    t.entropies[3] = np.inf                     # written by hand: the writer forbids NaN/inf
+    d = json.loads(to_jsonl_line(build(TWO_CALLS)))
+    d["entropies"] = [float(x) for x in t.entropies]
+    with pytest.raises(TrajectoryError, match=r"entropies has non-finite .* \(token 3: inf\)"):
+        from_jsonl_line(json.dumps(d))

@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -40,11 +41,11 @@ from tepo_jax.analysis.quality import (  # noqa: F401  (re-exported: the pilot's
     turn_record)
 from tepo_jax.analysis.stats import (bootstrap_ci, bootstrap_mean_ci, fisher_ci,  # noqa: F401
                                      fisher_p_value, pearson)
-from tepo_jax.data.jsonl import read_records
-from tepo_jax.paths import as_path
+from tepo_jax.data.jsonl import JsonlError, read_records
+from tepo_jax.paths import PathError, as_path, is_remote
 from tepo_jax.importpath import ImportPathError, import_object
-from tepo_jax.rollout.trajectory import Trajectory, read_jsonl
-from tepo_jax.tokenizer import load_tokenizer
+from tepo_jax.rollout.trajectory import Trajectory, TrajectoryError, read_jsonl
+from tepo_jax.tokenizer import TokenizerLoadError, load_tokenizer
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -141,6 +142,9 @@ def pilot_report(labels: Sequence[CallLabel], *, n_boot: int = 2000, level: floa
     were left out)."""
     if resample not in ("call", "trajectory"):
         raise ValueError(f"resample must be 'call' or 'trajectory', got {resample!r}")
+    problem = bad_settings(n_boot=n_boot, level=level, min_class_n=min_class_n)
+    if problem:
+        raise ValueError(problem)
     defined = [lb for lb in labels if not math.isnan(lb.dh)]
     q = np.array([float(lb.high) for lb in defined])
     dh = np.array([lb.dh for lb in defined])
@@ -243,6 +247,8 @@ def trajectory_files(path: str | Path, last: int | None = None,
     `last` keeps only the last N files."""
     if phase not in PHASES + (None,):
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    if last is not None and last < 1:
+        raise ValueError(bad_settings(last=last))
     p = as_path(path)   # a local path or a URL (gs://bucket/run/trajectories)
     if p.is_dir():
         pattern = "*.jsonl" if phase in (None, "all") else f"{phase}_*.jsonl"
@@ -303,6 +309,45 @@ def _parse_args(argv):
     return ap.parse_args(argv)
 
 
+def bad_settings(*, n_boot: int = 1, level: float = 0.5, min_class_n: int = 1,
+                 last: int | None = None, flags: bool = False) -> str | None:
+    """What is wrong with these settings (one line, naming the flag when `flags`), or None."""
+    name = (lambda n: f"--{n.replace('_', '-')}") if flags else (lambda n: n)
+    if last is not None and last < 1:
+        return f"{name('last')} must be >= 1 (the number of newest files to read), got {last}"
+    if n_boot < 1:
+        return f"{name('n_boot')} must be >= 1 (bootstrap resamples), got {n_boot}"
+    if not 0 < level < 1:
+        return f"{name('level')} must be in (0, 1), e.g. 0.95 for 95% intervals, got {level}"
+    if min_class_n < 1:
+        return f"{name('min_class_n')} must be >= 1, got {min_class_n}"
+    return None
+
+
+class PilotError(ValueError):
+    """A bad command-line setting or output path; the message is one line naming it."""
+
+
+def prepare_output(path: str, flag: str):
+    """`path` as an epath with its directory created, checked before any work is done:
+    PilotError naming `flag` when a file is in the way or the directory cannot be made."""
+    p = as_path(path)
+    for q in p.parents:   # the nearest existing one must be a directory
+        if q.exists():
+            if not q.is_dir():
+                raise PilotError(f"{flag} {path}: {q} is a file, not a directory")
+            break
+    if p.is_dir():
+        raise PilotError(f"{flag} {path}: is a directory, expected a file name")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PilotError(f"{flag} {path}: cannot create {p.parent} ({e.strerror or e})") from None
+    if not is_remote(p) and not os.access(p.parent, os.W_OK):
+        raise PilotError(f"{flag} {path}: {p.parent} is not writable")
+    return p
+
+
 def load_rules(specs: Sequence[str]) -> dict[str, QualityRule]:
     """The rule tables named by `specs` ("pkg.module:TABLE"), merged in order."""
     out = {}
@@ -314,27 +359,44 @@ def load_rules(specs: Sequence[str]) -> dict[str, QualityRule]:
     return out
 
 
+# Errors about the user's inputs: one line on stderr, exit status 2, no traceback.
+USER_ERRORS = (PilotError, OSError, ImportPathError, TrajectoryError, JsonlError, TokenizerLoadError,
+               PathError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
-        rules = load_rules(args.rules)
-        trajs = load_trajectories(args.trajectories, args.last, args.phase)
-    except (FileNotFoundError, ImportPathError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        return _run(args)
+    except USER_ERRORS as e:
+        print(f"error: {(str(e) or type(e).__name__).splitlines()[0]}", file=sys.stderr)
         return 2
+
+
+def _run(args) -> int:
+    problem = bad_settings(n_boot=args.n_boot, level=args.level, min_class_n=args.min_class_n,
+                           last=args.last, flags=True)
+    if problem:
+        raise PilotError(problem)
+    plot_path = prepare_output(args.plot, "--plot") if args.plot else None
+    json_path = prepare_output(args.json, "--json") if args.json else None
+    rules = load_rules(args.rules)
+    trajs = load_trajectories(args.trajectories, args.last, args.phase)
+    if not trajs:
+        raise PilotError(f"--trajectories {args.trajectories}: no trajectories in it")
     examples = load_examples(args.dataset)
     decode = make_decoder(args.tokenizer) if args.tokenizer else None
     labels, rep = run_pilot(trajs, rules=rules, examples=examples, decode=decode, n_boot=args.n_boot,
                             level=args.level, seed=args.seed, resample=args.resample,
                             min_class_n=args.min_class_n)
     print(format_report(rep))
-    if args.plot:
+    if plot_path:
         from tepo_jax.analysis.plots import plot_dh_by_class  # matplotlib: only when asked to plot
-        plot_dh_by_class(labels, rep, args.plot)
-    if args.json:
+        plot_dh_by_class(labels, rep, plot_path)
+    if json_path:
         out = {"report": rep.to_dict(), "labels": [_nan_to_none(dataclasses.asdict(lb))
                                                    for lb in labels]}
-        as_path(args.json).write_text(json.dumps(out, indent=1, allow_nan=False))
+        json_path.write_text(json.dumps(out, indent=1, allow_nan=False))
     return 0
 
 

@@ -106,9 +106,15 @@ def read_metrics(path: str | os.PathLike, phase: str | None = "rl") -> list[dict
                 raise ValueError(f"{path}:{lineno}: not JSON ({exc})") from None
             if not isinstance(row, dict) or "step" not in row:
                 raise ValueError(f"{path}:{lineno}: expected an object with a 'step'")
+            if not _is_step(row["step"]):
+                raise ValueError(f"{path}:{lineno}: 'step' must be a whole number, got {row['step']!r}")
             if phase is None or row.get("phase", "rl") == phase:
                 rows.append(row)
     return rows
+
+
+def _is_step(v) -> bool:
+    return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and v.is_integer()))
 
 
 def metric_series(rows: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +158,8 @@ def discover_metrics(spec: str | os.PathLike) -> dict[str, Path]:
     """label -> metrics.jsonl from a spec: entries separated by ',' , each `label=path` or a
     path. A file is used as is (label: its parent directory's name); a directory with a
     metrics.jsonl is one run; any other directory contributes every `*/metrics.jsonl` under it
-    (label: the subdirectory, e.g. runs/demo -> grpo, tepo_sparse, ...)."""
+    (label: the subdirectory, e.g. runs/demo -> grpo, tepo_sparse, ...). An entry that is
+    not there, or a directory with no metrics.jsonl, is a FileNotFoundError naming it."""
     out: dict[str, Path] = {}
     for entry in [e.strip() for e in str(spec).split(",") if e.strip()]:
         label, _, path = entry.rpartition("=") if "=" in entry else ("", "", entry)
@@ -162,6 +169,12 @@ def discover_metrics(spec: str | os.PathLike) -> dict[str, Path]:
         elif (p / "metrics.jsonl").is_file():
             out[label or p.name] = p / "metrics.jsonl"
         elif p.is_dir():
-            for f in sorted(p.glob("*/metrics.jsonl")):
+            found = sorted(p.glob("*/metrics.jsonl"))
+            if not found:
+                raise FileNotFoundError(f"{path}: no metrics.jsonl in {p} or its subdirectories")
+            for f in found:
                 out[f"{label}/{f.parent.name}" if label else f.parent.name] = f
+        else:
+            also = "" if os.fspath(p) == path else f" (nor {p})"
+            raise FileNotFoundError(f"{path}: no such metrics file or run directory{also}")
     return out

@@ -164,8 +164,9 @@ def _check_arrays(traj: Trajectory) -> None:
         arr = getattr(traj, name)
         if (arr[~model] != 0).any():
             _fail(f"{name} must be 0 on prompt / tool-result tokens")
-        if not np.isfinite(arr[model]).all():
-            _fail(f"{name} has non-finite values on model tokens")
+        bad = np.flatnonzero(model & ~np.isfinite(arr))
+        if bad.size:
+            _fail(f"{name} has non-finite values on model tokens (token {int(bad[0])}: {arr[bad[0]]})")
     if (traj.entropies < 0).any() or (traj.logprobs > 0).any():
         _fail("entropies must be >= 0 and logprobs <= 0")
 
@@ -239,14 +240,45 @@ def to_json_dict(traj: Trajectory) -> dict[str, Any]:
     return d
 
 
+_TRAJECTORY_FIELDS = {f.name: f for f in dataclasses.fields(Trajectory)}
+_REQUIRED_FIELDS = tuple(name for name, f in _TRAJECTORY_FIELDS.items()
+                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+_CALL_FIELDS = tuple(f.name for f in dataclasses.fields(ToolCallRecord))
+
+
+def _tool_call(i: int, c: Any) -> ToolCallRecord:
+    if not isinstance(c, dict):
+        _fail(f"tool_calls[{i}] is a {type(c).__name__}, expected an object")
+    missing = [k for k in _CALL_FIELDS if k not in c]
+    if missing:
+        _fail(f"tool_calls[{i}] has no field {missing[0]!r}")
+    try:
+        return ToolCallRecord(**{k: c[k] for k in _CALL_FIELDS})
+    except (TypeError, ValueError, IndexError, KeyError) as e:
+        _fail(f"tool_calls[{i}]: bad span or turn ({e})")
+
+
 def from_json_dict(d: dict[str, Any]) -> Trajectory:
+    """The trajectory a `to_json_dict` object holds, validated: TrajectoryError (one line,
+    naming the field) for another shape, a missing field or arrays that disagree."""
+    if not isinstance(d, dict):
+        _fail(f"expected a JSON object, got a {type(d).__name__}")
     version = d.get("schema_version")
     if version not in READABLE_VERSIONS:
-        raise TrajectoryError(f"schema_version {version!r}, this reader knows {READABLE_VERSIONS}")
-    fields = {f.name for f in dataclasses.fields(Trajectory)}
-    kwargs = {k: v for k, v in d.items() if k in fields}
-    kwargs["tool_calls"] = [ToolCallRecord(**c) for c in d["tool_calls"]]
-    return Trajectory(**kwargs)
+        _fail(f"schema_version {version!r}, this reader knows {READABLE_VERSIONS}")
+    missing = [k for k in _REQUIRED_FIELDS if k not in d]
+    if missing:
+        _fail(f"missing field {missing[0]!r}")
+    kwargs = {k: v for k, v in d.items() if k in _TRAJECTORY_FIELDS}
+    for name, dtype in _ARRAY_DTYPES.items():
+        try:
+            kwargs[name] = np.asarray(d[name], dtype=dtype)
+        except (TypeError, ValueError, OverflowError) as e:
+            _fail(f"{name}: expected a list of numbers ({(str(e) or type(e).__name__).splitlines()[0]})")
+    if not isinstance(d["tool_calls"], list):
+        _fail(f"tool_calls is a {type(d['tool_calls']).__name__}, expected a list")
+    kwargs["tool_calls"] = [_tool_call(i, c) for i, c in enumerate(d["tool_calls"])]
+    return Trajectory(**kwargs).validate()
 
 
 def to_jsonl_line(traj: Trajectory) -> str:
@@ -254,7 +286,12 @@ def to_jsonl_line(traj: Trajectory) -> str:
 
 
 def from_jsonl_line(line: str) -> Trajectory:
-    return from_json_dict(json.loads(line))
+    """One validated trajectory; TrajectoryError (one line) for a line that is not one."""
+    try:
+        d = json.loads(line)
+    except json.JSONDecodeError as e:
+        _fail(f"invalid JSON ({e.msg} at column {e.colno})")
+    return from_json_dict(d)
 
 
 def write_jsonl(path, trajs: Iterable[Trajectory], append: bool = False) -> None:
@@ -270,5 +307,17 @@ def write_jsonl(path, trajs: Iterable[Trajectory], append: bool = False) -> None
 
 
 def read_jsonl(path) -> list[Trajectory]:
-    with paths.as_path(path).open("r", encoding="utf-8") as f:
-        return [from_jsonl_line(line) for line in f if line.strip()]
+    """The trajectories of a JSONL file, each validated. A malformed line is a TrajectoryError
+    `PATH:LINE: problem` (a missing file: FileNotFoundError)."""
+    out = []
+    with paths.as_path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                if line.strip():
+                    out.append(from_jsonl_line(line))
+            except UnicodeDecodeError:
+                raise TrajectoryError(f"{path}:{lineno}: not UTF-8 text") from None
+            except TrajectoryError as e:
+                raise TrajectoryError(f"{path}:{lineno}: {e}") from None
+    return out
