@@ -43,6 +43,32 @@ def check_config(config: str, root: str) -> None:
         raise SystemExit(f"error: {str(e).replace(local, path)}")  # the path as the user wrote it
 
 
+def port_arg(text: str) -> int:
+    """argparse type of a coordinator --port: 1-65535, or 0 for a free one."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 1-65535 (or 0: a free port), got {port}")
+    return port
+
+
+def has_config_flag(args: Sequence[str]) -> bool:
+    """Whether `args` (a job's arguments) name a config: `--config=X` or `--config X`."""
+    return any(a == "--config" or a.startswith("--config=") for a in args)
+
+
+def check_config_shipped(config: str, root: str) -> None:
+    """Refuse a relative --config that is not a file under `root`: the job runs in a copy of
+    `root` (a tarball of this checkout), so it cannot be there either. An absolute path is left
+    alone (it may name a shared mount on the workers)."""
+    path = config.split(":", 1)[0]
+    if not os.path.isabs(path) and not os.path.isfile(os.path.join(root, path)):
+        raise SystemExit(f"error: --config {path}: no such file in this checkout ({root}), which is what "
+                         "the workers get without --git-url")
+
+
 def render(cmd: Sequence[str], env: Optional[Mapping[str, str]] = None) -> str:
     """One shell-quoted line; environment variables as an `env K=V ...` prefix."""
     prefix = ["env"] + [f"{k}={v}" for k, v in env.items()] if env else []

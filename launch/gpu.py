@@ -19,7 +19,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Runner, add_dry_run, check_config, coordinator_flags, free_port, run_group  # noqa: E402
+from _common import (Runner, add_dry_run, check_config, coordinator_flags, free_port,  # noqa: E402
+                     port_arg, run_group)
 
 
 def parse_args(argv):
@@ -28,7 +29,7 @@ def parse_args(argv):
                                                    "configs/X.py:VARIANT")
     p.add_argument("--mode", choices=("host", "per-gpu"), default="host")
     p.add_argument("--num-gpus", type=int, default=None, help="per-gpu mode: number of GPUs (processes)")
-    p.add_argument("--port", type=int, default=12356, help="per-gpu mode: coordinator port; 0 = a free one")
+    p.add_argument("--port", type=port_arg, default=12356, help="per-gpu mode: coordinator port; 0 = a free one")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--module", default="tepo_jax.train")
     p.add_argument("--mem-fraction", default=None,
@@ -38,6 +39,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.overrides and args.overrides[0] == "--":
         args.overrides = args.overrides[1:]
+    if args.num_gpus is not None and args.num_gpus < 1:
+        p.error(f"--num-gpus must be >= 1, got {args.num_gpus}")
     if args.mode == "per-gpu" and not args.num_gpus:
         p.error("--mode per-gpu needs --num-gpus")
     return args

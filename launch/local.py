@@ -17,14 +17,14 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_dry_run, coordinator_flags, free_port, run_group  # noqa: E402
+from _common import add_dry_run, coordinator_flags, free_port, has_config_flag, port_arg, run_group  # noqa: E402
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-processes", type=int, default=2)
     p.add_argument("--devices-per-process", type=int, default=4)
-    p.add_argument("--port", type=int, default=12355, help="coordinator port; 0 = a free port")
+    p.add_argument("--port", type=port_arg, default=12355, help="coordinator port; 0 = a free port")
     p.add_argument("--python", default=sys.executable, help="interpreter for the processes")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--module", default="tepo_jax.train", help="python -m MODULE (default tepo_jax.train)")
@@ -37,6 +37,8 @@ def parse_args(argv):
         args.args = args.args[1:]
     if args.num_processes < 1 or args.devices_per_process < 1:
         p.error("--num-processes and --devices-per-process must be >= 1")
+    if not args.script and args.module == "tepo_jax.train" and not has_config_flag(args.args):
+        p.error("tepo_jax.train needs a config: -- --config=configs/X.py [--config.a.b=v ...]")
     return args
 
 

@@ -65,10 +65,34 @@ def add_size_parser(sub) -> None:
     p.set_defaults(func=run_size)
 
 
+# (flag, attribute, smallest value): counts and lengths of `tepo_jax size`; None = not given
+_SIZE_MINIMA = (("--devices", "devices", 1), ("--batch", "batch", 1), ("--seq-len", "seq_len", 1),
+                ("--slots", "slots", 0), ("--cache-len", "cache_len", 0), ("--logits-chunk", "logits_chunk", 1))
+
+
+def check_size_args(args: argparse.Namespace) -> None:
+    """ValueError naming the flag for a count, length, headroom or memory size that cannot be
+    meant (a negative device count would print negative GiB and "fits")."""
+    from tepo_jax import sizing
+
+    for flag, attr, low in _SIZE_MINIMA:
+        value = getattr(args, attr)
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    try:
+        sizing.check_headroom(args.headroom)
+        if args.device_memory is not None:
+            sizing.parse_bytes(args.device_memory)
+    except ValueError as e:
+        flag = "--headroom" if "headroom" in str(e) else "--device-memory"
+        raise ValueError(f"{flag}: {e}") from None
+
+
 def run_size(args: argparse.Namespace) -> int:
     from tepo_jax import sizing
 
     try:
+        check_size_args(args)
         if args.config:
             return _size_config(args)
         if not args.model:
@@ -86,7 +110,7 @@ def _devices_and_mesh(args, mesh_cfg):
     import jax
     from tepo_jax import sizing
 
-    devices = args.devices or jax.device_count()
+    devices = jax.device_count() if args.devices is None else args.devices
     return devices, sizing.abstract_mesh(mesh_cfg, devices)
 
 

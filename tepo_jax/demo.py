@@ -30,11 +30,12 @@ from typing import Optional
 from tepo_jax import paths
 from tepo_jax.analysis import compare, pilot
 from tepo_jax.analysis.plots import plot_dh_by_class, plot_training_curves
-from tepo_jax.config import ADVANTAGES
+from tepo_jax.config import ADVANTAGES, validate
 from tepo_jax.data import jsonl, synthetic
 from tepo_jax.data.loading import synthetic_data_dir
 from tepo_jax.rollout.trajectory import read_jsonl
-from tepo_jax.train import train
+from tepo_jax.errors import ConfigError
+from tepo_jax.train import USER_ERRORS, train
 
 ALGOS = ADVANTAGES   # every advantage the stack has, from the same SFT checkpoint
 SFT_ONLY = "SFT only"
@@ -129,9 +130,38 @@ def demo_pilot(workdir: Path, seed: int = 0) -> pilot.PilotReport:
     return report
 
 
+def check_workdir(workdir) -> None:
+    """PathError (one line) when `workdir` cannot be a directory: it, or the nearest part of
+    it that exists, is a file. Object-store paths have no such parts."""
+    if paths.is_remote(workdir):
+        return
+    path = Path(paths.as_path(workdir)).absolute()
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                what = "is" if part == path else f"is under {part}, which is"
+                raise paths.PathError(f"--workdir {workdir}: {what} a file, not a directory")
+            return
+
+
+def check_args(workdir: Path, seed: int = 0, sft_steps: Optional[int] = None,
+               rl_steps: Optional[int] = None) -> None:
+    """Every argument and every config the demo will run (the SFT run and the RL runs), checked
+    before any of it trains: a bad --rl-steps fails now, not after SFT. ConfigError or
+    PathError, one line naming the flag or the field."""
+    for flag, value in (("--seed", seed), ("--sft-steps", sft_steps), ("--rl-steps", rl_steps)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
+    check_workdir(workdir)
+    validate(sft_config(workdir, sft_steps, seed))
+    for algo in ALGOS:
+        validate(rl_config(workdir, algo, rl_steps, seed))
+
+
 def run_demo(workdir: Path, seed: int = 0, sft_steps: Optional[int] = None,
              rl_steps: Optional[int] = None, log=print) -> DemoResult:
     t0 = time.time()
+    check_args(workdir, seed, sft_steps, rl_steps)
     sft = sft_config(workdir, sft_steps, seed)
     log(f"[demo] SFT warm start: {sft.sft.steps} steps -> {workdir / 'sft'}")
     train(sft)
@@ -164,6 +194,12 @@ def results_markdown(r: DemoResult) -> str:
             f"{pilot.format_class_summary(r.pilot)}\n```\n")
 
 
+def error_line(e: BaseException) -> str:
+    """The first line of a user error's message (what `tepo_jax.train` prints too)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo")
@@ -173,8 +209,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     workdir = paths.as_path(args.workdir)  # a local path or gs://bucket/demo
-    result = run_demo(workdir, args.seed, args.sft_steps, args.rl_steps,
-                      log=lambda m: print(m, flush=True))
+    try:
+        result = run_demo(workdir, args.seed, args.sft_steps, args.rl_steps,
+                          log=lambda m: print(m, flush=True))
+    except USER_ERRORS as e:
+        raise SystemExit(f"error: {error_line(e)}") from None
     print("\n" + results_markdown(result))
     print(f"[demo] total {result.wall_s:.0f} s; results: {workdir / 'results.md'}, "
           f"plots: {workdir / 'curves.png'}, {workdir / 'pilot.png'}")

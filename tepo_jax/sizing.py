@@ -99,6 +99,13 @@ class Workload:
     optimizer: str = "adamw"       # "adamw", or "none": frozen weights (reference model, sampler only)
     frozen_params: int = 0         # extra untrained copies of the params (initial model, KL reference)
 
+    def __post_init__(self):
+        for name, low in (("batch", 1), ("seq_len", 1), ("slots", 0), ("cache_len", 0), ("frozen_params", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"Workload.{name} must be >= {low}, got {getattr(self, name)}")
+        if self.logits_chunk is not None and self.logits_chunk < 1:
+            raise ValueError(f"Workload.logits_chunk must be >= 1 (or None), got {self.logits_chunk}")
+
 
 @dataclasses.dataclass
 class MemoryEstimate:
@@ -237,6 +244,7 @@ def check_fits(cfg: ModelConfig, mesh: Union[Mesh, AbstractMesh], workload: Work
                device_memory: Optional[int] = None, headroom: float = 0.9,
                device_kind: Optional[str] = None) -> MemoryEstimate:
     """The estimate, or MemoryBudgetError naming the biggest component and what to change."""
+    check_headroom(headroom)
     memory = resolve_device_memory(device_memory, device_kind)
     est = estimate_memory(cfg, mesh, workload, memory, headroom)
     if not est.fits:
@@ -249,16 +257,31 @@ def check_fits(cfg: ModelConfig, mesh: Union[Mesh, AbstractMesh], workload: Work
     return est
 
 
+def check_headroom(headroom: float) -> None:
+    """ValueError unless the usable fraction of device memory is in (0, 1]."""
+    if not 0 < headroom <= 1:
+        raise ValueError(f"headroom is the usable fraction of device memory, in (0, 1]; got {headroom:g}")
+
+
 def parse_bytes(text: Union[str, int, float]) -> int:
-    """'95GB' -> 95e9, '16GiB' -> 16·2^30, '1.5T' -> 1.5e12, 1234 -> 1234."""
+    """'95GB' -> 95e9, '16GiB' -> 16·2^30, '1.5T' -> 1.5e12, '512B' -> 512, 1234 -> 1234.
+    A string needs its unit: a bare '80' would be 80 bytes, never what was meant. ValueError
+    for anything else, or a size that is not positive."""
     if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?)b?\s*", text.lower())
-    if not m:
-        raise ValueError(f"cannot parse a memory size from {text!r} (e.g. 95GB, 16GiB)")
-    power = "_kmgt".index(m.group(2) or "_")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** power)
+        nbytes = int(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:([kmgt])(i?)b?|(b))?\s*", text.lower())
+        if not m:
+            raise ValueError(f"cannot parse a memory size from {text!r} (e.g. 95GB, 16GiB)")
+        if not (m.group(2) or m.group(4)):
+            raise ValueError(f"memory size {text!r} has no unit: write e.g. {text.strip()}GB (10^9 bytes) "
+                             f"or {text.strip()}GiB (2^30 bytes)")
+        power = "_kmgt".index(m.group(2) or "_")
+        base = 1024 if m.group(3) else 1000
+        nbytes = int(float(m.group(1)) * base ** power)
+    if nbytes <= 0:
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    return nbytes
 
 
 def memory_for_kind(kind: str) -> Optional[int]:

@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 from tepo_jax import demo, paths
 from tepo_jax.analysis.compare import RolloutSummary, RunSummary
 from tepo_jax.analysis.stats import t_interval
+from tepo_jax.train import USER_ERRORS
 
 RUNS = (demo.SFT_ONLY,) + demo.ALGOS
 
@@ -76,7 +77,13 @@ def main(argv=None) -> None:
         raise SystemExit("error: --seeds must be >= 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     workdir, t0 = paths.as_path(args.workdir), time.time()  # local or gs://...
-    results = {s: seed_result(workdir, s, args.sft_steps, args.rl_steps) for s in range(args.seeds)}
+    try:
+        demo.check_workdir(workdir)
+        for s in range(args.seeds):  # every seed's configs before the first one trains
+            demo.check_args(workdir / f"seed{s}", s, args.sft_steps, args.rl_steps)
+        results = {s: seed_result(workdir, s, args.sft_steps, args.rl_steps) for s in range(args.seeds)}
+    except USER_ERRORS as e:
+        raise SystemExit(f"error: {demo.error_line(e)}") from None
     table = study_table({s: (r.summaries, r.rollout_rows) for s, r in results.items()})
     header = (f"## {args.seeds} seed(s), {results[0].summaries[0].n_questions} held-out questions each "
               f"(greedy), and each run's sampled rollouts over its last {demo.LAST_STEPS} steps: mean over "

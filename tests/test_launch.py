@@ -134,7 +134,7 @@ def test_tpu_refuses_a_wrong_variant_before_anything_starts(argv, capsys, monkey
 
 
 def test_tpu_up_is_create_setup_run(capsys):
-    cmds = dry(tpu, ["up", *LOC, "--accelerator-type", "v5litepod-16", "--config", "configs/x.py",
+    cmds = dry(tpu, ["up", *LOC, "--accelerator-type", "v5litepod-16", "--config", "configs/demo_cpu.py",
                      "--run-name", "exp1"], capsys)
     assert [c[4] for c in cmds if c[0] == "gcloud"] == ["create", "scp", "ssh", "ssh"]
     assert flag(cmds[0], "--version") == "v2-alpha-tpuv5-lite"
@@ -209,10 +209,55 @@ def test_local_launcher_dry_run(capsys, monkeypatch):
 @pytest.mark.parametrize("script", ["tpu.py", "gpu.py", "local.py"])
 def test_scripts_run_standalone(script):
     argv = {"tpu.py": ["delete", "--name", "n", "--zone", "z", "--dry-run"],
-            "gpu.py": ["--config", "c.py", "--dry-run"], "local.py": ["--dry-run"]}[script]
+            "gpu.py": ["--config", "c.py", "--dry-run"], "local.py": ["--dry-run", "--", "--config=c.py"]}[script]
     out = subprocess.run([sys.executable, os.path.join(LAUNCH, script), *argv], capture_output=True, text=True,
                          check=True, cwd="/").stdout
     assert out.strip()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "configs/x.py", "--mode", "per-gpu", "--num-gpus", "-2"], "--num-gpus must be >= 1, got -2"),
+    (["--config", "configs/x.py", "--mode", "per-gpu", "--num-gpus", "0"], "--num-gpus must be >= 1, got 0"),
+    (["--config", "configs/x.py", "--mode", "per-gpu", "--num-gpus", "2", "--port", "70000"],
+     "argument --port: must be 1-65535 (or 0: a free port), got 70000"),
+])
+def test_gpu_launcher_refuses_impossible_counts_and_ports(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu.main(argv + ["--dry-run"])
+    out = capsys.readouterr()
+    assert e.value.code == 2 and message in out.err and out.out == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-processes", "2"], "tepo_jax.train needs a config: -- --config=configs/X.py"),
+    (["--num-processes", "2", "--", "--config.train.steps=3"], "tepo_jax.train needs a config"),
+    (["--port", "70000", "--", "--config=configs/x.py"], "argument --port: must be 1-65535"),
+    (["--port", "-1", "--", "--config=configs/x.py"], "argument --port: must be 1-65535"),
+])
+def test_local_launcher_refuses_no_config_and_bad_ports(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        local.main(argv[:argv.index("--")] + ["--dry-run"] + argv[argv.index("--"):] if "--" in argv
+                   else argv + ["--dry-run"])
+    out = capsys.readouterr()
+    assert e.value.code == 2 and message in out.err and out.out == ""
+    # a script brings its own arguments; `--config X` (two words) is a config too
+    assert len(dry(local, ["--num-processes", "2", "--script", "x.py"], capsys)) == 2
+    assert len(dry(local, ["--num-processes", "2", "--", "--config", "configs/x.py"], capsys)) == 2
+
+
+def test_tpu_up_refuses_a_config_the_tarball_would_not_have(capsys, monkeypatch):
+    monkeypatch.chdir("/")  # the checkout is what gets copied, wherever the command runs
+    ran = []
+    monkeypatch.setattr(tpu.Runner, "run", lambda self, c, *a, **k: ran.append(c))
+    argv = ["up", *LOC, "--accelerator-type", "v5p-32", "--config", "configs/nope.py:v", "--workdir", "gs://b/r"]
+    with pytest.raises(SystemExit) as e:
+        tpu.main(argv)
+    assert str(e.value).startswith("error: --config configs/nope.py: no such file in this checkout")
+    assert "\n" not in str(e.value) and ran == []
+    monkeypatch.undo()
+    # a clone (--git-url) may have it, and `run` uses whatever copy the workers already have
+    assert len(dry(tpu, argv + ["--git-url", "https://example.com/r.git"], capsys)) == 3
+    assert len(dry(tpu, ["run", *LOC, "--config", "configs/nope.py", "--workdir", "gs://b/r"], capsys)) == 1
 
 
 PROBE = textwrap.dedent("""

@@ -173,3 +173,43 @@ def test_cli_size_from_a_config(capsys):
     assert "/path/to/Qwen2.5-0.5B-Instruct: no such checkpoint directory" in capsys.readouterr().err
     assert cli.main(["size", "--config", "configs/none.py", "--devices", "1"]) == 2
     assert cli.main(["size", "--devices", "1"]) == 2  # neither --model nor --config
+
+
+BASE = ["size", "--model", "Qwen2.5-7B", "--device-kind", "h100"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--devices", "-8"], "error: --devices must be >= 1, got -8"),
+    (["--devices", "0"], "error: --devices must be >= 1, got 0"),   # not "the local device count"
+    (["--batch", "0"], "error: --batch must be >= 1, got 0"),
+    (["--batch", "-4"], "error: --batch must be >= 1, got -4"),
+    (["--seq-len", "-4096"], "error: --seq-len must be >= 1, got -4096"),
+    (["--slots", "-64", "--cache-len", "4096"], "error: --slots must be >= 0, got -64"),
+    (["--cache-len", "-1"], "error: --cache-len must be >= 0, got -1"),
+    (["--logits-chunk", "0"], "error: --logits-chunk must be >= 1, got 0"),
+    (["--headroom", "1.5"], "error: --headroom: headroom is the usable fraction of device memory, in (0, 1]; got 1.5"),
+    (["--headroom", "-1"], "error: --headroom: "),
+    (["--headroom", "0"], "error: --headroom: "),
+    (["--device-memory", "80"], "error: --device-memory: memory size '80' has no unit: write e.g. 80GB"),
+    (["--device-memory", "0GB"], "error: --device-memory: memory size must be positive"),
+])
+def test_cli_refuses_impossible_numbers_naming_the_flag(capsys, extra, message):
+    """Each bad value is one line naming its flag and exit 2, never a table that says "fits"."""
+    assert cli.main(BASE + ([] if "--devices" in extra else ["--devices", "8"]) + extra) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith(message) and out.err.count("\n") == 1, out.err
+    assert out.out == ""
+
+
+def test_memory_sizes_need_a_unit_and_workloads_positive_numbers():
+    assert sizing.parse_bytes("512B") == 512 and sizing.parse_bytes("1.5GiB") == 3 * 2 ** 29
+    with pytest.raises(ValueError, match="has no unit"):
+        sizing.parse_bytes("80")
+    with pytest.raises(ValueError, match="must be positive"):
+        sizing.parse_bytes(0)
+    with pytest.raises(ValueError, match=r"Workload.batch must be >= 1, got -4"):
+        sizing.Workload(batch=-4)
+    with pytest.raises(ValueError, match=r"Workload.slots must be >= 0"):
+        sizing.Workload(slots=-64, cache_len=4096)
+    with pytest.raises(ValueError, match=r"headroom .* got 1.5"):
+        sizing.check_fits(TINY, sizing.abstract_mesh(MeshConfig(), 1), sizing.Workload(), "1GB", headroom=1.5)

@@ -324,3 +324,183 @@ def test_trickling_server_frees_the_bridge_worker(trickle):
 def test_control_bytes_from_a_server_do_not_reach_the_model():
     text = format_passages([Passage("1", "T\x1b[2J", "a\x00b")])
     assert text == "Doc 1 (Title: T\ufffd[2J) a\ufffdb"
+
+
+# ---- bad input: one line naming the problem -------------------------------------------------
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"id": 1, "title": "t", "text": None}], r"c.jsonl:1: 'text' must be a string, got null"),
+    ([{"id": 1, "title": "t", "text": "ok"}, {"id": 2, "text": ["alpha", "beta"]}],
+     r"c.jsonl:2: 'text' must be a string, got a list"),
+    ([{"id": 1, "title": ["x"], "text": "a"}], r"c.jsonl:1: 'title' must be a string, got a list"),
+    ([{"id": {"a": 1}, "text": "a"}], r"c.jsonl:1: 'id' must be a string or an integer, got an object"),
+    (["[1, 2]"], r"c.jsonl:1: expected a JSON object with .id., .title., .text., got a list"),
+    ([{"id": 1, "text": "a"}, "", {"id": "2", "text": "b"}, {"id": "1", "text": "c"}],
+     r"c.jsonl:4: duplicate id '1' \(first on line 1\)"),
+])
+def test_corpus_refuses_non_string_fields_and_duplicate_ids(tmp_path, rows, message):
+    from tepo_jax.tools.search import SearchDataError
+    path = _jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.raises(SearchDataError, match=message):
+        list(read_corpus(path))
+
+
+def test_corpus_that_is_not_utf8_names_its_line(tmp_path):
+    from tepo_jax.tools.search import SearchDataError
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"id": 1, "text": "a"}\n{"id": 2, "text": "\xff"}\n')
+    with pytest.raises(SearchDataError, match=r"c.jsonl:2: not UTF-8"):
+        list(read_corpus(str(path)))
+
+
+def test_half_built_index_says_rebuild(tmp_path):
+    (tmp_path / "params.index.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"incomplete BM25 index \(missing vocab.index.json, .*\); "
+                                                r"rebuild it"):
+        BM25Index.load(str(tmp_path))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from tepo_jax.tools import search, server
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"id": 1, "text": "x"}, {"id": 2}])
+    cases = [
+        (search.main, ["build", "--corpus", bad, "--out", str(tmp_path / "i")],
+         f"error: {bad}:2: expected a JSON object with 'id', 'title', 'text' (missing 'text')"),
+        (search.main, ["build", "--corpus", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "i")],
+         f"error: {tmp_path / 'nope.jsonl'}: No such file or directory"),
+        (search.main, ["query", "--index", str(tmp_path), "x"], f"error: no BM25 index in '{tmp_path}'"),
+        (server.main, ["--index", str(tmp_path)], f"error: no BM25 index in '{tmp_path}'"),
+    ]
+    for main, argv, first in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith(first) and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("top_k", ["0", "-3"])
+def test_cli_refuses_top_k_below_one(tmp_path, capsys, top_k):
+    from tepo_jax.tools import search
+    with pytest.raises(SystemExit) as e:
+        search.main(["query", "--index", str(tmp_path), "--top-k", top_k, "x"])
+    assert e.value.code == 2 and f"argument --top-k: must be >= 1, got {top_k}" in capsys.readouterr().err
+
+
+def _search_config(tmp_path, **tools):
+    from tepo_jax.config import defaults
+    c = defaults()
+    c.workdir = str(tmp_path / "run")
+    c.tools.update(tools)
+    return c
+
+
+def test_workdir_index_is_rebuilt_when_the_corpus_changes(tmp_path, caplog):
+    """The index in <workdir>/search_index belongs to the corpus it was built from: another
+    corpus at the same workdir rebuilds it (INFO line), the same corpus (rewritten with the
+    same bytes, as the synthetic task does at each start) reuses it."""
+    import logging
+    from tepo_jax.tools.from_config import search_from_config
+    corpus = tmp_path / "corpus.jsonl"
+    _jsonl(corpus, [{"id": "a", "title": "Apple", "text": "apples are red"}])
+    caplog.set_level(logging.INFO, logger="tepo_jax.tools.from_config")
+    c = _search_config(tmp_path, search_corpus=str(corpus))
+    assert search_from_config(c, str(corpus)).run("apples").text == "Doc 1 (Title: Apple) apples are red"
+    index_file = tmp_path / "run" / "search_index" / "params.index.json"
+    built = index_file.stat().st_mtime_ns
+    _jsonl(corpus, [{"id": "a", "title": "Apple", "text": "apples are red"}])  # same bytes again
+    caplog.clear()
+    search_from_config(c, str(corpus))
+    assert index_file.stat().st_mtime_ns == built and "building the search index" not in caplog.text
+    _jsonl(corpus, [{"id": "b", "title": "Banana", "text": "bananas are yellow"}])
+    tool = search_from_config(c, str(corpus))
+    assert tool.run("bananas").text == "Doc 1 (Title: Banana) bananas are yellow"
+    assert tool.run("apples").text == "No results found."
+    assert "building the search index" in caplog.text and "the corpus changed" in caplog.text
+    # an index from before fingerprints (or a build that stopped half-way) is rebuilt too
+    (tmp_path / "run" / "search_index" / "corpus_fingerprint.json").unlink()
+    caplog.clear()
+    search_from_config(c, str(corpus))
+    assert "no corpus fingerprint" in caplog.text
+
+
+def test_a_configured_corpus_that_does_not_exist_is_refused(tmp_path):
+    """Even where the run indexes another corpus (data.task=synthetic writes its own)."""
+    from tepo_jax.errors import ConfigError
+    from tepo_jax.tools.from_config import search_from_config
+    own = _jsonl(tmp_path / "synthetic_corpus.jsonl", [{"id": "a", "text": "apples"}])
+    c = _search_config(tmp_path, search_corpus=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(ConfigError, match=r"config.tools.search_corpus='.*nope.jsonl': no such file"):
+        search_from_config(c, own)
+    with pytest.raises(ConfigError, match=r"config.tools.search_corpus='.*nope.jsonl': no such file"):
+        search_from_config(c, c.tools.search_corpus)
+
+
+def test_bad_corpus_through_the_config_names_the_field_and_line(tmp_path):
+    from tepo_jax.errors import ConfigError
+    from tepo_jax.tools.from_config import search_from_config
+    path = _jsonl(tmp_path / "c.jsonl", [{"id": 1, "text": "a"}, {"id": 1, "text": "b"}])
+    with pytest.raises(ConfigError, match=r"config.tools.search_corpus: .*c.jsonl:2: duplicate id '1'"):
+        search_from_config(_search_config(tmp_path, search_corpus=path), path)
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "params.index.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"config.tools.search_index: .*incomplete BM25 index"):
+        search_from_config(_search_config(tmp_path, search_index=str(half)), None)
+
+
+def test_remote_backend_refuses_a_server_that_does_not_answer_at_start():
+    """A run with a dead retrieval server stops at start-up with one line, instead of training
+    to the end with every search call an error."""
+    from tepo_jax.errors import ConfigError
+    from tepo_jax.tools.from_config import search_from_config
+    c = _search_config(__import__("pathlib").Path("/tmp"), search_backend="remote", search_url="http://127.0.0.1:9")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"config.tools.search_url='http://127.0.0.1:9': no retrieval server "
+                                          r"answers there \(ConnectError"):
+        search_from_config(c, None)
+    assert time.monotonic() - t0 < 6
+    c.tools.search_url = "127.0.0.1:9"   # no scheme
+    with pytest.raises(ConfigError, match="config.tools.search_url.*UnsupportedProtocol"):
+        search_from_config(c, None)
+
+
+def test_remote_backend_refuses_a_server_that_is_not_a_retrieval_server():
+    """Something answers, but 404 on /health and on /retrieve: not the server."""
+    import http.server
+    import threading
+    from tepo_jax.errors import ConfigError
+    from tepo_jax.tools.from_config import search_from_config
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def _404(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        do_GET = do_POST = _404
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        c = _search_config(__import__("pathlib").Path("/tmp"), search_backend="remote",
+                           search_url=f"http://127.0.0.1:{httpd.server_address[1]}")
+        with pytest.raises(ConfigError, match=r"HTTP 404 from .*/health and HTTP 404 from .*/retrieve: "
+                                              r"not a retrieval server"):
+            search_from_config(c, None)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_remote_backend_starts_against_a_live_server(server):
+    from tepo_jax.tools.from_config import search_from_config
+    url, _ = server
+    c = _search_config(__import__("pathlib").Path("/tmp"), search_backend="remote", search_url=url)
+    tool = search_from_config(c, None)
+    assert tool.run("Where is the Eiffel Tower?").text.startswith("Doc 1 (Title: Eiffel Tower)")
+    tool.close()

@@ -10,6 +10,7 @@ per call that every socket operation obeys (`DeadlineBackend`). Both are Tools (
 
 CLI:  python -m tepo_jax.tools.search build --corpus X.jsonl --out DIR
       python -m tepo_jax.tools.search query --index DIR "some question"
+(a bad corpus or index: `error: <message>` and exit status 1)
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -64,19 +67,86 @@ class Passage:
 
 
 # ---- corpus and index ---------------------------------------------------------------------
+class SearchDataError(ValueError):
+    """A corpus or an index that cannot be used; the message names the file (and line)."""
+
+
+class IndexNotFound(SearchDataError, FileNotFoundError):
+    """No complete BM25 index in the directory."""
+
+
+# the files `bm25s.BM25.save` writes and `load` needs (corpus.mmindex.json is rebuilt on load)
+INDEX_FILES = ("params.index.json", "vocab.index.json", "data.csc.index.npy",
+               "indices.csc.index.npy", "indptr.csc.index.npy", "corpus.jsonl")
+
+
+def corpus_record(rec, where: str) -> Dict[str, str]:
+    """`rec` (one parsed corpus line) as `{"id","title","text"}`; SearchDataError naming
+    `where` (file:line) unless id is a string or an integer and title (optional) and text are
+    strings: str() of a null or a list would be indexed as "None" or "['a', 'b']"."""
+    if not isinstance(rec, dict):
+        raise SearchDataError(f"{where}: expected a JSON object with 'id', 'title', 'text', "
+                              f"got {_json_type(rec)}")
+    for key in ("id", "text"):
+        if key not in rec:
+            raise SearchDataError(f"{where}: expected a JSON object with 'id', 'title', "
+                                  f"'text' (missing {key!r})")
+    if isinstance(rec["id"], bool) or not isinstance(rec["id"], (str, int)):
+        raise SearchDataError(f"{where}: 'id' must be a string or an integer, "
+                              f"got {_json_type(rec['id'])}")
+    for key in ("title", "text"):
+        if key in rec and not isinstance(rec[key], str):
+            raise SearchDataError(f"{where}: {key!r} must be a string, "
+                                  f"got {_json_type(rec[key])}")
+    return {"id": str(rec["id"]), "title": rec.get("title", ""), "text": rec["text"]}
+
+
+def _json_type(value) -> str:
+    return {type(None): "null", bool: "a boolean", list: "a list", dict: "an object",
+            int: "a number", float: "a number", str: "a string"}.get(type(value), type(value).__name__)
+
+
 def read_corpus(path: str) -> Iterator[Dict[str, str]]:
-    """Yield `{"id","title","text"}` records; a malformed line is an error naming it."""
-    with paths.as_path(path).open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """Yield `{"id","title","text"}` records; a malformed line, or an id seen on an earlier
+    line, is a SearchDataError naming the line(s)."""
+    first_line: Dict[str, int] = {}
+    with paths.as_path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SearchDataError(f"{path}:{lineno}: not UTF-8 text ({exc.reason})") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-                yield {"id": str(rec["id"]), "title": str(rec.get("title", "")),
-                       "text": str(rec["text"])}
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'id', "
-                                 f"'title', 'text' ({type(exc).__name__}: {exc})") from None
+            except ValueError as exc:
+                raise SearchDataError(f"{path}:{lineno}: not JSON ({exc})") from None
+            rec = corpus_record(rec, f"{path}:{lineno}")
+            seen = first_line.setdefault(rec["id"], lineno)
+            if seen != lineno:
+                raise SearchDataError(f"{path}:{lineno}: duplicate id {rec['id']!r} "
+                                      f"(first on line {seen})")
+            yield rec
+
+
+FINGERPRINT_FILE = "corpus_fingerprint.json"   # written beside an index built from a corpus file
+_HASH_UP_TO = 64 << 20
+
+
+def corpus_fingerprint(path: str) -> Dict[str, object]:
+    """What identifies the corpus file `path`: its size and a SHA-256 of its bytes, or for a
+    file over 64 MiB (hashing it would cost a noticeable part of a rebuild) its absolute
+    path, size and modification time."""
+    p = paths.absolute(path)
+    st = p.stat()
+    if st.length > _HASH_UP_TO:
+        return {"path": os.fspath(p), "size": int(st.length), "mtime": int(st.mtime)}
+    digest = hashlib.sha256()
+    with p.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"size": int(st.length), "sha256": digest.hexdigest()}
 
 
 def build_index(records: Iterable[Dict[str, str]], out_dir: str) -> int:
@@ -84,13 +154,19 @@ def build_index(records: Iterable[Dict[str, str]], out_dir: str) -> int:
     bm25s = _import_bm25s()
     corpus = list(records)
     if not corpus:
-        raise ValueError("cannot build an index from an empty corpus")
+        raise SearchDataError("cannot build an index from an empty corpus")
     tokens = bm25s.tokenize([f"{r['title']}\n{r['text']}" for r in corpus], **_TOKENIZE)
     retriever = bm25s.BM25()
     retriever.index(tokens, show_progress=False)
     with paths.staged(out_dir) as local:  # bm25s writes local files; gs:// gets a copy
         retriever.save(local, corpus=corpus, show_progress=False)
     return len(corpus)
+
+
+def missing_index_files(index_dir: str) -> List[str]:
+    """The files of a saved index that `index_dir` lacks (all of them: no index there)."""
+    d = paths.as_path(index_dir)
+    return [name for name in INDEX_FILES if not (d / name).is_file()]
 
 
 class BM25Index:
@@ -102,9 +178,13 @@ class BM25Index:
 
     @classmethod
     def load(cls, index_dir: str, mmap: bool = True) -> "BM25Index":
-        if not (paths.as_path(index_dir) / "params.index.json").is_file():
-            raise FileNotFoundError(f"no BM25 index in {index_dir!r}; build one with "
-                                    "`python -m tepo_jax.tools.search build`")
+        missing = missing_index_files(index_dir)
+        if "params.index.json" in missing:
+            raise IndexNotFound(f"no BM25 index in {index_dir!r}; build one with "
+                                "`python -m tepo_jax.tools.search build`")
+        if missing:  # a build that stopped half-way
+            raise IndexNotFound(f"{index_dir}: incomplete BM25 index (missing "
+                                f"{', '.join(missing)}); rebuild it")
         bm25s = _import_bm25s()
         # bm25s memory-maps local files: a gs:// index is downloaded once per process.
         retriever = bm25s.BM25.load(paths.download(index_dir), mmap=mmap, load_corpus=True,
@@ -257,7 +337,8 @@ class RemoteSearch:
                  name: str = "search", max_response_bytes: int = 64 << 20):
         import httpcore  # noqa: PLC0415  (only the remote backend needs it)
 
-        self.url = url.rstrip("/") + "/retrieve"
+        self.base_url = url.rstrip("/")
+        self.url = self.base_url + "/retrieve"
         self.top_k, self.max_chars, self.name = top_k, max_chars, name
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
         self.max_response_bytes = max_response_bytes
@@ -332,19 +413,48 @@ class RemoteSearch:
 
     def _request(self, body: bytes):
         """One POST; the decoded JSON answer. The body is read in bounded pieces."""
-        headers = [(b"Content-Type", b"application/json"), (b"Accept", b"application/json")]
+        status, data = self._exchange("POST", self.url, body)
+        if status >= 400:
+            raise RemoteSearchError(f"HTTP {status}")
+        return json.loads(data)
+
+    def _exchange(self, method: str, url: str, body: Optional[bytes] = None):
+        """(status, body) of one request; the body (not read for a status >= 400) is read in
+        bounded pieces. Every socket operation obeys the calling thread's deadline."""
+        headers = [(b"Accept", b"application/json")]
+        if body is not None:
+            headers.append((b"Content-Type", b"application/json"))
         # the wait for a free pooled connection is no socket operation: bound it here
         timeout = {"pool": self._backend.bound(None, self._httpcore.PoolTimeout)}
-        with self._pool.stream("POST", self.url, headers=headers, content=body,
+        with self._pool.stream(method, url, headers=headers, content=body,
                                extensions={"timeout": timeout}) as resp:
-            if resp.status >= 400:
-                raise RemoteSearchError(f"HTTP {resp.status}")
             data = bytearray()
+            if resp.status >= 400:
+                return resp.status, bytes(data)
             for chunk in resp.iter_stream():
                 data += chunk
                 if len(data) > self.max_response_bytes:
                     raise RemoteSearchError(f"answer larger than {self.max_response_bytes} bytes")
-        return json.loads(data)
+        return resp.status, bytes(data)
+
+    def check(self, timeout: float = 5.0) -> str:
+        """Ask the server, once and within `timeout` seconds, whether it answers: `GET /health`
+        (tepo_jax.tools.server), or for a server without one an empty `POST /retrieve`.
+        Returns what it said; RemoteSearchError with the reason when it does not answer.
+        A start-up check: calls during a run keep their own retries and error results."""
+        try:
+            with self._backend.deadline(time.monotonic() + timeout):
+                status, data = self._exchange("GET", self.base_url + "/health")
+                if status == 200:
+                    return data.decode("utf-8", "replace")[:200]
+                empty = json.dumps({"queries": [], "top_k": 1}).encode()
+                status2, data = self._exchange("POST", self.url, empty)
+        except self._errors as exc:
+            raise RemoteSearchError(f"{type(exc).__name__}: {exc}") from None
+        if status2 in (404, 405) or status2 >= 500:
+            raise RemoteSearchError(f"HTTP {status} from {self.base_url}/health and HTTP "
+                                    f"{status2} from {self.url}: not a retrieval server")
+        return f"HTTP {status2} from {self.url}"
 
     def run(self, argument: str, timeout: Optional[float] = None) -> ToolResult:
         t0 = time.monotonic()
@@ -369,6 +479,29 @@ def _parse_response(payload, n: int) -> List[List[Passage]]:
 
 
 # ---- CLI ------------------------------------------------------------------------------------
+# A bad corpus or index, or a file that cannot be read or written: one line, no traceback.
+CLI_ERRORS = (SearchDataError, OSError)
+
+
+def cli_message(e: BaseException) -> str:
+    """The first line of `e`; an OSError as "FILE: reason"."""
+    if isinstance(e, OSError) and not isinstance(e, SearchDataError) and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tepo_jax.tools.search")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -377,16 +510,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--out", required=True, help="index directory to write")
     q = sub.add_parser("query", help="query a saved index")
     q.add_argument("--index", required=True)
-    q.add_argument("--top-k", type=int, default=3)
+    q.add_argument("--top-k", type=positive_int, default=3)
     q.add_argument("query", nargs="+")
     args = parser.parse_args(argv)
-    if args.cmd == "build":
-        t0 = time.monotonic()
-        n = build_index(read_corpus(args.corpus), args.out)
-        print(f"indexed {n} passages into {args.out} in {time.monotonic() - t0:.1f} s")
-    else:
-        index = BM25Index.load(args.index)
-        print(format_passages(index.search(" ".join(args.query), args.top_k)))
+    try:
+        if args.cmd == "build":
+            t0 = time.monotonic()
+            n = build_index(read_corpus(args.corpus), args.out)
+            print(f"indexed {n} passages into {args.out} in {time.monotonic() - t0:.1f} s")
+        else:
+            index = BM25Index.load(args.index)
+            print(format_passages(index.search(" ".join(args.query), args.top_k)))
+    except CLI_ERRORS as e:
+        print(f"error: {cli_message(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import List, Optional, Sequence
 
 from pydantic import BaseModel, Field
 
-from tepo_jax.tools.search import BM25Index
+from tepo_jax.tools.search import CLI_ERRORS, BM25Index, cli_message
 
 log = logging.getLogger(__name__)
 MAX_QUERIES = 1024  # per request: bounds one request's work and response size
@@ -45,15 +46,30 @@ def create_app(index: BM25Index):
     return app
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 1-65535, got {port}")
+    return port
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tepo_jax.tools.server")
     parser.add_argument("--index", required=True, help="directory written by `search build`")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000)
     args = parser.parse_args(argv)
     import uvicorn  # noqa: PLC0415
 
-    index = BM25Index.load(args.index, mmap=True)
+    try:
+        index = BM25Index.load(args.index, mmap=True)
+    except CLI_ERRORS as e:
+        print(f"error: {cli_message(e)}", file=sys.stderr)
+        return 1
     log.info("serving %d passages from %s", index.num_docs, args.index)
     uvicorn.run(create_app(index), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -1,0 +1,87 @@
+"""demo / study arguments: every bad value fails at once with one line, before any training."""
+import pytest
+
+from tepo_jax import demo, study
+from tepo_jax.errors import ConfigError
+from tepo_jax.paths import PathError
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Record what would train instead of training."""
+    ran = []
+    monkeypatch.setattr(demo, "train", lambda config: ran.append(config.workdir))
+    return ran
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(rl_steps=-3), "--rl-steps must be >= 0, got -3"),
+    (dict(sft_steps=-5), "--sft-steps must be >= 0, got -5"),
+    (dict(seed=-1), "--seed must be >= 0, got -1"),
+])
+def test_bad_numbers_fail_before_sft_runs(tmp_path, no_training, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        demo.run_demo(tmp_path / "demo", **kw)
+    assert no_training == []
+
+
+def test_every_config_is_validated_before_sft_runs(tmp_path, no_training, monkeypatch):
+    """An RL config the SFT config does not share fails before SFT, not after it."""
+    make_rl = demo.rl_config
+
+    def broken_rl(*a, **k):
+        c = make_rl(*a, **k)
+        c.rollout.group_size = 0
+        return c
+    monkeypatch.setattr(demo, "rl_config", broken_rl)
+    with pytest.raises(ConfigError, match="config.rollout.group_size"):
+        demo.run_demo(tmp_path / "demo")
+    assert no_training == []
+
+
+@pytest.mark.parametrize("sub", ["", "below"])
+def test_a_workdir_that_is_a_file_is_refused(tmp_path, no_training, sub):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(PathError, match=r"--workdir .*afile.*a file, not a directory"):
+        demo.run_demo(afile / sub if sub else afile)
+    assert no_training == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sft-steps", "-5"], "error: --sft-steps must be >= 0, got -5"),
+    (["--workdir", "{afile}"], "error: --workdir {afile}: is a file, not a directory"),
+])
+def test_demo_main_prints_one_line(tmp_path, no_training, argv, message):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    argv = [a.format(afile=afile) for a in argv]
+    if "--workdir" not in argv:
+        argv += ["--workdir", str(tmp_path / "demo")]
+    with pytest.raises(SystemExit) as e:
+        demo.main(argv)
+    assert str(e.value) == message.format(afile=afile) and no_training == []
+
+
+def test_demo_main_reports_a_user_error_from_training_in_one_line(tmp_path, monkeypatch):
+    def fails(config):
+        raise ConfigError("config.model.hf_checkpoint: no such checkpoint directory\nmore detail")
+    monkeypatch.setattr(demo, "train", fails)
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--workdir", str(tmp_path / "demo")])
+    assert str(e.value) == "error: config.model.hf_checkpoint: no such checkpoint directory"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "2", "--rl-steps", "-3"], "error: --rl-steps must be >= 0, got -3"),
+    (["--seeds", "1", "--workdir", "{afile}"], "error: --workdir {afile}: is a file, not a directory"),
+])
+def test_study_checks_every_seed_before_training(tmp_path, no_training, argv, message):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    argv = [a.format(afile=afile) for a in argv]
+    if "--workdir" not in argv:
+        argv += ["--workdir", str(tmp_path / "study")]
+    with pytest.raises(SystemExit) as e:
+        study.main(argv)
+    assert str(e.value) == message.format(afile=afile) and no_training == []
