@@ -23,14 +23,19 @@ def add_dry_run(parser: argparse.ArgumentParser) -> None:
                         help="print the exact commands (one per line, shell-quoted) instead of running them")
 
 
-def check_config(config: str, root: str) -> None:
+def check_config(config: str, root: str, shipped: bool = False) -> None:
     """Refuse, with one `error: ...` line and before anything starts, a config that this checkout
     loads and finds wrong: a missing file under `root` is left alone (it may exist only where the
     job runs), but a missing or unknown variant of a family file (configs/X.py:VARIANT) is not.
+    `shipped`: the job runs in a copy of `root` (a tarball of this checkout), so a relative
+    config missing here is missing there too (an absolute one may name a shared mount).
     Where this machine lacks the project's requirements, the job's own start-up checks it."""
     path = config.split(":", 1)[0]
     local = path if os.path.isabs(path) else os.path.join(root, path)
     if not os.path.isfile(local):
+        if shipped and not os.path.isabs(path):
+            raise SystemExit(f"error: --config {path}: no such file in this checkout ({root}), which is what "
+                             "the workers get without --git-url")
         return
     if REPO_DIR not in sys.path:
         sys.path.append(REPO_DIR)
@@ -57,16 +62,6 @@ def port_arg(text: str) -> int:
 def has_config_flag(args: Sequence[str]) -> bool:
     """Whether `args` (a job's arguments) name a config: `--config=X` or `--config X`."""
     return any(a == "--config" or a.startswith("--config=") for a in args)
-
-
-def check_config_shipped(config: str, root: str) -> None:
-    """Refuse a relative --config that is not a file under `root`: the job runs in a copy of
-    `root` (a tarball of this checkout), so it cannot be there either. An absolute path is left
-    alone (it may name a shared mount on the workers)."""
-    path = config.split(":", 1)[0]
-    if not os.path.isabs(path) and not os.path.isfile(os.path.join(root, path)):
-        raise SystemExit(f"error: --config {path}: no such file in this checkout ({root}), which is what "
-                         "the workers get without --git-url")
 
 
 def render(cmd: Sequence[str], env: Optional[Mapping[str, str]] = None) -> str:

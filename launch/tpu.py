@@ -28,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import REPO_DIR, Runner, add_dry_run, check_config, check_config_shipped  # noqa: E402
+from _common import REPO_DIR, Runner, add_dry_run, check_config  # noqa: E402
 
 GCLOUD_TPU = ["gcloud", "compute", "tpus"]
 # Runtime (software) versions by accelerator generation.
@@ -314,9 +314,9 @@ def main(argv=None) -> int:
         if value and value[0] == "--":
             setattr(args, field, value[1:])
     if getattr(args, "config", None):
-        if args.command == "up" and not args.git_url:  # the workers get a tarball of this checkout
-            check_config_shipped(args.config, REPO_DIR)
-        check_config(args.config, REPO_DIR)  # before a slice is created for a config that cannot start
+        # before a slice is created for a config that cannot start; `up` without --git-url
+        # ships a tarball of this checkout to the workers
+        check_config(args.config, REPO_DIR, shipped=args.command == "up" and not args.git_url)
         check_workdir(args.workdir)
     return args.func(args, Runner(args.dry_run))
 

@@ -79,13 +79,13 @@ def check_size_args(args: argparse.Namespace) -> None:
         value = getattr(args, attr)
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    try:
-        sizing.check_headroom(args.headroom)
-        if args.device_memory is not None:
-            sizing.parse_bytes(args.device_memory)
-    except ValueError as e:
-        flag = "--headroom" if "headroom" in str(e) else "--device-memory"
-        raise ValueError(f"{flag}: {e}") from None
+    for flag, check, value in (("--headroom", sizing.check_headroom, args.headroom),
+                               ("--device-memory", sizing.parse_bytes, args.device_memory)):
+        try:
+            if value is not None:
+                check(value)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
 
 
 def run_size(args: argparse.Namespace) -> int:

@@ -131,17 +131,8 @@ def demo_pilot(workdir: Path, seed: int = 0) -> pilot.PilotReport:
 
 
 def check_workdir(workdir) -> None:
-    """PathError (one line) when `workdir` cannot be a directory: it, or the nearest part of
-    it that exists, is a file. Object-store paths have no such parts."""
-    if paths.is_remote(workdir):
-        return
-    path = Path(paths.as_path(workdir)).absolute()
-    for part in (path, *path.parents):
-        if part.exists():
-            if not part.is_dir():
-                what = "is" if part == path else f"is under {part}, which is"
-                raise paths.PathError(f"--workdir {workdir}: {what} a file, not a directory")
-            return
+    """PathError (one line) when `workdir` cannot be a directory (a file is in the way)."""
+    paths.make_dir(workdir, f"--workdir {workdir}")
 
 
 def check_args(workdir: Path, seed: int = 0, sft_steps: Optional[int] = None,

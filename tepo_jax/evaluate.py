@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import sys
 
 import jax
@@ -37,7 +36,7 @@ from tepo_jax.rl import loop as rl_loop
 from tepo_jax.rl.optim import OptimConfig, build_optimizer
 from tepo_jax.rl.train_step import create_train_state
 from tepo_jax.rollout import trajectory as traj_lib
-from tepo_jax.tokenizer import load_tokenizer
+from tepo_jax.tokenizer import load_tokenizer, tiny_tokenizer_dir, tokenizer_source
 
 HF, ORBAX = "hf", "orbax"
 _TOKENIZER_FILES = (  # the files tepo_jax.tokenizer.load_tokenizer looks for
@@ -99,17 +98,8 @@ def check_same_tokenizer(own, own_dir, tokenizer, source: str = "") -> None:
                          f"--config.tokenizer.path={own_dir}")
 
 
-def tokenizer_source(config) -> str:
-    """Where the config's tokenizer comes from (for messages), as tokenizer_from_config picks it."""
-    if config.tokenizer.path:
-        return str(config.tokenizer.path)
-    if config.model.tiny:
-        return str(paths.as_path(config.workdir) / _tiny_tokenizer_name(config))
-    return f"the built-in {config.tokenizer.builtin} tokenizer"
-
-
-def _tiny_tokenizer_name(config) -> str:
-    return "tokenizer_fc" if config.data.task == FUNCTION_CALLING else "tokenizer"
+def _function_calling(config) -> bool:
+    return config.data.task == FUNCTION_CALLING
 
 
 def run_tokenizer_dir(config, checkpoint: str):
@@ -120,7 +110,7 @@ def run_tokenizer_dir(config, checkpoint: str):
     path = paths.as_path(checkpoint)
     if not config.model.tiny or path.name != "checkpoints":
         return None
-    tok = path.parent / _tiny_tokenizer_name(config)
+    tok = tiny_tokenizer_dir(path.parent, _function_calling(config))
     return tok if (tok / "tokenizer.json").is_file() else None
 
 
@@ -138,35 +128,14 @@ def with_run_tokenizer(config, checkpoint: str):
 
 def output_dir(config, out: str | None):
     """The output directory (`out`, default <workdir>/evaluate), created now, before any work:
-    ValueError (one line) when a file is in the way or it cannot be written."""
+    PathError (one line) when a file is in the way or it cannot be written."""
     flag = f"--out={out}" if out else "output directory"
     paths.check_store(out or config.workdir)
-    d = paths.as_path(out) if out else paths.as_path(config.workdir) / "evaluate"
-    for p in (d, *d.parents):   # the nearest existing one must be a directory
-        if p.exists():
-            if not p.is_dir():
-                raise ValueError(f"{flag}: {p} is a file, not a directory")
-            break
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{flag}: cannot create {d} ({e.strerror or e})") from None
+    d = paths.make_dir(out or paths.as_path(config.workdir) / "evaluate", flag)
     for name in OUTPUT_FILES:
         if (d / name).is_dir():
-            raise ValueError(f"{flag}: {d / name} is a directory, where the {name} file goes")
-    if not paths.is_remote(d) and not os.access(d, os.W_OK):
-        raise ValueError(f"{flag}: {d} is not writable")
+            raise paths.PathError(f"{flag}: {d / name} is a directory, where the {name} file goes")
     return d
-
-
-def orbax_mismatch(checkpoint: str, error: str) -> str:
-    """The restore error of a run checkpointer, said for evaluation: the checkpoints are not
-    the config's model (its advice is for training: a new workdir)."""
-    m = re.search(r"\((checkpoint \d+: .*)\); they are", error)
-    detail = f" ({m.group(1)})" if m else ""
-    return (f"--checkpoint={checkpoint}: its checkpoints do not match the config's model{detail}; "
-            "evaluate with the config the run was trained with (model size, vocabulary), or they "
-            "are damaged")
 
 
 def load_policy(config, checkpoint: str, mesh, tokenizer):
@@ -174,18 +143,19 @@ def load_policy(config, checkpoint: str, mesh, tokenizer):
     path = paths.as_path(checkpoint)
     if checkpoint_kind(checkpoint) == HF:
         model = load_hf(path, mesh=mesh)
-        check_vocab(model.cfg.vocab_size, tokenizer, path, tokenizer_source(config))
+        check_vocab(model.cfg.vocab_size, tokenizer, path, tokenizer_source(config, _function_calling(config)))
         return model
     run_tok = run_tokenizer_dir(config, checkpoint)
     if run_tok is not None:
-        check_same_tokenizer(load_tokenizer(run_tok), run_tok, tokenizer, tokenizer_source(config))
+        check_same_tokenizer(load_tokenizer(run_tok), run_tok, tokenizer, tokenizer_source(config, _function_calling(config)))
     model = policy.build_model(config, mesh, tokenizer)
     optimizer = build_optimizer(OptimConfig.for_rl(config))
     model_def, state, _ = create_train_state(model, optimizer, mesh)
     try:
         restored = RunCheckpointer(path, keep=config.train.keep_checkpoints).restore_latest(abstract_like(state))
-    except CheckpointError as e:
-        raise CheckpointError(orbax_mismatch(checkpoint, str(e))) from None
+    except CheckpointError as e:   # the checkpointer's own words, and evaluation's advice
+        raise CheckpointError(f"--checkpoint={checkpoint}: {e}: evaluate with the config the run was "
+                              "trained with (model size, vocabulary)") from None
     if restored is None:
         raise FileNotFoundError(f"--checkpoint={checkpoint}: no readable orbax checkpoint")
     return model_def.merge(restored[1].params)

@@ -24,7 +24,6 @@ from etils import epath
 from tepo_jax import paths
 from tepo_jax.data.function_calling import FUNCTION_CALLING
 from tepo_jax.data.loading import examples_from_config, functions_from_config
-from tepo_jax.errors import ConfigError
 from tepo_jax.models.decoder import BATCH_AXES
 from tepo_jax.plugins import UserParts, check_tool_names, merge, parts_from_config
 from tepo_jax.rewards import TaskRewards
@@ -71,12 +70,7 @@ def setup(config, parts: Optional[UserParts] = None) -> Experiment:
     parts = merge(parts_from_config(config), parts)
     enable_compilation_cache(config.train.get("compilation_cache_dir", ""))
     paths.check_store(config.workdir)   # gs://: gcsfs installed, the bucket there (one line if not)
-    workdir = paths.as_path(config.workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError, PermissionError) as e:   # e.g. a regular file there
-        raise ConfigError(f"config.workdir={config.workdir!r}: cannot be made a directory "
-                          f"({e.strerror or type(e).__name__})") from None
+    workdir = paths.make_dir(config.workdir, f"config.workdir={config.workdir!r}")
     mesh = make_mesh(MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
     if parts.train_examples is not None:
         train, evals, corpus = parts.train_examples, parts.eval_examples or [], config.tools.search_corpus or None

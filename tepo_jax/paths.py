@@ -182,3 +182,23 @@ def download(path: PathLike) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def make_dir(path, what: str) -> epath.Path:
+    """`path` as a directory, created if needed, before any work that will write there:
+    PathError (one line, led by `what`: the flag or field) when a file stands where it or a
+    parent should be, or it cannot be created or written."""
+    p = as_path(path)
+    if not is_remote(p):
+        for part in (p, *p.parents):   # the nearest part that exists must be a directory
+            if part.exists():
+                if not part.is_dir():
+                    raise PathError(f"{what}: {part} is a file, not a directory")
+                break
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PathError(f"{what}: cannot create {p} ({e.strerror or e})") from None
+    if not is_remote(p) and not os.access(p, os.W_OK):
+        raise PathError(f"{what}: {p} is not writable")
+    return p

@@ -57,6 +57,20 @@ TINY_NUMBER_TOKENS = 1000
 BUILTIN_TOKENIZERS = {"qwen2.5": "qwen2.5", "llama3": "llama3.1"}   # config.tokenizer.builtin
 
 
+def tiny_tokenizer_dir(workdir, function_calling: bool = False):
+    """Where a tiny-model run in `workdir` builds its tokenizer, and a later reader finds it."""
+    return paths.as_path(workdir) / ("tokenizer_fc" if function_calling else "tokenizer")
+
+
+def tokenizer_source(config, function_calling: bool = False) -> str:
+    """Where `tokenizer_from_config` takes the tokenizer from, said for a message."""
+    if config.tokenizer.path:
+        return str(config.tokenizer.path)
+    if config.model.tiny:
+        return str(tiny_tokenizer_dir(config.workdir, function_calling))
+    return f"the built-in {config.tokenizer.builtin} tokenizer"
+
+
 def tokenizer_from_config(config, training_texts: Callable[[], Sequence[str]], *,
                           function_calling: bool = False, entities: Sequence[str] = ()):
     """The run's tokenizer: `config.tokenizer.path`; for the tiny model a BPE trained once on
@@ -66,7 +80,7 @@ def tokenizer_from_config(config, training_texts: Callable[[], Sequence[str]], *
         return load_tokenizer(config.tokenizer.path)
     if not config.model.tiny:
         return load_tokenizer(cached_tokenizer_dir(BUILTIN_TOKENIZERS[config.tokenizer.builtin]))
-    out = paths.as_path(config.workdir) / ("tokenizer_fc" if function_calling else "tokenizer")
+    out = tiny_tokenizer_dir(config.workdir, function_calling)
     if not (out / "tokenizer.json").exists():
         with paths.staged(out) as local:
             if function_calling:

@@ -182,7 +182,8 @@ class Run:
         except CheckpointError as e:   # checkpoints of another run's shapes: say what changed
             saved = self.ckpt.newest_extra().get("config")
             changed = changed_settings(saved, self.config) if saved else []
-            raise CheckpointError(f"{e}. Settings changed since: {'; '.join(changed) or 'none'}") from None
+            raise CheckpointError(f"{e}: use a new workdir, or move them away to start over. Settings "
+                                  f"changed since: {'; '.join(changed) or 'none'}") from None
         if restored is None:
             self.log.truncate(0)  # rows of an earlier attempt that died before its first checkpoint
             return None

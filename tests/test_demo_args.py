@@ -48,18 +48,20 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path, no_training, sub):
     assert no_training == []
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--sft-steps", "-5"], "error: --sft-steps must be >= 0, got -5"),
-    (["--workdir", "{afile}"], "error: --workdir {afile}: is a file, not a directory"),
+@pytest.mark.parametrize("script, argv, message", [
+    ("demo", ["--sft-steps", "-5"], "error: --sft-steps must be >= 0, got -5"),
+    ("demo", ["--workdir", "{afile}"], "error: --workdir {afile}: {afile} is a file, not a directory"),
+    ("study", ["--seeds", "2", "--rl-steps", "-3"], "error: --rl-steps must be >= 0, got -3"),  # every seed first
+    ("study", ["--seeds", "1", "--workdir", "{afile}"], "error: --workdir {afile}: {afile} is a file, not a directory"),
 ])
-def test_demo_main_prints_one_line(tmp_path, no_training, argv, message):
+def test_main_prints_one_line_before_any_training(tmp_path, no_training, script, argv, message):
     afile = tmp_path / "afile"
     afile.write_text("x")
     argv = [a.format(afile=afile) for a in argv]
     if "--workdir" not in argv:
-        argv += ["--workdir", str(tmp_path / "demo")]
+        argv += ["--workdir", str(tmp_path / script)]
     with pytest.raises(SystemExit) as e:
-        demo.main(argv)
+        {"demo": demo, "study": study}[script].main(argv)
     assert str(e.value) == message.format(afile=afile) and no_training == []
 
 
@@ -70,18 +72,3 @@ def test_demo_main_reports_a_user_error_from_training_in_one_line(tmp_path, monk
     with pytest.raises(SystemExit) as e:
         demo.main(["--workdir", str(tmp_path / "demo")])
     assert str(e.value) == "error: config.model.hf_checkpoint: no such checkpoint directory"
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--seeds", "2", "--rl-steps", "-3"], "error: --rl-steps must be >= 0, got -3"),
-    (["--seeds", "1", "--workdir", "{afile}"], "error: --workdir {afile}: is a file, not a directory"),
-])
-def test_study_checks_every_seed_before_training(tmp_path, no_training, argv, message):
-    afile = tmp_path / "afile"
-    afile.write_text("x")
-    argv = [a.format(afile=afile) for a in argv]
-    if "--workdir" not in argv:
-        argv += ["--workdir", str(tmp_path / "study")]
-    with pytest.raises(SystemExit) as e:
-        study.main(argv)
-    assert str(e.value) == message.format(afile=afile) and no_training == []

@@ -249,5 +249,6 @@ def test_orbax_checkpoints_of_another_model_size(run, tmp_path):
     with pytest.raises(ValueError) as e:
         ev.evaluate(c, str(run / "checkpoints"), split="train", out=str(tmp_path / "o"))
     msg = str(e.value)
-    assert msg.startswith(f"--checkpoint={run / 'checkpoints'}: its checkpoints do not match the config's model")
+    assert msg.startswith(f"--checkpoint={run / 'checkpoints'}: {run / 'checkpoints'}: none of checkpoints")
+    assert msg.endswith("evaluate with the config the run was trained with (model size, vocabulary)")
     assert "shapes differ" in msg and "new workdir" not in msg and len(msg.splitlines()) == 1

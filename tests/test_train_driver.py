@@ -439,7 +439,7 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path, inside):
     out = subprocess.run([sys.executable, "-m", "tepo_jax.train", "--config=configs/demo_cpu.py",
                           f"--config.workdir={workdir}"], cwd=ROOT, env=env(), capture_output=True, text=True,
                          timeout=300)
-    assert_one_line_error(out, f"config.workdir='{workdir}': cannot be made a directory")
+    assert_one_line_error(out, f"config.workdir='{workdir}': {afile} is a file, not a directory")
     assert afile.read_text() == "not a directory"
 
 

@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -42,7 +41,7 @@ from tepo_jax.analysis.quality import (  # noqa: F401  (re-exported: the pilot's
 from tepo_jax.analysis.stats import (bootstrap_ci, bootstrap_mean_ci, fisher_ci,  # noqa: F401
                                      fisher_p_value, pearson)
 from tepo_jax.data.jsonl import JsonlError, read_records
-from tepo_jax.paths import PathError, as_path, is_remote
+from tepo_jax.paths import PathError, as_path, make_dir
 from tepo_jax.importpath import ImportPathError, import_object
 from tepo_jax.rollout.trajectory import Trajectory, TrajectoryError, read_jsonl
 from tepo_jax.tokenizer import TokenizerLoadError, load_tokenizer
@@ -330,21 +329,12 @@ class PilotError(ValueError):
 
 def prepare_output(path: str, flag: str):
     """`path` as an epath with its directory created, checked before any work is done:
-    PilotError naming `flag` when a file is in the way or the directory cannot be made."""
+    PathError / PilotError naming `flag` when a file is in the way or the directory cannot be
+    made."""
     p = as_path(path)
-    for q in p.parents:   # the nearest existing one must be a directory
-        if q.exists():
-            if not q.is_dir():
-                raise PilotError(f"{flag} {path}: {q} is a file, not a directory")
-            break
     if p.is_dir():
         raise PilotError(f"{flag} {path}: is a directory, expected a file name")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PilotError(f"{flag} {path}: cannot create {p.parent} ({e.strerror or e})") from None
-    if not is_remote(p) and not os.access(p.parent, os.W_OK):
-        raise PilotError(f"{flag} {path}: {p.parent} is not writable")
+    make_dir(p.parent, f"{flag} {path}")
     return p
 
 

@@ -78,7 +78,7 @@ class RunCheckpointer:
             raise CheckpointError(
                 f"{self.directory}: none of checkpoints {sorted(unreadable)} restores into this run's state "
                 f"(checkpoint {unreadable[0]}: {first_error}); they are another model's or optimizer's, or "
-                "damaged: use a new workdir, or move them away to start over")
+                "damaged")
         return None
 
     def newest_extra(self) -> dict:
