@@ -23,16 +23,19 @@ def add_dry_run(parser: argparse.ArgumentParser) -> None:
                         help="print the exact commands (one per line, shell-quoted) instead of running them")
 
 
-def check_config(config: str, root: str, shipped: bool = False) -> None:
+def check_config(config: str, root: str, shipped: bool = False, runs_here: bool = False) -> None:
     """Refuse, with one `error: ...` line and before anything starts, a config that this checkout
     loads and finds wrong: a missing file under `root` is left alone (it may exist only where the
     job runs), but a missing or unknown variant of a family file (configs/X.py:VARIANT) is not.
     `shipped`: the job runs in a copy of `root` (a tarball of this checkout), so a relative
     config missing here is missing there too (an absolute one may name a shared mount).
+    `runs_here`: the job runs on this machine, from `root`, so a missing file is missing for it.
     Where this machine lacks the project's requirements, the job's own start-up checks it."""
     path = config.split(":", 1)[0]
     local = path if os.path.isabs(path) else os.path.join(root, path)
     if not os.path.isfile(local):
+        if runs_here:
+            raise SystemExit(f"error: --config {path}: no such file (looked in {root})")
         if shipped and not os.path.isabs(path):
             raise SystemExit(f"error: --config {path}: no such file in this checkout ({root}), which is what "
                              "the workers get without --git-url")
@@ -59,9 +62,15 @@ def port_arg(text: str) -> int:
     return port
 
 
-def has_config_flag(args: Sequence[str]) -> bool:
-    """Whether `args` (a job's arguments) name a config: `--config=X` or `--config X`."""
-    return any(a == "--config" or a.startswith("--config=") for a in args)
+def config_flag(args: Sequence[str]) -> Optional[str]:
+    """The config that `args` (a job's arguments) name with `--config=X` or `--config X`, if any
+    ('' when `--config` ends them)."""
+    for i, a in enumerate(args):
+        if a.startswith("--config="):
+            return a[len("--config="):]
+        if a == "--config":
+            return args[i + 1] if i + 1 < len(args) else ""
+    return None
 
 
 def render(cmd: Sequence[str], env: Optional[Mapping[str, str]] = None) -> str:

@@ -52,7 +52,7 @@ def base_command(args) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    check_config(args.config, os.getcwd())
+    check_config(args.config, os.getcwd(), runs_here=True)
     env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": args.mem_fraction} if args.mem_fraction else {}
     if args.mode == "host":
         return Runner(args.dry_run).run(base_command(args), env or None, check=False)

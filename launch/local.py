@@ -17,7 +17,8 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_dry_run, coordinator_flags, free_port, has_config_flag, port_arg, run_group  # noqa: E402
+from _common import (add_dry_run, check_config, config_flag, coordinator_flags, free_port,  # noqa: E402
+                     port_arg, run_group)
 
 
 def parse_args(argv):
@@ -37,7 +38,7 @@ def parse_args(argv):
         args.args = args.args[1:]
     if args.num_processes < 1 or args.devices_per_process < 1:
         p.error("--num-processes and --devices-per-process must be >= 1")
-    if not args.script and args.module == "tepo_jax.train" and not has_config_flag(args.args):
+    if not args.script and args.module == "tepo_jax.train" and not config_flag(args.args):
         p.error("tepo_jax.train needs a config: -- --config=configs/X.py [--config.a.b=v ...]")
     return args
 
@@ -60,6 +61,8 @@ def commands(args, port: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if config_flag(args.args):   # the processes run here, from this directory
+        check_config(config_flag(args.args), os.getcwd(), runs_here=True)
     port = args.port or (12355 if args.dry_run else free_port())
     cmds, envs = commands(args, port)
     return run_group(cmds, envs, args.dry_run, args.timeout)

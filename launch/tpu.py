@@ -227,6 +227,16 @@ def _simple(builder):
 
 # ---- arguments ----------------------------------------------------------------------------------
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def _common(p):
     p.add_argument("--name", required=True, help="TPU VM (node) name; also the queued resource id")
     p.add_argument("--zone", required=True)
@@ -286,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--run-name", required=True)
     p.add_argument("--worker", default="0")
-    p.add_argument("--lines", type=int, default=100)
+    p.add_argument("--lines", type=_non_negative, default=100, help="lines of the log to show first")
     p.add_argument("--no-follow", action="store_true")
     p.set_defaults(func=_simple(logs_commands))
     p = sub.add_parser("stop", help="signal a run on every worker (its recorded pid)")

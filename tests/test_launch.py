@@ -169,16 +169,20 @@ def test_tpu_delete_asks_for_the_name(capsys, monkeypatch):
     assert tpu.main(["delete", *LOC]) == 0 and ran[0][3:6] == ["tpu-vm", "delete", "rl-pod"]
 
 
-def test_gpu_launcher(capsys):
-    (cmd,) = dry(gpu, ["--config", "configs/x.py", "--", "--config.note=a b"], capsys)
-    assert cmd == [sys.executable, "-m", "tepo_jax.train", "--config=configs/x.py", "--config.note=a b"]
-    cmds = dry(gpu, ["--config", "configs/x.py", "--mode", "per-gpu", "--num-gpus", "4", "--port", "999"], capsys)
+CONFIG = "configs/demo_cpu.py"   # the launchers on this machine check that their config exists
+
+
+def test_gpu_launcher(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    (cmd,) = dry(gpu, ["--config", CONFIG, "--", "--config.note=a b"], capsys)
+    assert cmd == [sys.executable, "-m", "tepo_jax.train", f"--config={CONFIG}", "--config.note=a b"]
+    cmds = dry(gpu, ["--config", CONFIG, "--mode", "per-gpu", "--num-gpus", "4", "--port", "999"], capsys)
     assert len(cmds) == 4
     for i, cmd in enumerate(cmds):
         assert cmd[:2] == ["env", f"CUDA_VISIBLE_DEVICES={i}"]
         assert cmd[-3:] == ["--coordinator_address=127.0.0.1:999", "--num_processes=4", f"--process_id={i}"]
     with pytest.raises(SystemExit):
-        gpu.main(["--config", "configs/x.py", "--mode", "per-gpu", "--dry-run"])
+        gpu.main(["--config", CONFIG, "--mode", "per-gpu", "--dry-run"])
 
 
 def test_gpu_launcher_passes_a_config_variant_and_refuses_a_wrong_one(capsys, monkeypatch):
@@ -192,24 +196,26 @@ def test_gpu_launcher_passes_a_config_variant_and_refuses_a_wrong_one(capsys, mo
 
 
 def test_local_launcher_dry_run(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/d")
-    cmds = dry(local, ["--num-processes", "3", "--devices-per-process", "2", "--", "--config=configs/tiny.py",
+    cmds = dry(local, ["--num-processes", "3", "--devices-per-process", "2", "--", f"--config={CONFIG}",
                        "--config.note=a b"], capsys)
     assert len(cmds) == 3
     for i, cmd in enumerate(cmds):
         assert cmd[:3] == ["env", "JAX_PLATFORMS=cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo"]
         assert cmd[3] == "XLA_FLAGS=--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=2"
-        assert cmd[4:] == [sys.executable, "-m", "tepo_jax.train", "--config=configs/tiny.py", "--config.note=a b",
+        assert cmd[4:] == [sys.executable, "-m", "tepo_jax.train", f"--config={CONFIG}", "--config.note=a b",
                            "--coordinator_address=127.0.0.1:12355", "--num_processes=3", f"--process_id={i}"]
     # deterministic: the same lines again
-    assert dry(local, ["--num-processes", "3", "--devices-per-process", "2", "--", "--config=configs/tiny.py",
+    assert dry(local, ["--num-processes", "3", "--devices-per-process", "2", "--", f"--config={CONFIG}",
                        "--config.note=a b"], capsys) == cmds
 
 
 @pytest.mark.parametrize("script", ["tpu.py", "gpu.py", "local.py"])
 def test_scripts_run_standalone(script):
     argv = {"tpu.py": ["delete", "--name", "n", "--zone", "z", "--dry-run"],
-            "gpu.py": ["--config", "c.py", "--dry-run"], "local.py": ["--dry-run", "--", "--config=c.py"]}[script]
+            "gpu.py": ["--config", os.path.join(REPO, CONFIG), "--dry-run"],
+            "local.py": ["--dry-run", "--", f"--config={os.path.join(REPO, CONFIG)}"]}[script]
     out = subprocess.run([sys.executable, os.path.join(LAUNCH, script), *argv], capture_output=True, text=True,
                          check=True, cwd="/").stdout
     assert out.strip()
@@ -221,7 +227,8 @@ def test_scripts_run_standalone(script):
     (["--config", "configs/x.py", "--mode", "per-gpu", "--num-gpus", "2", "--port", "70000"],
      "argument --port: must be 1-65535 (or 0: a free port), got 70000"),
 ])
-def test_gpu_launcher_refuses_impossible_counts_and_ports(argv, message, capsys):
+def test_gpu_launcher_refuses_impossible_counts_and_ports(argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
     with pytest.raises(SystemExit) as e:
         gpu.main(argv + ["--dry-run"])
     out = capsys.readouterr()
@@ -234,7 +241,8 @@ def test_gpu_launcher_refuses_impossible_counts_and_ports(argv, message, capsys)
     (["--port", "70000", "--", "--config=configs/x.py"], "argument --port: must be 1-65535"),
     (["--port", "-1", "--", "--config=configs/x.py"], "argument --port: must be 1-65535"),
 ])
-def test_local_launcher_refuses_no_config_and_bad_ports(argv, message, capsys):
+def test_local_launcher_refuses_no_config_and_bad_ports(argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
     with pytest.raises(SystemExit) as e:
         local.main(argv[:argv.index("--")] + ["--dry-run"] + argv[argv.index("--"):] if "--" in argv
                    else argv + ["--dry-run"])
@@ -242,7 +250,32 @@ def test_local_launcher_refuses_no_config_and_bad_ports(argv, message, capsys):
     assert e.value.code == 2 and message in out.err and out.out == ""
     # a script brings its own arguments; `--config X` (two words) is a config too
     assert len(dry(local, ["--num-processes", "2", "--script", "x.py"], capsys)) == 2
-    assert len(dry(local, ["--num-processes", "2", "--", "--config", "configs/x.py"], capsys)) == 2
+    assert len(dry(local, ["--num-processes", "2", "--", "--config", CONFIG], capsys)) == 2
+
+
+@pytest.mark.parametrize("launcher, argv", [
+    ("gpu", ["--config", "configs/nope.py"]),
+    ("gpu", ["--config", "configs/nope.py:0p5b", "--mode", "per-gpu", "--num-gpus", "2"]),
+    ("local", ["--", "--config=configs/nope.py", "--config.train.steps=3"]),
+    ("local", ["--", "--config", "configs/nope.py"]),
+])
+def test_launchers_on_this_machine_refuse_a_missing_config(launcher, argv, capsys, monkeypatch):
+    # the job would run here, from this directory: the file is missing for it too
+    monkeypatch.chdir(REPO)
+    module = {"gpu": gpu, "local": local}[launcher]
+    with pytest.raises(SystemExit) as e:
+        module.main(argv[:argv.index("--")] + ["--dry-run"] + argv[argv.index("--"):] if "--" in argv
+                    else argv + ["--dry-run"])
+    assert str(e.value) == f"error: --config configs/nope.py: no such file (looked in {REPO})"
+    assert capsys.readouterr().out == ""
+
+
+def test_tpu_logs_refuses_a_negative_line_count(capsys):
+    with pytest.raises(SystemExit) as e:
+        tpu.main(["logs", *LOC, "--run-name", "exp1", "--lines", "-5", "--dry-run"])
+    out = capsys.readouterr()
+    assert e.value.code == 2 and "argument --lines: expected a whole number >= 0, got '-5'" in out.err
+    assert out.out == ""
 
 
 def test_tpu_up_refuses_a_config_the_tarball_would_not_have(capsys, monkeypatch):
