@@ -17,15 +17,20 @@ uploaded when they are done (`staged`); on a local path both are the path itself
 """
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
+import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 from typing import Iterator, Union
 
 import fsspec
+import fsspec.asyn
 from etils import epath
 
 PathLike = Union[str, os.PathLike]
@@ -33,6 +38,9 @@ _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 # Schemes etils.epath sends to fsspec, and the fsspec package each needs.
 _BACKENDS = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs", "hf": "huggingface_hub"}
 _COPY_CHUNK = 16 << 20
+# How long `check_store` waits for a store to answer. A bucket's metadata comes back in well under
+# a second; without a network, gcsfs retries 6 times with backoff and logs a traceback (~80 s).
+STORE_CHECK_TIMEOUT_S = 30.0
 
 # gcsfs caches directory listings per process; the processes of a pod write one workdir (process
 # 0 the tokenizer, data and sft_final the others then read), so a cached listing would hide
@@ -84,15 +92,76 @@ def check_store(p: PathLike) -> None:
         raise PathError(f"{os.fspath(p)}: {s}:// paths need the {package} package "
                         f"(pip install {package})") from None
     bucket = os.fspath(p)[len(s) + 3:].split("/", 1)[0]
+    with _quiet_logger(package) as retried:
+        try:
+            _bucket_info(s, bucket, STORE_CHECK_TIMEOUT_S)
+        except FileNotFoundError:
+            raise PathError(f"{os.fspath(p)}: bucket {bucket!r} does not exist (create it first, "
+                            f"e.g. `gcloud storage buckets create {s}://{bucket}`)") from None
+        except (TimeoutError, asyncio.TimeoutError):   # one class from Python 3.11
+            last = f" (last error: {retried[-1].split('exception: ')[-1]})" if retried else ""
+            raise PathError(f"{os.fspath(p)}: no answer about bucket {bucket!r} within "
+                            f"{STORE_CHECK_TIMEOUT_S:g} s{last}; check the network and the "
+                            "credentials") from None
+        except Exception as e:  # noqa: BLE001 — auth, network errors: one line
+            if "Forbidden" in str(e):  # may write objects without reading the bucket's metadata
+                return              # (roles/storage.objectUser): the run's first write tells
+            raise PathError(f"{os.fspath(p)}: cannot reach bucket {bucket!r} ({_first_line(e)})") from None
+
+
+def _bucket_info(scheme_name: str, bucket: str, timeout: float) -> None:
+    """The bucket's metadata from its store, or TimeoutError after `timeout` s. Both steps can
+    wait: making the filesystem looks for credentials (gcsfs asks a cloud VM's metadata server,
+    ~15 s off the cloud), and the request is retried with backoff. The probe runs on a daemon
+    thread so a store that never answers cannot hold the process; on an async backend (gcsfs,
+    s3fs) its request is cancelled at the deadline instead of retrying on in fsspec's IO thread."""
+    deadline = time.monotonic() + timeout
+    outcome: dict = {}
+
+    def probe():
+        try:
+            fs = fsspec.filesystem(scheme_name)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            if not getattr(fs, "async_impl", False):
+                fs.info(bucket)
+                return
+
+            async def info_within():
+                return await asyncio.wait_for(fs._info(bucket), left)
+
+            fsspec.asyn.sync(fs.loop, info_within)
+        except BaseException as e:  # noqa: BLE001 — handed to the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=probe, name=f"check-{scheme_name}-store", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[list[str]]:
+    """Keep logger `name` off stderr (gcsfs logs a traceback per failed request) and collect
+    the first line of each message it logs, for our one-line error."""
+    logger, messages = logging.getLogger(name), []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(_first_line(record.getMessage()))
+
+    handler, saved = Collect(logging.DEBUG), (logger.propagate, logger.level)
+    logger.addHandler(handler)
+    logger.propagate, logger.level = False, logging.DEBUG
     try:
-        fsspec.filesystem(s).info(bucket)
-    except FileNotFoundError:
-        raise PathError(f"{os.fspath(p)}: bucket {bucket!r} does not exist (create it first, "
-                        f"e.g. `gcloud storage buckets create {s}://{bucket}`)") from None
-    except Exception as e:  # noqa: BLE001 — auth, network errors: one line
-        if "Forbidden" in str(e):  # may write objects without reading the bucket's metadata
-            return              # (roles/storage.objectUser): the run's first write tells
-        raise PathError(f"{os.fspath(p)}: cannot reach bucket {bucket!r} ({_first_line(e)})") from None
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate, logger.level = saved
 
 
 def write_atomic(path: PathLike, data: str | bytes) -> None:
@@ -179,7 +248,7 @@ def download(path: PathLike) -> str:
     return tmp
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException | str) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
 

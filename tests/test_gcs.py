@@ -85,6 +85,39 @@ def test_a_missing_bucket_or_backend_is_one_line(emulator, monkeypatch):
     paths.check_store("/local/dir")  # nothing to check
 
 
+@pytest.mark.parametrize("store", ["silent", "refusing"])
+def test_a_store_that_does_not_answer_is_one_line_within_the_deadline(store):
+    # "silent" accepts connections and never answers; "refusing" is a closed port, which gcsfs
+    # retries with backoff (~80 s, a traceback logged). In a fresh process: fsspec caches the
+    # filesystem that the emulator fixture made.
+    import socket
+    import time
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        if store == "silent":
+            listener.listen(8)
+        else:
+            listener.close()
+        code = ("from tepo_jax import paths\n"
+                "paths.STORE_CHECK_TIMEOUT_S = 3\n"
+                "try:\n    paths.check_store('gs://bkt/run')\n"
+                "except paths.PathError as e:\n    print(e)\n")
+        env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        start = time.monotonic()
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        took = time.monotonic() - start
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("gs://bkt/run: no answer about bucket 'bkt' within 3 s"), out.stdout
+    assert out.stdout.rstrip().endswith("; check the network and the credentials")
+    if store == "refusing":   # the retried request's own error, first line only
+        assert f"(last error: Cannot connect to host 127.0.0.1:{port}" in out.stdout
+    assert "Traceback" not in out.stderr and out.stderr.strip() == "", out.stderr[-2000:]
+    assert took < 15   # the interpreter's start and gcsfs' import, and the 3 s
+
+
 def test_the_driver_refuses_a_missing_bucket_in_one_line(emulator):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-m", "tepo_jax.train", "--config=configs/demo_cpu.py",
