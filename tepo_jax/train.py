@@ -306,6 +306,11 @@ class Run:
         if c.loss.kl_coef > 0:   # placed as the policy's params: the train step reads both
             ref_params = jax.device_put(self.reference_params(model_def), shardings.params)
         agent = self.agent(rows)
+        if c.rollout.temperature not in (0.0, 1.0) or c.rollout.top_p < 1.0 or c.rollout.top_k > 0:
+            log.warning("rollout.temperature=%g, top_p=%g, top_k=%d: samples come from that tempered or "
+                        "truncated distribution, while the loss's ratio and gradient are those of the "
+                        "temperature-1 policy (docs/design.md, Loss)", c.rollout.temperature,
+                        c.rollout.top_p, c.rollout.top_k)
         step_cfg = rl_loop.RLStepConfig(
             advantage=rl_loop.advantage_config(c),
             rest=rl_loop.rest_config(c, c.train.steps), kl_coef=c.loss.kl_coef,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tepo_jax.rl.advantages import (AdvantageConfig, AdvantageKind, StdKind, batch_advantages,
-                                    get_advantage_fn)
+                                    get_advantage_fn, group_normalize)
 from tepo_jax.rl.tepo_metrics import STABLE_KEYS, tepo_step_metrics
 from tepo_jax.rollout.trajectory import TokenKind, TokenRole, ToolCallRecord, Trajectory
 
@@ -205,6 +205,18 @@ def test_all_equal_rewards_give_zero(kind):
         assert np.isfinite(adv).all() and (adv == 0).all()
 
 
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+@pytest.mark.parametrize("std_kind", list(StdKind))
+@pytest.mark.parametrize("scores", [[0.1] * 3, [0.7] * 6, [0.5] * 3, [1.0, 1.0], [0.0]])
+def test_equal_scores_normalise_to_exactly_zero(scores, std_kind, eps):
+    # The float mean of equal values can be an ulp off (3 × 0.1): the centred residue over an
+    # equally tiny std was ±1 (NaN with eps 0), not 0.
+    for scale in (True, False):
+        cfg = AdvantageConfig(kind="grpo", std_kind=std_kind, eps=eps, scale_by_std=scale)
+        out = group_normalize(scores, cfg)
+        assert out.dtype == np.float64 and (out == 0).all(), out
+
+
 @pytest.mark.parametrize("kind", list(AdvantageKind))
 def test_single_trajectory_single_call_group(kind):
     for std_kind in StdKind:
@@ -397,7 +409,8 @@ def test_step_metrics_without_calls_are_nan_not_zero():
 
 def test_zero_groups_counts_groups_without_any_signal():
     from tepo_jax.rl.tepo_metrics import advantage_metrics
-    same = [build([("r", [1.0]), ("ans", [0.5])], group_id=0, reward=1.0, f1=1.0) for _ in range(3)]
+    # 3 × 0.1 is a sum whose float mean is an ulp off: the group still teaches nothing
+    same = [build([("r", [1.0]), ("ans", [0.5])], group_id=0, reward=0.1, f1=0.1) for _ in range(3)]
     mixed = [build([("r", [1.0]), ("ans", [0.5])], group_id=1, reward=r, f1=r) for r in (0.0, 1.0, 1.0)]
     trajs = same + mixed
     adv = batch_advantages(trajs, [t.f1 for t in trajs], AdvantageConfig(kind="grpo"))

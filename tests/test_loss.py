@@ -269,6 +269,40 @@ def test_masked_per_token_gradient_is_exactly_zero_even_for_garbage_inputs():
     assert float(l0) == float(l1)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_an_overflowing_ratio_of_a_loss_token_keeps_the_loss_and_gradient_finite(beta):
+    # One loss token the policy now finds e^100 times likelier than when it was sampled (and
+    # e^100 less likely than the reference): exp overflows float32 without the clamp, and
+    # inf·0 made the loss or its gradient NaN, so the whole step was skipped for one token.
+    rng = np.random.default_rng(4)
+    batch = random_batch(rng)
+    r, c = map(int, np.argwhere(batch.loss_mask > 0)[0])
+    logp = np.asarray(batch.old_logprobs + 0.1, np.float32)
+    logp[r, c] = -0.5
+    old = batch.old_logprobs.copy()
+    old[r, c] = -100.5
+    ref = batch.ref_logprobs.copy()
+    ref[r, c] = 99.5
+    cfg = LossConfig(eps_low=0.2, eps_high=0.28, kl_coef=beta)
+    for a in (0.0, 1.0, -1.0):
+        adv = batch.advantages.copy()
+        adv[r, c] = a
+        b = batch._replace(old_logprobs=old, ref_logprobs=ref, advantages=adv)
+        (loss, metrics), g = jax.value_and_grad(policy_loss, has_aux=True)(jnp.asarray(logp), jnp.asarray(logp), b, cfg)
+        assert np.isfinite(float(loss)) and np.isfinite(np.asarray(g)).all(), (a, float(loss))
+        assert all(np.isfinite(float(v)) for v in metrics.values())
+        # the clamped token's gradient is 0, as the clipped branch's; the others are untouched
+        assert np.asarray(g)[r, c] == 0.0
+        mask = batch.loss_mask.copy()
+        mask[r, c] = 0.0
+        rest = per_token_terms(jnp.asarray(logp), b, jnp.asarray(mask), cfg)
+        full = per_token_terms(jnp.asarray(logp), b, jnp.asarray(batch.loss_mask), cfg)
+        off = np.ones_like(mask, bool)
+        off[r, c] = False
+        np.testing.assert_array_equal(np.asarray(full["pg"])[off], np.asarray(rest["pg"])[off])
+        assert float(full["ratio"][r, c]) == pytest.approx(np.exp(20.0), rel=1e-6)   # e^MAX_LOG_RATIO, float32
+
+
 def _model_grad_fn(model_def, cfg):
     def loss_fn(p, batch):
         logp, ent = forward_logprobs(model_def, p, batch, cfg)

@@ -22,6 +22,8 @@ from tepo_jax.rollout.trajectory import TokenKind, TokenRole, Trajectory, attach
     ("<answer>   </answer>", None),                                         # empty
     ("<answer>\\boxed{}</answer>", None),                                   # empty box
     ("<answer>truncated", None),                                            # unclosed tag
+    ("<answer>I think <answer>Paris</answer>", "Paris"),                    # unclosed draft, then one
+    ("<answer>a</answer><answer>b <answer>c</answer>", "c"),
 ])
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected

@@ -74,6 +74,15 @@ def test_layout_and_segment_entropies():
     assert t.model_mask().sum() == 2 + 1 + 2 + 2 + 1 + 1
 
 
+def test_equal_segments_in_another_order_are_not_entropy_reducing():
+    # float32 means of these 7 values in the two orders differ by an ulp (2.3549366 vs
+    # 2.3549364): ΔH must be exactly 0, so I = 0 (design: I_k = 1[ΔH_k < 0]).
+    h = [3.1848085, 1.3489336, 0.20486762, 0.082638174, 4.0663514, 4.563778, 3.0331788]
+    assert np.float32(h).mean() != np.float32(h[::-1]).mean()
+    t = build([("r", h), ("call", "python", [1.0]), ("obs", 2), ("r", h[::-1][:-1]), ("ans", h[:1])])
+    assert entropy_deltas(t) == [0.0] and entropy_reducing(t) == [0]
+
+
 def test_empty_segments_give_nan_and_no_reduction():
     t = build([("call", "python", [1.0]), ("obs", 1), ("call", "python", [1.0]), ("obs", 1),
                ("ans", [0.1])]).validate()
@@ -277,6 +286,16 @@ def test_non_model_tokens_get_none_and_unclosed_call_runs_to_end():
     markup = CallMarkup(tool_tags=("calc",))
     assert roles_from_char_spans([(0, 1), (1, 9)], text, markup=markup).tolist() == [
         R.REASONING, R.REASONING]
+
+
+def test_an_unclosed_answer_draft_ends_where_the_next_answer_opens():
+    # As rewards.extract reads it: the answer is the closed "Paris", whose tags are FORMAT,
+    # not content of the draft.
+    text = "<answer>I think <answer>Paris</answer>"
+    spans = [(0, 8), (8, 16), (16, 24), (24, 29), (29, 38)]
+    assert roles_from_char_spans(spans, text).tolist() == [
+        R.FORMAT, R.ANSWER_CONTENT, R.FORMAT, R.ANSWER_CONTENT, R.FORMAT]
+    assert kinds_from_char_spans(spans, text).tolist() == [K.ANSWER] * 5
 
 
 # ----------------------------------------------------------------------------- reading bad files

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import re
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# The content may not hold another <answer>: in "<answer>draft <answer>Paris</answer>" the
+# closed answer is "Paris", not "draft <answer>Paris".
+_ANSWER_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 _BOXED = "\\boxed"
 
 

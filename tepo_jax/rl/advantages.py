@@ -84,8 +84,10 @@ def group_normalize(values: Sequence[float], config: AdvantageConfig) -> np.ndar
     """(v − mean) / (std + eps) in float64. Equal values give exactly 0 (never NaN); an empty
     input gives an empty array; SAMPLE std of a single value is taken as 0."""
     v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return v
+    if v.size == 0 or np.all(v == v[0]):
+        # Not v − mean: the float mean of equal values can be 1 ulp off, and dividing that
+        # residue by an equally tiny std gives ±1 (NaN with eps 0), not 0.
+        return np.zeros_like(v)
     centred = v - v.mean()
     if not config.scale_by_std:
         return centred

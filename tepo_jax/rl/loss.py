@@ -163,10 +163,21 @@ def loss_denominator(batch: TrainBatch, cfg: LossConfig) -> jax.Array:
     return _AGG_DENOMINATORS[cfg.agg_mode](batch, loss_token_mask(batch), cfg)
 
 
+# Log-ratios are clamped to ±MAX_LOG_RATIO before exp (a ratio of ~5e8 at most). Past ~88, exp
+# overflows float32: one token the policy now finds e^88 times likelier than when it was sampled
+# made the loss inf·0 = NaN, and the whole step was skipped for it. The clamp's gradient is 0,
+# as the clipped branch's is; values inside the bound are untouched.
+MAX_LOG_RATIO = 20.0
+
+
+def _clamped_log_ratio(on: jax.Array, log_ratio: jax.Array) -> jax.Array:
+    return jnp.clip(jnp.where(on, log_ratio, 0.0), -MAX_LOG_RATIO, MAX_LOG_RATIO)  # masked tokens see 0
+
+
 def per_token_terms(logp: jax.Array, batch: TrainBatch, mask: jax.Array, cfg: LossConfig) -> dict:
     """Per-token pg, kl, ratio and clip indicators [B, T]; exactly 0 where mask == 0."""
     on = mask > 0
-    delta = jnp.where(on, logp - batch.old_logprobs, 0.0)  # sanitised: masked tokens see 0
+    delta = _clamped_log_ratio(on, logp - batch.old_logprobs)
     adv = jnp.where(on, batch.advantages, 0.0)
     ratio = jnp.exp(delta)
     clipped = jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
@@ -179,7 +190,7 @@ def per_token_terms(logp: jax.Array, batch: TrainBatch, mask: jax.Array, cfg: Lo
         "clip_high": (on & (adv > 0) & (ratio > 1.0 + cfg.eps_high)).astype(jnp.float32),
     }
     if cfg.kl_coef > 0.0:
-        log_r = jnp.where(on, batch.ref_logprobs - logp, 0.0)
+        log_r = _clamped_log_ratio(on, batch.ref_logprobs - logp)
         terms["kl"] = jnp.where(on, jnp.exp(log_r) - log_r - 1.0, 0.0)
     else:
         terms["kl"] = jnp.zeros_like(logp)

@@ -112,11 +112,13 @@ def segment_mask(traj: Trajectory, k: int) -> np.ndarray:
 
 
 def segment_entropies(traj: Trajectory) -> list[float]:
-    """[H(r_0), ..., H(r_n)]: mean sampler entropy per segment; NaN for an empty segment."""
+    """[H(r_0), ..., H(r_n)]: mean sampler entropy per segment; NaN for an empty segment.
+    Means in float64: float32 sums of the same values in another order differ by an ulp, which
+    would make ΔH of two equal segments a tiny negative and count the call as reducing."""
     out = []
     for k in range(traj.num_calls + 1):
         mask = segment_mask(traj, k)
-        out.append(float(traj.entropies[mask].mean()) if mask.any() else math.nan)
+        out.append(float(traj.entropies[mask].mean(dtype=np.float64)) if mask.any() else math.nan)
     return out
 
 

@@ -159,7 +159,9 @@ def char_roles_and_kinds(text: str, markup: CallMarkup = CallMarkup()) -> tuple[
     if markup.json_call_tag:
         names.append(re.escape(markup.json_call_tag))
     names.append(re.escape(markup.answer_tag))
-    region = re.compile(r"<(%s)>(.*?)(</\1>|\Z)" % "|".join(names), re.DOTALL)
+    # A region ends at its close tag, or, unclosed, where the same tag opens again (as
+    # rewards.extract reads answers) or at the end of the text.
+    region = re.compile(r"<(%s)>((?:(?!<\1>).)*?)(</\1>|(?=<\1>)|\Z)" % "|".join(names), re.DOTALL)
     for m in region.finditer(text):
         tag = m.group(1)
         (o0, o1), (c0, c1) = (m.start(), m.start(2)), (m.end(2), m.end())
