@@ -13,7 +13,7 @@ import transformers
 
 from tepo_jax.checkpoints import CheckpointError, load_hf, load_hf_config, save_hf
 from tepo_jax.checkpoints.safetensors_io import SafetensorsReader, write_safetensors
-from tepo_jax.models.config import from_hf_config
+from tepo_jax.models.config import ModelConfig, UnsupportedConfigError, from_hf_config
 from tepo_jax.testing.hf_models import hf_logits, make_tiny_hf_checkpoint
 
 LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
@@ -70,6 +70,18 @@ def _copy(src, dst):
     return str(dst)
 
 
+def _our_logits(model, tokens) -> np.ndarray:
+    tokens = jnp.asarray(tokens)
+    return np.asarray(model(tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))[0])
+
+
+def _assert_logits_match_transformers(path, model):
+    """Our logits for `model` vs transformers' own load of checkpoint `path` (fp32: <= 1e-4)."""
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    tokens = np.random.RandomState(3).randint(0, 64, (2, 19))
+    np.testing.assert_allclose(_our_logits(model, tokens), hf_logits(reference, tokens), atol=1e-4, rtol=0)
+
+
 # ---------------------------------------------------------------- export and round trips
 
 
@@ -122,6 +134,54 @@ def test_save_over_existing_checkpoint_removes_stale_shards(llama_bf16, tmp_path
     _assert_bit_exact(path, out)
 
 
+def _random_decoder(cfg: ModelConfig):
+    """A Decoder for `cfg` with every parameter random (biases are initialised to zero, and a
+    zero bias that an export drops would go unnoticed)."""
+    import jax
+    from flax import nnx
+
+    from tepo_jax.models.decoder import Decoder
+
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    noise = [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    nnx.update(model, jax.tree.unflatten(treedef, noise))
+    return model
+
+
+TINY_CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=8, rope_theta=10_000.0)
+
+
+def test_llama_with_attention_bias_exports_to_transformers(tmp_path):
+    model = _random_decoder(ModelConfig(family="llama", qkv_bias=True, o_bias=True, **TINY_CFG))
+    save_hf(model, tmp_path / "out")
+    assert json.load(open(tmp_path / "out" / "config.json"))["attention_bias"] is True
+    _assert_logits_match_transformers(tmp_path / "out", model)
+
+
+UNDESCRIBABLE_BIASES = {  # ModelConfig fields config.json cannot express: expected message
+    "llama_qkv_only": (dict(family="llama", qkv_bias=True), r"Llama config with qkv_bias=True and o_bias=False"),
+    "llama_o_only": (dict(family="llama", o_bias=True), r"Llama config with qkv_bias=False and o_bias=True"),
+    "qwen2_no_qkv": (dict(family="qwen2", qkv_bias=False), r"Qwen2 config with qkv_bias=False"),
+    "qwen2_o_bias": (dict(family="qwen2", qkv_bias=True, o_bias=True), r"Qwen2 config with o_bias or mlp_bias"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNDESCRIBABLE_BIASES))
+def test_export_of_biases_config_json_cannot_describe_is_refused(qwen, tmp_path, case):
+    """transformers would silently drop such biases; the refusal comes before an existing
+    checkpoint in the target directory is touched."""
+    fields, match = UNDESCRIBABLE_BIASES[case]
+    out = _copy(qwen[0], tmp_path / "out")
+    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+    with pytest.raises(UnsupportedConfigError, match=match):
+        save_hf(_random_decoder(ModelConfig(**fields, **TINY_CFG)), out)
+    assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before
+
+
 # ---------------------------------------------------------------- config.json forms
 
 
@@ -163,6 +223,15 @@ def test_qwen_config_defaults(qwen):
     assert cfg.rope_scaling is None and cfg.rope_theta == 1_000_000.0 and cfg.num_kv_heads == 2
 
 
+def test_qwen2_ignores_attention_bias_and_mlp_bias_like_transformers(qwen, tmp_path):
+    """Qwen2 always has q/k/v biases and never o_proj / MLP ones; transformers ignores the two
+    fields for it, so a config.json that sets them must still load (and export)."""
+    out = _edit_config(qwen[0], tmp_path / "c", lambda c: c.update(attention_bias=True, mlp_bias=True))
+    model = load_hf(out)
+    assert model.cfg == load_hf_config(qwen[0])
+    _assert_logits_match_transformers(out, model)
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -183,16 +252,47 @@ def _one_line_error(path, match, **kw):
 def test_missing_key(qwen, tmp_path):
     out = _copy(qwen[0], tmp_path / "c")
     _rewrite(os.path.join(out, "model.safetensors"),
-             lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
-    _one_line_error(out, r"missing tensor 'model\.layers\.1\.self_attn\.k_proj\.bias'")
+             lambda t: [t.pop(f"model.layers.1.self_attn.{p}_proj.bias") for p in "kv"])
+    msg = _one_line_error(out, r"missing tensor 'model\.layers\.1\.self_attn\.k_proj\.bias'")
+    assert msg == (f"{out}: missing tensor 'model.layers.1.self_attn.k_proj.bias' (and 1 more); "
+                   "model.safetensors does not hold it")
+
+
+@pytest.mark.parametrize("in_index", [True, False])
+def test_missing_key_in_sharded_checkpoint_says_what_the_index_lists(llama_bf16, tmp_path, in_index):
+    out = _copy(llama_bf16[0], tmp_path / "c")
+    key = "model.layers.1.mlp.up_proj.weight"
+    file, index = _index(out)
+    shard = index["weight_map"][key]
+    _rewrite(os.path.join(out, shard), lambda t: t.pop(key))
+    if not in_index:
+        del index["weight_map"][key]
+        json.dump(index, open(file, "w"))
+    where = f"model.safetensors.index.json lists it in {shard}, which does not hold it" if in_index else \
+        "model.safetensors.index.json does not list it"
+    _one_line_error(out, rf"^{re.escape(out)}: missing tensor {re.escape(repr(key))}; {re.escape(where)}$")
 
 
 def test_unexpected_key(qwen, tmp_path):
     out = _copy(qwen[0], tmp_path / "c")
     _rewrite(os.path.join(out, "model.safetensors"),
-             lambda t: t.update({"model.layers.0.self_attn.rotary.inv_freq": np.zeros(6, np.float32)}))
-    msg = _one_line_error(out, r"unexpected tensor 'model\.layers\.0\.self_attn\.rotary\.inv_freq'")
-    assert "model.safetensors" in msg
+             lambda t: t.update({"model.layers.0.mlp.up_proj.bias": np.zeros(96, np.float32)}))
+    msg = _one_line_error(out, r"unexpected tensor 'model\.layers\.0\.mlp\.up_proj\.bias'")
+    assert msg.endswith(os.path.join(out, "model.safetensors"))
+
+
+def _add_inv_freq(tensors):
+    """Rotary buffers as Llama-2-era conversions store them (wrong values on purpose: they
+    must be ignored, as transformers ignores them)."""
+    for i in range(SMALL["num_layers"]):
+        tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+
+
+def test_rotary_inv_freq_buffers_are_ignored_like_transformers(tmp_path):
+    path = str(tmp_path / "llama")
+    make_tiny_hf_checkpoint(path, "llama", **SMALL)
+    _rewrite(os.path.join(path, "model.safetensors"), _add_inv_freq)
+    _assert_logits_match_transformers(path, load_hf(path))
 
 
 def test_misshaped_key(qwen, tmp_path):
@@ -210,14 +310,23 @@ def test_tied_checkpoint_with_lm_head(tmp_path):
     assert "lm_head.weight" not in SafetensorsReader(file).keys()  # transformers omits it
     _rewrite(file, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
     assert load_hf(path).cfg.tie_word_embeddings
+    # The copy is accepted alongside ignored buffers, and does not hide a real extra tensor.
+    _rewrite(file, _add_inv_freq)
+    _assert_logits_match_transformers(path, load_hf(path))
+    _rewrite(file, lambda t: t.update({"model.layers.0.mlp.up_proj.bias": np.zeros(96, np.float32)}))
+    _one_line_error(path, r"unexpected tensor 'model\.layers\.0\.mlp\.up_proj\.bias'")
+    _rewrite(file, lambda t: t.pop("model.layers.0.mlp.up_proj.bias"))
+    # A different head: transformers unties and uses it; we say how to get that.
     _rewrite(file, lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + 1}))
-    _one_line_error(path, r"unexpected tensor 'lm_head\.weight'")
+    _one_line_error(path, rf"^{re.escape(path)}: tie_word_embeddings is true but lm_head\.weight differs "
+                          r"from model\.embed_tokens\.weight \(max abs diff 1\); set tie_word_embeddings "
+                          r"to false in config\.json to load the stored head$")
 
 
 def test_untied_checkpoint_without_lm_head(qwen, tmp_path):
     out = _copy(qwen[0], tmp_path / "c")
     _rewrite(os.path.join(out, "model.safetensors"), lambda t: t.pop("lm_head.weight"))
-    _one_line_error(out, r"missing tensor 'lm_head\.weight'")
+    _one_line_error(out, rf"^{re.escape(out)}: missing tensor 'lm_head\.weight'; model\.safetensors does not hold it$")
 
 
 def test_wrong_path(tmp_path):
@@ -336,6 +445,13 @@ def test_malformed_config_field_is_a_one_line_error_naming_it(qwen, tmp_path, ca
     out = _edit_config(qwen[0], tmp_path / "c", edit)
     msg = _one_line_error(out, match)
     assert msg.startswith(os.path.join(out, "config.json") + ": "), msg
+
+
+def test_quantized_checkpoint_is_refused_before_its_tensors(qwen, tmp_path):
+    out = _edit_config(qwen[0], tmp_path / "c", lambda c: c.update(quantization_config={"quant_method": "fp8"}))
+    msg = _one_line_error(out, "quantized")
+    assert msg == (f"{os.path.join(out, 'config.json')}: quantized checkpoint (quant_method fp8) is not "
+                   "supported; use the unquantized (bf16/fp16/fp32) weights")
 
 
 def _index(path) -> tuple[str, dict]:

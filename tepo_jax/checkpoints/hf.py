@@ -123,22 +123,70 @@ def _check_weight_map(index_file, index) -> dict[str, str]:
     return weight_map
 
 
-def _check_keys(rules: list[Rule], by_tensor: dict[str, SafetensorsReader], cfg: ModelConfig) -> None:
+# Buffers some exporters store next to the weights (Llama-2-era conversions keep each layer's
+# rotary inverse frequencies). transformers ignores them and so do we: rope comes from config.json.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def _check_keys(path: str, rules: list[Rule], by_tensor: dict[str, SafetensorsReader],
+                cfg: ModelConfig) -> None:
+    """Every tensor the name map wants is stored, and nothing else is (bar ignored buffers and
+    a tied checkpoint's copy of the embedding as lm_head.weight)."""
     expected = {r.hf_name for r in rules}
     missing = [r.hf_name for r in rules if r.hf_name not in by_tensor]
     if missing:
-        raise CheckpointError(f"missing tensor {missing[0]!r} in the checkpoint"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = sorted(k for k in by_tensor if k not in expected)
-    if cfg.tie_word_embeddings and unexpected == ["lm_head.weight"]:
-        # Some exporters write the tied head anyway; accept it only if it is the embedding.
-        head, embed = by_tensor["lm_head.weight"], by_tensor["model.embed_tokens.weight"]
-        if head.shape("lm_head.weight") == embed.shape("model.embed_tokens.weight") and np.array_equal(
-                head.get("lm_head.weight"), embed.get("model.embed_tokens.weight")):
-            return
+        raise CheckpointError(f"{path}: missing tensor {missing[0]!r}" + _and_more(missing)
+                              + _where_missing(path, missing[0]))
+    unexpected = sorted(k for k in by_tensor if k not in expected and not k.endswith(_IGNORED_SUFFIXES))
+    if cfg.tie_word_embeddings and "lm_head.weight" in unexpected:
+        _check_tied_head(path, by_tensor)  # some exporters write the tied head anyway
+        unexpected.remove("lm_head.weight")
     if unexpected:
         raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in {by_tensor[unexpected[0]].path}"
-                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+                              + _and_more(unexpected))
+
+
+def _and_more(names: list) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+def _where_missing(path: str, key: str) -> str:
+    """Which file should have held `key`: for a sharded checkpoint, whether the index names it
+    (an index that lists a tensor its shard lacks points at a broken copy, not a wrong model)."""
+    index_file = os.path.join(path, INDEX_FILE)
+    if not os.path.exists(index_file):
+        return f"; {SINGLE_FILE} does not hold it"
+    shard = _read_json(index_file)["weight_map"].get(key)  # checked by _open_shards already
+    if shard is None:
+        return f"; {INDEX_FILE} does not list it"
+    return f"; {INDEX_FILE} lists it in {shard}, which does not hold it"
+
+
+def _check_tied_head(path: str, by_tensor: dict[str, SafetensorsReader]) -> None:
+    """A stored lm_head.weight in a tied checkpoint is accepted only if it equals the embedding:
+    loading it tied would silently drop a different head (transformers then unties instead)."""
+    head_reader, embed_reader = by_tensor["lm_head.weight"], by_tensor["model.embed_tokens.weight"]
+    head, embed = head_reader.get("lm_head.weight"), embed_reader.get("model.embed_tokens.weight")
+    if head.shape != embed.shape or head.ndim != 2:
+        detail = f"has shape {list(head.shape)}, model.embed_tokens.weight {list(embed.shape)}"
+    else:
+        diff = _max_abs_diff(head, embed)
+        if diff == 0:
+            return
+        detail = f"differs from model.embed_tokens.weight (max abs diff {diff:.6g})"
+    raise CheckpointError(f"{path}: tie_word_embeddings is true but lm_head.weight {detail}; set "
+                          "tie_word_embeddings to false in config.json to load the stored head")
+
+
+def _max_abs_diff(a: np.ndarray, b: np.ndarray, block_bytes: int = 1 << 24) -> float:
+    """max |a - b| in float32 over two [rows, cols] memory-mapped tensors, a block of rows at a
+    time (a whole float32 copy of a 150k-vocab embedding would be gigabytes). NaN if either has one."""
+    rows = max(1, block_bytes // (4 * max(1, a.shape[1])))
+    out = np.float32(0)
+    for i in range(0, a.shape[0], rows):
+        d = np.abs(a[i:i + rows].astype(np.float32) - b[i:i + rows].astype(np.float32))
+        out = np.maximum(out, d.max(initial=0))  # np.maximum keeps a NaN
+    return float(out)
 
 
 def _read_tensor(rule: Rule, reader: SafetensorsReader, target: jax.ShapeDtypeStruct) -> np.ndarray:
@@ -211,7 +259,7 @@ def load_hf(path, *, mesh: Optional[Mesh] = None, dtype=None, param_dtype=None,
     targets = nnx.to_pure_dict(abstract_state)
     rules = name_map(cfg)
     by_tensor = _open_shards(path)
-    _check_keys(rules, by_tensor, cfg)
+    _check_keys(path, rules, by_tensor, cfg)
     values = {}
     for rule in rules:
         target, sharding = _get(targets, rule.path), _get(shardings, rule.path)
@@ -258,8 +306,11 @@ def save_hf(model: Decoder, path, *, dtype=None, max_shard_bytes: int = DEFAULT_
     than one. Only process 0 writes; every process must call it (arrays are gathered).
     """
     cfg: ModelConfig = model.cfg
-    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     out_dtype = np.dtype(dtype or cfg.param_dtype)
+    # First: a config that config.json cannot describe fails before anything is gathered or
+    # any old checkpoint in `path` is removed.
+    hf_config = to_hf_config(cfg, dtype=out_dtype)
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     rules = name_map(cfg)
     tensors = {}
     for rule in rules:
@@ -269,14 +320,14 @@ def save_hf(model: Decoder, path, *, dtype=None, max_shard_bytes: int = DEFAULT_
         return
     _remove_stale(path)
     with paths.staged(path) as local:  # a remote path: written locally, then uploaded
-        _write_files(local, cfg, rules, tensors, out_dtype, max_shard_bytes)
+        _write_files(local, hf_config, rules, tensors, max_shard_bytes)
 
 
-def _write_files(path: str, cfg: ModelConfig, rules: list[Rule], tensors: dict, out_dtype,
+def _write_files(path: str, hf_config: dict, rules: list[Rule], tensors: dict,
                  max_shard_bytes: int) -> None:
     """config.json and the safetensors shards (+ index) into the local directory `path`."""
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(to_hf_config(cfg, dtype=out_dtype), f, indent=2, sort_keys=True)
+        json.dump(hf_config, f, indent=2, sort_keys=True)
     groups = shard_groups(((r.hf_name, tensors[r.hf_name].nbytes) for r in rules), max_shard_bytes)
     if len(groups) == 1:
         write_safetensors(os.path.join(path, SINGLE_FILE), tensors)

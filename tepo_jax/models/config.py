@@ -165,6 +165,18 @@ def _token_ids(field: str, value: Any):
     return tuple(one(v) for v in value) if isinstance(value, list) else one(value)
 
 
+def _check_not_quantized(hf: Mapping[str, Any]) -> None:
+    """Quantized weights (fp8 with weight_scale tensors, awq/gptq qweight/scales, ...) are
+    stored under other names and dtypes; refuse them before any tensor is looked at, so the
+    error says why instead of naming the first odd tensor."""
+    quant = hf.get("quantization_config")
+    if quant is None:
+        return
+    method = quant.get("quant_method", "unknown") if isinstance(quant, Mapping) else "unknown"
+    raise UnsupportedConfigError(f"quantized checkpoint (quant_method {method}) is not supported; "
+                                 "use the unquantized (bf16/fp16/fp32) weights")
+
+
 def _family_from_hf(hf: Mapping[str, Any]) -> str:
     """The model family from `architectures` and `model_type` together: every listed class must
     be supported, and a model_type present must be that class's."""
@@ -248,6 +260,7 @@ def from_hf_config(hf: Mapping[str, Any], *, dtype=None, param_dtype=None) -> Mo
     """
     if not isinstance(hf, Mapping):
         raise UnsupportedConfigError(f"the top level must be a JSON object, got {type(hf).__name__}")
+    _check_not_quantized(hf)
     family = _family_from_hf(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise UnsupportedConfigError(f"unsupported hidden_act {hf['hidden_act']!r} (supported: silu)")
@@ -257,7 +270,10 @@ def from_hf_config(hf: Mapping[str, Any], *, dtype=None, param_dtype=None) -> Mo
     dtype_field = "dtype" if hf.get("dtype") else "torch_dtype"
     stored = _dtype_from_name(dtype_field, hf.get(dtype_field) or None, jnp.float32)
     hidden, num_heads, num_kv_heads, head_dim = _heads_from_hf(hf)
-    attention_bias = _flag("attention_bias", _field(hf, "attention_bias", False))
+    # Llama's attention_bias covers q/k/v and o_proj; Qwen2 always has q/k/v biases and never an
+    # o_proj or MLP bias (transformers ignores attention_bias / mlp_bias there, so do we).
+    attention_bias = family == "llama" and _flag("attention_bias", _field(hf, "attention_bias", False))
+    mlp_bias = family == "llama" and _flag("mlp_bias", _field(hf, "mlp_bias", False))
     return ModelConfig(
         family=family,
         vocab_size=_positive_int("vocab_size", _field(hf, "vocab_size")),
@@ -273,7 +289,7 @@ def from_hf_config(hf: Mapping[str, Any], *, dtype=None, param_dtype=None) -> Mo
         tie_word_embeddings=_flag("tie_word_embeddings", _field(hf, "tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or attention_bias,
         o_bias=attention_bias,
-        mlp_bias=_flag("mlp_bias", _field(hf, "mlp_bias", False)),
+        mlp_bias=mlp_bias,
         max_position_embeddings=_positive_int("max_position_embeddings",
                                               _field(hf, "max_position_embeddings", 32768)),
         bos_token_id=_token_ids("bos_token_id", hf.get("bos_token_id")),
@@ -288,7 +304,9 @@ def dtype_name(dtype) -> str:
 
 
 def to_hf_config(cfg: ModelConfig, *, dtype=None) -> dict[str, Any]:
-    """The transformers config.json dict for `cfg` (new `rope_parameters` / `dtype` form)."""
+    """The transformers config.json dict for `cfg` (new `rope_parameters` / `dtype` form).
+    UnsupportedConfigError when config.json cannot describe `cfg`'s biases."""
+    _check_hf_biases(cfg)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         rope.update(rope_type="llama3", **dataclasses.asdict(cfg.rope_scaling))
@@ -317,6 +335,19 @@ def to_hf_config(cfg: ModelConfig, *, dtype=None) -> dict[str, Any]:
     }
     if cfg.family == "llama":
         out.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
-    elif cfg.o_bias or cfg.mlp_bias:
-        raise UnsupportedConfigError("Qwen2 checkpoints have no o_proj or MLP biases")
     return out
+
+
+def _check_hf_biases(cfg: ModelConfig) -> None:
+    """config.json can only describe the bias sets transformers builds; any other set would be
+    written as tensors it silently drops (or that our own loader refuses)."""
+    if cfg.family == "llama" and cfg.qkv_bias != cfg.o_bias:
+        raise UnsupportedConfigError(
+            f"cannot export a Llama config with qkv_bias={cfg.qkv_bias} and o_bias={cfg.o_bias}: "
+            "config.json's one attention_bias field covers q/k/v and o_proj together")
+    if cfg.family == "qwen2" and not cfg.qkv_bias:
+        raise UnsupportedConfigError("cannot export a Qwen2 config with qkv_bias=False: "
+                                     "Qwen2 checkpoints always have q/k/v biases")
+    if cfg.family == "qwen2" and (cfg.o_bias or cfg.mlp_bias):
+        raise UnsupportedConfigError("cannot export a Qwen2 config with o_bias or mlp_bias: "
+                                     "Qwen2 checkpoints have no o_proj or MLP biases")
