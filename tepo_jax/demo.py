@@ -20,6 +20,7 @@ the measured results; `python -m tepo_jax.study --seeds 3` repeats it over seeds
 from __future__ import annotations
 
 import argparse
+import json
 import dataclasses
 import importlib.util
 import logging
@@ -100,13 +101,24 @@ def eval_file(run_dir: Path, step: int) -> Path:
     return path
 
 
-def summarize_runs(workdir: Path, steps: int, walls: dict, seed: int = 0) -> tuple[list, str]:
+def rl_step_seconds(run_dir: Path) -> Optional[float]:
+    """The run's RL steps' wall time (rollout, reward, update: `time/step_s`), summed over its
+    metrics.jsonl: the same whether the run just ran, was resumed, or is read back finished
+    (timing the `train` call would count only the last attempt). None without such rows."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    times = [r["time/step_s"] for r in rows if r.get("phase") == "rl" and r.get("time/step_s") is not None]
+    return float(sum(times)) if times else None
+
+
+def summarize_runs(workdir: Path, steps: int, seed: int = 0) -> tuple[list, str]:
     """Summaries (SFT only first) with intervals, and the per-family markdown table."""
     sft_trajs = read_jsonl(eval_file(workdir / ALGOS[0], 0))
     reference = compare.question_outcomes(sft_trajs)
     runs = {SFT_ONLY: sft_trajs, **{a: read_jsonl(eval_file(workdir / a, steps)) for a in ALGOS}}
     rows = [compare.summarize(SFT_ONLY, sft_trajs, seed=seed)]
-    rows += [compare.summarize(a, runs[a], reference, seed=seed, wall_s=walls.get(a)) for a in ALGOS]
+    rows += [compare.summarize(a, runs[a], reference, seed=seed, wall_s=rl_step_seconds(workdir / a))
+             for a in ALGOS]
     families = {ex.id: synthetic.family_of(ex) or ex.task
                 for ex in jsonl.read_records(synthetic_data_dir(sft_config(workdir)) / "eval.jsonl")}
     return rows, compare.family_table(runs, lambda pid: families.get(pid, "?"))
@@ -157,15 +169,14 @@ def run_demo(workdir: Path, seed: int = 0, sft_steps: Optional[int] = None,
     log(f"[demo] SFT warm start: {sft.sft.steps} steps -> {workdir / 'sft'}")
     train(sft)
     log(f"[demo] SFT done in {time.time() - t0:.0f} s")
-    walls = {}
     for algo in ALGOS:
         t1 = time.time()
         cfg = rl_config(workdir, algo, rl_steps, seed)
         log(f"[demo] RL with {algo}: {cfg.train.steps} steps -> {workdir / algo}")
         train(cfg)
-        walls[algo] = time.time() - t1
+        log(f"[demo] {algo} done in {time.time() - t1:.0f} s")
     steps = rl_config(workdir, ALGOS[0], rl_steps, seed).train.steps
-    rows, families = summarize_runs(workdir, steps, walls, seed)
+    rows, families = summarize_runs(workdir, steps, seed)
     plot_training_curves({a: str(workdir / a / "metrics.jsonl") for a in ALGOS}, str(workdir / "curves.png"),
                          curves=CURVES, smooth_window=3)
     report = demo_pilot(workdir, seed)

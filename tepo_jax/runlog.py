@@ -13,7 +13,11 @@ to metrics.jsonl; an object store has no append, so there the file is rewritten 
 row, one upload, which a kill leaves either before or after that row (never a torn file).
 The cost is the file's size per row (a few MB after thousands of steps, once per step).
 TensorBoard events: tensorboardX writes them to a local directory, and on a store each flush
-uploads the events file whole (one upload, as metrics.jsonl).
+uploads the events file whole (one upload, as metrics.jsonl). Events cannot be cut back, so
+when `truncate` drops rows (an attempt killed without a checkpoint of its last rows), the events
+are rebuilt from the rows kept: TensorBoard would otherwise show both attempts' values at the
+steps logged twice. A tag is `phase/metric`, or the metric's own name when it already starts
+with its phase (`eval/accuracy`, not `eval/eval/accuracy`).
 Weights & Biases (`config.log.wandb_project`) gets the same rows, from process 0, in one W&B
 run per workdir: its id is stored in `wandb_run_id` there, so a resumed run continues it.
 W&B writes its local run file every second (WANDB_FLUSH_S, not its default 15 s), so a killed
@@ -82,7 +86,7 @@ class RunLog:
         else:
             with self.metrics_path.open("a") as f:
                 f.write(line + "\n")
-        values = {f"{phase}/{k}": v for k, v in row.items() if k not in ("step", "phase") and v is not None}
+        values = _tags(row)
         if self._tb is not None:
             self._tb.write(values, step)
         if self._wandb is not None:
@@ -101,12 +105,15 @@ class RunLog:
         return {k: (math.nan if v is None else v) for k, v in rows[-1].items() if k not in ("step", "phase")}
 
     def truncate(self, rows: Optional[int]) -> None:
-        """Keep the first `rows` rows (a checkpoint's count); None (an older checkpoint) keeps all."""
+        """Keep the first `rows` rows (a checkpoint's count); None (an older checkpoint) keeps all.
+        TensorBoard's events are rebuilt from the rows kept (module doc)."""
         lines = self._read_lines()
         if rows is None or len(lines) <= rows:
             return
         paths.write_atomic(self.metrics_path, "".join(line + "\n" for line in lines[:rows]))
         self._lines, self.rows = lines[:rows], rows
+        if self._tb is not None:
+            self._tb.rebuild([json.loads(line) for line in self._lines])
 
     def save_trajectories(self, name: str, trajs: Sequence) -> Optional[epath.Path]:
         if not self.enabled:
@@ -126,6 +133,13 @@ class RunLog:
             self._wandb.finish()
 
 
+def _tags(row: Mapping[str, Any]) -> dict[str, float]:
+    """A metrics row's values under their TensorBoard / W&B tags (module doc); None left out."""
+    phase = row["phase"]
+    return {(k if k.startswith(phase + "/") else f"{phase}/{k}"): v for k, v in row.items()
+            if k not in ("step", "phase") and v is not None}
+
+
 class TensorBoard:
     """tensorboardX's SummaryWriter into `logdir`; on a store (gs://...) it writes a local
     directory whose files are uploaded at each flush (tensorboardX's own gs:// writer would
@@ -134,9 +148,24 @@ class TensorBoard:
     def __init__(self, logdir: epath.Path):
         from tensorboardX import SummaryWriter
 
+        self._writer_class = SummaryWriter
         self.remote = logdir if paths.is_remote(logdir) else None
         self.local = tempfile.mkdtemp(prefix="tepo_jax-tb-") if self.remote else os.fspath(logdir)
         self.writer = SummaryWriter(self.local)
+
+    def rebuild(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Replace every events file (every attempt's) by one holding exactly `rows`."""
+        self.writer.close()
+        for directory in [paths.as_path(self.local)] + ([self.remote] if self.remote is not None else []):
+            for f in directory.iterdir() if directory.exists() else ():
+                if f.name.startswith(EVENTS_PREFIX):
+                    f.unlink()
+        self.writer = self._writer_class(self.local)
+        for row in rows:
+            for k, v in _tags(row).items():
+                self.writer.add_scalar(k, v, row["step"])
+        self.writer.flush()
+        self._upload()
 
     def write(self, values: Mapping[str, float], step: int) -> None:
         for k, v in values.items():
@@ -155,6 +184,8 @@ class TensorBoard:
         if self.remote is not None:
             shutil.rmtree(self.local, ignore_errors=True)
 
+
+EVENTS_PREFIX = "events.out.tfevents"
 
 WANDB_ID_FILE = "wandb_run_id"
 

@@ -407,6 +407,16 @@ def test_step_metrics_without_calls_are_nan_not_zero():
     assert math.isnan(m["reward/f1"]) and m["tepo/no_call_rate"] == 1.0
 
 
+def test_eval_metrics_without_calls_give_no_failure_rate():
+    from tepo_jax.rl.loop import eval_metrics
+    m = eval_metrics([build(NO_CALL, reward=1.0, f1=1.0, em=1.0), build(NO_CALL, reward=0.0, f1=0.0, em=0.0)])
+    assert math.isnan(m["eval/tool_failure_rate"]) and m["eval/calls_per_question"] == 0.0
+    assert m["eval/accuracy"] == 0.5
+    failing = build(ONE_CALL_RAISING, em=0.0, f1=0.0)
+    failing.tool_calls[0].status = "error"
+    assert eval_metrics([failing])["eval/tool_failure_rate"] == 1.0
+
+
 def test_zero_groups_counts_groups_without_any_signal():
     from tepo_jax.rl.tepo_metrics import advantage_metrics
     # 3 × 0.1 is a sum whose float mean is an ulp off: the group still teaches nothing

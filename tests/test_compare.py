@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tepo_jax.analysis import compare
-from tepo_jax.analysis.stats import bootstrap_mean_ci, paired_difference_ci, t_interval
+from tepo_jax.analysis.stats import bootstrap_mean_ci, paired_difference_ci, t975, t_interval
 from tepo_jax.rollout.trajectory import TokenRole, ToolCallRecord, Trajectory
 
 
@@ -45,6 +45,17 @@ def test_paired_difference_and_t_interval():
     half = 4.302652729911275 * np.std(v, ddof=1) / math.sqrt(3)      # t(0.975, df=2)
     assert (mean, lo, hi) == pytest.approx((np.mean(v), np.mean(v) - half, np.mean(v) + half), abs=1e-3)
     assert math.isnan(t_interval([0.5])[1])
+
+
+def test_t_quantile_past_the_table_is_students_not_the_normals():
+    # t(0.975) for 31..200 degrees of freedom, from scipy.stats.t.ppf (the normal's is 1.95996)
+    known = {31: 2.039513446396408, 32: 2.0369333434601016, 40: 2.021075390306273,
+             60: 2.0002978220142604, 120: 1.9799304050824402, 200: 1.9718962236339088}
+    for df, q in known.items():
+        assert t975(df) == pytest.approx(q, abs=1e-4), df
+    v = np.random.default_rng(0).normal(size=32)
+    half = known[31] * np.std(v, ddof=1) / math.sqrt(32)
+    assert t_interval(v)[2] - np.mean(v) == pytest.approx(half, rel=1e-4)
 
 
 def traj(pid, em, calls=0, statuses=None, entropies=None):

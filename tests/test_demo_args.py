@@ -72,3 +72,17 @@ def test_demo_main_reports_a_user_error_from_training_in_one_line(tmp_path, monk
     with pytest.raises(SystemExit) as e:
         demo.main(["--workdir", str(tmp_path / "demo")])
     assert str(e.value) == "error: config.model.hf_checkpoint: no such checkpoint directory"
+
+
+def test_a_runs_rl_time_is_its_steps_time_however_often_it_was_started(tmp_path):
+    # From metrics.jsonl, not a timer around `train`: a finished run read back again, or a run
+    # resumed after a kill, reports the time its RL steps took, not the last call's.
+    from tepo_jax.runlog import RunLog
+
+    assert demo.rl_step_seconds(tmp_path) is None                      # no metrics yet
+    log = RunLog(tmp_path, tensorboard=False)
+    log.write(1, "sft", {"sft/nll": 1.0})
+    for step, seconds in ((1, 2.5), (2, 1.25), (3, 1.0)):
+        log.write(step, "rl", {"time/step_s": seconds, "reward/score": 0.5})
+        log.write(step, "eval", {"eval/accuracy": 0.5})
+    assert demo.rl_step_seconds(tmp_path) == 4.75

@@ -222,6 +222,9 @@ def test_report_groups_and_json():
     assert d["by_quality"]["low"]["n"] == 2
     text = pilot.format_report(rep)
     assert "quality=high" in text and "bootstrap CI" in text and "Fisher-z CI" in text
+    for unit, plural in (("call", "calls"), ("trajectory", "trajectories")):
+        assert f"(200 resamples of {plural}, seed" in pilot.format_report(
+            pilot.pilot_report(labels, resample=unit, n_boot=200))
     with pytest.raises(ValueError):
         pilot.pilot_report(labels, resample="bogus")
 

@@ -203,6 +203,43 @@ def test_metric_rows_are_cut_back_to_a_checkpoints_count(tmp_path):
     assert again.rows == 3
 
 
+def _tensorboard_scalars(logdir) -> dict:
+    """{tag: [(step, value), ...]} over every events file in `logdir`, read as TFRecords."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for name in sorted(os.listdir(logdir)):
+        data, i = open(os.path.join(logdir, name), "rb").read(), 0
+        while i < len(data):
+            n = struct.unpack("<Q", data[i:i + 8])[0]
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, round(v.simple_value, 6)))
+    return out
+
+
+def test_tensorboard_is_cut_back_with_the_rows_and_tags_carry_their_phase_once(tmp_path):
+    # An attempt killed after logging rows its last checkpoint did not see; the resumed run
+    # logs those steps again (here with other values, as on an accelerator they may be).
+    log = RunLog(tmp_path)
+    for step in range(1, 6):
+        log.write(step, "rl", {"reward/score": float(step)})
+        log.write(step, "eval", {"eval/accuracy": step / 10})
+    log.close()
+    again = RunLog(tmp_path)
+    again.truncate(6)   # the checkpoint of step 3
+    for step in (4, 5):
+        again.write(step, "rl", {"reward/score": step + 0.5})
+        again.write(step, "eval", {"eval/accuracy": step / 10 + 0.05})
+    again.close()
+    assert _tensorboard_scalars(tmp_path / "tensorboard") == {
+        "rl/reward/score": [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.5), (5, 5.5)],
+        "eval/accuracy": [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.45), (5, 0.55)]}
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_sigint_ask_for_a_checkpoint(signum):
     previous = signal.getsignal(signum)

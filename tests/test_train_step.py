@@ -357,16 +357,19 @@ def test_rl_step_sampler_and_trainer_agree_and_rest_weights_reach_the_batch(rl_p
                                         put_batch=lambda b: jax.device_put(b, batch_sharding(mesh)),
                                         cfg=cfg, seed=0)
         first_batch = seen["batch"]
-        # With the check every 2 steps, step 3 logs no diff.
-        _, skipped, _ = rl_step(state, examples, 3, agent=agent, model_def=model_def, train_step=train_step,
-                                put_batch=lambda b: jax.device_put(b, batch_sharding(mesh)),
-                                cfg=dataclasses.replace(cfg, logprob_check_every=2), seed=0)
+        # With the check every 2 steps, the 4th RL step (index 3) logs the diff, the 3rd not.
+        every_2 = dataclasses.replace(cfg, logprob_check_every=2)
+        state, checked, _ = rl_step(state, examples, 3, agent=agent, model_def=model_def, train_step=train_step,
+                                    put_batch=lambda b: jax.device_put(b, batch_sharding(mesh)), cfg=every_2, seed=0)
+        _, skipped, _ = rl_step(state, examples, 2, agent=agent, model_def=model_def, train_step=train_step,
+                                put_batch=lambda b: jax.device_put(b, batch_sharding(mesh)), cfg=every_2, seed=0)
+        assert "rl/sampler_trainer_logprob_diff" in checked
         assert "rl/sampler_trainer_logprob_diff" not in skipped
     finally:
         agent.run = real_run
     batch = first_batch
     mask = batch.loss_mask > 0
-    assert steps == [3, 3] and len(trajs) == 4 and batch.tokens.shape[1] > loss_cfg.seq_chunk
+    assert steps == [3, 3, 2] and len(trajs) == 4 and batch.tokens.shape[1] > loss_cfg.seq_chunk
     assert sum(t.num_calls for t in trajs) > 0 and np.abs(batch.old_logprobs[mask]).max() > 0.01
     assert metrics["rl/sampler_trainer_logprob_diff"] < 1e-5
     assert abs(metrics["train/logprob_diff_mean_abs"]) < 1e-5 and metrics["train/ratio_mean"] == pytest.approx(1.0)

@@ -73,13 +73,15 @@ def wandb_runs(wandb_dir: Path, finished: bool = True) -> list[tuple[str, list[d
 
 
 def as_wandb_rows(metrics_file: Path) -> list[dict]:
-    """metrics.jsonl in the form RunLog logs it to W&B: '<phase>/<metric>' keys, the run's step
-    as '<phase>/step', W&B's step = the row's index, None (NaN) left out."""
+    """metrics.jsonl in the form RunLog logs it to W&B: '<phase>/<metric>' keys (a metric that
+    starts with its phase, 'sft/nll', as it is), the run's step as '<phase>/step', W&B's step =
+    the row's index, None (NaN) left out."""
     rows = []
     for i, line in enumerate(metrics_file.read_text().splitlines()):
         row = json.loads(line)
         phase, step = row.pop("phase"), row.pop("step")
-        rows.append({f"{phase}/{k}": v for k, v in row.items() if v is not None} | {f"{phase}/step": step, "_step": i})
+        tag = lambda k: k if k.startswith(phase + "/") else f"{phase}/{k}"  # noqa: E731
+        rows.append({tag(k): v for k, v in row.items() if v is not None} | {f"{phase}/step": step, "_step": i})
     return rows
 
 

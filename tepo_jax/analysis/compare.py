@@ -100,7 +100,7 @@ def _fmt(v: float) -> str:
 def results_table(rows: Sequence[RunSummary]) -> str:
     """Markdown table: one row per run, intervals in brackets (95%, bootstrap over questions)."""
     head = ("| run | accuracy [95% CI] | gain vs SFT [95% CI] | calls/question [95% CI] "
-            "| entropy-reducing calls | tool failures | wall time |")
+            "| entropy-reducing calls | tool failures | RL step time |")
     lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
         wall = f"{r.wall_s:.0f} s" if r.wall_s is not None else ""

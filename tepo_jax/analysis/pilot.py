@@ -206,6 +206,9 @@ def format_class_summary(rep: PilotReport) -> str:
     return "\n".join(lines)
 
 
+RESAMPLE_UNITS = {"call": "calls", "trajectory": "trajectories"}   # resample= -> its plural
+
+
 def format_report(rep: PilotReport) -> str:
     """A readable table of the report."""
     pct = f"{rep.level:.0%}"
@@ -225,7 +228,7 @@ def format_report(rep: PilotReport) -> str:
         f"[{_fmt(rep.ci_bootstrap[0])}, {_fmt(rep.ci_bootstrap[1])}]"
     lines += ["", f"point-biserial r(quality, ΔH) = {_fmt(rep.r)}   (n = {rep.n_defined}, "
                   f"Fisher-z p = {_fmt(rep.p_value, '.3g')})",
-              f"  {pct} bootstrap CI ({rep.n_boot} resamples of {rep.resample}s, seed "
+              f"  {pct} bootstrap CI ({rep.n_boot} resamples of {RESAMPLE_UNITS[rep.resample]}, seed "
               f"{rep.seed}): {boot}",
               f"  {pct} Fisher-z CI: [{_fmt(rep.ci_fisher[0])}, {_fmt(rep.ci_fisher[1])}]",
               "  (negative r: high-quality calls lower the entropy more)",

@@ -108,10 +108,22 @@ def paired_difference_ci(a, b, *, n_boot: int = 4000, level: float = 0.95,
     return bootstrap_mean_ci(a - b, n_boot=n_boot, level=level, seed=seed)
 
 
-# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's).
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: `t975`).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
          2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
          2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with `df` degrees of freedom: the table to 30, then
+    the Cornish-Fisher expansion around the normal's (within 1e-4 from 31 on; the normal's
+    own 1.960 would make the interval 4% too narrow at 31)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = statistics.NormalDist().inv_cdf(0.975)
+    terms = ((z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
+             (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384)
+    return z + sum(g / df ** (i + 1) for i, g in enumerate(terms))
 
 
 def t_interval(values) -> tuple[float, float, float]:
@@ -120,6 +132,5 @@ def t_interval(values) -> tuple[float, float, float]:
     v = np.asarray(values, np.float64)
     if v.size < 2:
         return (float(v.mean()) if v.size else math.nan), math.nan, math.nan
-    t = _T975[v.size - 2] if v.size - 1 <= len(_T975) else statistics.NormalDist().inv_cdf(0.975)
-    half = t * float(v.std(ddof=1)) / math.sqrt(v.size)
+    half = t975(v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
     return float(v.mean()), float(v.mean() - half), float(v.mean() + half)

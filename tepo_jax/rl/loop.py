@@ -13,6 +13,7 @@ arrays from it), the same metrics.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable, Optional, Sequence
 
@@ -40,7 +41,7 @@ class RLStepConfig:
     row_multiple: int                   # batch shards × micro-batches
     seq_buckets: tuple[int, ...]
     # The sampler-vs-trainer logprob difference (read off the update's own forward: no extra
-    # pass) is logged on the RL steps divisible by this; 0 never.
+    # pass) is logged on the RL steps divisible by this (steps counted from 1); 0 never.
     logprob_check_every: int = 1
 
 
@@ -103,7 +104,8 @@ def rl_step(state: TrainState, examples: Sequence, step: int, *, agent: AgentLoo
     state, train_metrics = (train_step(state, batch, ref_params) if cfg.kl_coef > 0 else train_step(state, batch))
     train_metrics = jax.device_get(train_metrics)
     metrics = {f"train/{k}": float(v) for k, v in train_metrics.items()}
-    if cfg.logprob_check_every and step % cfg.logprob_check_every == 0:
+    # `step` counts from 0; the RL steps (metric rows) count from 1, as eval_every's do.
+    if cfg.logprob_check_every and (step + 1) % cfg.logprob_check_every == 0:
         metrics["rl/sampler_trainer_logprob_diff"] = metrics["train/logprob_diff_mean_abs"]
     metrics.update(tepo_step_metrics(trajs))
     metrics.update(step_advantage_metrics(trajs, adv, cfg))
@@ -120,7 +122,8 @@ def eval_metrics(trajs: Sequence[Trajectory]) -> dict:
     out = {"eval/accuracy": float(np.mean([t.em for t in trajs])),
            "eval/f1": float(np.mean([t.f1 for t in trajs])),
            "eval/calls_per_question": float(np.mean([t.num_calls for t in trajs])),
-           "eval/tool_failure_rate": float(np.mean([c.status != "ok" for c in calls])) if calls else 0.0,
+           # a rate over no calls is undefined (NaN, null in metrics.jsonl), as tepo_metrics' are
+           "eval/tool_failure_rate": float(np.mean([c.status != "ok" for c in calls])) if calls else math.nan,
            "eval/malformed_rate": float(np.mean([bool(t.malformed) for t in trajs]))}
     tepo = tepo_step_metrics(trajs)
     out.update({f"eval/{k}": v for k, v in tepo.items() if k.startswith("tepo/")})
