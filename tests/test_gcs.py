@@ -319,18 +319,13 @@ def test_evaluate_and_the_pilot_study_read_a_gcs_workdir(runs, tmp_path):
 
 @pytest.mark.slow
 def test_the_resumed_run_continues_its_wandb_run(runs):
-    from test_wandb import wandb_runs
+    from test_wandb import as_wandb_rows, wandb_runs
 
     _, broken, _, _, wandb_dir = runs
     run_id = (paths.as_path(broken) / "wandb_run_id").read_text().strip()
     found = wandb_runs(wandb_dir, finished=False)   # the attempts' processes have exited
     assert [rid for rid, _ in found] == [run_id, run_id]   # the killed attempt and the resumed one
-    lines = (paths.as_path(broken) / "metrics.jsonl").read_text().splitlines()
-    expected = []
-    for i, line in enumerate(lines):
-        row = json.loads(line)
-        phase, step = row.pop("phase"), row.pop("step")
-        expected.append({f"{phase}/{k}": v for k, v in row.items() if v is not None} | {f"{phase}/step": step, "_step": i})
+    expected = as_wandb_rows(paths.as_path(broken) / "metrics.jsonl")
     assert found[1][1] == expected[20:]   # from checkpoint 20's row count to the end, row by row
 
 
