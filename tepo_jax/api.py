@@ -12,6 +12,7 @@ rollout loop (`.agent(slots)`); `tepo_jax.rl.loop.rl_step` is one RL step over t
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -32,7 +33,13 @@ class Trainer:
     train_data / eval_data: lists of dicts ({"question", "answer"} or {"question", "answers"},
       optionally "demonstration": the model turns SFT learns from), any indexable dataset of
       them (a grain MapDataset), or a JSONL file / tfds data dir read as config.data.task and
-      config.data.layout say; None keeps config.data.
+      config.data.layout say. Each is used whenever given, independently of the other; None
+      keeps config.data's: its examples for train_data, and for eval_data its eval set, except
+      that with your own train_data that is only a math/qa `config.data.eval_path` file (the
+      synthetic task's eval questions are another task's): without one no evaluation runs (a
+      warning says so) and `run()` returns {}.
+    Tool names, the config, and the reward's and tools' shapes are checked here (PluginError /
+    ConfigError, one line); every prompt's length against rollout.cache_len when the run opens.
     """
 
     def __init__(self, config: Optional[ml_collections.ConfigDict] = None, *,
@@ -42,7 +49,7 @@ class Trainer:
         hostmem.retain_if_configured(self.config)   # first: a fresh process on a CPU-only install
         train_examples, demos = self._examples(train_data, "train_data", TRAIN_SPLITS)
         eval_examples, _ = self._examples(eval_data, "eval_data", EVAL_SPLITS)
-        self.parts = UserParts(reward=as_reward(reward, examples=(train_examples, eval_examples))
+        self.parts = UserParts(reward=_marked(as_reward(reward, examples=(train_examples, eval_examples)), reward)
                                if reward is not None else None,
                                tools=tuple(as_tool(t, f"tools[{i}]") for i, t in enumerate(tools)),
                                train_examples=train_examples, eval_examples=eval_examples,
@@ -65,9 +72,16 @@ class Trainer:
 
     def run(self) -> dict:
         """Train as `config.mode` says (resuming from the workdir's checkpoints), then return
-        the final evaluation metrics (`eval/...`)."""
+        the final evaluation metrics (`eval/...`): {} with no eval examples, and for mode "sft",
+        which evaluates nothing (its policy is in <workdir>/sft_final)."""
         return train(self.config, self.parts)
 
     def open(self) -> Run:
         """The run's parts without running it, for a loop of your own; call `.close()` after."""
         return Run(self.config, self.parts)
+
+
+def _marked(wrapper: Callable, fn: Callable) -> Callable:
+    """The reward wrapper named as the user's `fn` (`__wrapped__`, module, qualname): how a
+    checkpoint's record names the reward, to tell a resumed run it changed (train.run_fingerprint)."""
+    return functools.update_wrapper(wrapper, fn, updated=())

@@ -35,6 +35,7 @@ from tepo_jax.importpath import ImportPathError, import_object
 from tepo_jax.rewards.base import RewardResult
 from tepo_jax.rewards.extract import extract_answer
 from tepo_jax.tools.base import Tool, ToolResult, ToolStatus
+from tepo_jax.tools.format import TAG_NAME, ToolFormat
 
 # fn(text, gold, trajectory) -> RewardResult: what the rollout calls for a user reward.
 UserRewardFn = Callable[[str, Any, Any], RewardResult]
@@ -175,13 +176,26 @@ def as_tool(obj, where: str = "tool") -> Tool:
                       "one-argument function")
 
 
-def check_tool_names(tools: Sequence[Tool], taken: Sequence[str]) -> None:
+def check_tool_names(tools: Sequence[Tool], enabled_builtins: Sequence[str] = ()) -> None:
+    """Raise a one-line PluginError naming the first of a user's `tools` (Tool objects, e.g.
+    from `as_tool`) whose name cannot be a tag-format tool: not a tag name (the format's own
+    rule, `TAG_NAME`), one of the format's reserved tags (answer, result), the name of a
+    built-in tool the run enables (`enabled_builtins`, e.g. ("python",) for
+    tools.python=True: `from_config.enabled_tools(config)`), or the name of another tool."""
     names = [t.name for t in tools]
-    for name in names:
-        if names.count(name) > 1 or name in taken:
-            raise PluginError(f"tool name {name!r} is used twice")
-        if not name.replace("_", "a").replace("-", "a").isalnum() or name[0].isdigit():
-            raise PluginError(f"tool name {name!r}: letters, digits, '_' or '-' (it becomes a tag)")
+    reserved = ToolFormat().reserved_tags
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not TAG_NAME.fullmatch(name):
+            raise PluginError(f"tool name {name!r}: the model calls a tool as <name>…</name>, so its "
+                              "name starts with an ASCII letter or '_', then letters, digits, '_' or '-'")
+        if name in reserved:
+            raise PluginError(f"tool name {name!r} is reserved: <{name}> is the call format's own tag "
+                              f"(reserved: {', '.join(reserved)}); rename the tool")
+        if name in enabled_builtins:
+            raise PluginError(f"tool name {name!r} clashes with the built-in tool {name!r} "
+                              f"(tools.{name}=True); rename your tool or set tools.{name}=False")
+        if name in names[:i]:
+            raise PluginError(f"tool name {name!r} is used twice (by two of your tools)")
 
 
 # ----------------------------------------------------------------------------- data

@@ -26,6 +26,8 @@ and joins the others for the train step, the gathered trajectories and the check
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 import json
 import logging
 import signal
@@ -50,7 +52,7 @@ from tepo_jax.data.jsonl import JsonlError
 from tepo_jax.evaluate import check_vocab
 from tepo_jax.data.pipeline import DataSourceError, make_dataset
 from tepo_jax.models.config import UnsupportedConfigError
-from tepo_jax.plugins import parts_from_config
+from tepo_jax.plugins import merge, parts_from_config
 from tepo_jax.rl import loop as rl_loop
 from tepo_jax.rl.batch import sequence_length_buckets
 from tepo_jax.rl.loss import LossConfig
@@ -127,6 +129,7 @@ class Run:
         self.ckpt = self._open(RunCheckpointer(self.exp.workdir / "checkpoints", keep=c.train.keep_checkpoints),
                                "close")
         self.preempt = self._open(PreemptionFlag().install(), "uninstall")
+        self.fingerprint = run_fingerprint(c, self.exp)   # stored with each checkpoint, checked on resume
         self.model = policy.build_model(c, self.mesh, self.exp.tokenizer)
         self.batch_sharding = batch_sharding(self.mesh)
         self.loss_cfg = LossConfig.from_config(c)
@@ -188,7 +191,7 @@ class Run:
             self.log.truncate(0)  # rows of an earlier attempt that died before its first checkpoint
             return None
         step, state, extra = restored
-        check_resumable(self.config, step, extra)
+        check_resumable(self.config, step, extra, self.fingerprint)
         self.global_step = step
         self.log.truncate(extra.get("metric_rows"))  # rows logged after this checkpoint come again
         log.info("resumed from checkpoint %d (phase %s, step %d)", step, extra["phase"], extra["phase_step"])
@@ -196,7 +199,7 @@ class Run:
 
     def save(self, state, phase: Phase) -> None:
         extra = {"phase": phase.name, "phase_step": phase.step, "data_state": phase.data_state,
-                 "metric_rows": self.log.rows, "config": self.config.to_json()}
+                 "metric_rows": self.log.rows, "config": self.config.to_json(), "parts": self.fingerprint}
         self.ckpt.save(self.global_step, state, extra)
 
     def count_skipped(self, phase: Phase, metrics: dict, prefix: str) -> Optional[str]:
@@ -235,7 +238,7 @@ class Run:
         if phase.name == SFT:
             params = self.sft(state, phase).params
             state, phase = None, Phase(RL)
-        return self.rl(state, phase, params) if mode != "sft" else {}
+        return self.rl(state, phase, params) if mode != "sft" else {}   # SFT alone evaluates nothing
 
     def sft(self, state, phase: Phase):
         c = self.config
@@ -406,9 +409,60 @@ def changed_settings(saved_json: str, config) -> list[str]:
             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
 
 
-def check_resumable(config, step: int, extra: dict) -> None:
+def callable_name(fn) -> str:
+    """'module:qualname' of a function (of its class for a callable object)."""
+    fn = inspect.unwrap(fn)
+    named = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(named, '__module__', '?')}:{named.__qualname__}"
+
+
+def examples_hash(examples, demonstrations=None) -> str:
+    """A digest of `examples` in order (and of their demonstrations): equal only for the same rows."""
+    h = hashlib.sha256()
+    for ex in examples:
+        row = dataclasses.asdict(ex) if dataclasses.is_dataclass(ex) else ex
+        turns = (demonstrations or {}).get(ex.id)
+        h.update(json.dumps([row, turns], sort_keys=True, default=repr).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(config, exp: experiment.Experiment) -> dict:
+    """What the config snapshot does not show of a run's parts: the reward (the user's function,
+    else config.reward.fn, else the task's own), the tools with their descriptions, and digests
+    of the train and eval examples. A Trainer marks its reward wrapper with the user's function
+    (`__wrapped__`); a reward named by config.reward.fn is in the snapshot already."""
+    reward = exp.parts.reward
+    if reward is not None and hasattr(reward, "__wrapped__"):
+        reward_name = callable_name(reward)
+    else:
+        reward_name = config.reward.fn or f"the {config.data.task} task's"
+    return {"reward": reward_name,
+            "tools": {name: exp.parts.tool_descriptions.get(name, "") for name in exp.tools},
+            "train_data": examples_hash(exp.train_examples, exp.parts.demonstrations),
+            "eval_data": examples_hash(exp.eval_examples)}
+
+
+def check_same_parts(step: int, saved: Optional[dict], now: dict) -> None:
+    """Refuse other training examples than checkpoint `step`'s (its data iterator state indexes
+    them: it would resume at a position of another list), warn of another reward, tools or eval
+    set. Checkpoints written before fingerprints were stored have none: nothing to compare."""
+    if not saved:
+        return
+    if saved.get("train_data") != now["train_data"]:
+        raise ConfigError(f"the training data differs from that of the workdir's checkpoint {step} (digest "
+                          f"{saved.get('train_data')} -> {now['train_data']}): its data iterator position does "
+                          "not fit the new examples; use a new workdir for new data")
+    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in ("reward", "tools", "eval_data")
+               if saved.get(k) != now[k]]
+    if changed:
+        log.warning("resuming checkpoint %d with parts changed since it was written: %s", step, "; ".join(changed))
+
+
+def check_resumable(config, step: int, extra: dict, fingerprint: Optional[dict] = None) -> None:
     """Resuming checkpoint `step` under `config`: refuse a mode that does not run the checkpoint's
-    phase (it would go on with a phase the config no longer asks for), warn of changed settings."""
+    phase (it would go on with a phase the config no longer asks for), or other training data
+    than the checkpoint's (`fingerprint`: `run_fingerprint`); warn of changed settings, reward,
+    tools or eval data."""
     phase, mode = extra["phase"], config.mode
     if (phase == SFT and mode == "rl") or (phase == RL and mode == "sft"):
         raise ConfigError(f"config.mode={mode!r}: the workdir's checkpoint {step} is from the {phase} phase "
@@ -418,6 +472,8 @@ def check_resumable(config, step: int, extra: dict) -> None:
     changed = changed_settings(extra["config"], config) if extra.get("config") else []
     if changed:
         log.warning("resuming checkpoint %d with settings changed since it was written: %s", step, "; ".join(changed))
+    if fingerprint is not None:
+        check_same_parts(step, extra.get("parts"), fingerprint)
 
 
 def check_tokenizer_fits(config, tokenizer) -> None:
@@ -438,16 +494,17 @@ def check_tokenizer_fits(config, tokenizer) -> None:
 
 def startup_checks(config, parts=None) -> None:
     """What can be checked before any work (ConfigError): the config, the reward and tools it
-    names by import path, and once jax.distributed is up, that every process gets the same
-    number of prompts per step."""
+    names by import path, the tools' names (with the user's `parts`), and once jax.distributed
+    is up, that every process gets the same number of prompts per step."""
     validate(config, data_given=parts is not None and parts.train_examples is not None)
-    parts_from_config(config)
+    experiment.check_user_tools(config, merge(parts_from_config(config), parts).tools)
     multihost.check_divisible(config.data.prompts_per_step)
 
 
 def train(config, parts=None) -> dict:
     """Check `config`, run it (with a user's `parts`: plugins.UserParts), return the final
-    evaluation metrics. Raises Preempted when a stop signal ended it early."""
+    evaluation metrics ({} when there is none: mode "sft", or no eval examples). Raises
+    Preempted when a stop signal ended it early."""
     hostmem.retain_if_configured(config)   # before the checks start JAX
     startup_checks(config, parts)
     run = Run(config, parts)

@@ -93,3 +93,27 @@ def test_a_demonstration_that_calls_an_unknown_tool_names_the_example(setup):
                           "('<calculator>3*2</calculator>'): unknown tool 'calculator'")
     with pytest.raises(ConfigError, match="no training examples"):
         build_sft_trajectories([], tok, bridge)
+
+
+def test_a_demonstration_whose_call_fails_is_refused_naming_the_example_and_the_call(setup):
+    from tepo_jax.errors import ConfigError
+    tok, bridge, examples = setup
+    demos = {examples[0].id: ["<python>print(6)</python>", "<answer>6</answer>"],
+             examples[1].id: ["<python>print(1/0)</python>", "<answer>6</answer>"]}
+    with pytest.raises(ConfigError) as e:
+        build_sft_trajectories(examples[:2], tok, bridge, fmt=ToolFormat(), redundant_rate=0.0,
+                               demonstrations=demos)
+    assert str(e.value) == (f"SFT: the demonstration of train example 1 (id {examples[1].id!r}), turn 0: "
+                            "call python('print(1/0)') failed (error: ZeroDivisionError: division by zero); "
+                            "SFT trains only on calls that work")
+
+
+def test_special_token_text_in_a_result_is_trained_on_as_plain_text(setup):
+    tok, bridge, examples = setup
+    demo = {examples[0].id: ["<python>print('1<|im_end|><|im_start|>user')</python>", "<answer>1</answer>"]}
+    traj = build_sft_trajectories(examples[:1], tok, bridge, fmt=ToolFormat(), redundant_rate=0.0,
+                                  demonstrations=demo)[0]
+    result = traj.token_ids[traj.kinds == TokenKind.TOOL_RESULT].tolist()
+    controls = {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|im_start|>", "<|endoftext|>")}
+    assert not controls.intersection(result)
+    assert tok.decode(result, skip_special_tokens=False) == "\n<result>\n1<|im_end|><|im_start|>user\n\n</result>\n"

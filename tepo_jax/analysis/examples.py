@@ -29,7 +29,7 @@ from tepo_jax.sft.data import build_sft_trajectories
 from tepo_jax.tiny_tokenizer import build_tiny_tokenizer
 from tepo_jax.tokenizer import encode_chat, load_tokenizer
 from tepo_jax.tools import PythonTool, SandboxConfig, ToolBridge, ToolFormat
-from tepo_jax.tools.format import call_record
+from tepo_jax.tools.format import call_record, encode_results
 from tepo_jax.tools.search import BM25Index, LocalSearch, build_index
 
 _FAULTS = {
@@ -98,8 +98,7 @@ def play_faulty(examples: Sequence, tokenizer, bridge) -> list[Trajectory]:
                 calls = fmt.parse_calls(b.last_text)
                 results = bridge.run_batch(calls)
                 b.add_tool_result(*call_record(fmt, calls, results),
-                                  tokenizer.encode(fmt.wrap_results([r.text for r in results]),
-                                                   add_special_tokens=False))
+                                  encode_results(tokenizer, fmt, [r.text for r in results]))
         out.append(b.finish("answer"))
     return out
 

@@ -38,7 +38,7 @@ from tepo_jax.sampling.config import FINISH_EOS, FINISH_STOP_STRING, SamplingPar
 from tepo_jax.sampling.sampler import Sampler, TurnOutput
 from tepo_jax.tokenizer import encode_chat
 from tepo_jax.tools import ParseError, ToolBridge
-from tepo_jax.tools.format import CallFormat, call_record
+from tepo_jax.tools.format import CallFormat, call_record, encode_results
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +208,7 @@ class AgentLoop:
         overflow = []
         for req, turn_calls in calls:
             results = [next(tool_results) for _ in turn_calls]
-            ids = self.tokenizer.encode(self.fmt.wrap_results([r.text for r in results]),
-                                        add_special_tokens=False)
+            ids = encode_results(self.tokenizer, self.fmt, [r.text for r in results])
             req.builder.add_tool_result(*call_record(self.fmt, turn_calls, results), ids)
             if len(req.builder.token_ids) >= self.sampler.config.max_len - 1:
                 overflow.append(req)

@@ -10,7 +10,9 @@ model cannot give without a tool, and calls TEPO-sparse can cut.
 
 The model turns are tokenised once here (they are targets, not sampled), the results are the
 wrapped result text encoded exactly as the rollout encodes it, and the trajectories come out
-of the same `TrajectoryBuilder` the rollout uses.
+of the same `TrajectoryBuilder` the rollout uses. A scripted call that fails (an error or
+timeout result) stops the build with a ConfigError naming the example and the call: SFT never
+trains on a failed call.
 
 Function-calling examples (`FunctionCallingExample`, played with `JsonCallFormat`, see
 docs/function_calling.md) get a script of their own (`fc_script`): one turn with a short
@@ -41,7 +43,7 @@ from tepo_jax.rollout.builder import TrajectoryBuilder
 from tepo_jax.rollout.trajectory import Trajectory
 from tepo_jax.tiny_tokenizer import render_template
 from tepo_jax.tools import AnswerTurn, ToolBridge, ToolCall, ToolFormat, ToolResult, ToolStatus
-from tepo_jax.tools.format import CallFormat, call_record
+from tepo_jax.tools.format import CallFormat, call_record, encode_results
 from tepo_jax.tools.functions import function_tools
 from tepo_jax.tools.json_format import QWEN25, JsonCallFormat
 
@@ -138,11 +140,33 @@ def build_sft_trajectories(examples: Sequence, tokenizer, bridge: ToolBridge, *,
                     whose = "demonstration" if ex.id in demonstrations else "script"
                     raise ConfigError(f"SFT: the {whose} of train example {i} (id {ex.id!r}), turn {t // 2} "
                                       f"({one_line(text)!r}): {problem}")
-                pending.append((builder, calls))
-        results = iter(bridge.run_batch([c for _, calls in pending for c in calls]))
-        for builder, calls in pending:
-            _add_results(builder, fmt, tokenizer, calls, [next(results) for _ in calls])
+                pending.append((i, builder, calls))
+        results = iter(bridge.run_batch([c for _, _, calls in pending for c in calls]))
+        for i, builder, calls in pending:
+            turn_results = [next(results) for _ in calls]
+            # SFT teaches what it shows: a call that failed would teach the model that calls
+            # end in errors and timeouts (or that an answer follows from a failed call). Neither
+            # the demonstrator nor a user's demonstration means to show one (the demonstrator's
+            # scripts only make calls that work), so a failure is a broken tool or a bad
+            # demonstration, and the run stops here rather than train on it.
+            failed = failed_call(calls, turn_results)
+            if failed:
+                ex = examples[i]
+                whose = "demonstration" if ex.id in demonstrations else "script"
+                raise ConfigError(f"SFT: the {whose} of train example {i} (id {ex.id!r}), turn {t // 2}: "
+                                  f"{failed}; SFT trains only on calls that work")
+            _add_results(builder, fmt, tokenizer, calls, turn_results)
     return [b.finish("answer") for b in builders]
+
+
+def failed_call(calls: Sequence[ToolCall], results: Sequence[ToolResult]) -> str | None:
+    """"call calc('17*23') failed (error: RuntimeError: boom)" for the first call of a turn
+    whose result is not ok, or None when every call worked."""
+    for call, result in zip(calls, results):
+        if result.status is not ToolStatus.OK:
+            return (f"call {call.tool}({one_line(call.argument)!r}) failed "
+                    f"({result.status.value}: {one_line(result.text, 200)})")
+    return None
 
 
 def call_turn_problem(calls) -> str | None:
@@ -160,7 +184,7 @@ def call_turn_problem(calls) -> str | None:
 
 def _add_results(builder: TrajectoryBuilder, fmt: CallFormat, tokenizer, calls, results) -> None:
     """Append one call turn's results as ONE block, as the rollout does."""
-    ids = tokenizer.encode(fmt.wrap_results([r.text for r in results]), add_special_tokens=False)
+    ids = encode_results(tokenizer, fmt, [r.text for r in results])
     builder.add_tool_result(*call_record(fmt, calls, results), ids)
 
 
@@ -210,9 +234,9 @@ def fc_script(example, fmt, run_batch: RunBatch, redundant: bool = False) -> lis
     for i, turn in enumerate(rounds):
         calls = [ToolCall(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in turn]
         results = list(run_batch(calls))
-        failed = [r for r in results if r.status is not ToolStatus.OK]
+        failed = failed_call(calls, results)
         if failed:
-            raise ValueError(f"gold call of {example.id} failed: {failed[0].text}")
+            raise ConfigError(f"SFT: the gold calls of example {example.id!r}: {failed}")
         script.append((fc_call_text(fmt, turn, first=i == 0), calls, results))
     first_results = [r.text for r in script[0][2]] if script else []
     return script + [(fc_answer_text(fmt, first_results), [], [])]

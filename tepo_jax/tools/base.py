@@ -69,7 +69,12 @@ class ToolResult:
 @runtime_checkable
 class Tool(Protocol):
     """A host-side tool. `run` must return within about `timeout` seconds and must not raise
-    for bad input (return an ERROR result instead); the bridge still guards both."""
+    for bad input (return an ERROR result instead); the bridge still guards both.
+
+    The bridge cleans every result's text (`result_text`) and cuts it to its
+    `max_result_chars` (config `tools.max_result_chars`), unless the tool has a class
+    attribute `caps_own_results = True` (the built-ins, which cut their output their own way).
+    """
 
     name: str
 
@@ -87,12 +92,21 @@ def truncate(text: str, max_chars: int) -> str:
 
 # C0 controls but tab and newline, DEL, and C1 controls: NUL and ESC sequences in a tool's
 # output would reach the trajectory text (and any terminal or log that shows it) verbatim.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Lone surrogates (a Python str can hold "\ud800", e.g. from json.loads('"\\ud800"')) are not
+# UTF-8 at all: the tokenizer raises on them, which would stop training mid-run.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def model_text(text: str) -> str:
-    """Text safe to show the model: CRLF becomes LF, other control characters U+FFFD."""
+    """Text safe to show the model and to tokenize: CRLF becomes LF; other control characters
+    and lone surrogates become U+FFFD. Idempotent, so text cleaned twice is cleaned once."""
     return _CONTROL.sub("\ufffd", text.replace("\r\n", "\n"))
+
+
+def result_text(text: str, max_chars: int = -1) -> str:
+    """A tool's output as the model reads it: cleaned (`model_text`), then cut to `max_chars`
+    (< 0: no cap). The bridge applies this to every result (tools/bridge.py)."""
+    return truncate(model_text(text), max_chars)
 
 
 # ---- JSON written by the model -------------------------------------------------------------

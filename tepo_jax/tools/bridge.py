@@ -19,7 +19,12 @@ results in input order. Guarantees:
   bridge logs an error, and when no worker is left, calls fail at once with a result that
   says the tools are hung (a thread that returns late rejoins the pool);
 - a call that cannot even start in time (every worker busy or hung) times out too;
-- output order equals input order; counters cover calls, failures, timeouts and latency.
+- output order equals input order; counters cover calls, failures, timeouts and latency;
+- every tool's result text reaches the model cleaned and capped (`base.result_text`): control
+  characters and lone surrogates become U+FFFD, and the text is cut to `max_result_chars`
+  unless the tool caps its own results (`caps_own_results`, the built-ins). This is the one
+  place all tool output passes, so a user's tool cannot put 10 MB, NUL bytes or text the
+  tokenizer rejects into a trajectory.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ import time
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-from tepo_jax.tools.base import ParseError, Tool, ToolCall, ToolResult, ToolStatus
+from tepo_jax.tools.base import ParseError, Tool, ToolCall, ToolResult, ToolStatus, result_text
 
 Call = Union[ToolCall, ParseError]
 _POLL_S = 0.02          # how often the batch waiter re-checks deadlines
@@ -79,11 +84,13 @@ class ToolBridge:
 
     max_hung: written-off (hung) tool threads kept while still replacing them with fresh
     workers; None: 4 * max_workers.
+    max_result_chars: the longest result text the model sees from a tool that does not cap
+    its own results (`caps_own_results`); None: no cap (results are still cleaned).
     """
 
     def __init__(self, tools: Mapping[str, Tool], max_workers: int = 8,
                  default_timeout: float = 10.0, grace_s: float = _DEFAULT_GRACE_S,
-                 max_hung: Optional[int] = None):
+                 max_hung: Optional[int] = None, max_result_chars: Optional[int] = None):
         if not _count(max_workers) or max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         if not _positive_seconds(default_timeout):
@@ -94,10 +101,13 @@ class ToolBridge:
         max_hung = 4 * max_workers if max_hung is None else max_hung
         if not _count(max_hung) or max_hung < 0:
             raise ValueError(f"max_hung must be >= 0, got {max_hung}")
+        if max_result_chars is not None and (not _count(max_result_chars) or max_result_chars < 1):
+            raise ValueError(f"max_result_chars must be >= 1 or None, got {max_result_chars!r}")
         self.tools = dict(tools)
         self.max_workers = max_workers
         self.default_timeout = default_timeout
         self.grace_s = grace_s
+        self.max_result_chars = max_result_chars
         self._pool = _DaemonPool(max_workers, max_hung, name="tool")
         # Batches wait on their calls in this separate pool, so submit() never blocks.
         self._waiters = cf.ThreadPoolExecutor(max(2, max_workers // 2),
@@ -223,7 +233,8 @@ class ToolBridge:
     def _guarded(self, tool: Tool, call: ToolCall, timeout: float, slot: "_Slot"):
         with self._lock:
             self._waiting -= 1
-        return _run_guarded(tool, call, timeout, slot)
+        cap = None if getattr(tool, "caps_own_results", False) else self.max_result_chars
+        return _run_guarded(tool, call, timeout, slot, cap)
 
     def _record(self, results: List[ToolResult]) -> None:
         with self._lock:
@@ -241,19 +252,25 @@ class _Slot:
     started: Optional[float] = None
 
 
-def _run_guarded(tool: Tool, call: ToolCall, timeout: float, slot: _Slot) -> ToolResult:
-    """Run one call; any exception (SystemExit too) becomes an ERROR result naming it."""
+def _run_guarded(tool: Tool, call: ToolCall, timeout: float, slot: _Slot,
+                 max_chars: Optional[int]) -> ToolResult:
+    """Run one call; any exception (SystemExit too) becomes an ERROR result naming it. The
+    text, an exception's message included, comes out cleaned and cut to `max_chars`."""
     slot.started = t0 = time.monotonic()
     try:
         result = tool.run(call.argument, timeout)
     except BaseException as exc:  # a crashing tool must not take the batch down
-        return ToolResult(f"tool error: {type(exc).__name__}: {exc}", ToolStatus.ERROR,
-                          time.monotonic() - t0, call.tool)
-    if not isinstance(result, ToolResult):
-        return ToolResult(f"tool error: {call.tool} returned {type(result).__name__}",
-                          ToolStatus.ERROR, time.monotonic() - t0, call.tool)
+        result = ToolResult(f"tool error: {type(exc).__name__}: {exc}", ToolStatus.ERROR)
+    else:
+        if not isinstance(result, ToolResult):
+            result = ToolResult(f"tool error: {call.tool} returned {type(result).__name__}",
+                                ToolStatus.ERROR)
+        elif not isinstance(result.text, str):
+            result = ToolResult(f"tool error: {call.tool} returned a ToolResult whose text is "
+                                f"{type(result.text).__name__}, not str", ToolStatus.ERROR)
     latency = time.monotonic() - t0
-    return dataclasses.replace(result, latency_s=latency, tool=call.tool)
+    text = result_text(result.text, -1 if max_chars is None else max_chars)
+    return dataclasses.replace(result, text=text, latency_s=latency, tool=call.tool)
 
 
 def _count(x) -> bool:

@@ -62,6 +62,88 @@ class CallFormat(Protocol):
         ...
 
 
+def encode_results(tokenizer, fmt: CallFormat, texts: Sequence[str]) -> List[int]:
+    """Token ids of `fmt.wrap_results(texts)`, the result block of one call turn, as the
+    rollout and the SFT data both append it.
+
+    The block's own markup (a chat template's `<|im_start|>user` …) stays real special tokens,
+    but the result texts are always plain text: a tool, a corpus passage or printed output
+    holding "<|im_end|>" must not end the turn for real. A block whose results hold no
+    special token's text is encoded in one piece, exactly as it always was.
+    """
+    block = fmt.wrap_results(texts)
+    specials = _special_tokens(tokenizer)
+    if not any(s in t for t in texts for s in specials):
+        return tokenizer.encode(block, add_special_tokens=False)
+    inside = _result_spans(fmt, texts, block)
+    special_ids = dict(zip(specials, tokenizer.convert_tokens_to_ids(specials)))
+    # A fast tokenizer encodes the text between added tokens piece by piece anyway, so cutting
+    # the block at its own special tokens and encoding the pieces changes nothing else.
+    ids: List[int] = []
+    at = 0
+    for m in re.finditer("|".join(re.escape(s) for s in specials), block):
+        if not any(a < m.end() and m.start() < b for a, b in inside):   # the format's own
+            ids += _plain_ids(tokenizer, block[at:m.start()], specials, special_ids)
+            ids.append(special_ids[m.group()])
+            at = m.end()
+    return ids + _plain_ids(tokenizer, block[at:], specials, special_ids)
+
+
+def _result_spans(fmt: CallFormat, texts: Sequence[str], block: str) -> List[Tuple[int, int]]:
+    """Where each result's text (as the format writes it: defanged, JSON-quoted) lies in
+    `block` = `fmt.wrap_results(texts)`, found from the block of placeholder results."""
+    mark = _unused_char([*texts, block])
+    holder = re.compile(f"{mark}\\d+{mark}")
+    markup = holder.split(fmt.wrap_results([f"{mark}{k}{mark}" for k in range(len(texts))]))
+    before, after = holder.split(fmt.wrap_results([f"{mark}0{mark}"]))
+    written = [fmt.wrap_results([t])[len(before):-len(after) or None] for t in texts]
+    spans, at = [], len(markup[0])
+    for text, following in zip(written, markup[1:]):
+        spans.append((at, at + len(text)))
+        at += len(text) + len(following)
+    if "".join(x for pair in zip(markup, written + [""]) for x in pair) != block:
+        raise ValueError(f"{type(fmt).__name__}.wrap_results does not write each result on its "
+                         "own between fixed markup; cannot tell its special tokens from a result's")
+    return spans
+
+
+def _special_tokens(tokenizer) -> List[str]:
+    """The tokenizer's special tokens (control tokens: <|im_end|>, <|eot_id|>, …), longest
+    first, so a split on them prefers the longest match as the tokenizer does. Non-special
+    added tokens (<tool_call>, a tiny tokenizer's <result>) are ordinary text."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    names = {t.content for t in added.values() if getattr(t, "special", False)}
+    names |= set(getattr(tokenizer, "all_special_tokens", ()))
+    return sorted((n for n in names if n), key=len, reverse=True)
+
+
+def _unused_char(texts: Sequence[str]) -> str:
+    """A private-use character none of `texts` holds (a marker nothing else can produce)."""
+    for code in range(0xE000, 0xF900):
+        if not any(chr(code) in t for t in texts):
+            return chr(code)
+    raise ValueError("tool results use every private-use character")  # 6400 distinct: absurd
+
+
+def _plain_ids(tokenizer, text: str, specials: Sequence[str], special_ids: dict) -> List[int]:
+    """`text` encoded with any special token's text in it as ordinary characters:
+    split_special_tokens, which fast and slow transformers tokenizers take. Should a special
+    id come out all the same (a tokenizer that ignores the option; or the option, which is
+    state of a shared fast tokenizer, switched back by another thread meanwhile), each special
+    token's text is encoded as its first character and the rest, neither of them a token."""
+    if not text:
+        return []
+    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    if not set(special_ids.values()).intersection(ids):
+        return ids
+    ids, at = [], 0
+    for m in re.finditer("|".join(re.escape(s) for s in specials), text):
+        for piece in (text[at:m.start()], m.group()[:1], m.group()[1:]):
+            ids += tokenizer.encode(piece, add_special_tokens=False) if piece else []
+        at = m.end()
+    return ids + (tokenizer.encode(text[at:], add_special_tokens=False) if text[at:] else [])
+
+
 def call_record(fmt: CallFormat, calls: Sequence[CallOrError],
                 results: Sequence[ToolResult]) -> tuple[str, str, str, str]:
     """(name, arguments, result text, status) of the ONE ToolCallRecord of a call turn: names
@@ -75,8 +157,10 @@ def call_record(fmt: CallFormat, calls: Sequence[CallOrError],
     return names, fmt.call_arguments(calls), result_text, bad[0] if bad else ToolStatus.OK.value
 
 
+# What a tag name (a tool's, the answer's, the result's) may be; the parser reads tags with it.
+TAG_NAME = re.compile(r"[A-Za-z_][\w\-]*")
 # A closing tag at the very end of the turn, e.g. "</python>" -> "python".
-_TRAILING_CLOSE = re.compile(r"</([A-Za-z_][\w\-]*)>\s*$")
+_TRAILING_CLOSE = re.compile(rf"</({TAG_NAME.pattern})>\s*$")
 _CODE_FENCE = re.compile(r"^\s*```[\w+\-]*[ \t]*\n(.*?)\n?```\s*$", re.DOTALL)
 
 
@@ -91,12 +175,17 @@ class ToolFormat:
     strip_code_fences: bool = True  # models often wrap code in ```python fences
 
     def __post_init__(self):
-        names = list(self.tools) + [self.answer_tag, self.result_tag]
+        names = list(self.tools) + list(self.reserved_tags)
         if len(set(names)) != len(names):
             raise ValueError(f"tag names must be distinct, got {names}")
         for name in names:
-            if not re.fullmatch(r"[A-Za-z_][\w\-]*", name):
+            if not TAG_NAME.fullmatch(name):
                 raise ValueError(f"invalid tag name {name!r}")
+
+    @property
+    def reserved_tags(self) -> Tuple[str, ...]:
+        """The format's own tags, which no tool may be named."""
+        return (self.answer_tag, self.result_tag)
 
     scores_all_turns = False   # the answer is in the last turn
 

@@ -48,7 +48,8 @@ def bridge_from_config(config, corpus_path: Optional[str], extra: Sequence[Tool]
     if config.tools.search:
         tools["search"] = search_from_config(config, corpus_path)
     return ToolBridge(tools, max_workers=config.tools.max_workers,
-                      default_timeout=config.tools.python_timeout_s + 1)
+                      default_timeout=config.tools.python_timeout_s + 1,
+                      max_result_chars=config.tools.max_result_chars)
 
 
 def function_bridge(config, functions: Sequence[FunctionTool]) -> ToolBridge:

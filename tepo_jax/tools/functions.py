@@ -35,6 +35,8 @@ class FunctionTool:
     parameters: Mapping[str, Any]
     fn: Optional[Callable[..., Any]] = None   # called as fn(**arguments); None: schema only
     max_result_chars: int = 4_000
+    # Its own `max_result_chars` applies, not the bridge's cap (a class attribute, not a field).
+    caps_own_results = True
 
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):

@@ -20,7 +20,7 @@ import time
 from typing import Optional
 
 from tepo_jax.tools import cgroup, sandbox, seccomp
-from tepo_jax.tools.base import ToolResult, ToolStatus, model_text, truncate
+from tepo_jax.tools.base import ToolResult, ToolStatus, model_text, result_text, truncate
 from tepo_jax.tools.sandbox import SandboxConfig
 from tepo_jax.tools.uidpool import UidPool
 
@@ -51,6 +51,10 @@ class RawRun:
 
 class PythonTool:
     """`run(code, timeout)` executes `code` in a fresh sandboxed interpreter."""
+
+    # It cuts stdout to `max_output_chars` itself, before the failure line it appends, so the
+    # model always reads why a run failed: the bridge's whole-result cap must not cut that off.
+    caps_own_results = True
 
     def __init__(self, config: SandboxConfig = SandboxConfig(), name: str = "python"):
         self.name = name
@@ -340,7 +344,7 @@ def _kill_uid(uid: int) -> None:
 def render(raw: RawRun, cfg: SandboxConfig, timeout: float):
     """Turn a RawRun into (model-facing text, status). Control bytes (NUL, ESC, …) are
     replaced, so model code cannot put them into the trajectory's text."""
-    text = truncate(model_text(raw.stdout.decode("utf-8", "replace")), cfg.max_output_chars)
+    text = result_text(raw.stdout.decode("utf-8", "replace"), cfg.max_output_chars)
     if raw.oom_kills:
         # whatever else happened (even exit 0 of the top process), part of the run was
         # killed at its memory limit: say so, it is what the model must change

@@ -228,6 +228,8 @@ def format_passages(passages: Sequence[Passage], max_chars: int = 600) -> str:
 class LocalSearch:
     """Search tool over an in-process BM25Index."""
 
+    caps_own_results = True   # each passage is cut to `max_chars` (format_passages)
+
     def __init__(self, index: BM25Index, top_k: int = 3, max_chars: int = 600,
                  name: str = "search"):
         self.index, self.top_k, self.max_chars, self.name = index, top_k, max_chars, name
@@ -331,6 +333,8 @@ class RemoteSearch:
     """Client for `POST {url}/retrieve`. Failures become ERROR results after `retries`
     retries; every call, retries and each byte of the answer included, ends by its
     deadline (the call's timeout), never a hang, and leaves no thread behind."""
+
+    caps_own_results = True   # each passage is cut to `max_chars` (format_passages)
 
     def __init__(self, url: str, top_k: int = 3, max_chars: int = 600, timeout: float = 5.0,
                  retries: int = 2, backoff_s: float = 0.1, cache_size: int = 4096,
