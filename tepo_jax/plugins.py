@@ -88,7 +88,10 @@ def as_reward(fn, where: str = "reward", examples: Iterable[Sequence] = ()) -> U
 
 def reward_number(value) -> float:
     """A reward value as a Python float: an int, float or numpy number (a numpy scalar or 0-d
-    array); a ValueError saying what it is otherwise (a bool, None, a string, NaN, inf)."""
+    array; a 0-d array of another library, jax.numpy or torch, is read through numpy); a
+    ValueError saying what it is otherwise (a bool, None, a string, NaN, inf)."""
+    if not isinstance(value, np.ndarray) and hasattr(value, "__array__") and getattr(value, "ndim", None) == 0:
+        value = np.asarray(value)
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):

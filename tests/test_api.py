@@ -249,6 +249,21 @@ def test_numpy_numbers_are_rewards(value):
     json.dumps(result.score)
 
 
+def test_jax_and_torch_scalars_are_rewards_and_their_arrays_and_bools_are_not():
+    import jax.numpy as jnp
+    import torch
+
+    for value in (jnp.float32(0.25), jnp.asarray(0.25), torch.tensor(0.25)):
+        result = _score(lambda text, gold: value)
+        assert type(result.score) is float and result.score == 0.25
+    for value, name in ((jnp.asarray([0.25, 0.5]), "ArrayImpl"), (jnp.asarray(True), "bool"),
+                        (torch.tensor(True), "bool")):
+        with pytest.raises(PluginError, match=rf"returned {name}; it must return a float"):
+            _score(lambda text, gold: value)
+    with pytest.raises(PluginError, match="finite"):
+        _score(lambda text, gold: jnp.float32(jnp.nan))
+
+
 @pytest.mark.parametrize("value,name", [(True, "bool"), (np.bool_(True), "bool"), (None, "NoneType"), ("1", "str")])
 def test_a_reward_of_the_wrong_type_names_its_type(value, name):
     with pytest.raises(PluginError, match=rf"returned {name}; it must return a float or a RewardResult \(on example"):
