@@ -20,7 +20,6 @@ the measured results; `python -m tepo_jax.study --seeds 3` repeats it over seeds
 from __future__ import annotations
 
 import argparse
-import json
 import dataclasses
 import importlib.util
 import logging
@@ -31,6 +30,7 @@ from typing import Optional
 from tepo_jax import paths
 from tepo_jax.analysis import compare, pilot
 from tepo_jax.analysis.plots import plot_dh_by_class, plot_training_curves
+from tepo_jax.analysis.traces import read_metrics
 from tepo_jax.config import ADVANTAGES, validate
 from tepo_jax.data import jsonl, synthetic
 from tepo_jax.data.loading import synthetic_data_dir
@@ -106,8 +106,8 @@ def rl_step_seconds(run_dir: Path) -> Optional[float]:
     metrics.jsonl: the same whether the run just ran, was resumed, or is read back finished
     (timing the `train` call would count only the last attempt). None without such rows."""
     path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    times = [r["time/step_s"] for r in rows if r.get("phase") == "rl" and r.get("time/step_s") is not None]
+    rows = read_metrics(path, phase="rl") if path.exists() else []
+    times = [r["time/step_s"] for r in rows if r.get("time/step_s") is not None]
     return float(sum(times)) if times else None
 
 
