@@ -124,6 +124,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.loss.eps_low = 0.2
     c.loss.eps_high = 0.28            # clip-higher (ours; DAPO's default)
     c.loss.kl_coef = 0.0              # β for k3 KL to the frozen initial policy
+    # The trained policy. False (ours): the model's temperature-1 distribution, whatever
+    # rollout.temperature draws at. True (TRL's and verl's convention): softmax(logits / T) at
+    # T = rollout.temperature, in the sampler's recorded logprobs and entropies (so TEPO's
+    # entropies too), the ratio, the reference KL and the logprob check. docs/design.md, Loss.
+    c.loss.tempered_policy = False
     # token_mean (ours) | seq_mean_token_mean (Tunix/TRL GRPO) | seq_mean_token_sum_norm
     # (Dr. GRPO, constant L = rollout.max_tokens); rl/loss.py, docs/design.md.
     c.loss.agg_mode = "token_mean"
@@ -343,6 +348,9 @@ def _check_consistency(c, data_given: bool = False) -> None:
     _check_model(c.model)
     if c.rollout.max_turn_tokens > c.rollout.max_tokens:
         raise ConfigError("config.rollout.max_turn_tokens: larger than rollout.max_tokens")
+    if c.loss.tempered_policy and c.rollout.temperature == 0:
+        raise ConfigError("config.loss.tempered_policy: needs rollout.temperature > 0 (the policy is "
+                          "softmax(logits / rollout.temperature); 0 is greedy decoding)")
     if c.rollout.max_tokens >= c.rollout.cache_len:
         raise ConfigError("config.rollout.max_tokens: must be smaller than rollout.cache_len "
                           "(the prompt and tool results also live in the cache)")

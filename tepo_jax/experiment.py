@@ -30,6 +30,7 @@ from tepo_jax.errors import ConfigError
 from tepo_jax.models.decoder import BATCH_AXES
 from tepo_jax.plugins import PluginError, UserParts, check_tool_names, merge, parts_from_config
 from tepo_jax.rewards import TaskRewards
+from tepo_jax.rl.loss import policy_temperature
 from tepo_jax.rollout.agent import AgentLoop, RolloutConfig, encode_prompt
 from tepo_jax.sampling.config import SamplerConfig
 from tepo_jax.sampling.sampler import Sampler
@@ -168,7 +169,8 @@ def make_agent(config, model, exp: Experiment, slots: int) -> AgentLoop:
     shards = batch_shards(exp.mesh)
     slots = -(-slots // shards) * shards
     cfg = SamplerConfig.for_rollout(c.rollout.cache_len, slots, model=model.cfg, seed=c.seed,
-                                    eos_ids=tuple(stop_token_ids(exp.tokenizer))[:8])
+                                    eos_ids=tuple(stop_token_ids(exp.tokenizer))[:8],
+                                    policy_temperature=policy_temperature(c))
     sampler = Sampler(model, cfg, tokenizer=exp.tokenizer)
     return AgentLoop(sampler, exp.bridge, exp.tokenizer, exp.fmt, RolloutConfig.from_config(c), exp.tools,
                      rewards=TaskRewards.from_config(c, exp.fmt, custom=exp.parts.reward),

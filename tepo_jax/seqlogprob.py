@@ -25,22 +25,23 @@ import jax.numpy as jnp
 from tepo_jax.logprobs import logprob_and_entropy
 
 
-def _logits(hidden, kernel):
-    return jnp.einsum("BCD,DV->BCV", hidden, kernel.astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
+def _logits(hidden, kernel, logit_scale):
+    """float32 logits [B, C, V] of the chunk, times `logit_scale` (1/T of a tempered policy)."""
+    z = jnp.einsum("BCD,DV->BCV", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return z if logit_scale == 1.0 else z * jnp.float32(logit_scale)
 
 
-def _chunk_logprob_entropy(hidden, kernel, targets, vocab_chunk, entropy_grad):
+def _chunk_logprob_entropy(hidden, kernel, targets, vocab_chunk, entropy_grad, logit_scale):
     """hidden [B, C, D], kernel [D, V], targets int[B, C] -> (logprob, entropy) float32 [B, C]."""
     if not entropy_grad:
-        return _chunk_metric_entropy(hidden, kernel, targets, vocab_chunk)
-    return logprob_and_entropy(_logits(hidden, kernel), targets, vocab_chunk)
+        return _chunk_metric_entropy(hidden, kernel, targets, vocab_chunk, logit_scale)
+    return logprob_and_entropy(_logits(hidden, kernel, logit_scale), targets, vocab_chunk)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunk_metric_entropy(hidden, kernel, targets, vocab_chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunk_metric_entropy(hidden, kernel, targets, vocab_chunk, logit_scale):
     """`_chunk_logprob_entropy` whose entropy carries no gradient (a metric)."""
-    return logprob_and_entropy(_logits(hidden, kernel), targets, vocab_chunk)
+    return logprob_and_entropy(_logits(hidden, kernel, logit_scale), targets, vocab_chunk)
 
 
 def _log_z(logits, targets, lp):
@@ -49,17 +50,19 @@ def _log_z(logits, targets, lp):
     return target_logit - lp
 
 
-def _chunk_fwd(hidden, kernel, targets, vocab_chunk):
-    logits = _logits(hidden, kernel)
+def _chunk_fwd(hidden, kernel, targets, vocab_chunk, logit_scale):
+    logits = _logits(hidden, kernel, logit_scale)
     lp, ent = logprob_and_entropy(logits, targets, vocab_chunk)
     return (lp, ent), (hidden, kernel, targets, _log_z(logits, targets, lp))
 
 
-def _head_grads(hidden, kernel, targets, logits, log_z, g):
-    """(d hidden, d kernel) of Σ g · logprob(targets) through the head, from the chunk's logits
-    and log Z: d logits = g · (onehot(y) − exp(z − log Z))."""
+def _head_grads(hidden, kernel, targets, logits, log_z, g, logit_scale):
+    """(d hidden, d kernel) of Σ g · logprob(targets) through the head, from the chunk's
+    (scaled) logits and log Z: d logits = g · (onehot(y) − exp(z − log Z)) · logit_scale."""
     onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
     dz = g[..., None] * (onehot - jnp.exp(logits - log_z[..., None]))  # d logp / d z, [B, C, V]
+    if logit_scale != 1.0:   # z = logit_scale · (hidden @ kernel)
+        dz = dz * jnp.float32(logit_scale)
     dz = dz.astype(hidden.dtype)
     d_hidden = jnp.einsum("BCV,DV->BCD", dz, kernel.astype(hidden.dtype),
                           preferred_element_type=jnp.float32).astype(hidden.dtype)
@@ -68,10 +71,11 @@ def _head_grads(hidden, kernel, targets, logits, log_z, g):
     return d_hidden, d_kernel
 
 
-def _chunk_bwd(vocab_chunk, res, cts):
+def _chunk_bwd(vocab_chunk, logit_scale, res, cts):
     hidden, kernel, targets, log_z = res
     g = cts[0]                                                        # the entropy's is dropped
-    return _head_grads(hidden, kernel, targets, _logits(hidden, kernel), log_z, g) + (None,)
+    logits = _logits(hidden, kernel, logit_scale)
+    return _head_grads(hidden, kernel, targets, logits, log_z, g, logit_scale) + (None,)
 
 
 _chunk_metric_entropy.defvjp(_chunk_fwd, _chunk_bwd)
@@ -81,10 +85,13 @@ def sequence_logprob_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.
                              chunk_size: Optional[int] = 256,
                              vocab_chunk: Optional[int] = None,
                              entropy_grad: bool = False,
-                             needed: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+                             needed: Optional[jax.Array] = None,
+                             logit_scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """hidden [B, T, D] (hidden[t] predicts targets[t]), kernel [D, V], targets int[B, T].
 
-    Returns (logprob, entropy), float32 [B, T], of targets[t] under softmax(hidden[t] @ kernel).
+    Returns (logprob, entropy), float32 [B, T], of targets[t] under
+    softmax(logit_scale · hidden[t] @ kernel): `logit_scale` = 1/T trains the policy at
+    temperature T (the float32 logits are scaled, as the sampler scales its own).
     `chunk_size=None` (or >= T) computes all logits at once (the reference path).
     The entropy is a metric unless `entropy_grad` (e.g. an entropy bonus): by default it is
     stop-gradient'ed inside the chunk, so the backward scan does no work for it.
@@ -95,9 +102,10 @@ def sequence_logprob_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.
     """
     b, t, d = hidden.shape
     if needed is not None and chunk_size:
-        return _needed_positions_first(hidden, kernel, targets, needed, chunk_size, vocab_chunk, entropy_grad)
+        return _needed_positions_first(hidden, kernel, targets, needed, chunk_size, vocab_chunk, entropy_grad,
+                                       logit_scale)
     if not chunk_size or chunk_size >= t:
-        return _chunk_logprob_entropy(hidden, kernel, targets, vocab_chunk, entropy_grad)
+        return _chunk_logprob_entropy(hidden, kernel, targets, vocab_chunk, entropy_grad, logit_scale)
     n = -(-t // chunk_size)
     pad = n * chunk_size - t
     if pad:
@@ -108,7 +116,7 @@ def sequence_logprob_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.
     ys = jnp.moveaxis(targets.reshape(b, n, chunk_size), 1, 0)
     # Entropy as a metric: the custom VJP saves only log Z per chunk. With an entropy gradient,
     # the checkpointed body has autodiff recompute the chunk's logits in the backward pass.
-    chunk_fn = lambda h, y, k: _chunk_logprob_entropy(h, k, y, vocab_chunk, entropy_grad)  # noqa: E731
+    chunk_fn = lambda h, y, k: _chunk_logprob_entropy(h, k, y, vocab_chunk, entropy_grad, logit_scale)  # noqa: E731
     body = jax.checkpoint(chunk_fn) if entropy_grad else chunk_fn
 
     def scan_body(_, xs):
@@ -154,7 +162,7 @@ class _NeededFirst:
         return jnp.take_along_axis(x, inverse.reshape(inverse.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _needed_positions_first(hidden, kernel, targets, needed, chunk_size, vocab_chunk, entropy_grad):
+def _needed_positions_first(hidden, kernel, targets, needed, chunk_size, vocab_chunk, entropy_grad, logit_scale):
     """`sequence_logprob_entropy` over the needed positions only, with static shapes.
 
     The positions are put needed first and cut into chunks (`_NeededFirst`); a chunk past every
@@ -164,7 +172,7 @@ def _needed_positions_first(hidden, kernel, targets, needed, chunk_size, vocab_c
     read 0.
     """
     layout = _NeededFirst(needed, chunk_size)
-    chunk_fn = lambda h, y, k: _chunk_logprob_entropy(h, k, y, vocab_chunk, entropy_grad)  # noqa: E731
+    chunk_fn = lambda h, y, k: _chunk_logprob_entropy(h, k, y, vocab_chunk, entropy_grad, logit_scale)  # noqa: E731
     body = jax.checkpoint(chunk_fn) if entropy_grad else chunk_fn
     zeros = jnp.zeros((layout.b, layout.chunk), jnp.float32)
 
@@ -191,18 +199,18 @@ def _needed_positions_first(hidden, kernel, targets, needed, chunk_size, vocab_c
 # scan adds them).
 
 
-def _head_loss_chunk(hidden, kernel, targets, needed, inputs, token_loss, vocab_chunk):
+def _head_loss_chunk(hidden, kernel, targets, needed, inputs, token_loss, vocab_chunk, logit_scale):
     """One chunk's (logprob, entropy, loss sum, d hidden, d kernel) of Σ token_loss over the
     needed positions."""
-    logits = _logits(hidden, kernel)
+    logits = _logits(hidden, kernel, logit_scale)
     lp, ent = logprob_and_entropy(logits, targets, vocab_chunk)
     losses, pullback = jax.vjp(lambda x: jnp.where(needed, token_loss(x, inputs), 0.0), lp)
     (g,) = pullback(jnp.ones_like(losses))
-    d_hidden, d_kernel = _head_grads(hidden, kernel, targets, logits, _log_z(logits, targets, lp), g)
+    d_hidden, d_kernel = _head_grads(hidden, kernel, targets, logits, _log_z(logits, targets, lp), g, logit_scale)
     return lp, ent, jnp.sum(losses), d_hidden, d_kernel
 
 
-def _fused_forward(token_loss, chunk_size, vocab_chunk, hidden, kernel, targets, needed, inputs):
+def _fused_forward(token_loss, chunk_size, vocab_chunk, logit_scale, hidden, kernel, targets, needed, inputs):
     """((loss, logprob, entropy), (d hidden, d kernel)), over the needed positions' chunks."""
     layout = _NeededFirst(needed, chunk_size)
     zeros = jnp.zeros((layout.b, layout.chunk), jnp.float32)
@@ -212,7 +220,7 @@ def _fused_forward(token_loss, chunk_size, vocab_chunk, hidden, kernel, targets,
         h, y, need, inp, on = xs
 
         def compute():
-            lp, ent, loss, dh, dk = _head_loss_chunk(h, kernel, y, need, inp, token_loss, vocab_chunk)
+            lp, ent, loss, dh, dk = _head_loss_chunk(h, kernel, y, need, inp, token_loss, vocab_chunk, logit_scale)
             return d_kernel + dk, (lp, ent, loss, dh)
 
         def skip():
@@ -227,16 +235,18 @@ def _fused_forward(token_loss, chunk_size, vocab_chunk, hidden, kernel, targets,
     return (jnp.sum(losses), layout.unchunk(lp), layout.unchunk(ent)), (layout.unchunk(d_hidden), d_kernel)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused_head_loss(token_loss, chunk_size, vocab_chunk, hidden, kernel, targets, needed, inputs):
-    return _fused_forward(token_loss, chunk_size, vocab_chunk, hidden, kernel, targets, needed, inputs)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _fused_head_loss(token_loss, chunk_size, vocab_chunk, logit_scale, hidden, kernel, targets, needed, inputs):
+    return _fused_forward(token_loss, chunk_size, vocab_chunk, logit_scale, hidden, kernel, targets, needed,
+                          inputs)[0]
 
 
-def _fused_fwd(token_loss, chunk_size, vocab_chunk, hidden, kernel, targets, needed, inputs):
-    return _fused_forward(token_loss, chunk_size, vocab_chunk, hidden, kernel, targets, needed, inputs)
+def _fused_fwd(token_loss, chunk_size, vocab_chunk, logit_scale, hidden, kernel, targets, needed, inputs):
+    return _fused_forward(token_loss, chunk_size, vocab_chunk, logit_scale, hidden, kernel, targets, needed,
+                          inputs)
 
 
-def _fused_bwd(token_loss, chunk_size, vocab_chunk, res, cts):
+def _fused_bwd(token_loss, chunk_size, vocab_chunk, logit_scale, res, cts):
     d_hidden, d_kernel = res
     ct_loss = cts[0]   # logprob and entropy leave `head_loss` without a gradient
     return (ct_loss * d_hidden).astype(d_hidden.dtype), (ct_loss * d_kernel).astype(d_kernel.dtype), None, None, None
@@ -247,7 +257,8 @@ _fused_head_loss.defvjp(_fused_fwd, _fused_bwd)
 
 def head_loss(hidden: jax.Array, kernel: jax.Array, tokens: jax.Array, segment_ids: jax.Array,
               needed: jax.Array, token_loss: Callable, inputs, chunk_size: Optional[int] = 256,
-              vocab_chunk: Optional[int] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+              vocab_chunk: Optional[int] = None,
+              logit_scale: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(loss, logprob, entropy) of a per-token loss through the output head, batch convention.
 
     loss = Σ_t token_loss(logprob, inputs)_t over the `needed` tokens (bool[B, T]: the loss's
@@ -256,7 +267,7 @@ def head_loss(hidden: jax.Array, kernel: jax.Array, tokens: jax.Array, segment_i
     there, with a finite gradient (sanitise what it does not read; `rl.loss.token_losses` does).
     `inputs` is a pytree of [B, T] arrays in batch convention (rl/batch.py), cut into chunks
     beside the logprobs. logprob and entropy [B, T] are those of `token_logprob_entropy(...,
-    needed=needed)` and carry no gradient (metrics). The loss's gradient is formed in the
+    needed=needed, logit_scale=logit_scale)` and carry no gradient (metrics). The loss's gradient is formed in the
     forward pass (see above): differentiate a function that uses the loss linearly (`jax.grad`
     of it, as a train step does); evaluating it without a gradient does that work for nothing.
     """
@@ -264,8 +275,8 @@ def head_loss(hidden: jax.Array, kernel: jax.Array, tokens: jax.Array, segment_i
     # The inputs' last position repeats the one before (not 0): a loss may divide by an input.
     shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731
     shift_edge = lambda x: jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)  # noqa: E731
-    loss, lp, ent = _fused_head_loss(token_loss, chunk_size, vocab_chunk, hidden, kernel, shift(tokens),
-                                     shift(needed), jax.tree.map(shift_edge, inputs))
+    loss, lp, ent = _fused_head_loss(token_loss, chunk_size, vocab_chunk, float(logit_scale), hidden, kernel,
+                                     shift(tokens), shift(needed), jax.tree.map(shift_edge, inputs))
     has_pred = prediction_mask(segment_ids)
     unshift = lambda x: jnp.where(has_pred, jnp.pad(x[:, :-1], ((0, 0), (1, 0))), 0.0)  # noqa: E731
     sg = jax.lax.stop_gradient
@@ -282,18 +293,20 @@ def token_logprob_entropy(hidden: jax.Array, kernel: jax.Array, tokens: jax.Arra
                           segment_ids: jax.Array, chunk_size: Optional[int] = 256,
                           vocab_chunk: Optional[int] = None,
                           entropy_grad: bool = False,
-                          needed: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+                          needed: Optional[jax.Array] = None,
+                          logit_scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """Batch-convention logprob/entropy [B, T]: value[t] belongs to token t (see rl/batch.py).
 
     logprob[t] = log p(tokens[t] | tokens[<t]) from hidden[t − 1]; entropy[t] = entropy of that
     distribution (the one token t was sampled from). 0 where there is no prediction, and where
     `needed` (bool[B, T], batch convention: the tokens whose values are used) is False.
+    `logit_scale`: 1/T for the policy at temperature T (`sequence_logprob_entropy`).
     """
     next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
     if needed is not None:   # token t's value comes from hidden[t − 1]
         needed = jnp.pad(needed[:, 1:], ((0, 0), (0, 1)))
     lp, ent = sequence_logprob_entropy(hidden, kernel, next_tokens, chunk_size, vocab_chunk, entropy_grad,
-                                       needed)
+                                       needed, float(logit_scale))
     has_pred = prediction_mask(segment_ids)
     shift = lambda x: jnp.where(has_pred, jnp.pad(x[:, :-1], ((0, 0), (1, 0))), 0.0)  # noqa: E731
     return shift(lp), shift(ent)

@@ -55,7 +55,7 @@ from tepo_jax.models.config import UnsupportedConfigError
 from tepo_jax.plugins import merge, parts_from_config
 from tepo_jax.rl import loop as rl_loop
 from tepo_jax.rl.batch import sequence_length_buckets
-from tepo_jax.rl.loss import LossConfig
+from tepo_jax.rl.loss import LossConfig, policy_mismatch
 from tepo_jax.rl.optim import OptimConfig, build_optimizer, build_schedule
 from tepo_jax.rl.train_step import create_train_state, make_train_step, split_model
 from tepo_jax.rollout.agent import AgentLoop
@@ -309,11 +309,9 @@ class Run:
         if c.loss.kl_coef > 0:   # placed as the policy's params: the train step reads both
             ref_params = jax.device_put(self.reference_params(model_def), shardings.params)
         agent = self.agent(rows)
-        if c.rollout.temperature not in (0.0, 1.0) or c.rollout.top_p < 1.0 or c.rollout.top_k > 0:
-            log.warning("rollout.temperature=%g, top_p=%g, top_k=%d: samples come from that tempered or "
-                        "truncated distribution, while the loss's ratio and gradient are those of the "
-                        "temperature-1 policy (docs/design.md, Loss)", c.rollout.temperature,
-                        c.rollout.top_p, c.rollout.top_k)
+        warning = policy_mismatch(c)
+        if warning:
+            log.warning("%s", warning)
         step_cfg = rl_loop.RLStepConfig(
             advantage=rl_loop.advantage_config(c),
             rest=rl_loop.rest_config(c, c.train.steps), kl_coef=c.loss.kl_coef,

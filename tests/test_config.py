@@ -364,6 +364,7 @@ def qa_without_corpus(c):
     (lambda c: c.sft.tool_rate.update(lookup=1.5), "config.sft.tool_rate.lookup=1.5"),
     (lambda c: c.data.update(prompt="tiny"), "config.data.prompt='tiny'"),
     (lambda c: c.data.mix.update(multihop=1.0) or c.tools.update(search=False), "config.tools.search"),
+    (lambda c: c.loss.update(tempered_policy=True) or c.rollout.update(temperature=0.0), "config.loss.tempered_policy"),
 ])
 def test_invalid_values_name_the_field(mutate, field):
     c = tiny()
@@ -477,6 +478,21 @@ def test_out_of_range_fields_are_refused_naming_them(field, value, message):
     with pytest.raises(ConfigError) as e:
         validate(c)
     assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("temperature, top_p, tempered, warns", [
+    (1.0, 1.0, False, False), (0.0, 1.0, False, False), (0.7, 1.0, False, True), (0.7, 1.0, True, False),
+    (1.0, 0.9, False, True), (0.7, 0.9, True, True), (1.0, 1.0, True, False)])
+def test_a_run_is_warned_when_it_does_not_sample_the_policy_it_trains(temperature, top_p, tempered, warns):
+    from tepo_jax.rl.loss import policy_mismatch
+    c = tiny()
+    c.rollout.update(temperature=temperature, top_p=top_p)
+    c.loss.tempered_policy = tempered
+    validate(c)
+    message = policy_mismatch(c)
+    assert bool(message) == warns, message
+    if warns and not tempered:
+        assert "loss.tempered_policy=True" in message
 
 
 def test_an_unknown_preset_is_a_config_error_with_the_closest_name():

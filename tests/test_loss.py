@@ -546,6 +546,80 @@ def test_token_logprob_convention_and_packing_equal_separate_sequences():
     np.testing.assert_allclose(lp_alone[0, 1:9], logp[np.arange(8), a[1:]], atol=1e-5)
 
 
+# ------------------------------------------------------------------- the tempered policy
+def _tempered_numpy(hidden, kernel, targets, weights, tau):
+    """(log p, entropy, d/d(hidden @ kernel) of Σ weights · log p) under softmax(hidden @ kernel
+    / tau), float64, from the formulas."""
+    z = np.einsum("btd,dv->btv", np.asarray(hidden, np.float64), np.asarray(kernel, np.float64)) / tau
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    p = np.exp(logp)
+    onehot = np.arange(z.shape[-1]) == np.asarray(targets)[..., None]
+    dz = np.asarray(weights, np.float64)[..., None] * (onehot - p) / tau
+    return np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0], -(p * logp).sum(-1), dz
+
+
+@pytest.mark.parametrize("path", ["whole", "chunked", "needed", "head_loss"])
+def test_tempered_policy_logprobs_entropies_and_gradients_match_numpy(path):
+    """logit_scale = 1/τ: every head path gives log p, the entropy and the hidden/kernel
+    gradients of softmax(logits / τ) (τ = 0.7), against numpy from the formulas; the scale is
+    not a no-op (τ = 1 values differ)."""
+    rng = np.random.default_rng(21)
+    b, t, d, v, tau = 2, 19, 16, 50, 0.7
+    hidden = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+    kernel = jnp.asarray(0.5 * rng.standard_normal((d, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)))
+    weights = rng.standard_normal((b, t)).astype(np.float32)
+    used = np.ones((b, t), bool)
+    if path == "head_loss":   # batch convention: token t + 1 is predicted from hidden[t]; the last predicts none
+        used[:, -1] = False
+    weights = jnp.asarray(np.where(used, weights, 0.0))
+
+    def f(h, k):
+        if path == "head_loss":
+            tokens = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
+            w = jnp.pad(weights[:, :-1], ((0, 0), (1, 0)))
+            loss, lp, ent = head_loss(h, k, tokens, jnp.ones((b, t), jnp.int32), jnp.asarray(np.roll(used, 1, 1)),
+                                      lambda x, inp: x * inp, w, 4, None, logit_scale=1 / tau)
+            return loss, (jnp.roll(lp, -1, 1), jnp.roll(ent, -1, 1))
+        chunk = {"whole": None, "chunked": 7, "needed": 8}[path]
+        lp, ent = sequence_logprob_entropy(h, k, targets, chunk, needed=jnp.asarray(used) if path == "needed" else None,
+                                           logit_scale=1 / tau)
+        return jnp.sum(lp * weights), (lp, ent)
+
+    (_, (lp, ent)), (gh, gk) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(hidden, kernel)
+    want_lp, want_ent, dz = _tempered_numpy(hidden, kernel, targets, weights, tau)
+    np.testing.assert_allclose(np.asarray(lp)[used], want_lp[used], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(ent)[used], want_ent[used], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(gh), np.einsum("btv,dv->btd", dz, np.asarray(kernel, np.float64)),
+                               atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(gk), np.einsum("btd,btv->dv", np.asarray(hidden, np.float64), dz),
+                               atol=1e-4, rtol=0)
+    at_one = _tempered_numpy(hidden, kernel, targets, weights, 1.0)[0]
+    assert np.abs(at_one - want_lp)[used].max() > 0.1
+
+
+def test_loss_config_policy_temperature_reaches_the_train_forward():
+    """forward_logprobs with LossConfig(policy_temperature=τ) gives log softmax(logits / τ) of
+    the model's own logits; from_config sets τ only with loss.tempered_policy."""
+    model = Decoder(TINY, rngs=nnx.Rngs(1))
+    model_def, params = split_model(model)
+    a = np.random.default_rng(8).integers(0, 64, 9)
+    batch = pack_sequences([SequenceData(a, np.r_[0, np.ones(8)], np.zeros(9), np.zeros(9))], seq_len=16).batch
+    lp = np.asarray(forward_logprobs(model_def, params, batch, LossConfig(seq_chunk=4, policy_temperature=0.6))[0])
+    logits = np.asarray(model(jnp.asarray(a)[None], jnp.arange(9)[None])[0][0], np.float64) / 0.6
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    np.testing.assert_allclose(lp[0, 1:9], logp[np.arange(8), a[1:]], atol=1e-5)
+    c = defaults()
+    c.rollout.temperature = 0.6
+    assert LossConfig.from_config(c).policy_temperature == 1.0
+    c.loss.tempered_policy = True
+    assert LossConfig.from_config(c).policy_temperature == 0.6
+    with pytest.raises(ValueError, match="policy_temperature"):
+        LossConfig(policy_temperature=0.0)
+
+
 # ------------------------------------------------------------------------------- packer
 def test_pack_sequences_layout_and_unpack():
     rng = np.random.default_rng(8)

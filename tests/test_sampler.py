@@ -56,18 +56,19 @@ def sampler_for(request, samplers, chunked_samplers):
     return samplers
 
 
-def reference_stats(torch_model, prompt, tokens):
-    """(argmax, logprob, entropy) of transformers at each generated position, numpy float64."""
+def reference_stats(torch_model, prompt, tokens, tau=1.0):
+    """(argmax, logprob, entropy) of transformers at each generated position, numpy float64;
+    logprob and entropy of softmax(logits / tau)."""
     full = np.asarray(list(prompt) + list(tokens), np.int64)[None]
-    z = hf_logits(torch_model, full)[0, len(prompt) - 1:len(full[0]) - 1].astype(np.float64)
+    z = hf_logits(torch_model, full)[0, len(prompt) - 1:len(full[0]) - 1].astype(np.float64) / tau
     z = z - z.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
     ent = -(np.exp(logp) * logp).sum(-1)
     return z.argmax(-1), np.take_along_axis(logp, np.asarray(tokens)[:, None], -1)[:, 0], ent
 
 
-def assert_stats_match(torch_model, prompt, out):
-    _, lp, ent = reference_stats(torch_model, prompt, out.tokens)
+def assert_stats_match(torch_model, prompt, out, tau=1.0):
+    _, lp, ent = reference_stats(torch_model, prompt, out.tokens, tau)
     np.testing.assert_allclose(out.logprobs, lp, atol=1e-4, rtol=0)
     np.testing.assert_allclose(out.entropies, ent, atol=1e-4, rtol=0)
 
@@ -103,6 +104,30 @@ def test_sampled_logprobs_are_untruncated_temperature_1(name, models, sampler_fo
     outs = sampler_for[name].generate(ps, params)
     for p, out in zip(ps, outs):
         assert_stats_match(models[name][0], p, out)
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 48])
+def test_policy_temperature_records_the_tempered_policy_and_draws_as_before(models, samplers, vocab_chunk):
+    """policy_temperature=τ: the recorded logprobs/entropies are those of softmax(logits / τ)
+    whatever a request draws with (τ itself, τ with top-k, another temperature, greedy); a
+    request's temperature keeps its meaning: the same seeds draw the same tokens as a sampler
+    at τ = 1, and greedy stays the argmax."""
+    tau = 0.7
+    torch_model, model, _ = models["qwen2"]
+    tempered = Sampler(model, CONFIG.replace(policy_temperature=tau, vocab_chunk=vocab_chunk))
+    ps = prompts(4, seed=5)
+    params = [SamplingParams(temperature=tau, seed=1, max_tokens=16),
+              SamplingParams(temperature=tau, top_k=7, seed=2, max_tokens=16),
+              SamplingParams(temperature=1.3, seed=3, max_tokens=16),
+              SamplingParams(greedy=True, max_tokens=16)]
+    outs = tempered.generate(ps, params)
+    plain = samplers["qwen2"].generate(ps, params)
+    for p, out, ref in zip(ps, outs, plain):
+        assert_stats_match(torch_model, p, out, tau)
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        assert np.abs(out.logprobs - ref.logprobs).max() > 1e-3   # not the τ = 1 values
+    with pytest.raises(ValueError, match="policy_temperature"):
+        CONFIG.replace(policy_temperature=0.0)
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(samplers):

@@ -386,6 +386,39 @@ def test_rl_step_sampler_and_trainer_agree_and_rest_weights_reach_the_batch(rl_p
     assert w[mask].std() > 0.1                              # roles really weighted differently
 
 
+def test_tempered_policy_rollout_and_trainer_agree(rl_parts):
+    """loss.tempered_policy's pieces end to end: a rollout at temperature 0.7 from a sampler that
+    records the τ = 0.7 policy, trained with LossConfig(policy_temperature=0.7), gives a logged
+    sampler − trainer logprob difference below 1e-5 and ratios of 1; the same rollouts trained
+    as the τ = 1 policy differ by far more (the check sees a mismatch)."""
+    from tepo_jax.rl.advantages import AdvantageConfig
+    from tepo_jax.rl.batch import power_of_two_buckets
+    from tepo_jax.rl.loop import RLStepConfig, rl_step
+    from tepo_jax.rollout.agent import AgentLoop, RolloutConfig
+    from tepo_jax.sampling.sampler import Sampler
+    model, agent, examples = rl_parts
+    tau = 0.7
+    sampler = Sampler(model, agent.sampler.config.replace(policy_temperature=tau), tokenizer=agent.tokenizer)
+    tempered = AgentLoop(sampler, agent.bridge, agent.tokenizer, agent.fmt,
+                         dataclasses.replace(agent.config, temperature=tau), agent.tools)
+    mesh = single_device_mesh()
+    optimizer = build_optimizer(OptimConfig(learning_rate=1e-3))
+    cfg = RLStepConfig(advantage=AdvantageConfig(kind="grpo"), rest=None, kl_coef=0.0, row_multiple=1,
+                       seq_buckets=power_of_two_buckets(128, 512))
+    diffs = {}
+    for trained_tau in (tau, 1.0):
+        model_def, state, shardings = create_train_state(model, optimizer, mesh)
+        step_fn = make_train_step(model_def, optimizer, LossConfig(seq_chunk=32, policy_temperature=trained_tau),
+                                  mesh, shardings, batch_sharding(mesh))
+        _, metrics, trajs = rl_step(state, examples, 0, agent=tempered, model_def=model_def, train_step=step_fn,
+                                    put_batch=lambda b: jax.device_put(b, batch_sharding(mesh)), cfg=cfg, seed=0)
+        diffs[trained_tau] = metrics["rl/sampler_trainer_logprob_diff"]
+        if trained_tau == tau:
+            assert metrics["train/ratio_mean"] == pytest.approx(1.0)
+    assert sum(len(t.token_ids) for t in trajs) > 100
+    assert diffs[tau] < 1e-5 and diffs[1.0] > 1e-2, diffs
+
+
 def _placements(batch, trajs):
     """(row, start, length) of each trajectory in the packed batch, found by its token ids."""
     out = []

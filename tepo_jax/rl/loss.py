@@ -60,6 +60,10 @@ class LossConfig:
     seq_chunk: sequence positions per chunk of the logprob computation (memory B·seq_chunk·V);
       None computes all logits at once.
     vocab_chunk: optional vocabulary chunk inside `logprob_and_entropy`.
+    policy_temperature: τ of the trained policy softmax(logits / τ): its logprobs enter the
+      ratio and the KL (the reference's at τ too). 1, the default, trains the model's own
+      distribution; `from_config` sets the sampling temperature where `loss.tempered_policy`
+      (TRL's and verl's convention; the sampler then records logprobs at the same τ).
     """
 
     eps_low: float = 0.2
@@ -69,6 +73,7 @@ class LossConfig:
     norm_len: int = 0
     seq_chunk: Optional[int] = 256
     vocab_chunk: Optional[int] = None
+    policy_temperature: float = 1.0
 
     def __post_init__(self):
         # Configs (ml_collections) carry strings; turn them into the enum once, here.
@@ -77,6 +82,8 @@ class LossConfig:
             raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self}")
         if self.kl_coef < 0.0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if not 0.0 < self.policy_temperature < float("inf"):
+            raise ValueError(f"policy_temperature must be a finite number > 0, got {self.policy_temperature}")
         if self.agg_mode is AggMode.SEQ_MEAN_TOKEN_SUM_NORM and self.norm_len < 1:
             raise ValueError(f"agg_mode {self.agg_mode.value} needs norm_len >= 1, got {self.norm_len}")
 
@@ -86,7 +93,28 @@ class LossConfig:
         c = config.loss
         return cls(eps_low=c.eps_low, eps_high=c.eps_high, kl_coef=c.kl_coef, agg_mode=c.agg_mode,
                    norm_len=config.rollout.max_tokens,
-                   seq_chunk=c.seq_chunk or None, vocab_chunk=c.vocab_chunk or None)
+                   seq_chunk=c.seq_chunk or None, vocab_chunk=c.vocab_chunk or None,
+                   policy_temperature=policy_temperature(config))
+
+
+def policy_temperature(config) -> float:
+    """τ of the policy a run trains and whose logprobs its sampler records: the sampling
+    temperature with `loss.tempered_policy`, else 1 (docs/design.md, Loss)."""
+    return float(config.rollout.temperature) if config.loss.tempered_policy else 1.0
+
+
+def policy_mismatch(config) -> str:
+    """A warning when a run's rollouts are not drawn from the policy it trains ('' if they
+    are): top-p/top-k truncation, or a temperature other than the policy's."""
+    r = config.rollout
+    tempered = r.temperature not in (0.0, policy_temperature(config))
+    if not (tempered or r.top_p < 1.0 or r.top_k > 0):
+        return ""
+    trained = (f"the tempered policy softmax(logits / {r.temperature:g})" if config.loss.tempered_policy
+               else "the temperature-1 policy (loss.tempered_policy=True trains softmax(logits / T), as TRL and verl)")
+    return (f"rollout.temperature={r.temperature:g}, top_p={r.top_p:g}, top_k={r.top_k}: samples come from "
+            f"that tempered or truncated distribution, while the loss's ratio and gradient are those of "
+            f"{trained} (docs/design.md, Loss)")
 
 
 # Metric sums a micro-batch returns. The objective and its two terms ("loss", "pg_loss", "kl")

@@ -117,7 +117,8 @@ def forward_logprobs(model_def: ModelDef, params: PyTree, batch: TrainBatch, cfg
     hidden, _ = model.hidden_states(batch.tokens, batch.positions, segment_ids=batch.segment_ids)
     needed = loss_token_mask(batch) > 0 if loss_tokens_only else None
     return token_logprob_entropy(hidden, model.unembed_kernel(), batch.tokens, batch.segment_ids,
-                                 cfg.seq_chunk, cfg.vocab_chunk, needed=needed)
+                                 cfg.seq_chunk, cfg.vocab_chunk, needed=needed,
+                                 logit_scale=1.0 / cfg.policy_temperature)
 
 
 def forward_loss(model_def: ModelDef, params: PyTree, batch: TrainBatch, cfg: LossConfig,
@@ -131,7 +132,8 @@ def forward_loss(model_def: ModelDef, params: PyTree, batch: TrainBatch, cfg: Lo
     model = model_def.merge(params)
     hidden, _ = model.hidden_states(batch.tokens, batch.positions, segment_ids=batch.segment_ids)
     return head_loss(hidden, model.unembed_kernel(), batch.tokens, batch.segment_ids,
-                     loss_token_mask(batch) > 0, token_loss, inputs, cfg.seq_chunk, cfg.vocab_chunk)
+                     loss_token_mask(batch) > 0, token_loss, inputs, cfg.seq_chunk, cfg.vocab_chunk,
+                     logit_scale=1.0 / cfg.policy_temperature)
 
 
 def split_micro_batches(batch: TrainBatch, micro_batches: int) -> TrainBatch:

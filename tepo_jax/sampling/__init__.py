@@ -1,4 +1,5 @@
-"""Jitted batched sampler with a KV cache; emits per-token logprob and entropy (temperature 1).
+"""Jitted batched sampler with a KV cache; emits per-token logprob and entropy (temperature 1,
+or SamplerConfig.policy_temperature).
 
 See docs/sampler.md. Public API:
     Sampler(model, SamplerConfig(...), tokenizer=None)

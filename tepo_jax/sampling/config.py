@@ -43,6 +43,11 @@ class SamplerConfig:
         for TPU/GPU where XLA fuses elementwise work into reductions (the inverse-CDF search
         still works in blocks of 4096 columns, so it never forms a [B, V] cumulative sum).
     max_stop_token_ids: width of the per-slot stop-token table (eos ids + request stop ids).
+    policy_temperature: τ of the policy whose per-token logprob and entropy are recorded:
+        softmax(logits / τ). 1 (the default) records the model's own distribution; an RL run
+        that trains the tempered policy (`loss.tempered_policy`, TRL's and verl's convention)
+        sets τ = its sampling temperature. A request's `temperature` stays that of the raw
+        logits: a request at τ without truncation draws from the recorded distribution itself.
     """
 
     max_slots: int = 8
@@ -52,6 +57,7 @@ class SamplerConfig:
     eos_ids: tuple[int, ...] = ()
     max_stop_token_ids: int = 8
     vocab_chunk: Optional[int] = 8192
+    policy_temperature: float = 1.0
     # Defaults for SamplingParams fields left as None.
     temperature: float = 1.0
     top_p: float = 1.0
@@ -70,6 +76,8 @@ class SamplerConfig:
             object.__setattr__(self, name, b)
         if self.steps_per_call < 1:
             raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
+        if not 0 < self.policy_temperature < float("inf"):   # NaN fails too
+            raise ValueError(f"policy_temperature must be a finite number > 0, got {self.policy_temperature}")
         if len(self.eos_ids) > self.max_stop_token_ids:
             raise ValueError(f"{len(self.eos_ids)} eos_ids exceed max_stop_token_ids={self.max_stop_token_ids}")
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))

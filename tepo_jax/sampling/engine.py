@@ -18,9 +18,10 @@ feeds its pending token (the last token of its sequence, not yet in the cache) a
 position; the step writes that token's keys/values, samples the next token from the raw
 logits, and emits (token, logprob, entropy) into [B, N] buffers at the slot's own column
 counter. Logprob and entropy come from `tepo_jax.logprobs` (`softmax_stats`, then
-`logprob_entropy_from_stats`) on the raw fp32 logits (temperature 1, before truncation): the
-trainer's definition. The same statistics (max, chunk sums of e^(z - m)) are the draw's
-normaliser for rows at temperature 1 without truncation, so per step the logits are read by
+`logprob_entropy_from_stats`) on the fp32 logits before truncation, at temperature 1 or at the
+policy temperature τ (`logit_scale` = 1/τ): the trainer's definition. The same statistics (max,
+chunk sums of e^(z - m)) are the draw's normaliser for rows at that temperature without
+truncation, so per step the logits are read by
 one max, one exp pass and the gathered block of the draw. A slot stops on a stop token id
 (eos), on its max_tokens, or when the cache is full.
 """
@@ -94,11 +95,13 @@ def prefill(graphdef, state, cache, tokens, positions, valid, *, window: int, ca
     return _unwindow(cache, win, window, cache_sharding)
 
 
-def _step(graphdef, state, slots: SlotState, cache, *, max_len, vocab_chunk, emit_stats, plain):
+def _step(graphdef, state, slots: SlotState, cache, *, max_len, vocab_chunk, emit_stats, plain, logit_scale):
     model = nnx.merge(graphdef, state)
     logits, cache = model(slots.tokens[:, None], slots.positions[:, None], cache=cache,
                           valid=slots.active[:, None])
     z = logits[:, 0]  # float32 [B, V]
+    if logit_scale != 1.0:   # the policy at temperature 1/logit_scale (the trainer scales alike)
+        z = z * jnp.float32(logit_scale)
     new_pos = slots.positions + 1
     if emit_stats:
         # One pass of softmax statistics serves the draw (same normaliser at temperature 1
@@ -114,11 +117,13 @@ def _step(graphdef, state, slots: SlotState, cache, *, max_len, vocab_chunk, emi
 
 def decode(graphdef, state, cache, slots: SlotState, n_steps, *, window: int, buf_len: int,
            vocab_chunk: Optional[int] = None, emit_stats: bool = True, plain: bool = False,
-           cache_sharding=None):
+           logit_scale: float = 1.0, cache_sharding=None):
     """Run up to n_steps (<= buf_len) decode steps on device -> (cache, DecodeOut).
 
     `plain`: every active slot samples plainly (`sample.is_plain`), so the program holds only
-    that draw (`sample_tokens(plain=True)`): a smaller program, quicker to compile."""
+    that draw (`sample_tokens(plain=True)`): a smaller program, quicker to compile.
+    `logit_scale` (static): the logits are multiplied by it before the logprob/entropy and the
+    draw (1/τ for a policy at temperature τ; the slots' temperatures are then relative to τ)."""
     b = slots.tokens.shape[0]
     max_len = cache[0].length
     rows = jnp.arange(b)
@@ -129,7 +134,8 @@ def decode(graphdef, state, cache, slots: SlotState, n_steps, *, window: int, bu
     def body(c):
         s: SlotState = c["slots"]
         tok, new_pos, lp, ent, cache_w = _step(graphdef, state, s, c["cache"], max_len=max_len,
-                                               vocab_chunk=vocab_chunk, emit_stats=emit_stats, plain=plain)
+                                               vocab_chunk=vocab_chunk, emit_stats=emit_stats, plain=plain,
+                                               logit_scale=logit_scale)
         col = jnp.where(s.active, c["count"], buf_len)  # inactive slots write out of range: dropped
         generated = s.generated + s.active
         is_eos = jnp.any(tok[:, None] == s.stop_ids, axis=-1)
@@ -165,7 +171,7 @@ def compile_fns(graphdef, cache_sharding=None):
     pre = jax.jit(functools.partial(prefill, graphdef, cache_sharding=cache_sharding),
                   static_argnames=("window",), donate_argnames=("cache",), compiler_options=options)
     dec = jax.jit(functools.partial(decode, graphdef, cache_sharding=cache_sharding),
-                  static_argnames=("window", "buf_len", "vocab_chunk", "emit_stats", "plain"),
+                  static_argnames=("window", "buf_len", "vocab_chunk", "emit_stats", "plain", "logit_scale"),
                   donate_argnames=("cache",), compiler_options=options)
     return pre, dec
 

@@ -46,8 +46,8 @@ class TurnOutput:
     slot: int
     request_id: Any
     tokens: np.ndarray       # int32 [n]: sampled ids, the stopping token included
-    logprobs: np.ndarray     # float32 [n]: log p(token) at temperature 1, untruncated
-    entropies: np.ndarray    # float32 [n]: full-vocabulary entropy at temperature 1
+    logprobs: np.ndarray     # float32 [n]: log p(token), untruncated, at config.policy_temperature (1)
+    entropies: np.ndarray    # float32 [n]: full-vocabulary entropy of that distribution
     finish_reason: str       # "eos" | "stop_string" | "max_tokens" | "length"
     stop: Union[str, int, None] = None  # the stop string or stop token id that ended it
     discarded: int = 0       # tokens sampled past a stop string and dropped
@@ -203,11 +203,12 @@ class Sampler:
             return []
         n = self.config.steps_per_call
         window = self._bucket(max(len(self.slots[i].seq) - 1 for i in running) + n)
-        plain = all(is_plain(p.temperature, p.top_p, p.top_k, p.greedy, self.model_config.vocab_size)
+        plain = all(is_plain(self._relative_temperature(p), p.top_p, p.top_k, p.greedy, self.model_config.vocab_size)
                     for p in (self.slots[i].params for i in running))
         self.cache, out = self._decode(self._state, self.cache, self._slot_arrays(), np.int32(n),
                                        window=window, buf_len=n, vocab_chunk=self.config.vocab_chunk,
-                                       emit_stats=self.emit_stats, plain=plain)
+                                       emit_stats=self.emit_stats, plain=plain,
+                                       logit_scale=1.0 / self.config.policy_temperature)
         out = jax.device_get(out)
         self.last_steps = int(out.steps)
         self.timings.decode_calls += 1
@@ -258,6 +259,11 @@ class Sampler:
             raise ValueError(f"{what} has token ids outside [0, {v}): min {arr.min()}, max {arr.max()}")
         return [int(x) for x in arr]
 
+    def _relative_temperature(self, p: ResolvedParams) -> float:
+        """The request's temperature on the decode step's logits, which are already divided by
+        the policy temperature τ: T/τ (exactly 1 at T = τ, the plain draw)."""
+        return p.temperature / self.config.policy_temperature
+
     def _bucket(self, needed: int) -> int:
         return next((b for b in self.config.cache_buckets if b >= needed), self.config.max_len)
 
@@ -299,7 +305,7 @@ class Sampler:
             tokens[i], positions[i], active[i] = s.seq[-1], len(s.seq) - 1, True
             budget[i] = p.max_tokens - s.generated
             stop_ids[i, :len(p.stop_token_ids)] = p.stop_token_ids
-            temp[i], top_p[i], top_k[i], greedy[i] = p.temperature, p.top_p, p.top_k, p.greedy
+            temp[i], top_p[i], top_k[i], greedy[i] = self._relative_temperature(p), p.top_p, p.top_k, p.greedy
             seed[i] = p.seed % 2**32
         return engine.SlotState(tokens, positions, active, np.zeros(b, np.int32), budget, stop_ids,
                                 SlotSampling(temp, top_p, top_k, greedy, seed))

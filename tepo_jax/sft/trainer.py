@@ -6,6 +6,7 @@ differs: −Σ mask·log p / Σ mask, the token mean over the batch's model toke
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
@@ -55,6 +56,8 @@ def _token_nll(logp, inputs):
 
 
 def sft_loss(model_def: ModelDef, params, batch: TrainBatch, loss_cfg: LossConfig):
+    # Demonstrations fit the model's own distribution, whatever temperature RL trains at.
+    loss_cfg = dataclasses.replace(loss_cfg, policy_temperature=1.0)
     mask = loss_token_mask(batch)
     n = jnp.maximum(jnp.sum(mask), 1.0)
     loss, logp, entropy = forward_loss(model_def, params, batch, loss_cfg, _token_nll,
