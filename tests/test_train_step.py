@@ -18,8 +18,9 @@ from tepo_jax.rl.batch import SequenceData, pack_sequences, sequence_length_buck
 from tepo_jax.rl.loss import (AggMode, LossConfig, num_sequences,
                               policy_loss)
 from tepo_jax.rl.optim import OptimConfig, ScheduleKind, build_optimizer, build_schedule
-from tepo_jax.rl.train_step import (accumulate_gradients, create_train_state, forward_logprobs,
-                                    make_compute_logprobs, make_train_step, split_micro_batches, split_model)
+from tepo_jax.rl.train_step import (TrainState, accumulate_gradients, apply_update_if_finite, create_train_state,
+                                    forward_logprobs, make_compute_logprobs, make_train_step, split_micro_batches,
+                                    split_model)
 from tepo_jax.sharding import MeshConfig, batch_sharding, create_sharded_model, make_mesh
 
 TINY = ModelConfig(family="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
@@ -278,6 +279,41 @@ def test_schedule_and_weight_decay_mask():
     g = {"w": jnp.full((2, 2), 100.0), "scale": jnp.zeros(2)}
     _, st = clip.update(g, clip.init(params), params)
     np.testing.assert_allclose(np.asarray(st[1][0].mu["w"]), 0.1 * 0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_the_step_clips_with_its_own_norm_as_optax_would(scale):
+    """`apply_update_if_finite` hands the gradient norm it computed to the clipping of
+    `build_optimizer` (no second norm), and the update equals optax's own clip + AdamW chain,
+    for gradients below and above the clip; a norm passed in is the one used."""
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32), "b": jnp.ones(4)}
+    grads = jax.tree.map(lambda p: jnp.asarray(scale * rng.standard_normal(p.shape), jnp.float32), params)
+    cfg = OptimConfig(learning_rate=0.1, max_grad_norm=1.0)
+    ours = build_optimizer(cfg)
+    reference = optax.chain(optax.clip_by_global_norm(1.0), build_optimizer(dataclasses.replace(cfg, max_grad_norm=0)))
+    state = TrainState(params=params, opt_state=ours.init(params), step=jnp.zeros((), jnp.int32),
+                       rng=jax.random.PRNGKey(0))
+    new, metrics = jax.jit(lambda s, g: apply_update_if_finite(ours, s, g, jnp.float32(1.0)))(state, grads)
+    updates, _ = reference.update(grads, reference.init(params), params)
+    want = optax.apply_updates(params, updates)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(new.params[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-7)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(optax.global_norm(grads)), rel=1e-6)
+    step = jax.make_jaxpr(lambda s, g: apply_update_if_finite(ours, s, g, jnp.float32(1.0)))(state, grads)
+    assert _scalar_sqrts(step.jaxpr) == 1          # one global norm in the whole update
+    norm = float(optax.global_norm(grads))
+    clipped = ours.update(grads, ours.init(params), params, grad_norm=jnp.float32(2 * norm))
+    mu = clipped[1][1][0].mu["w"]   # AdamW's first moment: (1 − b1) · the clipped gradient
+    expected = (1 - cfg.b1) * np.asarray(grads["w"]) * (1.0 / (2 * norm) if 2 * norm > 1 else 1.0)
+    np.testing.assert_allclose(np.asarray(mu), expected, rtol=1e-5)
+
+
+def _scalar_sqrts(jaxpr) -> int:
+    """sqrt equations with a scalar result (a global norm; Adam's are per parameter), sub-jaxprs
+    included."""
+    n = sum(e.primitive.name == "sqrt" and e.outvars[0].aval.shape == () for e in jaxpr.eqns)
+    return n + sum(_scalar_sqrts(sub) for e in jaxpr.eqns for sub in jax.core.jaxprs_in_params(e.params))
 
 
 # ------------------------------------------------- sampler/trainer invariant, end to end

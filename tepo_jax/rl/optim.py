@@ -10,6 +10,7 @@ import dataclasses
 import enum
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -71,10 +72,26 @@ def _decay_mask(decay_vectors: bool):
     return lambda params: jax.tree.map(lambda p: decay_vectors or p.ndim >= 2, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax.clip_by_global_norm that takes the norm as the extra arg `grad_norm` when the
+    caller has it: the train step computes it anyway, for its finiteness check and its metric,
+    outside the `lax.cond` of the update, where XLA cannot share it with a norm computed inside
+    (a second pass over every gradient). Without `grad_norm` it computes the norm itself. Same
+    clipping and the same (empty) state as optax's, so checkpoints are unchanged."""
+
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+        keep = jnp.squeeze(norm < max_norm)
+        return jax.tree.map(lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 def build_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     parts = []
     if cfg.max_grad_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+        parts.append(clip_by_global_norm(cfg.max_grad_norm))
     parts.append(optax.adamw(build_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=_decay_mask(cfg.decay_vectors)))
     return optax.chain(*parts)

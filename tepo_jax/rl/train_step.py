@@ -212,7 +212,10 @@ def apply_update_if_finite(optimizer: optax.GradientTransformation, state: Train
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(state: TrainState) -> TrainState:
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        # The norm goes to the clipping of `rl.optim.build_optimizer` (not computed twice);
+        # any other optax optimizer ignores it.
+        updates, opt_state = optax.with_extra_args_support(optimizer).update(
+            grads, state.opt_state, state.params, grad_norm=grad_norm)
         return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
                              step=state.step + 1)
 
