@@ -4,7 +4,7 @@ The 2-process run goes through `launch/local.py` (coordinator on 127.0.0.1, gloo
 each process rolls out its half of every step's prompts on its own 2-device sampler, and the
 processes train one model on the global 4-device mesh, the same global mesh as the
 single-process run. Compared: final params (float32 rounding of the cross-process reductions:
-~1e-7), step and RNG (exact), every logged metric of both phases, and every trajectory file
+~1e-7, and up to ~1e-3·lr on the rare elements AdamW's ε amplifies), step and RNG (exact), every logged metric of both phases, and every trajectory file
 (identical token ids, kinds, rewards; logprobs and entropies to float tolerance). The
 2-process run writes to one gs:// workdir on a local GCS emulator, as a pod's workers do.
 
@@ -100,8 +100,16 @@ def test_two_processes_equal_one_process(tmp_path, gcs_bucket):
     np.testing.assert_array_equal(m["rng"], s["rng"])
     leaves_m, leaves_s = jax.tree.leaves(m["params"]), jax.tree.leaves(s["params"])
     assert len(leaves_m) == len(leaves_s) > 0
-    for a, b in zip(leaves_m, leaves_s):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # measured max |diff|: 1.7e-7
+    # The reduction order moves parameters by ~2e-7. AdamW's first step, lr·g/(|g| + ε), amplifies
+    # that where the step-1 gradient is within a few ε = 1e-8 of 0: such an element moves by up
+    # to ~1e-3·lr (SFT lr 1e-3). Measured: max 1.7e-7 on a 2-core AVX-512 host; on a 2-core AVX2
+    # host 2 of 88,832 elements above 1e-6 (1.4e-6 and 1.8e-6, each one of a kind in its matrix,
+    # step-1 gradient ≈ −3e-8 from its Adam moments), the rest below 2.2e-7. A sharding or
+    # all-reduce bug moves many elements by ~lr.
+    diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(leaves_m, leaves_s)])
+    scale = np.concatenate([np.abs(b).ravel() for b in leaves_s])
+    beyond = diff > 1e-6 + 1e-5 * scale
+    assert beyond.mean() < 1e-4 and diff.max() < 1e-5, (int(beyond.sum()), diff.size, float(diff.max()))
 
     rows_m, rows_s = _metrics(multi), _metrics(single)
     assert [(r["phase"], r["step"]) for r in rows_m] == [(r["phase"], r["step"]) for r in rows_s]
