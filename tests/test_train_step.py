@@ -430,7 +430,7 @@ def test_tempered_policy_rollout_and_trainer_agree(rl_parts):
     from tepo_jax.rl.advantages import AdvantageConfig
     from tepo_jax.rl.batch import power_of_two_buckets
     from tepo_jax.rl.loop import RLStepConfig, rl_step
-    from tepo_jax.rollout.agent import AgentLoop, RolloutConfig
+    from tepo_jax.rollout.agent import AgentLoop
     from tepo_jax.sampling.sampler import Sampler
     model, agent, examples = rl_parts
     tau = 0.7
