@@ -10,7 +10,6 @@ import dataclasses
 import enum
 
 import jax
-import jax.numpy as jnp
 import optax
 
 
@@ -82,7 +81,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     def update(updates, state, params=None, *, grad_norm=None, **extra_args):
         del params, extra_args
         norm = optax.global_norm(updates) if grad_norm is None else grad_norm
-        keep = jnp.squeeze(norm < max_norm)
+        keep = norm < max_norm   # a scalar: the norm of the whole tree
         return jax.tree.map(lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
 
     return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
